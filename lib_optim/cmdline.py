@@ -1,0 +1,198 @@
+"""Read a WebUI command line the way the host's argparse parser will.
+
+The hosts parse strictly (``modules/shared_cmd_options.py:12-15``: ``parser.parse_args()``), so anything this
+module cannot match to a flag of the host makes the WebUI exit at start-up. We emulate the parts of argparse
+the hosts' flags use — exact long options, ``--flag=value``, unique-prefix abbreviations (argparse's
+``allow_abbrev`` is on in every host), store_true flags, one value, an optional value, several values,
+choices — instead of running argparse itself, because argparse stops at the first problem and we want to
+report every one of them with the token that caused it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lib_optim.flagtables import FlagSpec, flags_for
+from lib_optim.hostkinds import HostKind
+
+
+@dataclass(frozen=True)
+class GivenFlag:
+    """One flag as the user gave it."""
+
+    token: str  # as typed, e.g. "--medvr" or "--precision=full"
+    option: str  # the host's canonical option string ("--medvram"), or the typed name if unknown
+    value: str | None  # the value given (several values joined by a space), None for switches
+    spec: FlagSpec | None  # None when the host does not know the flag
+    index: int  # position in the argument list
+
+
+@dataclass(frozen=True)
+class ArgProblem:
+    """Something argparse would exit on, other than an unknown flag."""
+
+    kind: str  # "missing-value" | "bad-choice" | "bad-type" | "ambiguous" | "stray-argument"
+    token: str
+    detail: str
+
+
+@dataclass
+class ParsedArgs:
+    host: HostKind
+    argv: tuple[str, ...]
+    known: list[GivenFlag] = field(default_factory=list)
+    unknown: list[GivenFlag] = field(default_factory=list)
+    problems: list[ArgProblem] = field(default_factory=list)
+
+    def given(self, option: str) -> GivenFlag | None:
+        """The last occurrence of ``option`` (argparse keeps the last value), or None."""
+        hits = [f for f in self.known if f.option == option]
+        return hits[-1] if hits else None
+
+    def has(self, *options: str) -> bool:
+        return any(self.given(o) is not None for o in options)
+
+    def value(self, option: str) -> str | None:
+        flag = self.given(option)
+        return flag.value if flag else None
+
+    def options(self) -> list[str]:
+        """Canonical options given, first occurrence order, without repeats."""
+        seen: dict[str, None] = {}
+        for f in self.known:
+            seen.setdefault(f.option, None)
+        return list(seen)
+
+
+def split_command_line(text: str) -> list[str]:
+    """Split ``COMMANDLINE_ARGS`` as the host does (``shlex.split``, modules/paths_internal.py:12-13)."""
+    return shlex.split(text)
+
+
+def _looks_like_option(token: str) -> bool:
+    # argparse treats "-5" as a value when no option looks like a negative number (none in the hosts do).
+    if not token.startswith("-") or token == "-":
+        return False
+    return not _is_negative_number(token)
+
+
+def _is_negative_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_args(
+    argv: Sequence[str] | str,
+    host: HostKind,
+    extra_flags: Iterable[FlagSpec] = (),
+) -> ParsedArgs:
+    """Parse ``argv`` (a list, or one command-line string) against ``host``'s flags.
+
+    ``extra_flags`` are flags that extensions add in their preload (ours, and — inside the WebUI — every
+    flag the real parser knows).
+    """
+    tokens = split_command_line(argv) if isinstance(argv, str) else list(argv)
+    table: dict[str, FlagSpec] = dict(flags_for(host))
+    for extra in extra_flags:
+        for option in (extra.option, *extra.aliases):
+            table.setdefault(option, extra)
+    long_options = sorted(o for o in table if o.startswith("--"))
+    result = ParsedArgs(host=host, argv=tuple(tokens))
+
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        index = i
+        i += 1
+        if token == "--":
+            # argparse: everything after "--" is positional; the hosts take no positionals.
+            for rest in tokens[i:]:
+                result.problems.append(ArgProblem("stray-argument", rest, "after '--' every word is positional"))
+            break
+        if not _looks_like_option(token):
+            result.problems.append(ArgProblem("stray-argument", token, "the WebUI takes no positional arguments"))
+            continue
+        name, has_inline, inline_value = token.partition("=")
+        inline = inline_value if has_inline else None
+        spec: FlagSpec | None = table.get(name)
+        if spec is None and name.startswith("--"):
+            matches = [o for o in long_options if o.startswith(name)]
+            distinct = {table[o].dest: o for o in matches}
+            if len(distinct) > 1:
+                result.problems.append(
+                    ArgProblem("ambiguous", token, "could be " + ", ".join(sorted(distinct.values())))
+                )
+                continue
+            if len(distinct) == 1:
+                spec = table[next(iter(distinct.values()))]
+        if spec is None:
+            result.unknown.append(GivenFlag(token, name, inline, None, index))
+            continue
+
+        value: str | None = None
+        if spec.takes_value == "none":
+            if inline is not None:
+                result.problems.append(ArgProblem("bad-type", token, f"{spec.option} takes no value"))
+                continue
+        elif spec.takes_value == "one":
+            if inline is not None:
+                value = inline
+            elif i < len(tokens) and not _looks_like_option(tokens[i]):
+                value = tokens[i]
+                i += 1
+            else:
+                result.problems.append(ArgProblem("missing-value", token, f"{spec.option} expects one value"))
+                continue
+        elif spec.takes_value == "optional":
+            if inline is not None:
+                value = inline
+            elif i < len(tokens) and not _looks_like_option(tokens[i]):
+                value = tokens[i]
+                i += 1
+        else:  # many
+            values = [inline] if inline is not None else []
+            while i < len(tokens) and not _looks_like_option(tokens[i]):
+                values.append(tokens[i])
+                i += 1
+            if not values:
+                result.problems.append(ArgProblem("missing-value", token, f"{spec.option} expects at least one value"))
+                continue
+            value = " ".join(values)
+
+        problem = _check_value(spec, token, value)
+        if problem is not None:
+            result.problems.append(problem)
+            continue
+        result.known.append(GivenFlag(token, spec.option, value, spec, index))
+    return result
+
+
+def _check_value(spec: FlagSpec, token: str, value: str | None) -> ArgProblem | None:
+    if value is None:
+        return None
+    parts = value.split(" ") if spec.takes_value == "many" else [value]
+    for part in parts:
+        if spec.choices is not None and part not in spec.choices:
+            return ArgProblem("bad-choice", token, f"{spec.option}: {part!r} is not one of {', '.join(spec.choices)}")
+        if spec.value_type == "int":
+            try:
+                int(part)
+            except ValueError:
+                return ArgProblem("bad-type", token, f"{spec.option}: {part!r} is not a whole number")
+        if spec.value_type == "float":
+            try:
+                float(part)
+            except ValueError:
+                return ArgProblem("bad-type", token, f"{spec.option}: {part!r} is not a number")
+    return None
+
+
+def environment_command_line(env: Mapping[str, str]) -> list[str]:
+    """The tokens ``COMMANDLINE_ARGS`` adds to ``sys.argv`` (modules/paths_internal.py:12-13)."""
+    text = env.get("COMMANDLINE_ARGS", "")
+    return split_command_line(text) if text.strip() else []

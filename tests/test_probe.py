@@ -1,0 +1,494 @@
+"""Tests for lib_optim.probe: real environment, missing/broken components, fakes for NVML, torch, xFormers."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lib_optim.probe import GpuInfo, SystemFacts, probe_system, probe_xformers, torch_build_matches
+
+MB = 1024 * 1024
+
+# --------------------------------------------------------------------------------------------- fakes
+
+
+class FakeNVMLError(Exception):
+    """Stands in for pynvml.NVMLError (a plain Exception subclass in nvidia-ml-py)."""
+
+
+class FakeMemory:
+    """Like pynvml's c_nvmlMemory_t: byte counts as attributes."""
+
+    def __init__(self, total: int, free: int) -> None:
+        self.total = total
+        self.free = free
+        self.used = total - free
+
+
+def make_fake_pynvml(
+    *,
+    name: str | bytes = "NVIDIA GeForce RTX 3070",
+    total_mb: int = 8192,
+    free_mb: int = 7000,
+    driver: str | bytes = "550.54.14",
+    fail: dict[str, Exception] | None = None,
+) -> tuple[types.ModuleType, list[str]]:
+    """A module imitating nvidia-ml-py's pynvml API for one GPU; returns it and its call log."""
+    calls: list[str] = []
+    failures = fail or {}
+
+    def fn(fn_name: str, result: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            calls.append(fn_name)
+            if fn_name in failures:
+                raise failures[fn_name]
+            return result(*args)
+
+        return call
+
+    module = types.ModuleType("pynvml")
+    module.NVMLError = FakeNVMLError  # type: ignore[attr-defined]
+    handle = object()
+    api: dict[str, Callable[..., Any]] = {
+        "nvmlInit": lambda: None,
+        "nvmlShutdown": lambda: None,
+        "nvmlSystemGetDriverVersion": lambda: driver,
+        "nvmlDeviceGetCount": lambda: 1,
+        "nvmlDeviceGetHandleByIndex": lambda index: handle,
+        "nvmlDeviceGetName": lambda h: name,
+        "nvmlDeviceGetMemoryInfo": lambda h: FakeMemory(total_mb * MB, free_mb * MB),
+        "nvmlDeviceGetCudaComputeCapability": lambda h: (8, 6),
+    }
+    for fn_name, result in api.items():
+        setattr(module, fn_name, fn(fn_name, result))
+    return module, calls
+
+
+def make_fake_torch(
+    *, calls: list[str], hip: str | None = None, name: str = "NVIDIA GeForce RTX 4090"
+) -> types.ModuleType:
+    """A torch with one CUDA device whose CUDA-initialising calls are logged."""
+
+    def get_device_properties(index: int) -> Any:
+        calls.append("get_device_properties")
+        return types.SimpleNamespace(name=name, total_memory=24564 * MB, major=8, minor=9)
+
+    def mem_get_info(index: int) -> tuple[int, int]:
+        calls.append("mem_get_info")
+        return 20000 * MB, 24564 * MB
+
+    module = types.ModuleType("torch")
+    module.__version__ = "2.3.1+cu121"  # type: ignore[attr-defined]
+    module.version = types.SimpleNamespace(cuda=None if hip else "12.1", hip=hip)  # type: ignore[attr-defined]
+    module.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
+        is_available=lambda: True,
+        device_count=lambda: 1,
+        is_initialized=lambda: False,
+        get_device_properties=get_device_properties,
+        mem_get_info=mem_get_info,
+    )
+    module.backends = types.SimpleNamespace(mps=types.SimpleNamespace(is_available=lambda: False))  # type: ignore[attr-defined]
+    return module
+
+
+def write_fake_xformers(root: Path, cpp_lib: dict[str, Any] | str | None, version: str = "0.0.27") -> Path:
+    """An installed-looking xFormers whose import raises, proving the probe never imports it."""
+    package = root / "xformers"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        'raise RuntimeError("xformers must not be imported by the probe")\n', encoding="utf-8"
+    )
+    if cpp_lib is not None:
+        text = cpp_lib if isinstance(cpp_lib, str) else json.dumps(cpp_lib)
+        (package / "cpp_lib.json").write_text(text, encoding="utf-8")
+    dist_info = root / f"xformers-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: xformers\nVersion: {version}\n", encoding="utf-8"
+    )
+    (dist_info / "RECORD").write_text("xformers/__init__.py,,\nxformers/cpp_lib.json,,\n", encoding="utf-8")
+    return package
+
+
+def cpp_lib_for(torch_version: str, cuda: int | None = 1201, python: str | None = None) -> dict[str, Any]:
+    """The layout xFormers' setup.py writes: versions nested under "version", CUDA as major*100+minor."""
+    return {
+        "version": {
+            "cuda": cuda,
+            "hip": None,
+            "torch": torch_version,
+            "python": python or platform.python_version(),
+            "flash": "v2.5.7",
+        },
+        "env": {"TORCH_CUDA_ARCH_LIST": "6.0+PTX 7.0 7.5 8.0+PTX 9.0a"},
+    }
+
+
+@pytest.fixture
+def no_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+
+
+@pytest.fixture
+def no_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)
+
+
+@pytest.fixture
+def xformers_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+# ---------------------------------------------------------------------------------- real environment
+
+
+def test_import_is_cheap() -> None:
+    code = (
+        "import sys, lib_optim.probe; "
+        "heavy = [m for m in ('torch', 'pynvml', 'xformers', 'gradio') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_real_environment() -> None:
+    facts = probe_system()
+    assert facts.python == platform.python_version()
+    assert facts.platform
+    torch = pytest.importorskip("torch")
+    assert facts.torch is not None
+    assert facts.torch.error is None
+    assert facts.torch.version == torch.__version__
+    assert facts.torch.cuda == torch.version.cuda
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable GPU; the CPU-only expectations below do not apply")
+    assert facts.torch.cuda_available is False
+    assert facts.torch.device_count == 0
+    assert facts.gpus == ()
+    assert facts.gpu_source == "none"
+    assert facts.best_gpu_memory_mb() is None
+    # No NVIDIA driver here: NVML is importable but cannot initialise, and says why.
+    assert any(note.startswith("NVML unavailable: ") for note in facts.notes), facts.notes
+    json.dumps(facts.to_dict())
+    text = facts.format_text()
+    assert "torch" in text
+    assert "GPU      none found" in text
+    assert "NVML unavailable" in text
+
+
+# ------------------------------------------------------------------------------------- missing parts
+
+
+def test_nvml_absent(no_nvml: None) -> None:
+    facts = probe_system(use_torch=False)
+    assert facts.gpu_source == "none"
+    assert facts.nvidia_driver is None
+    assert any(note.startswith("NVML unavailable: pynvml not importable") for note in facts.notes)
+    assert "torch not probed (use_torch=False)" in facts.notes
+
+
+def test_torch_absent(no_torch: None, no_nvml: None) -> None:
+    facts = probe_system()
+    assert facts.torch is None
+    assert "torch not installed" in facts.notes
+    assert facts.gpus == ()
+    assert facts.gpu_source == "none"
+    assert "torch    not available" in facts.format_text()
+    json.dumps(facts.to_dict())
+
+
+def test_torch_broken_import(monkeypatch: pytest.MonkeyPatch, no_nvml: None) -> None:
+    class BrokenFinder:
+        """Makes `import torch` fail the way a missing DLL does."""
+
+        @staticmethod
+        def find_spec(name: str, path: Any = None, target: Any = None) -> Any:
+            if name == "torch":
+                raise OSError("[WinError 126] The specified module could not be found")
+            return None
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenFinder(), *sys.meta_path])
+    facts = probe_system()
+    assert facts.torch is not None
+    assert facts.torch.error is not None
+    assert "WinError 126" in facts.torch.error
+    assert any(note.startswith("torch import failed: ") for note in facts.notes)
+    assert facts.gpu_source == "none"
+
+
+def test_xformers_absent(no_nvml: None) -> None:
+    assert probe_xformers("2.3.1+cu121") is None
+    assert probe_system(use_torch=False).xformers is None
+
+
+# ------------------------------------------------------------------------------------------ fake NVML
+
+
+def test_fake_pynvml_matches_real_api() -> None:
+    """The fake must only use names the installed nvidia-ml-py really has."""
+    real = pytest.importorskip("pynvml")
+    fake, _ = make_fake_pynvml()
+    for name in vars(fake):
+        if name.startswith("nvml") or name == "NVMLError":
+            assert hasattr(real, name), name
+
+
+@pytest.mark.parametrize("name", ["NVIDIA GeForce RTX 3070", b"NVIDIA GeForce RTX 3070"])
+def test_fake_nvml_one_gpu(monkeypatch: pytest.MonkeyPatch, name: str | bytes) -> None:
+    fake, calls = make_fake_pynvml(name=name, driver=b"550.54.14" if isinstance(name, bytes) else "550.54.14")
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    facts = probe_system(use_torch=False)
+    assert facts.gpu_source == "nvml"
+    assert facts.nvidia_driver == "550.54.14"
+    assert facts.gpus == (
+        GpuInfo(
+            index=0,
+            name="NVIDIA GeForce RTX 3070",
+            vendor="nvidia",
+            total_mb=8192,
+            free_mb=7000,
+            compute_capability=(8, 6),
+            source="nvml",
+        ),
+    )
+    assert facts.best_gpu_memory_mb() == 8192
+    assert calls[0] == "nvmlInit"
+    assert calls[-1] == "nvmlShutdown"
+    data = facts.to_dict()
+    assert json.loads(json.dumps(data))["gpus"][0]["compute_capability"] == [8, 6]
+    text = facts.format_text()
+    assert "NVIDIA GeForce RTX 3070 [nvidia], 8192 MB (7000 MB free), sm 8.6, via nvml" in text
+    assert "Driver   NVIDIA 550.54.14" in text
+
+
+def test_nvml_raises_in_the_middle(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, calls = make_fake_pynvml(fail={"nvmlDeviceGetHandleByIndex": FakeNVMLError("GPU is lost")})
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    facts = probe_system(use_torch=False)
+    assert "nvmlShutdown" in calls
+    assert calls[-1] == "nvmlShutdown"
+    assert facts.gpus == ()
+    assert facts.gpu_source == "none"
+    assert "NVML query failed: GPU is lost" in facts.notes
+
+
+def test_nvml_init_fails_no_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, calls = make_fake_pynvml(fail={"nvmlInit": FakeNVMLError("Driver Not Loaded")})
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    facts = probe_system(use_torch=False)
+    assert calls == ["nvmlInit"]  # shutting down an uninitialised NVML is itself an error
+    assert "NVML unavailable: Driver Not Loaded" in facts.notes
+
+
+def test_nvml_optional_fields_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, calls = make_fake_pynvml(
+        fail={
+            "nvmlDeviceGetCudaComputeCapability": FakeNVMLError("Not Supported"),
+            "nvmlSystemGetDriverVersion": FakeNVMLError("Unknown Error"),
+        }
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    facts = probe_system(use_torch=False)
+    assert facts.gpu_source == "nvml"
+    assert facts.gpus[0].compute_capability is None
+    assert facts.gpus[0].total_mb == 8192
+    assert facts.nvidia_driver is None
+    assert "NVML could not read the compute capability of GPU 0: Not Supported" in facts.notes
+    assert calls[-1] == "nvmlShutdown"
+
+
+def test_nvml_shutdown_failure_is_harmless(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, _ = make_fake_pynvml(fail={"nvmlShutdown": FakeNVMLError("Uninitialized")})
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert probe_system(use_torch=False).best_gpu_memory_mb() == 8192
+
+
+# ---------------------------------------------------------------------------------- torch fallback
+
+
+def test_torch_fallback_reads_device(monkeypatch: pytest.MonkeyPatch, no_nvml: None) -> None:
+    calls: list[str] = []
+    monkeypatch.setitem(sys.modules, "torch", make_fake_torch(calls=calls))
+    facts = probe_system()
+    assert facts.torch is not None
+    assert facts.torch.cuda_available is True
+    assert facts.torch.device_count == 1
+    assert facts.gpu_source == "torch"
+    (gpu,) = facts.gpus
+    assert (gpu.name, gpu.vendor, gpu.total_mb, gpu.free_mb) == (
+        "NVIDIA GeForce RTX 4090",
+        "nvidia",
+        24564,
+        20000,
+    )
+    assert gpu.compute_capability == (8, 9)
+    assert gpu.source == "torch"
+    assert calls == ["get_device_properties", "mem_get_info"]
+
+
+def test_torch_fallback_without_cuda_init(monkeypatch: pytest.MonkeyPatch, no_nvml: None) -> None:
+    calls: list[str] = []
+    monkeypatch.setitem(sys.modules, "torch", make_fake_torch(calls=calls))
+    facts = probe_system(allow_cuda_init=False)
+    assert calls == []
+    assert facts.torch is not None
+    assert facts.torch.cuda_available is True
+    assert facts.gpus == ()
+    assert facts.gpu_source == "none"
+    assert any("allow_cuda_init=False" in note for note in facts.notes)
+
+
+def test_torch_fallback_rocm(monkeypatch: pytest.MonkeyPatch, no_nvml: None) -> None:
+    calls: list[str] = []
+    fake = make_fake_torch(calls=calls, hip="6.0.32830", name="AMD Radeon RX 7900 XTX")
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    facts = probe_system()
+    (gpu,) = facts.gpus
+    assert gpu.vendor == "amd"
+    assert gpu.compute_capability is None  # ROCm's major/minor are gfx numbers, not CUDA capabilities
+    assert facts.torch is not None
+    assert facts.torch.hip == "6.0.32830"
+
+
+# ------------------------------------------------------------------------------------------ xFormers
+
+
+def test_xformers_matching(xformers_root: Path, no_nvml: None) -> None:
+    torch = pytest.importorskip("torch")
+    package = write_fake_xformers(xformers_root, cpp_lib_for(torch.__version__))
+    facts = probe_system()
+    info = facts.xformers
+    assert info is not None
+    assert info.version == "0.0.27"
+    assert info.location == str(package)
+    assert info.built_for_torch == torch.__version__
+    assert info.built_for_cuda == "12.1"
+    assert info.matches_torch is True
+    assert info.matches_python is True
+    assert info.reason is None
+    assert "xformers" not in sys.modules
+    assert "0.0.27" in facts.format_text()
+
+
+def test_xformers_mismatching(xformers_root: Path, no_nvml: None) -> None:
+    pytest.importorskip("torch")
+    write_fake_xformers(xformers_root, cpp_lib_for("2.3.1+cu121", python="3.9.13"))
+    facts = probe_system()
+    info = facts.xformers
+    assert info is not None
+    assert info.built_for_torch == "2.3.1+cu121"
+    assert info.matches_torch is False
+    assert info.matches_python is False
+    assert info.reason is not None
+    assert "2.3.1+cu121" in info.reason
+    assert "Python 3.9.13" in info.reason
+    assert any(note.startswith("xFormers does not match torch: ") for note in facts.notes)
+    assert "xformers" not in sys.modules
+    json.dumps(facts.to_dict())
+
+
+def test_xformers_mismatch_without_torch_import(xformers_root: Path, no_nvml: None) -> None:
+    """With torch not probed, the installed torch version still comes from package metadata."""
+    write_fake_xformers(xformers_root, cpp_lib_for("1.13.1+cu117"))
+    info = probe_system(use_torch=False).xformers
+    assert info is not None
+    assert info.matches_torch is False
+
+
+def test_xformers_flat_metadata_keys(xformers_root: Path) -> None:
+    write_fake_xformers(
+        xformers_root, {"torch_version": "2.3.1+cu121", "cuda_version": "12.1", "python_version": "3.10.11"}
+    )
+    info = probe_xformers("2.3.1+cu121", python_version="3.10.6")
+    assert info is not None
+    assert (info.built_for_torch, info.built_for_cuda, info.built_for_python) == (
+        "2.3.1+cu121",
+        "12.1",
+        "3.10.11",
+    )
+    assert info.matches_torch is True
+    assert info.matches_python is True
+
+
+def test_xformers_without_cpp_lib(xformers_root: Path) -> None:
+    write_fake_xformers(xformers_root, None)
+    info = probe_xformers("2.3.1+cu121")
+    assert info is not None
+    assert info.version == "0.0.27"
+    assert info.matches_torch is None
+    assert info.reason is not None
+    assert "cpp_lib.json" in info.reason
+
+
+def test_xformers_corrupt_cpp_lib(xformers_root: Path) -> None:
+    write_fake_xformers(xformers_root, "{not json")
+    info = probe_xformers("2.3.1+cu121")
+    assert info is not None
+    assert info.matches_torch is None
+    assert info.reason is not None
+    assert info.reason.startswith("cannot read cpp_lib.json: ")
+
+
+@pytest.mark.parametrize(
+    ("built", "installed", "kwargs", "expected"),
+    [
+        ("2.3.1+cu121", "2.3.1+cu121", {}, True),
+        ("2.3.1+cu121", "2.3.0+cu121", {}, False),
+        ("2.3.1+cu121", "2.3.1+cu118", {}, False),
+        ("2.3.1+cu121", "2.3.1+CU121", {}, True),
+        # A plain PyPI torch has no local tag: fall back to comparing CUDA versions.
+        ("2.3.1+cu121", "2.3.1", {"installed_cuda": "12.1"}, True),
+        ("2.3.1+cu121", "2.3.1", {"installed_cuda": "11.8"}, False),
+        ("2.3.1", "2.3.1+cu121", {"built_cuda": "12.1"}, True),
+        ("2.3.1", "2.3.1", {}, True),
+        (None, "2.3.1+cu121", {}, None),
+        ("2.3.1+cu121", None, {}, None),
+        ("garbage", "2.3.1", {}, None),
+    ],
+)
+def test_torch_build_matches(
+    built: str | None, installed: str | None, kwargs: dict[str, str], expected: bool | None
+) -> None:
+    matches, reason = torch_build_matches(built, installed, **kwargs)
+    assert matches is expected
+    assert (reason is None) == (expected is True)
+
+
+# -------------------------------------------------------------------------------------------- facts
+
+
+def test_best_gpu_memory_and_serialisation() -> None:
+    def gpu(index: int, total: int | None) -> GpuInfo:
+        return GpuInfo(index, f"GPU {index}", "nvidia", total, None, None, "nvml")
+
+    facts = SystemFacts(
+        python="3.10.11",
+        platform="Windows-10",
+        torch=None,
+        xformers=None,
+        directml=True,
+        gradio="3.41.2",
+        nvidia_driver=None,
+        gpus=(gpu(0, 6144), gpu(1, None), gpu(2, 12288)),
+        gpu_source="nvml",
+        notes=("a note",),
+    )
+    assert facts.best_gpu_memory_mb() == 12288
+    assert json.loads(json.dumps(facts.to_dict()))["gpus"][2]["total_mb"] == 12288
+    text = facts.format_text()
+    assert "DirectML" in text
+    assert "gradio   3.41.2" in text
+    assert "note     a note" in text
+    assert text.count("\nGPU ") == 3
