@@ -118,12 +118,10 @@ class Context:
 
     @cached_property
     def cpu_only(self) -> bool:
-        use_cpu = (self.value("--use-cpu") or "").split()
-        return (
-            (self.host is A1111
-            and ("all" in use_cpu or "sd" in use_cpu))
-            or (self.host is not A1111
-            and self.has("--always-cpu"))
+        # A1111 lower-cases the values (type=str.lower, modules/cmd_args.py:74).
+        use_cpu = (self.value("--use-cpu") or "").lower().split()
+        return (self.host is A1111 and ("all" in use_cpu or "sd" in use_cpu)) or (
+            self.host is not A1111 and self.has("--always-cpu")
         )
 
 
@@ -996,12 +994,17 @@ def _xformers_mismatch(ctx: Context) -> Iterator[Finding]:
     )
 
 
-@rule("torch-without-cuda", Severity.ERROR, ALL_HOSTS, "torch cannot use a GPU and no CPU/DirectML mode is set.")
+@rule("torch-without-cuda", Severity.ERROR, ALL_HOSTS, "torch cannot use a GPU and the launcher's CUDA test is on.")
 def _torch_without_cuda(ctx: Context) -> Iterator[Finding]:
     f = ctx.facts
-    if f.cuda_available is not False or ctx.cpu_only or ctx.has("--directml") or f.mps_available:
+    if f.cuda_available is not False:
         return
-    if ctx.has("--skip-torch-cuda-test"):
+    # --use-cpu/--always-cpu/--directml do not switch the launcher's CUDA test off; only --skip-torch-cuda-test
+    # and --use-ipex do (A1111 modules/launch_utils.py:384-390, Forge f2 :431-439, Forge previous :428-434).
+    intended = ctx.cpu_only or ctx.has("--directml") or bool(f.mps_available) or ctx.has("--use-ipex")
+    if ctx.has("--skip-torch-cuda-test") or ctx.has("--use-ipex"):
+        if intended:
+            return
         yield Finding(
             "torch-without-cuda",
             Severity.WARNING,
@@ -1012,14 +1015,32 @@ def _torch_without_cuda(ctx: Context) -> Iterator[Finding]:
             + ("--use-cpu all --no-half." if ctx.host is A1111 else "--always-cpu."),
         )
         return
+    if f.mps_available:
+        return  # webui-macos-env.sh adds --skip-torch-cuda-test to COMMANDLINE_ARGS
     why = "torch is a CPU-only build" if f.torch_has_cuda is False else "torch cannot reach a CUDA GPU"
+    says = (
+        "'Your device does not support the current version of Torch/CUDA!'"
+        if ctx.host is FORGE
+        else "'Torch is not able to use GPU'"
+    )
+    if intended:
+        mode = "--directml" if ctx.has("--directml") else ("--use-cpu" if ctx.host is A1111 else "--always-cpu")
+        yield Finding(
+            "torch-without-cuda",
+            Severity.ERROR,
+            "torch",
+            f"{why}, and {mode} does not switch off the launcher's CUDA test: start-up stops with {says} "
+            "(modules/launch_utils.py, prepare_environment).",
+            "Add --skip-torch-cuda-test.",
+        )
+        return
     yield Finding(
         "torch-without-cuda",
         Severity.ERROR,
         "torch",
-        f"{why}: the launcher's CUDA test stops start-up with 'Torch is not able to use GPU' "
-        "(modules/launch_utils.py).",
-        "Install a CUDA build of torch matching your driver; for AMD on Windows use Forge with --directml.",
+        f"{why}: the launcher's CUDA test stops start-up with {says} (modules/launch_utils.py, prepare_environment).",
+        "Install a CUDA build of torch matching your driver; for AMD on Windows use Forge with --directml "
+        "(and --skip-torch-cuda-test).",
     )
 
 

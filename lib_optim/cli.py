@@ -198,6 +198,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         PROFILES,
         ProfileError,
         apply_profile,
+        file_kind,
         get_profile,
         launch_line,
         remove_profile,
@@ -214,6 +215,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 for name, title, description in rows:
                     _out(f"{name:<11} {title:<14} {description}")
             return 0
+        try:  # a misspelt profile name or a wrong --file is a usage error (64), not a refusal (1)
+            if getattr(args, "file", None) is not None:
+                file_kind(args.file)
+            if args.action != "remove":
+                get_profile(args.name)
+        except ProfileError as exc:
+            raise UsageError(str(exc).removeprefix("[Optim] ")) from None
         if args.action == "remove":
             edit = remove_profile(args.file, dry_run=args.dry_run)
             _report_edit(edit, args.dry_run, "removed")
@@ -236,7 +244,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
             else:
                 _out(f"{profile.title} ({profile.name}) on {host.display_name}: {profile.description}")
                 _out(launch_line(hp, "bat" if sys.platform == "win32" else "sh"))
-                _out("Per-generation defaults: " + (json.dumps(hp.generation.non_default()) or "none"))
+                defaults = hp.generation.non_default()
+                _out("Per-generation defaults: " + (json.dumps(defaults) if defaults else "none"))
                 if hp.note:
                     _out(hp.note)
             return 0

@@ -10,6 +10,7 @@ report every one of them with the token that caused it.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,19 +72,29 @@ def split_command_line(text: str) -> list[str]:
     return shlex.split(text)
 
 
-def _looks_like_option(token: str) -> bool:
-    # argparse treats "-5" as a value when no option looks like a negative number (none in the hosts do).
+# argparse's test for "this word is a negative number, not an option" (argparse.py, _negative_number_matcher,
+# Python 3.10-3.12): "-5" and "-.5" are values, "-1e5", "-inf" and "-1_000" are not.
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+def _looks_like_option(token: str, table: Mapping[str, FlagSpec] | None = None) -> bool:
+    """argparse's ``_parse_optional``: whether ``token`` is an option word rather than a value."""
     if not token.startswith("-") or token == "-":
         return False
-    return not _is_negative_number(token)
+    if table is not None:
+        name = token.partition("=")[0]
+        if name in table or (name.startswith("--") and any(o.startswith(name) for o in table)):
+            return True
+        if not name.startswith("--") and any(o == token[:2] for o in table):
+            return True  # a short option with its value attached ("-fx")
+    if _is_negative_number(token):
+        return False  # no host option looks like a negative number
+    # argparse: an unmatched word with a space in it is a value ("-my model"), not an option.
+    return " " not in token
 
 
 def _is_negative_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
+    return _NEGATIVE_NUMBER.match(token) is not None
 
 
 def parse_args(
@@ -110,11 +121,13 @@ def parse_args(
         index = i
         i += 1
         if token == "--":
-            # argparse: everything after "--" is positional; the hosts take no positionals.
+            # argparse: everything after "--" is positional; the hosts take no positionals, and Python 3.10/3.11
+            # leave the "--" itself among the unrecognized arguments too.
+            result.problems.append(ArgProblem("stray-argument", token, "the WebUI takes no positional arguments"))
             for rest in tokens[i:]:
                 result.problems.append(ArgProblem("stray-argument", rest, "after '--' every word is positional"))
             break
-        if not _looks_like_option(token):
+        if not _looks_like_option(token, table):
             result.problems.append(ArgProblem("stray-argument", token, "the WebUI takes no positional arguments"))
             continue
         name, has_inline, inline_value = token.partition("=")
@@ -142,7 +155,7 @@ def parse_args(
         elif spec.takes_value == "one":
             if inline is not None:
                 value = inline
-            elif i < len(tokens) and not _looks_like_option(tokens[i]):
+            elif i < len(tokens) and not _looks_like_option(tokens[i], table):
                 value = tokens[i]
                 i += 1
             else:
@@ -151,12 +164,13 @@ def parse_args(
         elif spec.takes_value == "optional":
             if inline is not None:
                 value = inline
-            elif i < len(tokens) and not _looks_like_option(tokens[i]):
+            elif i < len(tokens) and not _looks_like_option(tokens[i], table):
                 value = tokens[i]
                 i += 1
         else:  # many
+            # argparse: "--use-cpu=all sd" gives the flag only "all"; the words after it are not its values.
             values = [inline] if inline is not None else []
-            while i < len(tokens) and not _looks_like_option(tokens[i]):
+            while inline is None and i < len(tokens) and not _looks_like_option(tokens[i], table):
                 values.append(tokens[i])
                 i += 1
             if not values:

@@ -35,10 +35,8 @@ def detect_kind(root: Path) -> HostCheckout:
     if (root / "modules_forge").is_dir():
         if (root / "backend" / "memory_management.py").is_file():
             return HostCheckout(root, HostKind.FORGE, version)
-        if (
-            version.startswith("1.")
-            or ((root / "ldm_patched" / "modules" / "args_parser.py").is_file()
-            and _is_reforge(root))
+        if version.startswith("1.") or (
+            (root / "ldm_patched" / "modules" / "args_parser.py").is_file() and _is_reforge(root)
         ):
             return HostCheckout(root, HostKind.REFORGE, version)
         return HostCheckout(root, HostKind.FORGE_PREVIOUS, version)

@@ -636,9 +636,7 @@ def probe_xformers(
 # ------------------------------------------------------------------------------------------- together
 
 
-def probe_system(
-    *, use_nvml: bool = True, use_torch: bool = True, allow_cuda_init: bool = True
-) -> SystemFacts:
+def probe_system(*, use_nvml: bool = True, use_torch: bool = True, allow_cuda_init: bool = True) -> SystemFacts:
     """Gather everything; never raises for a missing or broken component.
 
     GPUs come from NVML first (no CUDA initialisation, exact driver view), then torch, then none.

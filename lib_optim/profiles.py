@@ -277,12 +277,13 @@ class ApplyOutcome:
     findings: list[Finding]  # the checker's findings for the resulting launch configuration
 
 
-def _file_kind(path: Path) -> Literal["sh", "bat"]:
+def file_kind(path: Path) -> Literal["sh", "bat"]:
+    """The launcher kind of a webui-user file, from its suffix; ProfileError names the allowed ones."""
     if path.suffix.lower() in (".bat", ".cmd"):
         return "bat"
     if path.suffix.lower() == ".sh":
         return "sh"
-    raise ProfileError(f"[Optim] --file: {str(path)!r} is not a webui-user file; allowed: *.sh, *.bat")
+    raise ProfileError(f"[Optim] --file: {str(path)!r} is not a webui-user file; allowed: *.sh, *.bat, *.cmd")
 
 
 def apply_profile(
@@ -299,7 +300,7 @@ def apply_profile(
     Refuses — writing nothing — when the resulting launch configuration would stop the WebUI from
     starting (e.g. the user's own COMMANDLINE_ARGS already has another flag of a Forge exclusive group).
     """
-    kind = _file_kind(path)
+    kind = file_kind(path)
     hp = resolve(profile, host, directml=directml, windows=kind == "bat")
     block = render_block(kind, profile.name, list(hp.flags), dict(hp.env))
     preview = apply_block(path, block, dry_run=True)
@@ -315,7 +316,7 @@ def apply_profile(
 
 
 def remove_profile(path: Path, *, dry_run: bool = False) -> EditResult:
-    _file_kind(path)
+    file_kind(path)
     return remove_block(path, dry_run=dry_run)
 
 

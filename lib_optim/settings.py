@@ -299,8 +299,13 @@ def _parse_field(name: str, value: object, host: HostKind | None) -> Any:
 # --- the three input forms -----------------------------------------------------------------------------
 
 
-def from_dict(data: Mapping[str, Any], host: HostKind | None = None) -> GenerationSettings:
-    """The API's dict form. Keys are optional; ``enabled`` defaults to true (sending settings means use them)."""
+def from_dict(
+    data: Mapping[str, Any], host: HostKind | None = None, base: GenerationSettings | None = None
+) -> GenerationSettings:
+    """The API's dict form. Keys are optional; ``enabled`` defaults to true (sending settings means use them).
+
+    Absent keys take their value from ``base`` (the Settings → Optim defaults), else the field default.
+    """
     if not isinstance(data, Mapping):
         raise SettingsError("args", data, "a JSON object with keys " + ", ".join(FIELD_NAMES))
     unknown = [k for k in data if k not in FIELDS_BY_NAME]
@@ -308,6 +313,9 @@ def from_dict(data: Mapping[str, Any], host: HostKind | None = None) -> Generati
         raise SettingsError("args", unknown[0], "keys " + ", ".join(FIELD_NAMES))
     values = {name: _parse_field(name, data[name], host) for name in FIELD_NAMES if name in data}
     values.setdefault("enabled", True)
+    if base is not None:
+        for name in FIELD_NAMES:
+            values.setdefault(name, getattr(base, name))
     return GenerationSettings(**values)
 
 

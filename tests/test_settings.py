@@ -42,7 +42,7 @@ def test_defaults_change_nothing():
 
 
 def test_fields_match_dataclass_and_positional_order():
-    assert FIELD_NAMES == tuple(GenerationSettings.__dataclass_fields__)
+    assert tuple(GenerationSettings.__dataclass_fields__) == FIELD_NAMES
     s = GenerationSettings(True, Attention.SPLIT, Tri.ON, Tri.OFF, 2048)
     assert s.to_positional() == [True, "split", "on", "off", 2048]
     assert len(s.to_positional()) == len(FIELDS)
@@ -194,3 +194,9 @@ def test_json_schema_matches_fields_and_validates_examples():
         jsonschema.validate({"attention": "warp"}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"inference_memory_mb": 10}, schema)
+
+
+def test_dict_absent_keys_take_base_defaults_but_explicit_inherit_stays():
+    base = GenerationSettings(False, Attention.SDP, Tri.ON, Tri.ON, 1024)
+    s = from_dict({"attention": "split", "vae_on_cpu": None}, base=base)
+    assert s == GenerationSettings(True, Attention.SPLIT, Tri.ON, Tri.INHERIT, 1024)

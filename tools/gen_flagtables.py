@@ -653,9 +653,7 @@ def render(tables: dict[str, list[Flag]], revisions: dict[str, str], labels: dic
         out.append(")")
     out.append("# fmt: on")
     entries = "\n".join(f"    HostKind.{key}: _{key}," for key in HOST_ORDER if key in tables)
-    revision_entries = "\n".join(
-        f"    HostKind.{key}: {_lit(revisions[key])}," for key in HOST_ORDER if key in tables
-    )
+    revision_entries = "\n".join(f"    HostKind.{key}: {_lit(revisions[key])}," for key in HOST_ORDER if key in tables)
     return "\n".join(out) + FOOTER.format(entries=entries, revision_entries=revision_entries)
 
 
@@ -691,20 +689,14 @@ def default_sources() -> dict[str, Source]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--a1111", metavar="PATH[@REV]", help=f"A1111 checkout or git dir (default {A1111_MIRROR}@v1.10.1)"
-    )
-    ap.add_argument(
-        "--forge", metavar="PATH[@REV]", help=f"Forge f2 checkout or git dir (default {FORGE_MIRROR}@main)"
-    )
+    ap.add_argument("--a1111", metavar="PATH[@REV]", help=f"A1111 checkout or git dir (default {A1111_MIRROR}@v1.10.1)")
+    ap.add_argument("--forge", metavar="PATH[@REV]", help=f"Forge f2 checkout or git dir (default {FORGE_MIRROR}@main)")
     ap.add_argument(
         "--forge-previous",
         metavar="PATH[@REV]",
         help=f"Forge `previous` checkout or git dir (default {FORGE_MIRROR}@previous)",
     )
-    ap.add_argument(
-        "-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="module to write (default %(default)s)"
-    )
+    ap.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="module to write (default %(default)s)")
     ap.add_argument(
         "--check", action="store_true", help="compare with --output instead of writing; exit 1 on difference"
     )
@@ -715,9 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
 
     given = {"A1111": args.a1111, "FORGE": args.forge, "FORGE_PREVIOUS": args.forge_previous}
     try:
@@ -726,9 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             default_path, default_rev = DEFAULT_SOURCES[key]
             if args.dump and key != args.dump.upper():
                 continue
-            sources[key] = (
-                open_source(given[key], default_rev) if given[key] else GitSource(default_path, default_rev)
-            )
+            sources[key] = open_source(given[key], default_rev) if given[key] else GitSource(default_path, default_rev)
         if args.dump:
             (key,) = sources
             for flag in extract_host(sources[key]):

@@ -1,0 +1,623 @@
+"""WebUI Forge f2 adapter, and a hands-off adapter for Forge previous / reForge.
+
+Every host module (``backend.*``, ``modules.*``, ``modules_forge.*``) is imported lazily inside methods, so
+this module imports without Forge. Citations are Forge f2 (main, 2025-06) paths and lines.
+
+What each setting does on Forge f2 (for one ``process_images`` call, restored afterwards):
+
+attention
+    Rebinds the host's chosen function everywhere it is bound — ``backend.attention.attention_function``
+    (read at call time by ``AttentionProcessorForge``, attention.py:488, by ``KModel.memory_required`` to pick
+    its memory scaler, k_model.py:52, and by built-in extensions), the by-name copies in ``backend.nn.unet``
+    (unet.py:5, used at :154), ``backend.nn.flux`` (flux.py:11, used at :17; Chroma calls ``flux.attention``)
+    and ``backend.nn.chroma`` (chroma.py:10, unused there) — and the VAE's single-head function
+    (``backend.attention.attention_function_single_head_spatial`` and the copy in ``backend.nn.vae``,
+    vae.py:3, used at :135). All of these are module globals looked up at call time. Not switched:
+    T5 (always SDPA, t5.py:4) and SD3's MMDiT (calls SDPA directly, mmditx.py:22).
+channels_last
+    Converts the 4-D (conv) weights of ``forge_objects.unet.model.diffusion_model`` in place; Flux/Chroma/SD3
+    have no conv weights, so nothing changes there. LoRA loading replaces patched weights with new tensors
+    when the UNet is (re)loaded inside the sampler (patcher/lora.py:441, called from memory_management.py:518),
+    so the model's ``LoraLoader.refresh`` is wrapped to re-apply the format after it runs.
+vae_on_cpu
+    Unloads the VAE from the GPU and runs encode/decode on the CPU in float32 (slow: seconds to tens of
+    seconds per image on the CPU). The built-in "Never OOM" script's ``VAE_ALWAYS_TILED`` switch is left alone
+    (it sets it in its own ``process()`` every generation, forge_never_oom.py:26-47); tiled decoding works
+    on the CPU too.
+inference_memory_mb
+    Sets ``memory_management.current_inference_memory`` (bytes) for the generation, and unloads the UNet once
+    when it is loaded and the new budget would change its GPU/CPU split (Forge never re-splits a loaded
+    model, memory_management.py:633-643). Not through ``opts``/``set_config``: that sets
+    ``processing.need_global_unload`` and unloads every model, this request and after restoring (HOSTS.md §6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from types import ModuleType
+from typing import Any
+
+from lib_optim.hostkinds import HostKind
+from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, NotSupportedHere, Session
+from lib_optim.log import get_logger
+from lib_optim.patching import Restorer, patched_attr
+from lib_optim.planner import choose_auto_attention
+from lib_optim.settings import ATTENTION_BY_HOST, Attention, GenerationSettings, Tri
+
+log = get_logger(__name__)
+
+MB = 1024 * 1024
+
+# What each name means in backend/attention.py: (UNet/DiT function, VAE single-head spatial function).
+# split and sub-quad get Forge's own non-SDPA VAE choice (attention.py:449-451): normal_… reshapes the
+# 4-D tensors and runs slice_… (chunked by free memory, :342-377), which takes pre-reshaped 3-D tensors and
+# so cannot be bound directly.
+_FUNCTIONS: dict[Attention, tuple[str, str]] = {
+    Attention.SDP: ("attention_pytorch", "pytorch_attention_single_head_spatial"),
+    Attention.SPLIT: ("attention_split", "normal_attention_single_head_spatial"),
+    Attention.SUB_QUAD: ("attention_sub_quad", "normal_attention_single_head_spatial"),
+    Attention.XFORMERS: ("attention_xformers", "xformers_attention_single_head_spatial"),
+}
+_OFFERED = (Attention.SDP, Attention.SPLIT, Attention.SUB_QUAD, Attention.XFORMERS)
+
+# Every module global the UNet/DiT function is bound to (HOSTS.md §3.2 table; checked in the code above).
+_UNET_BINDINGS = (
+    ("backend.attention", "attention_function"),
+    ("backend.nn.unet", "attention_function"),
+    ("backend.nn.flux", "attention_function"),
+    ("backend.nn.chroma", "attention_function"),
+)
+_VAE_BINDINGS = (
+    ("backend.attention", "attention_function_single_head_spatial"),
+    ("backend.nn.vae", "attention_function_single_head_spatial"),
+)
+
+UNSUPPORTED_REASON = (
+    "Forge previous/reForge: per-generation switching is not supported by sd-webui-optim yet; use launch flags"
+)
+
+# A predicted GPU share of the UNet within this much of the current one counts as "the same split": Forge
+# splits by whole modules (memory_management.py:421-438), so the prediction is only that precise.
+_SPLIT_TOLERANCE_FRACTION = 0.05
+_SPLIT_TOLERANCE_MIN = 64 * MB
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _loaded_sd_model(modules: Callable[[str], ModuleType | None]) -> Any:
+    """The loaded model, or None — never triggers a load (A1111-style ``shared.sd_model`` would)."""
+    sd_models = modules("modules.sd_models")
+    model_data = getattr(sd_models, "model_data", None) if sd_models is not None else None
+    return getattr(model_data, "sd_model", None)  # Forge f2 modules/sd_models.py:401-405
+
+
+def _diffusion_model(sd_model: Any) -> Any:
+    unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+    return getattr(getattr(unet, "model", None), "diffusion_model", None)
+
+
+def _conv_weights(module: Any) -> list[Any]:
+    """The plain floating-point 4-D parameters (conv weights). Quantised parameter subclasses are skipped."""
+    import torch
+
+    out = []
+    for param in module.parameters():
+        if type(param) is torch.nn.Parameter and param.dim() == 4 and param.is_floating_point():
+            out.append(param)
+    return out
+
+
+def _channels_last_state(module: Any) -> bool | None:
+    """True if every conv weight is channels-last, False if any is not, None if there are none."""
+    import torch
+
+    weights = _conv_weights(module)
+    if not weights:
+        return None
+    return all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+
+
+@contextlib.contextmanager
+def _patched_unless_changed(obj: Any, name: str, value: Any) -> Iterator[Any]:
+    """Like patched_attr, but leave a value someone else set meanwhile (e.g. Forge's memory slider)."""
+    original = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield original
+    finally:
+        if getattr(obj, name) == value:
+            setattr(obj, name, original)
+        else:
+            log.info("%s.%s was changed by the host during the generation; keeping its value", obj, name)
+
+
+class _MemoryFormat:
+    """Conv weights this generation converted to ``fmt`` (and what they were), re-applied idempotently."""
+
+    def __init__(self, model: Any, fmt: Any, loader: Any) -> None:
+        self.model = model
+        self.fmt = fmt
+        self.loader = loader
+        self.converted: list[tuple[Any, Any]] = []  # (parameter, its original memory format)
+
+    def ensure(self) -> int:
+        import torch
+
+        count = 0
+        for param in _conv_weights(self.model):
+            if not param.is_contiguous(memory_format=self.fmt):
+                if param.is_contiguous(memory_format=torch.channels_last):
+                    self.converted.append((param, torch.channels_last))
+                else:
+                    self.converted.append((param, torch.contiguous_format))
+                param.data = param.data.contiguous(memory_format=self.fmt)
+                count += 1
+        return count
+
+    def restore(self) -> None:
+        for param, fmt in reversed(self.converted):
+            param.data = param.data.contiguous(memory_format=fmt)
+        self.converted.clear()
+        # LoRA backups copied to another device after our conversion keep its format (lora.py:408); put
+        # them back in the model's original format so removing the LoRA later restores the host's layout.
+        backup = getattr(self.loader, "backup", None)
+        if isinstance(backup, dict):
+            import torch
+
+            other = torch.contiguous_format if self.fmt == torch.channels_last else torch.channels_last
+            for key, weight in list(backup.items()):
+                if getattr(weight, "dim", lambda: 0)() == 4 and not weight.is_contiguous(memory_format=other):
+                    backup[key] = weight.contiguous(memory_format=other)
+
+
+class _ForgeModules:
+    """Host modules by name: injected ones first (tests), then sys.modules, then an import."""
+
+    def __init__(self, modules: Mapping[str, ModuleType] | None) -> None:
+        self._injected = dict(modules or {})
+
+    def get(self, name: str, *, import_: bool = True) -> ModuleType | None:
+        if name in self._injected:
+            return self._injected[name]
+        module = sys.modules.get(name)
+        if module is not None or not import_:
+            return module
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
+
+    def loaded(self, name: str) -> ModuleType | None:
+        return self.get(name, import_=False)
+
+
+def _unload_model(mm: Any, model: Any) -> int:
+    """Unload the loaded copies of ``model`` (the patcher's ``.model``), as ``free_memory`` does for one
+    model (memory_management.py:582-592): pop it from ``current_loaded_models`` and ``model_unload()`` it,
+    which moves its weights to the patcher's offload device (:537-538). There is no single-model unload
+    function in memory_management; ``unload_model_clones`` keeps the weights where they are
+    (``avoid_model_moving=True``, :559), so a reload would reuse the old split (:678-679).
+    """
+    count = 0
+    loaded = mm.current_loaded_models
+    for i in range(len(loaded) - 1, -1, -1):
+        if getattr(loaded[i].model, "model", None) is model:
+            loaded.pop(i).model_unload()
+            count += 1
+    if count:
+        mm.soft_empty_cache()
+    return count
+
+
+class ForgeAdapter(HostAdapter):
+    kind = HostKind.FORGE
+
+    def __init__(
+        self,
+        modules: Mapping[str, ModuleType] | None = None,
+        cuda_available: Callable[[], bool] | None = None,
+    ) -> None:
+        self._modules = _ForgeModules(modules)
+        self._cuda_available = cuda_available
+
+    # --- reading ------------------------------------------------------------------------------------------
+
+    def version(self) -> str:
+        module = self._modules.get("modules_forge.forge_version")
+        return str(getattr(module, "version", "unknown"))
+
+    def supported_fields(self) -> tuple[str, ...]:
+        return (*super().supported_fields(), "inference_memory_mb")
+
+    def _cuda(self) -> bool:
+        if self._cuda_available is not None:
+            return self._cuda_available()
+        import torch
+
+        return bool(torch.cuda.is_available())
+
+    def _xformers(self) -> tuple[ModuleType | None, str]:
+        """The xformers module if it can run here, else None and why."""
+        backend_args = getattr(self._modules.get("backend.args"), "args", None)
+        if getattr(backend_args, "disable_xformers", False):
+            return None, "disabled by --disable-xformers"
+        mm = self._modules.get("backend.memory_management")
+        if getattr(mm, "directml_enabled", False):
+            return None, "not supported with DirectML"
+        try:
+            module = importlib.import_module("xformers")
+            importlib.import_module("xformers.ops")
+        except Exception as exc:  # noqa: BLE001 - a broken xformers build raises anything at import
+            return None, f"xformers does not import ({type(exc).__name__}: {exc}); install a build matching torch"
+        if getattr(module, "_has_cpp_library", True) is False:  # memory_management.py:160-163
+            return None, "xformers has no compiled kernels for this torch build"
+        if not self._cuda():
+            return None, "xformers needs a CUDA GPU"
+        return module, ""
+
+    def attention_backends(self) -> list[BackendInfo]:
+        attn = self._modules.get("backend.attention")
+        current = getattr(getattr(attn, "attention_function", None), "__name__", "")
+        out = [
+            BackendInfo(Attention.HOST, True, current, "as Forge chose at startup"),
+            BackendInfo(Attention.AUTO, attn is not None, "", "" if attn is not None else "backend.attention missing"),
+        ]
+        for name in _OFFERED:
+            fn_name = _FUNCTIONS[name][0]
+            if attn is None or not callable(getattr(attn, fn_name, None)):
+                out.append(BackendInfo(name, False, fn_name, "backend.attention does not have it"))
+                continue
+            if name is Attention.XFORMERS:
+                module, why = self._xformers()
+                out.append(BackendInfo(name, module is not None, fn_name, why))
+            elif name is Attention.SDP:
+                import torch
+
+                ok = hasattr(torch.nn.functional, "scaled_dot_product_attention")
+                out.append(BackendInfo(name, ok, fn_name, "" if ok else "needs torch >= 2.0"))
+            else:
+                out.append(BackendInfo(name, True, fn_name))
+        return out
+
+    def effective_state(self) -> EffectiveState:
+        attn = self._modules.loaded("backend.attention")
+        mm = self._modules.loaded("backend.memory_management")
+        sd_model = _loaded_sd_model(self._modules.loaded)
+        unet_cl: bool | None = None
+        vae_device = vae_dtype = None
+        if sd_model is not None:
+            diffusion_model = _diffusion_model(sd_model)
+            if diffusion_model is not None:
+                unet_cl = bool(_channels_last_state(diffusion_model))
+            vae = getattr(getattr(sd_model, "forge_objects", None), "vae", None)
+            if vae is not None:
+                vae_device = str(getattr(vae, "device", None))
+                vae_dtype = _dtype_name(getattr(vae, "vae_dtype", None))
+        extra: dict[str, Any] = {}
+        if attn is not None:
+            vae_fn = getattr(attn, "attention_function_single_head_spatial", None)
+            extra["vae_attention"] = getattr(vae_fn, "__name__", "")
+        if mm is not None:
+            extra["vae_always_tiled"] = bool(getattr(mm, "VAE_ALWAYS_TILED", False))
+            vram_state = getattr(mm, "vram_state", None)
+            extra["vram_state"] = getattr(vram_state, "name", str(vram_state))
+        memory = getattr(mm, "current_inference_memory", None) if mm is not None else None
+        return EffectiveState(
+            host=self.kind,
+            attention=getattr(getattr(attn, "attention_function", None), "__name__", "") if attn else "unknown",
+            unet_channels_last=unet_cl,
+            vae_device=vae_device,
+            vae_dtype=vae_dtype,
+            inference_memory_mb=int(memory // MB) if isinstance(memory, (int, float)) else None,
+            model_loaded=sd_model is not None,
+            extra=extra,
+        )
+
+    # --- applying -----------------------------------------------------------------------------------------
+
+    def begin(self, p: Any, settings: GenerationSettings) -> Session:
+        restorer = Restorer("Forge f2 generation")
+        session = Session(settings=settings, restorer=restorer)
+        attn = self._modules.get("backend.attention")
+        session.attention_used = getattr(getattr(attn, "attention_function", None), "__name__", "")
+        if not settings.changes_anything:
+            return session
+        self.validate(settings)  # everything that can refuse does so before anything changes
+        try:
+            self._apply_attention(p, settings, session)
+            self._apply_channels_last(p, settings, session)
+            self._apply_vae_on_cpu(p, settings, session)
+            self._apply_inference_memory(p, settings, session)
+        except BaseException:
+            with contextlib.suppress(Exception):  # Restorer.close logs its own failures
+                restorer.close()
+            raise
+        return session
+
+    def before_sampling(self, p: Any, session: Session) -> None:
+        """Idempotent. Nothing of ours lives on ``forge_objects`` (module globals, the shared VAE object and
+        the UNet's weights are what we change), so the rebuild before each sampling (processing.py:937, 957,
+        1373, 1518) resets nothing; only conv weights replaced meanwhile are converted again."""
+        fmt = session.data.get("memory_format")
+        if isinstance(fmt, _MemoryFormat) and not session.restorer.closed:
+            count = fmt.ensure()
+            if count:
+                log.debug("channels_last: re-applied to %d replaced conv weights", count)
+
+    # attention ---------------------------------------------------------------------------------------------
+
+    def _apply_attention(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        if settings.attention is Attention.HOST:
+            return
+        attn = self._modules.get("backend.attention")
+        if attn is None:
+            raise NotSupportedHere("[Optim] attention: backend.attention is missing; allowed: host")
+        target: Attention = settings.attention
+        if target is Attention.AUTO:
+            available = [
+                b.attention
+                for b in self.attention_backends()
+                if b.available and b.attention not in (Attention.HOST, Attention.AUTO)
+            ]
+            choice = choose_auto_attention(
+                available,
+                width=int(getattr(p, "width", 512) or 512),
+                height=int(getattr(p, "height", 512) or 512),
+                batch=int(getattr(p, "batch_size", 1) or 1),
+            )
+            target = choice.attention
+            session.data["auto_reason"] = choice.reason
+            log.info("attention auto → %s", choice.reason)
+        unet_name, vae_name = _FUNCTIONS[target]
+        unet_fn = getattr(attn, unet_name)
+        vae_fn = getattr(attn, vae_name)
+        restorer = session.restorer
+
+        if target is Attention.XFORMERS:
+            xformers, why = self._xformers()
+            if xformers is None:
+                raise NotSupportedHere(f"[Optim] attention: 'xformers' is not available here ({why})")
+            # attention.py imports xformers only if it was enabled at startup (:10-19); the functions read
+            # the module global `xformers` at call time, so give them the module.
+            if vars(attn).get("xformers") is not xformers:
+                restorer.enter(patched_attr(attn, "xformers", xformers), note="xformers module injected")
+                version = str(getattr(xformers, "__version__", ""))
+                broken = version.startswith("0.0.2") and not version.startswith("0.0.20")  # attention.py:17
+                if broken != getattr(attn, "BROKEN_XFORMERS", False):
+                    restorer.enter(patched_attr(attn, "BROKEN_XFORMERS", broken))
+            version = str(getattr(getattr(xformers, "version", None), "__version__", ""))
+            if version.startswith("0.0.18"):  # memory_management.py:167-170: its VAE attention is broken
+                vae_fn = attn.pytorch_attention_single_head_spatial
+
+        # Import every binding module first: one imported later would copy the patched function by name
+        # and keep it after we restore (chroma/flux are imported lazily by backend/loader.py:119-122).
+        targets: list[tuple[ModuleType, str, Any]] = []
+        for bindings, fn in ((_UNET_BINDINGS, unet_fn), (_VAE_BINDINGS, vae_fn)):
+            for module_name, attr in bindings:
+                module = self._modules.get(module_name)
+                if module is not None and hasattr(module, attr):
+                    targets.append((module, attr, fn))
+        changed = 0
+        for module, attr, fn in targets:
+            if getattr(module, attr) is not fn:
+                restorer.enter(patched_attr(module, attr, fn))
+                changed += 1
+        session.attention_used = unet_fn.__name__
+        restorer.notes.append(f"attention {unet_fn.__name__}/{vae_fn.__name__} ({changed} bindings switched)")
+
+    # channels-last -----------------------------------------------------------------------------------------
+
+    def _apply_channels_last(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        if settings.channels_last is Tri.INHERIT:
+            return
+        import torch
+
+        unet_patcher = getattr(getattr(p.sd_model, "forge_objects", None), "unet", None)
+        kmodel = getattr(unet_patcher, "model", None)
+        model = getattr(kmodel, "diffusion_model", None)
+        if model is None:
+            log.warning("channels_last: no UNet loaded; nothing changed")
+            return
+        if not _conv_weights(model):
+            session.restorer.notes.append("channels_last: the model has no conv weights (DiT); nothing to do")
+            return
+        fmt = torch.channels_last if settings.channels_last is Tri.ON else torch.contiguous_format
+        loader = getattr(kmodel, "lora_loader", None)
+        state = _MemoryFormat(model, fmt, loader)
+        session.restorer.callback(state.restore)
+        count = state.ensure()
+        session.data["memory_format"] = state
+        label = "channels_last" if settings.channels_last is Tri.ON else "contiguous"
+        session.restorer.notes.append(f"UNet {label} ({count} conv weights converted)")
+        refresh = getattr(loader, "refresh", None)
+        if callable(refresh):
+            # model_load → refresh_loras (memory_management.py:518) replaces LoRA-patched weights with new
+            # Parameters (lora.py:384, 441) after process_before_every_sampling has run: convert those too.
+            def refresh_then_convert(*args: Any, **kwargs: Any) -> Any:
+                result = refresh(*args, **kwargs)
+                state.ensure()
+                return result
+
+            session.restorer.enter(patched_attr(loader, "refresh", refresh_then_convert))
+
+    # VAE on CPU --------------------------------------------------------------------------------------------
+
+    def _vae(self, p: Any) -> Any:
+        return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "vae", None)
+
+    def _apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        if settings.vae_on_cpu is Tri.INHERIT:
+            return
+        import torch
+
+        vae = self._vae(p)
+        if settings.vae_on_cpu is Tri.OFF:
+            # Nothing to undo per generation: a CPU VAE here was chosen at load by --vae-in-cpu (vae.py:72-73).
+            if vae is not None and str(getattr(vae, "device", "")) == "cpu":
+                log.warning("vae_on_cpu=off: the VAE is on the CPU by --vae-in-cpu; it stays there")
+            return
+        patcher = getattr(vae, "patcher", None)
+        fsm = getattr(vae, "first_stage_model", None)
+        if vae is None or patcher is None or fsm is None:
+            log.warning("vae_on_cpu: no VAE loaded; nothing changed")
+            return
+        mm = self._modules.get("backend.memory_management")
+        cpu = torch.device("cpu")
+        dtypes = {name: t.dtype for name, t in (*fsm.named_parameters(), *fsm.named_buffers()) if t.is_floating_point()}
+        if str(vae.device) == "cpu" and set(dtypes.values()) <= {torch.float32}:
+            session.restorer.notes.append("VAE already on CPU in float32")
+            return
+        restorer = session.restorer
+
+        def restore_dtypes() -> None:
+            tensors = dict((*fsm.named_parameters(), *fsm.named_buffers()))
+            for name, dtype in dtypes.items():
+                if name in tensors and tensors[name].dtype != dtype:
+                    tensors[name].data = tensors[name].data.to(dtype)
+
+        restorer.callback(restore_dtypes)
+        # decode/encode read these at call time (patcher/vae.py:128-197): inputs go to `device` as
+        # `vae_dtype`, outputs to `output_device`, and load_models_gpu([patcher]) puts the weights on
+        # patcher.load_device (LoadedModel.device, memory_management.py:447; model_load :467). offload_device
+        # too, so an unload (ours or Forge's) never moves the float32 copy to the GPU (--always-gpu).
+        restorer.enter(patched_attr(vae, "device", cpu))
+        restorer.enter(patched_attr(vae, "vae_dtype", torch.float32))
+        restorer.enter(patched_attr(vae, "output_device", cpu))
+        restorer.enter(patched_attr(patcher, "load_device", cpu))
+        restorer.enter(patched_attr(patcher, "offload_device", cpu))
+        if mm is not None:
+            # At restore: drop the CPU-resident entry, or the next load_models_gpu would find the patcher
+            # "already loaded" (memory_management.py:626-643) and decode GPU inputs with CPU weights.
+            restorer.callback(_unload_model, mm, fsm)
+            unloaded = _unload_model(mm, fsm)  # frees its GPU memory now (weights to the CPU)
+        else:
+            unloaded = 0
+        fsm.to(device=cpu, dtype=torch.float32)
+        restorer.notes.append(f"VAE on CPU in float32 (unloaded from GPU: {bool(unloaded)})")
+
+    # inference memory ------------------------------------------------------------------------------------
+
+    def _apply_inference_memory(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        if settings.inference_memory_mb is None:
+            return
+        mm = self._modules.get("backend.memory_management")
+        if mm is None:
+            raise NotSupportedHere("[Optim] inference_memory_mb: backend.memory_management is missing")
+        ours = int(settings.inference_memory_mb) * MB
+        host = int(mm.current_inference_memory)
+        if ours == host:
+            return
+        unet = getattr(getattr(p.sd_model, "forge_objects", None), "unet", None)
+        restorer = session.restorer
+
+        # Registered before the value so that it runs after the host's value is back. This is the second
+        # reload: Forge never re-splits a model that is already loaded (memory_management.py:633-643), so a
+        # UNet split under our budget would keep that split in the next generations. It is needed when the
+        # split would change under the host's budget — with our smaller budget it holds more weights on the
+        # GPU than the host allows, and the host's next sampling could run out of memory. It costs only the
+        # unload here; the reload happens at the next sampling, which is the reload the host's budget
+        # needs anyway. Avoided when the split would not change (e.g. the model fits on the GPU under both).
+        def resplit_for_host() -> None:
+            if unet is not None and self._split_would_change(mm, unet, int(mm.current_inference_memory)):
+                _unload_model(mm, unet.model)
+                log.info("inference memory restored: UNet unloaded so Forge re-splits it at its next load")
+
+        restorer.callback(resplit_for_host)
+        restorer.enter(
+            _patched_unless_changed(mm, "current_inference_memory", ours),
+            note=f"inference memory {ours // MB} MB (host: {host // MB} MB)",
+        )
+        # The new value is read by the next load_models_gpu (:618-619) to free other models, but the UNet's
+        # GPU/CPU split is fixed at its load: unload it once (here, before sampling loads it) if it changes.
+        if unet is not None and self._split_would_change(mm, unet, ours):
+            _unload_model(mm, unet.model)
+            restorer.notes.append("UNet unloaded to re-split it under the new inference memory")
+
+    def _split_would_change(self, mm: Any, unet: Any, budget: int) -> bool:
+        """Would a fresh load of the loaded UNet put a different share of it on the GPU under ``budget``?
+
+        Mirrors load_models_gpu's decision (memory_management.py:665-682) for a model that was fully
+        unloaded first (so ``previously_loaded`` is 0, :678-679). False when the UNet is not loaded.
+        """
+        entry = next((e for e in mm.current_loaded_models if getattr(e.model, "model", None) is unet.model), None)
+        if entry is None:
+            return False
+        vram_state = getattr(mm, "vram_state", None)
+        states = getattr(mm, "VRAMState", None)
+        if states is None or not getattr(mm, "lowvram_available", False):
+            return False
+        if vram_state not in (states.LOW_VRAM, states.NORMAL_VRAM):
+            return False  # HIGH_VRAM/SHARED/DISABLED never split, NO_VRAM always swaps all (:667, :681-682)
+        device = entry.device
+        if getattr(device, "type", str(device)) == "cpu":
+            return False
+        total = mm.module_size(unet.model)
+        on_gpu = mm.module_size(unet.model, include_device=device)
+        free_after_unload = mm.get_free_memory(device) + on_gpu
+        inference = budget + int(getattr(unet, "extra_preserved_memory_during_sampling", 0) or 0)
+        if free_after_unload - total - inference >= 0:
+            predicted = total
+        else:
+            predicted = min(total, mm.compute_model_gpu_memory_when_using_cpu_swap(free_after_unload, inference))
+        tolerance = max(total * _SPLIT_TOLERANCE_FRACTION, _SPLIT_TOLERANCE_MIN)
+        return abs(predicted - on_gpu) > tolerance
+
+
+class UnsupportedForgeAdapter(HostAdapter):
+    """Forge previous and reForge (``ldm_patched``): loads, reports, changes nothing (HOSTS.md §3.3)."""
+
+    def __init__(self, kind: HostKind, modules: Mapping[str, ModuleType] | None = None) -> None:
+        self.kind = kind
+        self._modules = _ForgeModules(modules)
+
+    def version(self) -> str:
+        module = self._modules.get("modules_forge.forge_version")
+        return str(getattr(module, "version", "unknown"))
+
+    def supported_fields(self) -> tuple[str, ...]:
+        return ("enabled",)
+
+    def attention_backends(self) -> list[BackendInfo]:
+        out = [BackendInfo(Attention.HOST, True, self._attention_name(), "as the host chose at startup")]
+        for name in ATTENTION_BY_HOST.get(self.kind, (Attention.HOST,)):
+            if name is not Attention.HOST:
+                out.append(BackendInfo(name, False, "", UNSUPPORTED_REASON))
+        return out
+
+    def _attention_name(self) -> str:
+        # Forge previous / reForge: module global read at call time (ldm_patched/ldm/modules/attention.py)
+        module = self._modules.loaded("ldm_patched.ldm.modules.attention")
+        return str(getattr(getattr(module, "optimized_attention", None), "__name__", ""))
+
+    def effective_state(self) -> EffectiveState:
+        sd_model = _loaded_sd_model(self._modules.loaded)
+        unet_cl = vae_device = vae_dtype = None
+        if sd_model is not None:
+            with contextlib.suppress(Exception):
+                diffusion_model = _diffusion_model(sd_model)
+                if diffusion_model is not None:
+                    unet_cl = bool(_channels_last_state(diffusion_model))
+            vae = getattr(getattr(sd_model, "forge_objects", None), "vae", None)
+            if vae is not None:
+                device = getattr(vae, "device", None)
+                vae_device = None if device is None else str(device)
+                vae_dtype = _dtype_name(getattr(vae, "vae_dtype", None))
+        return EffectiveState(
+            host=self.kind,
+            attention=self._attention_name() or "unknown",
+            unet_channels_last=unet_cl,
+            vae_device=vae_device,
+            vae_dtype=vae_dtype,
+            inference_memory_mb=None,
+            model_loaded=sd_model is not None,
+        )
+
+    def begin(self, p: Any, settings: GenerationSettings) -> Session:
+        if settings.changes_anything:
+            log.warning("%s: settings %s ignored", UNSUPPORTED_REASON, settings.non_default())
+        return Session(settings=settings, restorer=Restorer(f"{self.kind.value} generation"))

@@ -1,0 +1,192 @@
+"""The extension's state inside a running WebUI — in one place.
+
+``preload.py`` fills the start-up part (host, findings, profile), the script drives generations through
+:meth:`Runtime.begin` / :meth:`Runtime.end`, the API and the UI read :meth:`Runtime.status`. This module is
+plain Python: the host adapter it holds is the only thing that touches host code.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lib_optim import __version__
+from lib_optim.checker import Finding, Severity
+from lib_optim.hostkinds import HostKind
+from lib_optim.hosts.base import HostAdapter, Session
+from lib_optim.log import get_logger
+from lib_optim.settings import GenerationSettings, format_infotext
+
+log = get_logger(__name__)
+
+HISTORY_LENGTH = 20
+
+
+@dataclass
+class GenerationRecord:
+    started: float
+    settings: dict[str, Any]
+    attention_used: str
+    changes: list[str]
+    finished: float | None = None
+    restored: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "started": self.started,
+            "finished": self.finished,
+            "seconds": None if self.finished is None else round(self.finished - self.started, 3),
+            "settings": self.settings,
+            "attention_used": self.attention_used,
+            "changes": self.changes,
+            "restored": self.restored,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Runtime:
+    host: HostKind | None = None
+    host_version: str = ""
+    adapter: HostAdapter | None = None
+    startup_findings: list[Finding] = field(default_factory=list)
+    startup_profile: str | None = None
+    startup_notes: list[str] = field(default_factory=list)
+    defaults: GenerationSettings = field(default_factory=GenerationSettings)
+    _sessions: dict[int, Session] = field(default_factory=dict)
+    _records: dict[int, GenerationRecord] = field(default_factory=dict)
+    history: deque[GenerationRecord] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- generations --------------------------------------------------------------------------------
+
+    def begin(self, p: Any, settings: GenerationSettings) -> Session | None:
+        """Apply ``settings`` to the generation ``p`` (keyed by identity: X/Y/Z runs copies of ``p``).
+
+        Returns None — and changes nothing — when the settings change nothing. Applying twice for the
+        same ``p`` first restores the earlier application (like tomesd's apply_patch).
+        """
+        if self.adapter is None or not settings.changes_anything:
+            return None
+        self.end(p)
+        session = self.adapter.begin(p, settings)
+        record = GenerationRecord(
+            time.time(), settings.non_default(), session.attention_used, list(session.restorer.notes)
+        )
+        with self._lock:
+            self._sessions[id(p)] = session
+            self._records[id(p)] = record
+            self.history.append(record)
+        if session.restorer.notes:
+            log.info("this generation: %s", "; ".join(session.restorer.notes))
+        return session
+
+    def session_for(self, p: Any) -> Session | None:
+        with self._lock:
+            return self._sessions.get(id(p))
+
+    def before_sampling(self, p: Any) -> None:
+        session = self.session_for(p)
+        if session is not None and self.adapter is not None:
+            self.adapter.before_sampling(p, session)
+
+    def end(self, p: Any, error: BaseException | None = None) -> bool:
+        """Restore everything ``begin`` changed for ``p``; safe to call any number of times."""
+        with self._lock:
+            present = id(p) in self._sessions
+            record = self._records.get(id(p))
+        if not present:
+            return False
+        if error is not None and record is not None:
+            record.error = f"{type(error).__name__}: {error}"
+        self._end_key(id(p))
+        return True
+
+    def end_others(self, p: Any) -> int:
+        """Restore every open generation except ``p``'s (left open by a generation that raised)."""
+        with self._lock:
+            stale = [key for key in self._sessions if key != id(p)]
+        for key in stale:
+            self._end_key(key)
+        return len(stale)
+
+    def end_all(self) -> int:
+        with self._lock:
+            keys = list(self._sessions)
+        for key in keys:
+            self._end_key(key)
+        return len(keys)
+
+    def _end_key(self, key: int) -> None:
+        with self._lock:
+            session = self._sessions.pop(key, None)
+            record = self._records.pop(key, None)
+        if session is None:
+            return
+        try:
+            session.restorer.close()
+        finally:
+            if record is not None:
+                record.finished = time.time()
+                record.restored = session.restorer.closed
+
+    def active_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    @staticmethod
+    def infotext(settings: GenerationSettings) -> str | None:
+        return format_infotext(settings)
+
+    # --- status -------------------------------------------------------------------------------------
+
+    def findings_summary(self) -> str:
+        counts = {s: sum(1 for f in self.startup_findings if f.severity is s) for s in Severity}
+        parts = [f"{n} {s.value}{'s' if n != 1 else ''}" for s, n in counts.items() if n]
+        return ", ".join(parts) if parts else "no findings"
+
+    def status(self, system: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """What ``GET /optim/v1/status`` returns."""
+        state: dict[str, Any] | None = None
+        backends: list[dict[str, Any]] = []
+        if self.adapter is not None:
+            try:
+                state = self.adapter.effective_state().to_dict()
+                backends = [
+                    {
+                        "attention": b.attention.value,
+                        "available": b.available,
+                        "host_name": b.host_name,
+                        "reason": b.reason,
+                    }
+                    for b in self.adapter.attention_backends()
+                ]
+            except Exception as exc:  # status must answer even when the host is half-initialised
+                log.warning("could not read the host's state: %s", exc, exc_info=True)
+                state = {"error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "extension_version": __version__,
+            "host": self.host.value if self.host else None,
+            "host_version": self.host_version,
+            "startup_profile": self.startup_profile,
+            "startup_notes": list(self.startup_notes),
+            "effective": state,
+            "attention_backends": backends,
+            "active_generations": self.active_sessions(),
+            "findings": [f.to_dict() for f in self.startup_findings],
+            "findings_summary": self.findings_summary(),
+            "last_generations": [r.to_dict() for r in self.history],
+            "system": system() if system else None,
+        }
+
+
+_runtime = Runtime()
+
+
+def get_runtime() -> Runtime:
+    return _runtime

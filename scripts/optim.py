@@ -1,0 +1,38 @@
+"""sd-webui-optim: the per-generation "Optim" accordion (txt2img and img2img).
+
+Thin on purpose: everything it does lives in lib_optim.hosts.webui (host glue) and lib_optim (core).
+Every hook is a no-op unless the accordion is on and a control differs from "as the host has it".
+"""
+
+from modules import script_callbacks, scripts
+
+from lib_optim.hosts import webui
+
+
+class OptimScript(scripts.Script):
+    sorting_priority = 15  # Forge orders AlwaysVisible accordions by it (A1111 ignores it)
+
+    def title(self):
+        return webui.SCRIPT_TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        return webui.build_ui(self, is_img2img)
+
+    def process(self, p, *args):
+        webui.process(p, args)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        webui.before_sampling(p)
+
+    def postprocess(self, p, processed, *args):
+        webui.postprocess(p)
+
+
+webui.ensure_runtime()
+script_callbacks.on_ui_settings(webui.register_settings)
+script_callbacks.on_before_ui(webui.register_xyz_axes)
+script_callbacks.on_app_started(lambda _demo, app: webui.register_api(app))
+script_callbacks.on_script_unloaded(webui.on_script_unloaded)
