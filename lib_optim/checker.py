@@ -683,6 +683,8 @@ def _several_attention(ctx: Context) -> Iterator[Finding]:
     attention = [o for o in ("--attention-split", "--attention-quad", "--attention-pytorch") if ctx.has(o)]
     if len(attention) != 1 or attention[0] == "--attention-pytorch" or ctx.has("--disable-xformers"):
         return
+    if ctx.has("--directml") or ctx.cpu_only:
+        return  # xformers_enabled() is False with DirectML or on the CPU (backend/memory_management.py:959-968)
     if ctx.facts.xformers_known and ctx.facts.xformers_version is None:
         return  # xformers is not installed, so the flag is what decides
     installed = "xformers is installed" if ctx.facts.xformers_version else "if xformers is installed"

@@ -402,7 +402,7 @@ def probe_nvml(notes: list[str]) -> tuple[str | None, list[GpuInfo]] | None:
             import pynvml
     except ImportError as exc:
         notes.append(f"NVML unavailable: pynvml not importable ({_describe(exc)})")
-        log.debug("import pynvml failed", exc_info=True)
+        log.debug("import pynvml failed: %s", exc)
         return None
 
     try:

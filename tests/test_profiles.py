@@ -41,14 +41,7 @@ SH_ORIGINAL = (
     b'python_cmd="python3"\n'
 )
 BAT_ORIGINAL = (
-    b"@echo off\r\n"
-    b"\r\n"
-    b"set PYTHON=\r\n"
-    b"set GIT=\r\n"
-    b"set VENV_DIR=\r\n"
-    b"set COMMANDLINE_ARGS=--api\r\n"
-    b"\r\n"
-    b"call webui.bat\r\n"
+    b"@echo off\r\n\r\nset PYTHON=\r\nset GIT=\r\nset VENV_DIR=\r\nset COMMANDLINE_ARGS=--api\r\n\r\ncall webui.bat\r\n"
 )
 
 
@@ -274,16 +267,19 @@ def test_warnings_do_not_refuse(tmp_path: Path) -> None:
     assert [f.subject for f in outcome.findings if f.severity is Severity.WARNING] == ["--medvram"]
     config = read_launch_config(path)
     assert config.commandline_args == ["--medvram"]
-    assert config.process_env()["PYTORCH_CUDA_ALLOC_CONF"] == PROFILES["8gb-medium"].hosts[FORGE].env[
-        "PYTORCH_CUDA_ALLOC_CONF"
-    ]
+    assert (
+        config.process_env()["PYTORCH_CUDA_ALLOC_CONF"]
+        == PROFILES["8gb-medium"].hosts[FORGE].env["PYTORCH_CUDA_ALLOC_CONF"]
+    )
 
 
 # --- apply / remove --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("host", CHECKED_HOSTS, ids=lambda h: h.value)
-@pytest.mark.parametrize(("name", "original"), [("webui-user.sh", SH_ORIGINAL), ("webui-user.bat", BAT_ORIGINAL)])
+@pytest.mark.parametrize(
+    ("name", "original"), [("webui-user.sh", SH_ORIGINAL), ("webui-user.bat", BAT_ORIGINAL)], ids=["sh", "bat"]
+)
 def test_apply_remove_round_trip(tmp_path: Path, name: str, original: bytes, host: HostKind) -> None:
     path = _write(tmp_path, name, original)
     profile = PROFILES["8gb-low"]
@@ -332,7 +328,7 @@ def test_apply_remove_round_trip(tmp_path: Path, name: str, original: bytes, hos
     [
         b'#!/bin/bash\nexport COMMANDLINE_ARGS="--api"',  # no newline at the end
         b"",
-        b"#!/bin/bash\r\nexport COMMANDLINE_ARGS=\"--api\"\r\n",
+        b'#!/bin/bash\r\nexport COMMANDLINE_ARGS="--api"\r\n',
     ],
     ids=["no-final-newline", "empty", "crlf-sh"],
 )
@@ -396,7 +392,9 @@ def test_symlinked_file_stays_a_symlink(tmp_path: Path) -> None:
 # --- dry run ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "original"), [("webui-user.sh", SH_ORIGINAL), ("webui-user.bat", BAT_ORIGINAL)])
+@pytest.mark.parametrize(
+    ("name", "original"), [("webui-user.sh", SH_ORIGINAL), ("webui-user.bat", BAT_ORIGINAL)], ids=["sh", "bat"]
+)
 def test_dry_run_writes_nothing(tmp_path: Path, name: str, original: bytes) -> None:
     path = _write(tmp_path, name, original)
     outcome = apply_profile(path, PROFILES["8gb-low"], FORGE, dry_run=True)

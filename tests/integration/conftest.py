@@ -1,0 +1,202 @@
+"""Start a real WebUI with this extension installed, on CPU, with a random-weight SD1.5 checkpoint.
+
+Runs only when ``OPTIM_A1111_DIR`` and/or ``OPTIM_FORGE_DIR`` name a WebUI checkout that starts on this
+machine (its Python: ``OPTIM_A1111_PYTHON`` / ``OPTIM_FORGE_PYTHON``, default ``<checkout>/venv/bin/python``).
+The extension is copied into ``<checkout>/extensions/sd-webui-optim-under-test`` for the session and
+removed afterwards; the checkpoint is generated once into ``OPTIM_TEST_CACHE`` (default
+``~/.cache/sd-webui-optim-tests``), outside the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EXTENSION_NAME = "sd-webui-optim-under-test"
+SHIPPED = ["lib_optim", "scripts", "javascript", "preload.py", "install.py", "style.css", "metadata.ini"]
+
+HOSTS = {
+    "a1111": ("OPTIM_A1111_DIR", "OPTIM_A1111_PYTHON", ["--use-cpu", "all", "--no-half", "--skip-torch-cuda-test"]),
+    "forge": ("OPTIM_FORGE_DIR", "OPTIM_FORGE_PYTHON", ["--always-cpu", "--skip-torch-cuda-test"]),
+}
+START_TIMEOUT = float(os.environ.get("OPTIM_START_TIMEOUT", "600"))
+
+
+@dataclass
+class WebUI:
+    host: str
+    root: Path
+    url: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 900) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            try:
+                return err.code, json.loads(raw)
+            except ValueError:
+                return err.code, raw.decode(errors="replace")
+
+    def get(self, path: str) -> Any:
+        status, body = self.request("GET", path)
+        assert status == 200, (path, status, body)
+        return body
+
+    def txt2img(self, optim_args: list[Any] | None = None, **extra: Any) -> tuple[int, Any]:
+        payload: dict[str, Any] = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1, **extra}
+        if optim_args is not None:
+            payload["alwayson_scripts"] = {"optim": {"args": optim_args}}
+        return self.request("POST", "/sdapi/v1/txt2img", payload)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _checkpoint(python: str) -> Path:
+    cache = Path(os.environ.get("OPTIM_TEST_CACHE", Path.home() / ".cache" / "sd-webui-optim-tests"))
+    models = cache / "models"
+    target = models / "sd15-random.safetensors"
+    if not target.is_file():
+        models.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [python, str(REPO / "tests" / "integration" / "sd15_checkpoint.py"), str(target)],
+            check=True,
+            timeout=900,
+        )
+    return models
+
+
+def _install_extension(root: Path) -> Path:
+    target = root / "extensions" / EXTENSION_NAME
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in SHIPPED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target / name)
+    return target
+
+
+def start_webui(host: str, extra_args: list[str] | None = None) -> WebUI:
+    dir_var, python_var, cpu_flags = HOSTS[host]
+    root = Path(os.environ[dir_var])
+    python = os.environ.get(python_var, str(root / "venv" / "bin" / "python"))
+    models = _checkpoint(python)
+    _install_extension(root)
+    port = _free_port()
+    log_path = Path(os.environ.get("OPTIM_TEST_LOGS", "/tmp")) / f"optim-webui-{host}-{port}.log"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "DO_NOT_TRACK": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("COMMANDLINE_ARGS", None)
+    args = [
+        python,
+        "launch.py",
+        *cpu_flags,
+        "--skip-prepare-environment",
+        "--api",
+        "--server-name",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ckpt-dir",
+        str(models),
+        "--optim-log-level",
+        "DEBUG",
+        *(extra_args or []),
+    ]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(args, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    webui = WebUI(host, root, f"http://127.0.0.1:{port}", log_path, process)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{host} exited with {process.returncode} during start-up:\n{webui.log()[-4000:]}")
+        try:
+            # our routes come from on_app_started, a moment after the host's own API routes
+            ready = all(
+                webui.request("GET", path, timeout=5)[0] == 200 for path in ("/sdapi/v1/sd-models", "/optim/v1/status")
+            )
+            if ready:
+                return webui
+        except OSError:
+            pass
+        time.sleep(1)
+    stop_webui(webui)
+    pytest.fail(f"{host} did not answer within {START_TIMEOUT:.0f} s:\n{webui.log()[-4000:]}")
+
+
+def stop_webui(webui: WebUI) -> None:
+    webui.process.terminate()
+    try:
+        webui.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        webui.process.kill()
+        webui.process.wait(timeout=30)
+    shutil.rmtree(webui.root / "extensions" / EXTENSION_NAME, ignore_errors=True)
+
+
+def configured_hosts() -> list[str]:
+    return [name for name, (dir_var, _, _) in HOSTS.items() if os.environ.get(dir_var)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "webui" in metafunc.fixturenames:
+        hosts = configured_hosts()
+        if not hosts:
+            metafunc.parametrize(
+                "webui",
+                [
+                    pytest.param(
+                        None,
+                        marks=pytest.mark.skip(reason="set OPTIM_A1111_DIR or OPTIM_FORGE_DIR to a WebUI checkout"),
+                    )
+                ],
+            )
+        else:
+            metafunc.parametrize("webui", hosts, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def webui(request: pytest.FixtureRequest) -> Iterator[WebUI]:
+    instance = start_webui(request.param)
+    try:
+        yield instance
+    finally:
+        stop_webui(instance)
+        sys.stdout.write(f"\n[{request.param} log: {instance.log_path}]\n")
