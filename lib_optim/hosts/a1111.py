@@ -1,0 +1,572 @@
+"""AUTOMATIC1111 WebUI v1.10.1 adapter.
+
+Every host module (``modules.*``, ``ldm.*``, ``sgm.*``, ``launch``) is imported lazily inside methods, so this
+module imports without a WebUI. Citations are A1111 v1.10.1 paths and lines unless named otherwise.
+
+What each setting does on A1111 (for one ``process_images`` call, restored afterwards):
+
+attention
+    Switches the cross-attention optimizer with ``modules.sd_hijack.apply_optimizations(title)``
+    (sd_hijack.py:59-100): the class attributes ``CrossAttention.forward`` and ``AttnBlock.forward`` of
+    ``ldm`` and ``sgm`` (SD1/SD2/SDXL UNet cross-attention and VAE attention of every loaded model), plus
+    ``nonlinearity`` and ``openaimodel.th``. The exact title is checked against ``sd_hijack.optimizers`` first:
+    for a title it does not know, A1111 silently applies its top optimizer (sd_hijack.py:89-90). For the
+    generation, ``opts.data["cross_attention_optimization"]`` holds the title too (no callbacks: the setting's
+    onchange takes the queue lock, initialize_util.py:186), so a model reload during the generation — per
+    batch ``reload_model_weights()`` (processing.py:941), refiner switch (sd_samplers_common.py:195-196) —
+    re-applies our choice (sd_hijack.py:250, 79). Restored by putting back the exact objects saved before
+    the switch, not by re-applying the old optimizer, which leaves different bindings (sgm's
+    ``AttnBlock.forward`` is ldm's function after ``undo_optimizations`` but sgm's own after
+    ``SdOptimization.undo``, sd_hijack.py:110 vs sd_hijack_optimizations.py:48). Not switched: SD3, which
+    calls ``scaled_dot_product_attention`` directly (modules/models/sd3/other_impls.py:28-33).
+channels_last
+    Converts the UNet (``sd_model.model.diffusion_model``) with ``.to(memory_format=...)`` when its format
+    differs, and back afterwards. A checkpoint loaded during the generation (refiner, hires checkpoint) is not
+    converted.
+vae_on_cpu
+    Moves ``sd_model.first_stage_model`` to the CPU in float32 and wraps the model instance's
+    ``decode_first_stage``/``encode_first_stage`` so they run there; ``devices.dtype_vae`` is float32 for the
+    generation (the encode path re-casts the VAE to it, sd_samplers_common.py:98). Slow (seconds per image),
+    and live previews with the "Full" method decode on the CPU too. Skipped with a warning under
+    ``--medvram``/``--lowvram`` (their wrappers move the VAE to the GPU on use, lowvram.py:64-74). A refiner
+    or hires checkpoint swapped in during the generation decodes as the host does.
+inference_memory_mb
+    Forge only; ignored here with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from lib_optim.hostkinds import HostKind
+from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, NotSupportedHere, Session
+from lib_optim.log import get_logger
+from lib_optim.patching import Restorer, patched_attr, patched_item
+from lib_optim.planner import choose_auto_attention
+from lib_optim.settings import Attention, GenerationSettings, Tri
+
+log = get_logger(__name__)
+
+SETTING_KEY = "cross_attention_optimization"  # modules/shared_options.py:233
+NONE_TITLE = "None"  # handled by apply_optimizations itself, never in the optimizer list (sd_hijack.py:85-86)
+
+# Our names → A1111's optimizer titles, title() = "name" or "name - label" (sd_hijack_optimizations.py:31-35).
+TITLES: dict[Attention, str] = {
+    Attention.SDP: "sdp - scaled dot product",
+    Attention.SDP_NO_MEM: "sdp-no-mem - scaled dot product without memory efficient attention",
+    Attention.SPLIT: "Doggettx",
+    Attention.SUB_QUAD: "sub-quadratic",
+    Attention.XFORMERS: "xformers",
+    Attention.INVOKEAI: "InvokeAI",
+    Attention.V1: "V1 - original v1",
+    Attention.NONE: NONE_TITLE,
+}
+
+# Why a built-in optimizer can be missing from sd_hijack.optimizers (is_available(), :56-57, :72-73).
+_MISSING_REASONS: dict[Attention, str] = {
+    Attention.XFORMERS: (
+        "start the WebUI with --xformers; needs an NVIDIA GPU of compute capability 6.0-9.0 "
+        "(or --force-enable-xformers)"
+    ),
+    Attention.SDP: "needs PyTorch 2.0 or newer (torch.nn.functional.scaled_dot_product_attention)",
+    Attention.SDP_NO_MEM: "needs PyTorch 2.0 or newer (torch.nn.functional.scaled_dot_product_attention)",
+}
+_NOT_LISTED = "not in the WebUI's optimizer list (modules.sd_hijack.optimizers); restart the WebUI"
+_NOT_LISTED_YET = "the WebUI has not listed its attention optimizers yet (startup is not finished)"
+
+# Everything apply_optimizations / undo_optimizations / SdOptimization.apply/undo rebind
+# (sd_hijack.py:62-77, 103-110; sd_hijack_optimizations.py:43-143): (module, class or None, attribute).
+_ATTENTION_BINDINGS: tuple[tuple[str, str | None, str], ...] = (
+    ("ldm.modules.attention", "CrossAttention", "forward"),
+    ("ldm.modules.diffusionmodules.model", "AttnBlock", "forward"),
+    ("ldm.modules.diffusionmodules.model", None, "nonlinearity"),
+    ("ldm.modules.diffusionmodules.openaimodel", None, "th"),
+    ("sgm.modules.attention", "CrossAttention", "forward"),
+    ("sgm.modules.diffusionmodules.model", "AttnBlock", "forward"),
+    ("sgm.modules.diffusionmodules.model", None, "nonlinearity"),
+    ("sgm.modules.diffusionmodules.openaimodel", None, "th"),
+)
+
+_MISSING = object()
+
+
+# --- small helpers ------------------------------------------------------------------------------------------
+
+
+class _HostModules:
+    """Host modules by name: injected ones first (tests), then sys.modules, then an import."""
+
+    def __init__(self, modules: Mapping[str, Any] | None) -> None:
+        self._injected = dict(modules or {})
+
+    def get(self, name: str, *, import_: bool = True) -> Any:
+        if name in self._injected:
+            return self._injected[name]
+        module = sys.modules.get(name)
+        if module is not None or not import_:
+            return module
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
+
+    def loaded(self, name: str) -> Any:
+        return self.get(name, import_=False)
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _first_floating(module: Any) -> Any:
+    """The first floating-point parameter of ``module`` (its device/dtype stand for the module's), or None."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param
+    return None
+
+
+def _memory_format_of(module: Any) -> Any:
+    """torch.channels_last / torch.contiguous_format from the first 4-D weight whose layout tells them apart
+    (a 1×1 kernel is both at once); None when the module has no such weight."""
+    import torch
+
+    for param in module.parameters():
+        if param.dim() != 4:
+            continue
+        cl = param.is_contiguous(memory_format=torch.channels_last)
+        plain = param.is_contiguous()
+        if cl and not plain:
+            return torch.channels_last
+        if plain and not cl:
+            return torch.contiguous_format
+    return None
+
+
+def _on_meta(module: Any) -> bool:
+    """True when the module's weights were sent to the meta device (sd_models.send_model_to_trash)."""
+    param = _first_floating(module)
+    return param is not None and param.device.type == "meta"
+
+
+def _diffusion_model(sd_model: Any) -> Any:
+    return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+
+
+@contextlib.contextmanager
+def _saved_bindings(targets: list[tuple[Any, str]]) -> Iterator[None]:
+    """Remember what each ``obj.__dict__[name]`` holds now; put back exactly those objects on exit.
+
+    Entered *before* the host rebinds them, so that restoring is exact whatever the host does meanwhile
+    (apply_optimizations, a model reload re-applying them, an exception half-way).
+    """
+    saved = [(obj, name, vars(obj).get(name, _MISSING)) for obj, name in targets]
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            if value is _MISSING:
+                if name in vars(obj):
+                    delattr(obj, name)
+            elif vars(obj).get(name, _MISSING) is not value:
+                setattr(obj, name, value)
+
+
+def _move_tensors(value: Any, device: Any, dtype: Any) -> Any:
+    """``value`` with its floating tensors on ``device`` as ``dtype``: tensors, lists/tuples/dicts of them, and
+    objects holding tensors as attributes — the posterior ``encode_first_stage`` returns for SD1/SD2
+    (``DiagonalGaussianDistribution``: parameters, mean, logvar, std, var; stablediffusion
+    ldm/modules/distributions/distributions.py:24-36) is moved in place."""
+    import torch
+
+    def move(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            if t.is_floating_point():
+                return t.to(device=device, dtype=dtype)
+            return t.to(device=device)
+        return t
+
+    if isinstance(value, torch.Tensor):
+        return move(value)
+    if isinstance(value, (list, tuple)):
+        moved = [_move_tensors(v, device, dtype) for v in value]
+        return type(value)(moved) if isinstance(value, list) else tuple(moved)
+    if isinstance(value, dict):
+        return {k: _move_tensors(v, device, dtype) for k, v in value.items()}
+    attrs = getattr(value, "__dict__", None)
+    if isinstance(attrs, dict):
+        for key, attr in list(attrs.items()):
+            if isinstance(attr, torch.Tensor):
+                attrs[key] = move(attr)
+    return value
+
+
+class _CpuVae:
+    """The VAE of one model on the CPU for one generation (HOSTS.md §5.1 recipe), restorable exactly."""
+
+    def __init__(self, sd_model: Any, devices: Any) -> None:
+        import torch
+
+        self.sd_model = sd_model
+        self.devices = devices
+        self.vae = sd_model.first_stage_model
+        first = _first_floating(self.vae)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.dtype = first.dtype if first is not None else torch.float32
+        # every floating tensor's dtype, to restore a VAE that was not all one dtype exactly
+        self.dtypes = {
+            name: t.dtype
+            for name, t in (*self.vae.named_parameters(), *self.vae.named_buffers())
+            if t.is_floating_point()
+        }
+        self.host_dtype_vae = getattr(devices, "dtype_vae", None)
+        self.dtype_vae_set = False
+
+    def set_dtype_vae(self) -> None:
+        import torch
+
+        if self.devices is not None:
+            self.devices.dtype_vae = torch.float32
+            self.dtype_vae_set = True
+
+    def make_wrapper(self, bound: Callable[..., Any]) -> Callable[..., Any]:
+        """Run ``bound`` (the instance's decode_first_stage / encode_first_stage) on the CPU VAE: tensor inputs go
+        to the CPU in the VAE's dtype, the result comes back on the device and in the dtype of the first tensor
+        input (what the caller works with)."""
+        import torch
+
+        cpu = torch.device("cpu")
+
+        def on_cpu(*args: Any, **kwargs: Any) -> Any:
+            vae = self.sd_model.first_stage_model
+            param = _first_floating(vae)
+            if param is not None and param.device.type != "cpu":
+                # A reload of the same instance moved the whole model to the GPU (sd_models.py:990-991).
+                vae.to(cpu)
+                param = _first_floating(vae)
+            dtype = param.dtype if param is not None else torch.float32
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            args = tuple(_move_tensors(a, cpu, dtype) for a in args)
+            kwargs = {k: _move_tensors(v, cpu, dtype) for k, v in kwargs.items()}
+            result = bound(*args, **kwargs)
+            if first is None:
+                return result
+            return _move_tensors(result, first.device, first.dtype if first.is_floating_point() else dtype)
+
+        on_cpu.__wrapped__ = bound  # type: ignore[attr-defined]
+        return on_cpu
+
+    def restore(self) -> None:
+        """Put the host's ``dtype_vae`` back, then the VAE on its device in its dtypes.
+
+        If the host changed ``dtype_vae`` during the generation (the NaN auto-fix switches it to bfloat16 and
+        casts the VAE, processing.py:650-663 — meant to persist), its choice stays and only the device is
+        restored."""
+        import torch
+
+        now = getattr(self.devices, "dtype_vae", None)
+        ours = not self.dtype_vae_set or now == torch.float32
+        if self.dtype_vae_set and ours:
+            self.devices.dtype_vae = self.host_dtype_vae
+        elif not ours:
+            log.info("vae_on_cpu: the WebUI switched dtype_vae to %s during the generation; keeping it", now)
+        vae = self.vae
+        if _on_meta(vae):
+            return  # the model was unloaded meanwhile (send_model_to_trash, sd_models.py:773-775)
+        if ours:
+            # cast on the CPU first (half the bytes to move), through Module.to so that Lightning's
+            # `first_stage_model.dtype` (read by sd_samplers_common.py:58) follows
+            vae.to(dtype=self.dtype)
+            tensors = dict((*vae.named_parameters(), *vae.named_buffers()))
+            for name, dtype in self.dtypes.items():
+                if name in tensors and tensors[name].dtype != dtype:
+                    tensors[name].data = tensors[name].data.to(dtype)
+        vae.to(self.device)
+
+
+# --- the adapter -----------------------------------------------------------------------------------------------
+
+
+class A1111Adapter(HostAdapter):
+    kind = HostKind.A1111
+
+    def __init__(self, modules: Mapping[str, Any] | None = None) -> None:
+        """``modules``: host modules by their import name ("modules.shared", "ldm.modules.attention", ...) to use
+        instead of the real ones (tests)."""
+        self._modules = _HostModules(modules)
+        self._version: str | None = None
+
+    # --- reading ------------------------------------------------------------------------------------------
+
+    def version(self) -> str:
+        """``launch.git_tag()`` (what the footer and infotext show, ui.py:1184, processing.py:698), cached: it
+        runs ``git describe``."""
+        if self._version is None:
+            tag = ""
+            for name in ("launch", "modules.launch_utils"):
+                module = self._modules.get(name)
+                git_tag = getattr(module, "git_tag", None)
+                if callable(git_tag):
+                    with contextlib.suppress(Exception):
+                        tag = str(git_tag())
+                    break
+            self._version = tag
+        return self._version
+
+    def supported_fields(self) -> tuple[str, ...]:
+        return ("enabled", "attention", "channels_last", "vae_on_cpu")
+
+    def optimizer_titles(self) -> list[str]:
+        """The titles of the optimizers the WebUI listed at startup (sd_hijack.py:48-56), priority order."""
+        sd_hijack = self._modules.get("modules.sd_hijack")
+        titles = []
+        for opt in getattr(sd_hijack, "optimizers", None) or []:
+            with contextlib.suppress(Exception):
+                titles.append(str(opt.title()))
+        return titles
+
+    def attention_backends(self) -> list[BackendInfo]:
+        titles = self.optimizer_titles()
+        shared = self._modules.get("modules.shared")
+        setting = str(getattr(getattr(shared, "opts", None), "data", {}).get(SETTING_KEY, "Automatic"))
+        out = [
+            BackendInfo(Attention.HOST, True, setting, "as Settings → Optimizations → Cross attention optimization"),
+            BackendInfo(Attention.AUTO, bool(titles), "", "" if titles else _NOT_LISTED_YET),
+        ]
+        for name, title in TITLES.items():
+            if name is Attention.NONE:
+                out.append(BackendInfo(name, True, title, "no optimization: the models' own attention"))
+            elif title in titles:
+                out.append(BackendInfo(name, True, title))
+            else:
+                reason = _MISSING_REASONS.get(name, _NOT_LISTED) if titles else _NOT_LISTED_YET
+                out.append(BackendInfo(name, False, title, reason))
+        return out
+
+    def _loaded_sd_model(self) -> Any:
+        """The loaded model or None — never ``shared.sd_model``, whose getter loads one (shared_items.py:171-175,
+        sd_models.py:683-701)."""
+        sd_models = self._modules.loaded("modules.sd_models")
+        return getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+
+    def effective_state(self) -> EffectiveState:
+        import torch
+
+        sd_hijack = self._modules.loaded("modules.sd_hijack")
+        shared = self._modules.loaded("modules.shared")
+        devices = self._modules.loaded("modules.devices")
+        if sd_hijack is None:
+            attention = "unknown"
+        else:
+            current = getattr(sd_hijack, "current_optimizer", None)
+            attention = str(getattr(current, "name", "") or "none") if current is not None else "none"
+        sd_model = self._loaded_sd_model()
+        unet_cl: bool | None = None
+        vae_device = vae_dtype = None
+        extra: dict[str, Any] = {}
+        if sd_model is not None:
+            with contextlib.suppress(Exception):
+                unet = _diffusion_model(sd_model)
+                if unet is not None:
+                    unet_cl = _memory_format_of(unet) == torch.channels_last
+            vae = getattr(sd_model, "first_stage_model", None)
+            if vae is not None:
+                param = _first_floating(vae)
+                if param is not None:
+                    vae_device, vae_dtype = str(param.device), _dtype_name(param.dtype)
+            extra["lowvram"] = bool(getattr(sd_model, "lowvram", False))
+        if shared is not None:
+            extra["cross_attention_optimization"] = getattr(getattr(shared, "opts", None), "data", {}).get(SETTING_KEY)
+        if devices is not None:
+            extra["dtype_vae"] = _dtype_name(getattr(devices, "dtype_vae", None))
+        if sd_hijack is not None:
+            extra["optimizers"] = self.optimizer_titles()
+        return EffectiveState(
+            host=self.kind,
+            attention=attention,
+            unet_channels_last=unet_cl,
+            vae_device=vae_device,
+            vae_dtype=vae_dtype,
+            inference_memory_mb=None,
+            model_loaded=sd_model is not None,
+            extra=extra,
+        )
+
+    # --- applying -----------------------------------------------------------------------------------------
+
+    def _current_name(self) -> str:
+        current = getattr(self._modules.get("modules.sd_hijack"), "current_optimizer", None)
+        return str(getattr(current, "name", "")) if current is not None else NONE_TITLE
+
+    def begin(self, p: Any, settings: GenerationSettings) -> Session:
+        restorer = Restorer("A1111 generation")
+        session = Session(settings=settings, restorer=restorer)
+        session.attention_used = self._current_name()
+        if not settings.changes_anything:
+            return session
+        # everything that can refuse does so before anything changes
+        title = self._resolve_title(p, settings, session) if settings.attention is not Attention.HOST else None
+        if settings.inference_memory_mb is not None:
+            log.warning("inference_memory_mb: Forge only; ignored on A1111")
+        try:
+            if title is not None:
+                session.attention_used = self.switch_optimizer(restorer, title)
+            self._apply_channels_last(p, settings, session)
+            self._apply_vae_on_cpu(p, settings, session)
+        except BaseException:
+            with contextlib.suppress(Exception):  # Restorer.close logs its own failures
+                restorer.close()
+            raise
+        return session
+
+    # attention ---------------------------------------------------------------------------------------------
+
+    def _resolve_title(self, p: Any, settings: GenerationSettings, session: Session) -> str:
+        """The exact optimizer title for ``settings.attention`` (``auto`` resolved); NotSupportedHere if absent."""
+        backends = self.attention_backends()
+        target = settings.attention
+        if target is Attention.AUTO:
+            available = [
+                b.attention
+                for b in backends
+                if b.available and b.attention not in (Attention.HOST, Attention.AUTO, Attention.NONE)
+            ]
+            if not available:
+                raise NotSupportedHere(f"[Optim] attention: 'auto' is not available here ({_NOT_LISTED_YET})")
+            width = int(getattr(p, "width", 512) or 512)
+            height = int(getattr(p, "height", 512) or 512)
+            if getattr(p, "enable_hr", False):
+                width = max(width, int(getattr(p, "hr_upscale_to_x", 0) or 0))
+                height = max(height, int(getattr(p, "hr_upscale_to_y", 0) or 0))
+            choice = choose_auto_attention(
+                available, width=width, height=height, batch=int(getattr(p, "batch_size", 1) or 1), free_mb=_free_mb()
+            )
+            target = choice.attention
+            session.data["auto_reason"] = choice.reason
+            log.info("attention auto → %s", choice.reason)
+        info = next((b for b in backends if b.attention is target), None)
+        if info is None or not info.available:
+            allowed = ", ".join(b.attention.value for b in backends if b.available)
+            why = f" ({info.reason})" if info is not None and info.reason else ""
+            raise NotSupportedHere(
+                f"[Optim] attention: {target.value!r} is not available here{why}; allowed: {allowed}"
+            )
+        return TITLES[target]
+
+    def _binding_targets(self) -> list[tuple[Any, str]]:
+        targets: list[tuple[Any, str]] = []
+        for module_name, class_name, attr in _ATTENTION_BINDINGS:
+            module = self._modules.get(module_name)
+            if module is None:
+                continue
+            owner = getattr(module, class_name, None) if class_name else module
+            if owner is not None:
+                targets.append((owner, attr))
+        sd_hijack = self._modules.get("modules.sd_hijack")
+        targets.append((sd_hijack, "current_optimizer"))
+        model_hijack = getattr(sd_hijack, "model_hijack", None)
+        if model_hijack is not None:
+            targets.append((model_hijack, "optimization_method"))
+        return targets
+
+    def switch_optimizer(self, restorer: Restorer, title: str) -> str:
+        """Apply the optimizer with exactly this title (or "None") for the generation held by ``restorer``.
+
+        Returns the optimizer's name ("None" for none). Raises NotSupportedHere, changing nothing, for a title
+        the WebUI did not list — A1111 itself would apply its top optimizer instead (sd_hijack.py:89-90).
+        """
+        sd_hijack = self._modules.get("modules.sd_hijack")
+        shared = self._modules.get("modules.shared")
+        if sd_hijack is None or shared is None:
+            raise NotSupportedHere("[Optim] attention: modules.sd_hijack is missing; allowed: host")
+        titles = self.optimizer_titles()
+        if title != NONE_TITLE and title not in titles:
+            allowed = ", ".join([*titles, NONE_TITLE])
+            raise NotSupportedHere(f"[Optim] attention: {title!r} is not an optimizer title here; allowed: {allowed}")
+        current = getattr(sd_hijack, "current_optimizer", None)
+        old_setting = shared.opts.data.get(SETTING_KEY, "Automatic")
+        # saved before anything changes: restore puts back these exact objects
+        restorer.enter(_saved_bindings(self._binding_targets()))
+        # reloads during the generation re-apply the setting's value (sd_hijack.py:250, 79)
+        restorer.enter(
+            patched_item(shared.opts.data, SETTING_KEY, title),
+            note=f"attention {title!r} (WebUI setting: {old_setting!r})",
+        )
+        if current is not None and title != NONE_TITLE and current.title() == title:
+            return str(current.name)
+        name = sd_hijack.apply_optimizations(title)
+        model_hijack = getattr(sd_hijack, "model_hijack", None)
+        if model_hijack is not None:
+            model_hijack.optimization_method = name  # what model_hijack.apply_optimizations stores (:186)
+        return str(name) if name else NONE_TITLE
+
+    # channels-last -----------------------------------------------------------------------------------------
+
+    def _apply_channels_last(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        if settings.channels_last is Tri.INHERIT:
+            return
+        import torch
+
+        unet = _diffusion_model(getattr(p, "sd_model", None))
+        if unet is None:
+            log.warning("channels_last: no UNet loaded; nothing changed")
+            return
+        want = torch.channels_last if settings.channels_last is Tri.ON else torch.contiguous_format
+        have = _memory_format_of(unet)
+        label = "channels_last" if want == torch.channels_last else "contiguous"
+        if have is None:
+            session.restorer.notes.append("channels_last: the UNet has no conv weights; nothing to do")
+            return
+        if have == want:
+            session.restorer.notes.append(f"UNet already {label}")
+            return
+
+        def convert_back() -> None:
+            if not _on_meta(unet):
+                unet.to(memory_format=have)
+
+        session.restorer.callback(convert_back, note=f"UNet {label}")
+        unet.to(memory_format=want)
+
+    # VAE on CPU --------------------------------------------------------------------------------------------
+
+    def _apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        if settings.vae_on_cpu is not Tri.ON:
+            return  # off: A1111 never keeps the VAE on the CPU by itself (only --medvram/--lowvram do)
+        import torch
+
+        sd_model = getattr(p, "sd_model", None)
+        vae = getattr(sd_model, "first_stage_model", None)
+        if vae is None:
+            log.warning("vae_on_cpu: no VAE loaded; nothing changed")
+            return
+        if getattr(sd_model, "lowvram", False):
+            log.warning("vae_on_cpu: ignored with --medvram/--lowvram (the WebUI moves the VAE to the GPU on use)")
+            return
+        devices = self._modules.get("modules.devices")
+        state = _CpuVae(sd_model, devices)
+        restorer = session.restorer
+        bound = {name: getattr(sd_model, name) for name in ("decode_first_stage", "encode_first_stage")}
+        restorer.callback(state.restore, note="VAE on CPU in float32")
+        state.set_dtype_vae()  # restored by state.restore
+        for name, method in bound.items():
+            restorer.enter(patched_attr(sd_model, name, state.make_wrapper(method)))
+        vae.to(device=torch.device("cpu"), dtype=torch.float32)
+        torch_gc = getattr(devices, "torch_gc", None)
+        if callable(torch_gc):
+            torch_gc()
+
+
+def _free_mb() -> int | None:
+    """Free CUDA memory in MB for the planner, or None without CUDA."""
+    import torch
+
+    with contextlib.suppress(Exception):
+        if torch.cuda.is_available():
+            free, _total = torch.cuda.mem_get_info()
+            return int(free // (1024 * 1024))
+    return None

@@ -1,0 +1,80 @@
+"""The Optim accordion in a real WebUI page, in headless Chromium (Debian's chromium + chromedriver).
+
+Skipped unless a host is configured (conftest.py) and selenium + chromium are installed. Screenshots go to
+OPTIM_SCREENSHOTS (default /tmp).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.host
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+SHOTS = Path(os.environ.get("OPTIM_SCREENSHOTS", "/tmp"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("install Debian's chromium and chromium-driver for the browser test")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1500,2200",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _open_accordion(driver, tab: str):
+    wait = WebDriverWait(driver, 120)
+    accordion = wait.until(ec.presence_of_element_located((By.ID, f"script_{tab}_optim_enabled")))
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", accordion)
+    header = accordion.find_element(By.CSS_SELECTOR, ".label-wrap")
+    header.click()
+    wait.until(ec.visibility_of_element_located((By.ID, f"script_{tab}_optim_attention")))
+    return accordion
+
+
+def test_accordion_renders_opens_and_fills_from_profile(webui, browser):
+    browser.get(webui.url)
+    accordion = _open_accordion(browser, "txt2img")
+    text = accordion.text
+    for label in ("Attention backend", "Channels-last UNet", "VAE on CPU", "Fill from profile"):
+        assert label in text
+    memory = browser.find_elements(By.ID, "script_txt2img_optim_inference_memory_mb")
+    visible = bool(memory) and memory[0].is_displayed()
+    assert visible is (webui.host == "forge")
+    status = browser.find_element(By.ID, "script_txt2img_optim_status")
+    assert webui.host in status.text.lower() or "attention" in status.text.lower()
+    # the tooltip script (javascript/optim.js) decorated our controls
+    assert browser.find_element(By.ID, "script_txt2img_optim_attention").get_attribute("title")
+    # opening the accordion ticks the hidden enabled checkbox (InputAccordion)
+    checkbox = browser.find_element(By.CSS_SELECTOR, "#script_txt2img_optim_enabled-checkbox input")
+    assert checkbox.is_selected()
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'});", accordion)
+    time.sleep(0.5)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SHOTS / f"optim-accordion-{webui.host}.png"))
