@@ -276,7 +276,7 @@ class _CpuVae:
             log.info("vae_on_cpu: the WebUI switched dtype_vae to %s during the generation; keeping it", now)
         vae = self.vae
         if _on_meta(vae):
-            return  # the model was unloaded meanwhile (send_model_to_trash, sd_models.py:773-775)
+            return  # the model was unloaded meanwhile (send_model_to_trash, sd_models.py:762-764)
         if ours:
             # cast on the CPU first (half the bytes to move), through Module.to so that Lightning's
             # `first_stage_model.dtype` (read by sd_samplers_common.py:58) follows
@@ -437,13 +437,19 @@ class A1111Adapter(HostAdapter):
             ]
             if not available:
                 raise NotSupportedHere(f"[Optim] attention: 'auto' is not available here ({_NOT_LISTED_YET})")
-            width = int(getattr(p, "width", 512) or 512)
-            height = int(getattr(p, "height", 512) or 512)
+            width = float(getattr(p, "width", 512) or 512)
+            height = float(getattr(p, "height", 512) or 512)
             if getattr(p, "enable_hr", False):
-                width = max(width, int(getattr(p, "hr_upscale_to_x", 0) or 0))
-                height = max(height, int(getattr(p, "hr_upscale_to_y", 0) or 0))
+                # hr_upscale_to_x/y are computed in p.init(), after process(); estimate from hr_scale/hr_resize
+                scale = float(getattr(p, "hr_scale", 1) or 1)
+                width = max(width * scale, getattr(p, "hr_resize_x", 0) or 0, getattr(p, "hr_upscale_to_x", 0) or 0)
+                height = max(height * scale, getattr(p, "hr_resize_y", 0) or 0, getattr(p, "hr_upscale_to_y", 0) or 0)
             choice = choose_auto_attention(
-                available, width=width, height=height, batch=int(getattr(p, "batch_size", 1) or 1), free_mb=_free_mb()
+                available,
+                width=int(width),
+                height=int(height),
+                batch=int(getattr(p, "batch_size", 1) or 1),
+                free_mb=_free_mb(),
             )
             target = choice.attention
             session.data["auto_reason"] = choice.reason
