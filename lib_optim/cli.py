@@ -94,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     rules = sub.add_parser("rules", help="list the checker's rules")
     rules.add_argument("--json", action="store_true")
+
+    bench = sub.add_parser("bench", help="time the attention backends side by side and check the planner")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib)")
+    bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    bench.add_argument(
+        "--shapes",
+        default="sd15-512,sd15-768,sdxl-1024",
+        help="comma-separated: sd15-512, sd15-768, sdxl-1024",
+    )
+    bench.add_argument("--repeats", type=int, help="timed rounds per shape (default 5, --quick 2)")
+    bench.add_argument(
+        "--quick", action="store_true", help="host backends and the largest self/cross attention per shape only"
+    )
     return parser
 
 
@@ -295,10 +309,29 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lib_optim.bench import format_table, run_bench, to_json, write_plot
+
+    specs = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if args.repeats is not None and args.repeats < 1:
+        raise UsageError("--repeats: must be 1 or more")
+    result = run_bench(specs, device=args.device, repeats=args.repeats, quick=args.quick)
+    _out(to_json(result) if args.json else format_table(result))
+    if args.plot:
+        _err(write_plot(result, args.plot))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"check": cmd_check, "doctor": cmd_doctor, "profile": cmd_profile, "rules": cmd_rules}
+    handlers = {
+        "check": cmd_check,
+        "doctor": cmd_doctor,
+        "profile": cmd_profile,
+        "rules": cmd_rules,
+        "bench": cmd_bench,
+    }
     try:
         return handlers[args.command](args)
     except UsageError as exc:

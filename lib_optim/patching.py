@@ -54,6 +54,37 @@ def patched_item(mapping: Any, key: Any, value: Any) -> Iterator[Any]:
             mapping[key] = original
 
 
+def _is_inference(like: Any) -> bool:
+    if like is None:
+        return False
+    if hasattr(like, "is_inference"):
+        return bool(like.is_inference())
+    params = getattr(like, "parameters", None)
+    if callable(params):
+        return any(t.is_inference() for t in params())
+    return False
+
+
+@contextlib.contextmanager
+def weight_edit_mode(like: Any = None) -> Iterator[None]:
+    """Rewrite model tensors (``param.data = ...``, ``module.to(...)``) in the mode they were made in.
+
+    Forge loads models inside ``torch.inference_mode()`` (modules/processing.py:911), so their parameters are
+    inference tensors, but calls the ``process`` hook outside it (processing.py:906-907). A parameter made in
+    inference mode whose ``.data`` is replaced by an ordinary tensor breaks CPU convolutions that view the
+    weight ("Inference tensors do not track version counter", seen in a Forge hires pass on CPU); the other
+    way round breaks in-place updates. So the new data is made in the parameter's own mode. ``no_grad``
+    keeps autograd out of it.
+    """
+    try:
+        import torch
+    except ImportError:  # the plain-Python parts of lib_optim work without torch
+        yield
+        return
+    with torch.inference_mode(_is_inference(like)), torch.no_grad():
+        yield
+
+
 class Restorer:
     """The changes of one generation. Enter changes with :meth:`enter`; :meth:`close` undoes them all."""
 

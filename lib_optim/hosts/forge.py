@@ -43,7 +43,7 @@ from typing import Any
 from lib_optim.hostkinds import HostKind
 from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, NotSupportedHere, Session
 from lib_optim.log import get_logger
-from lib_optim.patching import Restorer, patched_attr
+from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.planner import choose_auto_attention
 from lib_optim.settings import ATTENTION_BY_HOST, Attention, GenerationSettings, Tri
 
@@ -155,13 +155,15 @@ class _MemoryFormat:
                     self.converted.append((param, torch.channels_last))
                 else:
                     self.converted.append((param, torch.contiguous_format))
-                param.data = param.data.contiguous(memory_format=self.fmt)
+                with weight_edit_mode(param):
+                    param.data = param.data.contiguous(memory_format=self.fmt)
                 count += 1
         return count
 
     def restore(self) -> None:
         for param, fmt in reversed(self.converted):
-            param.data = param.data.contiguous(memory_format=fmt)
+            with weight_edit_mode(param):
+                param.data = param.data.contiguous(memory_format=fmt)
         self.converted.clear()
         # LoRA backups copied to another device after our conversion keep its format (lora.py:408); put
         # them back in the model's original format so removing the LoRA later restores the host's layout.
@@ -172,7 +174,8 @@ class _MemoryFormat:
             other = torch.contiguous_format if self.fmt == torch.channels_last else torch.channels_last
             for key, weight in list(backup.items()):
                 if getattr(weight, "dim", lambda: 0)() == 4 and not weight.is_contiguous(memory_format=other):
-                    backup[key] = weight.contiguous(memory_format=other)
+                    with weight_edit_mode(weight):
+                        backup[key] = weight.contiguous(memory_format=other)
 
 
 class _ForgeModules:
@@ -478,7 +481,8 @@ class ForgeAdapter(HostAdapter):
             tensors = dict((*fsm.named_parameters(), *fsm.named_buffers()))
             for name, dtype in dtypes.items():
                 if name in tensors and tensors[name].dtype != dtype:
-                    tensors[name].data = tensors[name].data.to(dtype)
+                    with weight_edit_mode(tensors[name]):
+                        tensors[name].data = tensors[name].data.to(dtype)
 
         restorer.callback(restore_dtypes)
         # decode/encode read these at call time (patcher/vae.py:128-197): inputs go to `device` as
@@ -497,7 +501,8 @@ class ForgeAdapter(HostAdapter):
             unloaded = _unload_model(mm, fsm)  # frees its GPU memory now (weights to the CPU)
         else:
             unloaded = 0
-        fsm.to(device=cpu, dtype=torch.float32)
+        with weight_edit_mode(fsm):
+            fsm.to(device=cpu, dtype=torch.float32)
         restorer.notes.append(f"VAE on CPU in float32 (unloaded from GPU: {bool(unloaded)})")
 
     # inference memory ------------------------------------------------------------------------------------

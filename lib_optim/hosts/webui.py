@@ -127,7 +127,8 @@ def build_ui(script: Any, is_img2img: bool) -> list[Any]:
         problems = [f"[{f.severity.value}] {f.subject}: {f.message}" for f in rt.startup_findings]
         try:
             state = adapter.effective_state()
-            text = f"{rt.host.display_name if rt.host else 'host'} · attention: {state.attention or 'unknown'}"
+            attention = state.attention if state.model_loaded else "chosen when a model loads"
+            text = f"{rt.host.display_name if rt.host else 'host'} · attention: {attention or 'unknown'}"
         except Exception as exc:  # before the first model load some hosts have no state to read
             log.debug("effective state unavailable", exc_info=True)
             text = f"state unavailable: {type(exc).__name__}"

@@ -196,6 +196,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def webui(request: pytest.FixtureRequest) -> Iterator[WebUI]:
     instance = start_webui(request.param)
     try:
+        # Load the model now (A1111 loads it in a thread after start-up, Forge on the first generation),
+        # so every test compares states of a loaded model.
+        code, body = instance.txt2img()
+        assert code == 200, body
         yield instance
     finally:
         stop_webui(instance)

@@ -232,3 +232,123 @@ def test_log_lines_are_prefixed(webui):
     log = webui.log()
     assert "[Optim] this generation:" in log
     assert "Traceback" not in log.split("[Optim]")[0][-2000:] or True
+
+
+def _png_b64(size: int = 64) -> str:
+    """A small RGB gradient PNG, written with the standard library only."""
+    import base64
+    import struct
+    import zlib
+
+    rows = b"".join(
+        b"\x00" + b"".join(bytes([(x * 4) % 256, (y * 4) % 256, 128]) for x in range(size)) for y in range(size)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+def test_img2img_with_vae_on_cpu(webui):
+    # img2img encodes the init image in p.init(), after process(): the CPU VAE must cover encode too
+    before = effective(webui)
+    payload = {
+        "init_images": [_png_b64()],
+        "prompt": "a cat",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "seed": 1,
+        "denoising_strength": 0.5,
+        "alwayson_scripts": {"optim": {"args": [{"vae_on_cpu": True, "attention": "sub-quad"}]}},
+    }
+    code, body = webui.request("POST", "/sdapi/v1/img2img", payload)
+    assert code == 200, body
+    assert 'Optim: "attention=sub-quad, vae_on_cpu=on"' in infotext(body)
+    assert state(webui)["last_generations"][-1]["restored"] is True
+    assert effective(webui) == before
+
+
+def test_hires_fix_pass_keeps_the_settings(webui):
+    # hires runs a second sampling pass (Forge calls process_before_every_sampling twice there)
+    before = effective(webui)
+    # Forge's API needs hr_additional_modules for a hires pass (modules/processing.py:1405 iterates it)
+    forge_extra = {"hr_additional_modules": ["Use same choices"]} if webui.host == "forge" else {}
+    code, body = webui.txt2img(
+        [{"attention": "split", "channels_last": True}],
+        **forge_extra,
+        enable_hr=True,
+        hr_scale=1.5,
+        hr_upscaler="Latent",
+        hr_second_pass_steps=1,
+        denoising_strength=0.5,
+    )
+    assert code == 200, body
+    assert "Hires upscale: 1.5" in infotext(body)
+    assert 'Optim: "attention=split, channels_last=on"' in infotext(body)
+    assert effective(webui) == before
+
+
+def test_settings_page_defaults_fill_fields_left_out(webui):
+    if webui.host == "a1111":  # Forge's GET /options lists only values that were set (sysinfo.get_config)
+        options = webui.get("/sdapi/v1/options")
+        for key in (
+            "optim_default_attention",
+            "optim_default_vae_on_cpu",
+            "optim_console_level",
+            "optim_check_at_startup",
+        ):
+            assert key in options, key
+        assert "optim_default_inference_memory_mb" not in options
+    code, _ = webui.request("POST", "/sdapi/v1/options", {"optim_default_attention": "sub-quad"})
+    assert code == 200
+    try:
+        code, body = webui.txt2img([{"channels_last": True}])
+        assert code == 200, body
+        assert "attention=sub-quad" in infotext(body)
+        # an explicit value wins over the default
+        code, body = webui.txt2img([{"attention": "split"}])
+        assert "attention=split" in infotext(body)
+    finally:
+        webui.request("POST", "/sdapi/v1/options", {"optim_default_attention": "host"})
+
+
+def _xyz_args(webui, label: str, values: list[str]) -> list[Any]:
+    info = webui.get("/sdapi/v1/script-info")
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    choices = next(a for a in xyz["args"] if a["label"] == "X type")["choices"]
+    labels = [c[0] if isinstance(c, list) else c for c in choices]
+    assert label in labels, labels
+    index = labels.index(label)
+    # scripts/xyz_grid.py ui(): x_type, x_values, x_values_dropdown, y_type, y_values, y_values_dropdown, z_type,
+    # z_values, z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
+    # vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode
+    return [index, "", values, 0, "", [], 0, "", [], True, True, False, False, False, False, False, 0, False]
+
+
+def test_xyz_plot_attention_axis(webui):
+    before = effective(webui)
+    payload = {
+        "prompt": "a cat",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "seed": 1,
+        "script_name": "x/y/z plot",
+        "script_args": _xyz_args(webui, "[Optim] Attention", ["sdp", "sub-quad"]),
+    }
+    code, body = webui.request("POST", "/sdapi/v1/txt2img", payload)
+    assert code == 200, body
+    import json
+
+    texts = json.loads(body["info"])["infotexts"]
+    joined = "\n".join(texts)
+    assert "Optim: attention=sdp" in joined
+    assert "Optim: attention=sub-quad" in joined
+    status = state(webui)
+    assert status["active_generations"] == 0
+    assert all(r["restored"] for r in status["last_generations"][-2:])
+    assert status["effective"] == before

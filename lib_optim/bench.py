@@ -1,0 +1,401 @@
+"""``python -m lib_optim bench``: time the attention backends side by side, measure their peak memory.
+
+For each model shape (``sd15-512``, ``sd15-768``, ``sdxl-1024``) and each of its attention calls
+(:func:`lib_optim.planner.attention_shapes`; with ``quick`` only the largest self- and cross-attention),
+every available backend of :mod:`lib_optim.attention_impl` runs on the same random q, k, v:
+
+- **Time**: one warm-up call per backend, then ``repeats`` rounds; each round runs every backend once, in
+  an order rotated by one each round, so machine noise and order effects land on all of them alike. The
+  median is reported, and its ratio to the best backend at that shape. When every backend's warm-up took
+  over :data:`SLOW_CALL_S`, the warm-up round counts as the first round.
+- **Peak memory** (taken during the warm-up call): on CUDA, ``torch.cuda.max_memory_allocated`` minus
+  what was allocated before (exact, allocator bytes). On CPU, the process's peak resident set: the
+  kernel's high-water mark ``VmHWM`` is reset through ``/proc/self/clear_refs`` (Linux), and the peak
+  minus the resident size before the call is the call's peak. glibc is told to serve every allocation of
+  128 KiB or more with its own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``), so freed tensors go straight back
+  to the system and a new one cannot hide in memory that is already resident. Accurate to a page for
+  tensors of 128 KiB and up; smaller allocations are not seen, which is why errors on peaks under
+  :data:`MIN_MEASURED_BYTES` are shown but not counted in the maximum error. Elsewhere: not measured.
+- **Prediction**: :func:`lib_optim.planner.predict_peak_bytes` for the same call, and its error.
+- **auto**: :func:`lib_optim.planner.choose_for_shapes` over the host backends measured here, with the
+  same memory limit, and the ratio of its pick's time to the best time at that shape.
+
+A backend whose predicted peak exceeds the memory limit (``mem_fraction`` of free RAM / VRAM) is not run;
+the table says so. ``split`` and ``sub-quad`` are given that limit as their free memory, so they slice
+themselves to fit as they would in a host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from lib_optim import attention_impl as impl
+from lib_optim.log import get_logger
+from lib_optim.planner import MIB, AttnShape, attention_shapes, choose_for_shapes, predict_peak_bytes
+
+log = get_logger(__name__)
+
+# family, width, height; "tiny" is for tests (a 64x64 image: attention over 64 tokens).
+SHAPE_SPECS: dict[str, tuple[str, int, int]] = {
+    "sd15-512": ("sd15", 512, 512),
+    "sd15-768": ("sd15", 768, 768),
+    "sdxl-1024": ("sdxl", 1024, 1024),
+    "tiny": ("sd15", 64, 64),
+}
+DEFAULT_SPECS = ("sd15-512", "sd15-768", "sdxl-1024")
+# Backends a host can switch to, i.e. what `auto` chooses among (the rest are shown for comparison).
+HOST_BACKENDS = ("sdp", "xformers", "sub-quad", "split")
+QUICK_BACKENDS = (*HOST_BACKENDS,)
+MIN_MEASURED_BYTES = 4 * MIB
+SLOW_CALL_S = 1.0
+_MMAP_THRESHOLD = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+@dataclass
+class Row:
+    spec: str
+    shape: str
+    kind: str
+    bh: int
+    nq: int
+    nk: int
+    dim_head: int
+    backend: str
+    predicted_bytes: int
+    median_s: float | None = None
+    ratio: float | None = None
+    measured_bytes: int | None = None
+    error_pct: float | None = None
+    skipped: str | None = None
+
+
+@dataclass
+class AutoRow:
+    spec: str
+    shape: str
+    pick: str
+    reason: str
+    ratio: float | None
+
+
+@dataclass
+class BenchResult:
+    device: str
+    dtype: str
+    threads: int
+    repeats: int
+    memory_method: str
+    limit_bytes: int
+    rows: list[Row] = field(default_factory=list)
+    auto: list[AutoRow] = field(default_factory=list)
+
+    @property
+    def max_error_pct(self) -> float | None:
+        errs = [
+            abs(r.error_pct)
+            for r in self.rows
+            if r.error_pct is not None and (r.measured_bytes or 0) >= MIN_MEASURED_BYTES
+        ]
+        return max(errs) if errs else None
+
+    @property
+    def max_auto_ratio(self) -> float | None:
+        ratios = [a.ratio for a in self.auto if a.ratio is not None]
+        return max(ratios) if ratios else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "threads": self.threads,
+            "repeats": self.repeats,
+            "memory_method": self.memory_method,
+            "limit_bytes": self.limit_bytes,
+            "rows": [asdict(r) for r in self.rows],
+            "auto": [asdict(a) for a in self.auto],
+            "max_error_pct": self.max_error_pct,
+            "max_auto_ratio": self.max_auto_ratio,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Peak memory.
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        match = re.search(rf"^{key}:\s+(\d+) kB", fh.read(), re.MULTILINE)
+    if match is None:
+        raise OSError(f"no {key} in /proc/self/status")
+    return int(match.group(1)) * 1024
+
+
+class PeakMeter:
+    """Measures the peak memory of one call on a device (see the module doc for the method)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = "none"
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                    fh.write("5")
+                _status_bytes("VmHWM")
+                self.method = "VmHWM (peak RSS, reset via /proc/self/clear_refs; mmap threshold 128 KiB)"
+            except OSError:
+                log.info("peak memory on this system: not measured (no /proc/self/clear_refs)")
+                return
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+
+    def measure(self, fn: Callable[[], object]) -> int | None:
+        if self.method == "none":
+            fn()
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            result = fn()
+            torch.cuda.synchronize(self.device)
+            del result
+            return int(torch.cuda.max_memory_allocated(self.device) - base)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS
+        base = _status_bytes("VmRSS")
+        result = fn()
+        del result
+        return max(0, _status_bytes("VmHWM") - base)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run.
+
+
+def _select_shapes(family: str, width: int, height: int, quick: bool) -> list[AttnShape]:
+    shapes = attention_shapes(family, width, height, 1)
+    if not quick:
+        return shapes
+    self_top = max((s for s in shapes if s.kind == "self"), key=lambda s: s.bh * s.nq * s.nk)
+    cross_top = max((s for s in shapes if s.kind == "cross"), key=lambda s: s.bh * s.nq * s.nk * s.dim_head)
+    return [self_top, cross_top]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bench(
+    specs: Sequence[str] = DEFAULT_SPECS,
+    *,
+    device: str = "cpu",
+    repeats: int | None = None,
+    quick: bool = False,
+    backends: Sequence[str] | None = None,
+    mem_fraction: float = 0.6,
+    seed: int = 0,
+) -> BenchResult:
+    """Run the benchmark (see the module doc) and return its results."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("[Optim] bench: --device cuda: torch has no CUDA device here; allowed: cpu")
+    unknown = [s for s in specs if s not in SHAPE_SPECS]
+    if unknown:
+        raise ValueError(f"[Optim] bench: unknown shape {unknown[0]!r}; allowed: {', '.join(DEFAULT_SPECS)}")
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    elt = torch.tensor([], dtype=dtype).element_size()
+    repeats = repeats if repeats is not None else (2 if quick else 5)
+    threads = torch.get_num_threads()
+    meter = PeakMeter(dev)
+    limit = int(impl.free_memory_bytes(dev) * mem_fraction)
+    available = impl.available_backends(dev, dtype)
+    wanted = backends or (QUICK_BACKENDS if quick else tuple(available))
+    names = [b for b in wanted if b in available]
+    result = BenchResult(dev.type, str(dtype).removeprefix("torch."), threads, repeats, meter.method, limit)
+    fns: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        **available,
+        # given the run's memory limit as their free memory, so they size their chunks to it as in a host
+        "split": lambda q, k, v: impl.split(q, k, v, free_bytes=limit),
+        "sub-quad": lambda q, k, v: impl.sub_quad(q, k, v, free_bytes=limit),
+    }
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for spec in specs:
+        family, width, height = SHAPE_SPECS[spec]
+        for shape in _select_shapes(family, width, height, quick):
+            rows = _bench_shape(spec, shape, names, fns, dev, dtype, elt, threads, limit, repeats, meter, gen)
+            result.rows.extend(rows)
+            times = {r.backend: r.median_s for r in rows if r.median_s is not None}
+            candidates = [b for b in HOST_BACKENDS if b in names]
+            pick, reason = choose_for_shapes(
+                candidates,
+                [shape],
+                free_mb=limit / MIB,
+                device=dev.type,
+                dtype_bytes=elt,
+                threads=threads,
+            )
+            best = min(times.values()) if times else None
+            ratio = times[pick] / best if best and pick in times else None
+            result.auto.append(AutoRow(spec, shape.label, pick, reason, ratio))
+    return result
+
+
+def _bench_shape(
+    spec: str,
+    shape: AttnShape,
+    names: Sequence[str],
+    fns: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]],
+    dev: torch.device,
+    dtype: torch.dtype,
+    elt: int,
+    threads: int,
+    limit: int,
+    repeats: int,
+    meter: PeakMeter,
+    gen: torch.Generator,
+) -> list[Row]:
+    def make(n: int) -> torch.Tensor:
+        return torch.randn(shape.bh, n, shape.dim_head, generator=gen).to(device=dev, dtype=dtype)
+
+    q, k, v = make(shape.nq), make(shape.nk), make(shape.nk)
+    rows: dict[str, Row] = {}
+    runnable: list[str] = []
+    warm: dict[str, float] = {}
+    for name in names:
+        predicted = predict_peak_bytes(name, shape, dtype_bytes=elt, device=dev.type, free_bytes=limit, threads=threads)
+        row = Row(spec, shape.label, shape.kind, shape.bh, shape.nq, shape.nk, shape.dim_head, name, predicted)
+        rows[name] = row
+        if predicted > limit:
+            row.skipped = f"predicted {predicted / MIB:.0f} MiB > limit {limit / MIB:.0f} MiB"
+            continue
+        fn = fns[name]
+        try:
+            start = time.perf_counter()
+            row.measured_bytes = meter.measure(partial(fn, q, k, v))  # warm-up and peak in one call
+            _sync(dev)
+            warm[name] = time.perf_counter() - start
+        except (RuntimeError, MemoryError) as exc:
+            row.skipped = f"failed: {str(exc).splitlines()[0][:80]}"
+            continue
+        if row.measured_bytes:
+            row.error_pct = 100.0 * (predicted - row.measured_bytes) / row.measured_bytes
+        runnable.append(name)
+    samples: dict[str, list[float]] = {n: [] for n in runnable}
+    rounds = repeats
+    if runnable and min(warm[n] for n in runnable) >= SLOW_CALL_S:
+        # Calls this slow have nothing left to warm up (and the peak measurement costs two /proc writes):
+        # the warm-up round is the first timed round, which keeps --quick within minutes at 768².
+        for name in runnable:
+            samples[name].append(warm[name])
+        rounds -= 1
+    for r in range(rounds):
+        order = runnable[r % len(runnable) :] + runnable[: r % len(runnable)] if runnable else []
+        for name in order:
+            _sync(dev)
+            start = time.perf_counter()
+            out = fns[name](q, k, v)
+            _sync(dev)
+            samples[name].append(time.perf_counter() - start)
+            del out
+    medians = {n: statistics.median(s) for n, s in samples.items() if s}
+    best = min(medians.values()) if medians else None
+    for name, med in medians.items():
+        rows[name].median_s = med
+        rows[name].ratio = med / best if best else None
+    log.debug("bench %s %s: %s", spec, shape.label, medians)
+    return list(rows.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output.
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / MIB:.1f}"
+
+
+def format_table(result: BenchResult) -> str:
+    lines = [
+        f"Attention benchmark on {result.device} ({result.dtype}, {result.threads} threads, "
+        f"median of {result.repeats}); memory limit {result.limit_bytes / MIB:.0f} MiB",
+        f"Peak memory: {result.memory_method}; peak = beyond q/k/v, output included",
+        "",
+        f"{'shape':<10} {'call':<26} {'backend':<14} {'ms':>9} {'×best':>6} {'pred MiB':>9} {'meas MiB':>9} "
+        f"{'err %':>7}  note",
+    ]
+    for r in result.rows:
+        ms = "-" if r.median_s is None else f"{r.median_s * 1000:.1f}"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+        err = "-" if r.error_pct is None else f"{r.error_pct:+.1f}"
+        if r.error_pct is not None and (r.measured_bytes or 0) < MIN_MEASURED_BYTES:
+            err += "~"
+        lines.append(
+            f"{r.spec:<10} {r.shape:<26} {r.backend:<14} {ms:>9} {ratio:>6} {_mib(r.predicted_bytes):>9} "
+            f"{_mib(r.measured_bytes):>9} {err:>7}  {('skipped: ' + r.skipped) if r.skipped else ''}"
+        )
+    lines.append("")
+    lines.append("auto (host backends, planner's prediction and speed table):")
+    for a in result.auto:
+        ratio = "-" if a.ratio is None else f"{a.ratio:.3f}"
+        lines.append(f"  {a.spec:<10} {a.shape:<26} → {a.pick:<9} time ×best {ratio}")
+    max_err = result.max_error_pct
+    max_ratio = result.max_auto_ratio
+    lines.append("")
+    lines.append(
+        "Max planner error: "
+        + ("n/a" if max_err is None else f"{max_err:.1f} %")
+        + f" (target ±15 %; peaks under {MIN_MEASURED_BYTES // MIB} MiB, marked ~, not counted)"
+    )
+    lines.append(
+        "Max auto time ratio to the best: " + ("n/a" if max_ratio is None else f"{max_ratio:.3f}") + " (target ≤ 1.03)"
+    )
+    return "\n".join(lines)
+
+
+def to_json(result: BenchResult) -> str:
+    return json.dumps(result.to_dict(), indent=2)
+
+
+def write_plot(result: BenchResult, path: str) -> str:
+    """Write a bar chart of time ratios per call and backend; returns a message saying what happened."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"--plot: matplotlib is not installed; no chart written to {path} (pip install matplotlib)"
+    calls = list(dict.fromkeys(f"{r.spec}\n{r.shape}" for r in result.rows))
+    backends = list(dict.fromkeys(r.backend for r in result.rows))
+    width = 0.8 / max(1, len(backends))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(calls)), 4.5))
+    for i, backend in enumerate(backends):
+        values = []
+        for call in calls:
+            match = [r for r in result.rows if f"{r.spec}\n{r.shape}" == call and r.backend == backend]
+            values.append(match[0].ratio if match and match[0].ratio is not None else 0.0)
+        ax.bar([x + i * width for x in range(len(calls))], values, width, label=backend)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(calls))])
+    ax.set_xticklabels(calls, fontsize=7)
+    ax.set_ylabel("time / best (lower is better; 0 = not run)")
+    ax.set_title(f"Attention backends on {result.device} ({result.dtype})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"chart written to {path}"

@@ -1,0 +1,184 @@
+"""Out-of-memory fallback: recognise an OOM and plan the one retry with more frugal settings.
+
+The policy is "retry that generation once with the next more frugal setting", so :func:`next_frugal`
+puts everything that still applies into a single step — a retry that changes only the attention and then
+fails again would be a wasted generation. The caller retries once and never loops.
+
+The ladder, all applied together where they apply:
+
+1. attention → sub-quad (chunked, the smallest attention footprint) when available and not already in
+   use, else split;
+2. VAE on the CPU (the decode of a large image is the usual last-moment OOM);
+3. Forge only: more *inference memory*. Our ``inference_memory_mb`` is Forge's memory **reserved for
+   computation** (``memory_management.current_inference_memory``); Forge keeps that much free by
+   offloading weights, so raising it means fewer weights on the GPU — what the issue calls "lower
+   inference memory" (Forge's "GPU Weights" slider goes down as this goes up). The frugal direction of
+   our field is therefore up.
+
+"VAE tiled" from the issue has no setting here, so it is not a rung.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lib_optim.log import get_logger
+from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, Attention, GenerationSettings, Tri
+
+log = get_logger(__name__)
+
+# Forge's own default for memory_management.current_inference_memory (1024 MB), used when neither the
+# settings nor the caller say what was in effect.
+FORGE_DEFAULT_INFERENCE_MEMORY_MB = 1024
+# The retry reserves at least this much: below it a 1024×1024 SDXL decode does not fit on its own.
+MIN_RETRY_INFERENCE_MEMORY_MB = 2048
+
+# Lower-cased message fragments of allocation failures. torch.OutOfMemoryError covers CUDA/HIP/XPU when
+# torch raises its own type; the messages catch the rest and errors re-raised as plain RuntimeError.
+_OOM_MESSAGES = (
+    "out of memory",  # "CUDA out of memory", "HIP out of memory", "MPS backend out of memory", "XPU out of memory"
+    "not enough gpu video memory",  # DirectML: "There is not enough GPU video memory available!"
+    # torch's CPU allocator: "DefaultCPUAllocator: can't allocate memory" (older: "not enough memory")
+    "defaultcpuallocator:",
+    "cublas_status_alloc_failed",  # cuBLAS cannot allocate its workspace: an OOM under another name
+)
+# Hosts wrap exceptions a few levels deep; the bound only guards against pathological chains.
+_MAX_CHAIN = 32
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` — or an exception it was raised from or during — is an out-of-memory error.
+
+    torch's CPU allocator failing counts (a CPU generation's attention is what a frugal backend shrinks);
+    Python's own ``MemoryError`` does not: it comes from PIL/numpy and the like, which no setting here
+    changes.
+    """
+    oom_type = _torch_oom_type()
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < _MAX_CHAIN:
+        seen.add(id(current))
+        if oom_type is not None and isinstance(current, oom_type):
+            return True
+        if isinstance(current, RuntimeError):
+            message = str(current).lower()
+            if any(fragment in message for fragment in _OOM_MESSAGES):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _torch_oom_type() -> type[BaseException] | None:
+    try:
+        import torch
+    except Exception as exc:  # without a usable torch only the messages can tell
+        log.debug("import torch failed: %s", exc, exc_info=True)
+        return None
+    # torch.OutOfMemoryError since 2.5; torch.cuda.OutOfMemoryError (the same class now) before that.
+    found = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+@dataclass(frozen=True)
+class FallbackStep:
+    """The settings for the one retry, why, and what changed (``name=value``, infotext style)."""
+
+    settings: GenerationSettings
+    reason: str
+    changes: tuple[str, ...] = ()
+
+
+def next_frugal(
+    settings: GenerationSettings,
+    *,
+    available: Sequence[Attention],
+    supports_inference_memory: bool,
+    current_attention: Attention | None,
+    current_inference_memory_mb: int | None = None,
+    total_memory_mb: int | None = None,
+) -> FallbackStep | None:
+    """The next more frugal settings after an OOM with ``settings``, or None when nothing is left.
+
+    ``available``: attention backends usable right now. ``current_attention``: the backend the failed
+    generation actually ran with (what ``host``/``auto`` resolved to); None = unknown.
+    ``current_inference_memory_mb``: Forge's inference memory in effect (the adapter's effective state);
+    None = the settings' value, else Forge's default. ``total_memory_mb``: the GPU's size, which caps the
+    raise (reserving more than the card has changes nothing further).
+    The result is always enabled and always differs from ``settings``.
+    """
+    # Disabled settings were not in effect: the failed generation ran with the host's own settings.
+    base = settings if settings.enabled else GenerationSettings(enabled=True)
+    changes: dict[str, Any] = {}
+    said: list[str] = []
+
+    attention = _frugal_attention(base, available, current_attention)
+    if attention is not None:
+        changes["attention"] = attention
+        said.append(f"{attention.value} attention")
+
+    if base.vae_on_cpu is not Tri.ON:
+        changes["vae_on_cpu"] = Tri.ON
+        said.append("the VAE on the CPU")
+
+    if supports_inference_memory:
+        memory = _more_inference_memory(base, current_inference_memory_mb, total_memory_mb)
+        if memory is not None:
+            changes["inference_memory_mb"] = memory
+            said.append(f"{memory} MB inference memory (fewer weights on the GPU)")
+
+    if not changes:
+        log.debug("no more frugal settings than %s", base)
+        return None
+    new = replace(base, **changes)
+    listed = tuple(f"{name}={_value_text(value)}" for name, value in changes.items())
+    return FallbackStep(new, "out of memory: retrying once with " + _join(said), listed)
+
+
+def _frugal_attention(
+    base: GenerationSettings, available: Sequence[Attention], current: Attention | None
+) -> Attention | None:
+    # host/auto say nothing about what ran; the caller's ``current`` does.
+    in_use = current if current is not None else base.attention
+    if in_use is Attention.SUB_QUAD:
+        return None
+    if Attention.SUB_QUAD in available:
+        target = Attention.SUB_QUAD
+    elif Attention.SPLIT in available and in_use is not Attention.SPLIT:
+        target = Attention.SPLIT
+    else:
+        return None
+    # The settings may already ask for it (the adapter could not apply it): asking again changes nothing.
+    return None if target is base.attention else target
+
+
+def _more_inference_memory(base: GenerationSettings, current: int | None, total: int | None) -> int | None:
+    in_effect = current or base.inference_memory_mb or FORGE_DEFAULT_INFERENCE_MEMORY_MB
+    cap = min(INFERENCE_MEMORY_MAX_MB, total) if total else INFERENCE_MEMORY_MAX_MB
+    wanted = min(max(in_effect * 2, MIN_RETRY_INFERENCE_MEMORY_MB), cap)
+    if wanted <= in_effect or wanted == base.inference_memory_mb:
+        return None
+    return wanted
+
+
+def _value_text(value: object) -> str:
+    return str(value.value) if isinstance(value, (Attention, Tri)) else str(value)
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def infotext_note(step: FallbackStep) -> str:
+    """``retried after out of memory: attention=sub-quad, vae_on_cpu=on`` for the generation's infotext."""
+    return "retried after out of memory: " + ", ".join(step.changes)
+
+
+__all__ = [
+    "FORGE_DEFAULT_INFERENCE_MEMORY_MB",
+    "FallbackStep",
+    "infotext_note",
+    "is_out_of_memory",
+    "next_frugal",
+]

@@ -1,0 +1,63 @@
+"""``bench`` on tiny shapes: it runs, its JSON has the ratio fields, the guard skips what would not fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from lib_optim.bench import format_table, run_bench, write_plot
+from lib_optim.cli import main
+
+
+def test_cli_quick_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--json", "--shapes", "tiny", "--repeats", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["device"] == "cpu" and data["repeats"] == 2
+    rows = data["rows"]
+    assert {r["backend"] for r in rows} >= {"sdp", "split", "sub-quad"}
+    assert {r["kind"] for r in rows} == {"self", "cross"}
+    for row in rows:
+        assert row["ratio"] >= 1.0 and row["median_s"] > 0
+        assert row["predicted_bytes"] > 0
+        assert "error_pct" in row and "measured_bytes" in row
+    assert min(r["ratio"] for r in rows if r["kind"] == "self") == 1.0
+    assert len(data["auto"]) == 2
+    for auto in data["auto"]:
+        assert auto["pick"] in {"sdp", "split", "sub-quad"} and auto["ratio"] >= 1.0
+    assert "max_error_pct" in data and data["max_auto_ratio"] >= 1.0
+
+
+def test_full_backend_set_and_table() -> None:
+    result = run_bench(["tiny"], repeats=1)
+    names = {r.backend for r in result.rows}
+    assert {"none", "sdp-math"} <= names
+    text = format_table(result)
+    assert "Max planner error" in text and "auto" in text and "×best" in text
+
+
+def test_guard_skips_what_would_not_fit() -> None:
+    result = run_bench(["tiny"], quick=True, repeats=1, mem_fraction=1e-7)
+    assert all(r.skipped and "limit" in r.skipped for r in result.rows)
+    assert all(r.median_s is None for r in result.rows if r.skipped)
+    assert "skipped" in format_table(result)
+
+
+def test_unknown_shape_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--shapes", "sd15-1024"]) == 64
+    assert "allowed: sd15-512, sd15-768, sdxl-1024" in capsys.readouterr().err
+
+
+def test_plot_without_or_with_matplotlib(tmp_path: Path) -> None:
+    result = run_bench(["tiny"], quick=True, repeats=1)
+    target = tmp_path / "bench.png"
+    message = write_plot(result, str(target))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in message and not target.exists()
+    else:
+        assert target.is_file()
