@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 ROOT_LOGGER_NAME = "lib_optim"
 PREFIX = "[Optim]"
@@ -18,7 +19,23 @@ def get_logger(name: str) -> logging.Logger:
 class _PrefixFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        return "\n".join(f"{PREFIX} {line}" if line else line for line in text.split("\n"))
+        # messages built from our errors already start with the prefix; never print it twice
+        text = text.replace(f"{PREFIX} {PREFIX} ", f"{PREFIX} ")
+        return "\n".join(
+            line if not line or line.startswith(PREFIX) else f"{PREFIX} {line}" for line in text.split("\n")
+        )
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg, unused-ignore]
+    """Writes to whatever ``sys.stderr`` is at the time (hosts and test runners replace it)."""
+
+    @property  # type: ignore[override, unused-ignore]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def setup_console_logging(level: int | str = logging.INFO) -> logging.Logger:
@@ -34,7 +51,7 @@ def setup_console_logging(level: int | str = logging.INFO) -> logging.Logger:
             level = logging.INFO
     logger.setLevel(level)
     if not any(getattr(h, "_optim_handler", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(_PrefixFormatter("%(message)s"))
         handler._optim_handler = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

@@ -16,10 +16,13 @@ from typing import Any
 
 from lib_optim import __version__
 from lib_optim.checker import Finding, Severity
+from lib_optim.fallback import FallbackStep, is_out_of_memory, next_frugal
 from lib_optim.hostkinds import HostKind
 from lib_optim.hosts.base import HostAdapter, Session
 from lib_optim.log import get_logger
-from lib_optim.settings import GenerationSettings, format_infotext
+from lib_optim.patching import Restorer
+from lib_optim.settings import Attention, GenerationSettings, format_infotext
+from lib_optim.telemetry import GenerationMeter, Telemetry, format_status
 
 log = get_logger(__name__)
 
@@ -35,6 +38,9 @@ class GenerationRecord:
     finished: float | None = None
     restored: bool = False
     error: str | None = None
+    telemetry: dict[str, Any] | None = None
+    telemetry_text: str = ""
+    fallback: str | None = None  # what an out-of-memory retry changed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +52,9 @@ class GenerationRecord:
             "changes": self.changes,
             "restored": self.restored,
             "error": self.error,
+            "telemetry": self.telemetry,
+            "telemetry_text": self.telemetry_text,
+            "fallback": self.fallback,
         }
 
 
@@ -60,31 +69,96 @@ class Runtime:
     defaults: GenerationSettings = field(default_factory=GenerationSettings)
     _sessions: dict[int, Session] = field(default_factory=dict)
     _records: dict[int, GenerationRecord] = field(default_factory=dict)
+    _meters: dict[int, GenerationMeter] = field(default_factory=dict)
+    _retried: set[int] = field(default_factory=set)  # generations already retried after OOM: never loop
     history: deque[GenerationRecord] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- generations --------------------------------------------------------------------------------
 
-    def begin(self, p: Any, settings: GenerationSettings) -> Session | None:
+    def begin(
+        self, p: Any, settings: GenerationSettings, *, device: str | None = None, measure: bool = True
+    ) -> Session | None:
         """Apply ``settings`` to the generation ``p`` (keyed by identity: X/Y/Z runs copies of ``p``).
 
-        Returns None — and changes nothing — when the settings change nothing. Applying twice for the
-        same ``p`` first restores the earlier application (like tomesd's apply_patch).
+        Returns None — changing and measuring nothing — when the accordion is off. On with nothing to change,
+        the generation is only measured. Applying twice for the same ``p`` first restores the earlier
+        application (like tomesd's apply_patch).
         """
-        if self.adapter is None or not settings.changes_anything:
+        if self.adapter is None or not settings.enabled:
             return None
         self.end(p)
-        session = self.adapter.begin(p, settings)
+        if settings.changes_anything:
+            session = self.adapter.begin(p, settings)
+        else:
+            session = Session(settings, Restorer(f"{self.host.display_name if self.host else 'host'} generation"))
         record = GenerationRecord(
             time.time(), settings.non_default(), session.attention_used, list(session.restorer.notes)
         )
+        meter = None
+        if measure:
+            # Peaks are reset so they are this generation's; the host's own "A:/R:" line then also counts
+            # from here, which is where its job starts anyway (A1111 modules/memmon.py resets at job start).
+            meter = GenerationMeter(device, reset_peak_stats=True).start()
         with self._lock:
             self._sessions[id(p)] = session
             self._records[id(p)] = record
+            if meter is not None:
+                self._meters[id(p)] = meter
             self.history.append(record)
         if session.restorer.notes:
             log.info("this generation: %s", "; ".join(session.restorer.notes))
         return session
+
+    def step(self) -> None:
+        """One sampling step of the running generation(s) (the host's per-step callback)."""
+        with self._lock:
+            meters = list(self._meters.values())
+        for meter in meters:
+            meter.step()
+
+    def telemetry_now(self, p: Any) -> Telemetry | None:
+        with self._lock:
+            meter = self._meters.get(id(p))
+        return meter.snapshot() if meter is not None else None
+
+    def record_for(self, p: Any) -> GenerationRecord | None:
+        with self._lock:
+            return self._records.get(id(p))
+
+    # --- out-of-memory fallback ---------------------------------------------------------------------
+
+    def fallback_for(self, p: Any, exc: BaseException) -> FallbackStep | None:
+        """The one retry for an out-of-memory error in ``p`` — None when Optim is off for it, the error is
+        not out of memory, it was already retried, or nothing is more frugal."""
+        session = self.session_for(p)
+        if session is None or self.adapter is None or id(p) in self._retried or not is_out_of_memory(exc):
+            return None
+        available = [b.attention for b in self.adapter.attention_backends() if b.available]
+        memory = None
+        try:
+            memory = self.adapter.effective_state().inference_memory_mb
+        except Exception:  # the retry does not need it; Forge's default is assumed then
+            log.debug("inference memory unknown for the fallback", exc_info=True)
+        current = session.settings.attention
+        step = next_frugal(
+            session.settings,
+            available=available,
+            supports_inference_memory="inference_memory_mb" in self.adapter.supported_fields(),
+            current_attention=None if current in (Attention.HOST, Attention.AUTO) else current,
+            current_inference_memory_mb=memory,
+        )
+        if step is not None:
+            with self._lock:
+                self._retried.add(id(p))
+                record = self._records.get(id(p))
+            if record is not None:
+                record.fallback = ", ".join(step.changes)
+        return step
+
+    def forget_retry(self, p: Any) -> None:
+        with self._lock:
+            self._retried.discard(id(p))
 
     def session_for(self, p: Any) -> Session | None:
         with self._lock:
@@ -126,6 +200,7 @@ class Runtime:
         with self._lock:
             session = self._sessions.pop(key, None)
             record = self._records.pop(key, None)
+            meter = self._meters.pop(key, None)
         if session is None:
             return
         try:
@@ -134,6 +209,11 @@ class Runtime:
             if record is not None:
                 record.finished = time.time()
                 record.restored = session.restorer.closed
+            if meter is not None:
+                result = meter.stop()
+                if record is not None:
+                    record.telemetry = result.to_dict()
+                    record.telemetry_text = format_status(result)
 
     def active_sessions(self) -> int:
         with self._lock:

@@ -320,6 +320,13 @@ class GenerationMeter:
         self.result = self._build(ended - self._started)
         return self.result
 
+    def snapshot(self) -> Telemetry:
+        """The measurement so far, without stopping (infotext is written per image, mid-generation)."""
+        if not self._running:
+            return self.stop()
+        self._sample_once()
+        return self._build(self._clock() - self._started)
+
     # --- torch counters -----------------------------------------------------------------------------
 
     def _import_torch(self) -> Any:
@@ -498,7 +505,7 @@ class GenerationMeter:
     # --- result -------------------------------------------------------------------------------------
 
     def _build(self, seconds: float) -> Telemetry:
-        notes = self._notes
+        notes = list(self._notes)  # a copy: snapshot() may build several times
         it_per_s: float | None = None
         if self._steps >= 2 and self._first_step is not None and self._last_step is not None:
             # First to last step callback: the sampling loop only, without model loading, text encoding and

@@ -200,6 +200,12 @@ def settings_section_options(host: HostKind, attention_names: Sequence[str]) -> 
             "component": gr.Radio,
             "component_args": {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]},
         },
+        "optim_telemetry_infotext": {
+            "default": False,
+            "label": 'Write speed and peak memory into infotext ("Optim telemetry")',
+            "component": gr.Checkbox,
+            "component_args": {},
+        },
         "optim_check_at_startup": {
             "default": True,
             "label": "Check launch flags and environment at start-up",

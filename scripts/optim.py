@@ -32,6 +32,8 @@ class OptimScript(scripts.Script):
 
 
 webui.ensure_runtime()
+webui.install_fallback()
+script_callbacks.on_cfg_after_cfg(lambda _params: webui.on_step())
 script_callbacks.on_ui_settings(webui.register_settings)
 script_callbacks.on_before_ui(webui.register_xyz_axes)
 script_callbacks.on_app_started(lambda _demo, app: webui.register_api(app))

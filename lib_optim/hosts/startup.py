@@ -114,6 +114,34 @@ def other_extension_flags(extension_dirs: Sequence[Path], own_dir: Path) -> list
     return specs
 
 
+def saved_option(key: str, default: Any) -> Any:
+    """A Settings → Optim value as saved in the WebUI's config file (options are not loaded at preload).
+
+    The file is ``--ui-settings-file`` or ``<data dir>/config.json`` (modules/cmd_args.py, paths_internal.py).
+    """
+    import json
+
+    mini = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    mini.add_argument("--ui-settings-file", default=None)
+    mini.add_argument("--data-dir", default=None)
+    known, _ = mini.parse_known_args(sys.argv[1:])
+    path = known.ui_settings_file
+    if path is None:
+        try:
+            from modules import paths_internal
+
+            data_dir = known.data_dir or paths_internal.data_path
+        except ImportError:
+            return default
+        path = os.path.join(data_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle).get(key, default)
+    except (OSError, ValueError) as exc:
+        log.debug("settings file %s not read: %s", path, exc)
+        return default
+
+
 def format_block(findings: Sequence[Finding], host: HostKind) -> str:
     lines = [f"checked launch flags and environment for {host.display_name}: {len(findings)} finding(s)"]
     for f in findings:
@@ -151,7 +179,7 @@ def preload(parser: argparse.ArgumentParser) -> None:
             "%s detected: checks only; per-generation switching is off on this host", checkout.kind.display_name
         )
 
-    if not ours.optim_no_check and checkout.kind in CHECKED_HOSTS:
+    if not ours.optim_no_check and checkout.kind in CHECKED_HOSTS and saved_option("optim_check_at_startup", True):
         from modules import paths_internal  # type: ignore[import-not-found]
 
         own_dir = Path(__file__).resolve().parents[2]

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lib_optim.fallback import infotext_note
 from lib_optim.hostkinds import HostKind
 from lib_optim.hosts import create_adapter, detect_running_host
 from lib_optim.hosts.base import NotSupportedHere
@@ -31,6 +32,7 @@ from lib_optim.settings import (
     parse_megabytes,
     parse_tri,
 )
+from lib_optim.telemetry import format_status
 
 log = get_logger(__name__)
 
@@ -136,6 +138,10 @@ def build_ui(script: Any, is_img2img: bool) -> list[Any]:
         if last is not None:
             text += f" · last Optim generation: {last.attention_used or 'host attention'}"
             text += " (restored)" if last.restored else " (running)" if last.finished is None else " (NOT restored)"
+            if last.telemetry_text:
+                text += f" · {last.telemetry_text}"
+            if last.fallback:
+                text += f" · out-of-memory retry: {last.fallback}"
         return ui.status_html(text, summary, problems)
 
     parts = ui.build(
@@ -177,12 +183,13 @@ def process(p: Any, args: Sequence[Any]) -> None:
     except SettingsError as exc:
         log.error("%s — this generation runs without Optim changes", exc)
         return
-    if not settings.changes_anything:
-        return
+    if not settings.enabled:
+        return  # off: nothing changed, nothing measured
     assert rt.adapter is not None
     try:
-        rt.adapter.validate(settings)
-        session = rt.begin(p, settings)
+        if settings.changes_anything:
+            rt.adapter.validate(settings)
+        session = rt.begin(p, settings, device=_generation_device())
     except (NotSupportedHere, SettingsError) as exc:
         log.error("%s — this generation runs without Optim changes", exc)
         return
@@ -194,6 +201,23 @@ def process(p: Any, args: Sequence[Any]) -> None:
         p.extra_generation_params[INFOTEXT_KEY] = text
     if settings.attention is Attention.AUTO and session.attention_used:
         p.extra_generation_params["Optim auto attention"] = session.attention_used
+    if getattr(_opts(), "optim_telemetry_infotext", False):
+        # a callable: the host calls it when it writes each image's infotext (A1111 processing.py:721-816)
+        def telemetry_text(**_kwargs: Any) -> str | None:
+            now = rt.telemetry_now(p)
+            return format_status(now) if now is not None else None
+
+        p.extra_generation_params["Optim telemetry"] = telemetry_text
+
+
+def _generation_device() -> str | None:
+    devices = sys.modules.get("modules.devices")
+    device = getattr(devices, "device", None)
+    return str(device) if device is not None else None
+
+
+def on_step() -> None:
+    get_runtime().step()
 
 
 def _wrap_close(p: Any, rt: Runtime) -> None:
@@ -222,8 +246,81 @@ def postprocess(p: Any) -> None:
 
 
 def on_script_unloaded() -> None:
-    """Reload UI re-executes scripts: nothing of ours may stay applied."""
+    """Reload UI re-executes scripts: nothing of ours may stay applied, and the wrapper goes too."""
     get_runtime().end_all()
+    uninstall_fallback()
+
+
+# --- out-of-memory fallback ---------------------------------------------------------------------------
+
+_WRAPPED_MARK = "_optim_fallback_original"
+
+
+def install_fallback() -> None:
+    """Wrap ``modules.processing.process_images_inner`` so an out-of-memory error in sampling or VAE
+    decode is retried once with more frugal settings. ``process_images`` looks the function up by name on
+    every call (A1111 v1.10.1 modules/processing.py:845; Forge f2 :842), so the wrapper sits between them.
+    It does nothing unless Optim is on for that generation."""
+    from modules import processing
+
+    current = processing.process_images_inner
+    if getattr(current, _WRAPPED_MARK, None) is not None:
+        return
+    original = current
+
+    def process_images_inner(p: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(p, *args, **kwargs)
+        except BaseException as exc:
+            step = retry_plan(p, exc)
+            if step is None:
+                raise
+        try:
+            return original(p, *args, **kwargs)
+        finally:
+            get_runtime().forget_retry(p)
+
+    setattr(process_images_inner, _WRAPPED_MARK, original)
+    processing.process_images_inner = process_images_inner
+
+
+def uninstall_fallback() -> None:
+    processing = sys.modules.get("modules.processing")
+    current = getattr(processing, "process_images_inner", None)
+    original = getattr(current, _WRAPPED_MARK, None)
+    if processing is not None and original is not None:
+        processing.process_images_inner = original
+
+
+def retry_plan(p: Any, exc: BaseException) -> Any:
+    """Prepare ``p`` for its one retry after out of memory, or return None (then the error propagates)."""
+    rt = get_runtime()
+    step = rt.fallback_for(p, exc)
+    if step is None:
+        return None
+    log.warning("out of memory (%s); %s", type(exc).__name__, step.reason)
+    rt.end(p, error=exc)  # restore everything before the retry applies the frugal settings
+    _free_memory()
+    _set_script_args(p, step.settings.to_positional())
+    p.extra_generation_params["Optim fallback"] = infotext_note(step)
+    return step
+
+
+def _free_memory() -> None:
+    devices = sys.modules.get("modules.devices")
+    gc = getattr(devices, "torch_gc", None)
+    if callable(gc):
+        gc()
+
+
+def _set_script_args(p: Any, values: Sequence[Any]) -> None:
+    runner = getattr(p, "scripts", None)
+    script = next((s for s in getattr(runner, "alwayson_scripts", []) if s.title() == SCRIPT_TITLE), None)
+    if script is None:
+        raise RuntimeError("[Optim] the Optim script is not active for this generation")
+    args = list(p.script_args)
+    args[script.args_from : script.args_from + len(values)] = list(values)
+    p.script_args = tuple(args) if isinstance(p.script_args, tuple) else args
 
 
 # --- X/Y/Z plot -------------------------------------------------------------------------------------
@@ -244,8 +341,7 @@ def _set_script_arg(p: Any, name: str, value: Any) -> None:
         settings[: len(current)] = current
     settings[0] = True
     settings[FIELD_NAMES.index(name)] = value
-    args[script.args_from : script.args_from + len(settings)] = settings
-    p.script_args = tuple(args)
+    _set_script_args(p, settings)
 
 
 def register_xyz_axes() -> None:

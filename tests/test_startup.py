@@ -1,0 +1,163 @@
+"""preload: our flags, the start-up check over the real argv/environment, and the start-up profile.
+
+The fake ``modules.paths_internal`` imitates what preload may use (HOSTS.md §1.3: it only computes paths,
+A1111 v1.10.1 modules/paths_internal.py:15-34).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+
+import pytest
+
+from lib_optim.hostkinds import HostKind
+from lib_optim.hosts import startup
+from lib_optim.runtime import Runtime
+from lib_optim.settings import Attention
+
+
+@pytest.fixture
+def a1111(tmp_path, monkeypatch):
+    root = tmp_path / "webui"
+    (root / "modules").mkdir(parents=True)
+    (root / "launch.py").write_text("")
+    (root / "extensions" / "other-ext").mkdir(parents=True)
+    (root / "extensions" / "other-ext" / "preload.py").write_text(
+        "def preload(parser):\n    parser.add_argument('--other-ext-dir', type=str)\n"
+    )
+    paths = types.ModuleType("modules.paths_internal")
+    paths.script_path = str(root)
+    paths.data_path = str(root)
+    paths.extensions_dir = str(root / "extensions")
+    paths.extensions_builtin_dir = str(root / "extensions-builtin")
+    modules = types.ModuleType("modules")
+    modules.paths_internal = paths
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.paths_internal", paths)
+    runtime = Runtime()
+    monkeypatch.setattr("lib_optim.runtime._runtime", runtime)
+    monkeypatch.setattr(startup, "get_runtime", lambda: runtime)
+    monkeypatch.setattr(startup, "_facts", lambda: startup.RuntimeFacts())
+    return root, runtime
+
+
+def host_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    for flag in ("--medvram", "--medvram-sdxl", "--opt-sdp-attention", "--xformers", "--api"):
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("--use-cpu", nargs="+", type=str.lower, default=[])
+    return parser
+
+
+def test_add_flags_is_idempotent_and_parses():
+    parser = host_parser()
+    startup.add_flags(parser)
+    startup.add_flags(parser)  # a preload that runs twice must not raise argparse's duplicate error
+    args = parser.parse_args(["--optim-profile", "8gb-low", "--optim-no-check"])
+    assert args.optim_profile == "8gb-low" and args.optim_no_check
+
+
+def test_our_options_ignore_host_flags():
+    ns = startup.our_options(["--medvram", "--optim-log-level", "DEBUG", "--ckpt", "x.safetensors"])
+    assert ns.optim_log_level == "DEBUG" and ns.optim_profile is None
+
+
+def test_preload_checks_real_argv_and_knows_other_extensions_flags(a1111, monkeypatch, capsys):
+    root, runtime = a1111
+    monkeypatch.setattr(sys, "argv", ["launch.py", "--use-cuda-dsa", "--other-ext-dir", "x", "--medvram"])
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
+    startup.preload(host_parser())
+    keys = {f.key for f in runtime.startup_findings}
+    assert "unknown-flag:--use-cuda-dsa" in keys
+    assert "cuda-launch-blocking:CUDA_LAUNCH_BLOCKING" in keys
+    assert not any("--other-ext-dir" in k for k in keys)  # another extension's preload defines it
+    assert runtime.host is HostKind.A1111
+    assert "[Optim] checked launch flags and environment" in capsys.readouterr().err
+
+
+def test_saved_setting_turns_the_check_off(a1111, monkeypatch):
+    root, runtime = a1111
+    (root / "config.json").write_text(json.dumps({"optim_check_at_startup": False}))
+    monkeypatch.setattr(sys, "argv", ["launch.py", "--use-cuda-dsa"])
+    startup.preload(host_parser())
+    assert runtime.startup_findings == []
+
+
+def test_no_check_flag(a1111, monkeypatch):
+    _, runtime = a1111
+    monkeypatch.setattr(sys, "argv", ["launch.py", "--use-cuda-dsa", "--optim-no-check"])
+    startup.preload(host_parser())
+    assert runtime.startup_findings == []
+
+
+def test_a1111_profile_sets_parser_defaults_and_allocator_env(a1111, monkeypatch, capsys):
+    _, runtime = a1111
+    monkeypatch.setattr(sys, "argv", ["launch.py", "--optim-profile", "8gb-medium", "--optim-no-check"])
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    parser = host_parser()
+    startup.add_flags(parser)
+    startup.preload(parser)
+    args = parser.parse_args([])
+    # A1111 reads these after preload (sd_hijack.py:81, lowvram.py:20-21), so defaults are enough
+    assert args.medvram_sdxl and args.opt_sdp_attention and not args.medvram
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.6,max_split_size_mb:128"
+    assert runtime.startup_profile == "8gb-medium"
+    assert runtime.defaults.attention is Attention.SDP and runtime.defaults.enabled
+    assert "[Optim] profile 8gb-medium applied at start-up" in capsys.readouterr().err
+
+
+def test_a1111_profile_keeps_the_users_allocator_setting(a1111, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["launch.py", "--optim-profile", "8gb-low", "--optim-no-check"])
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    startup.preload(host_parser())
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_bad_profile_name_is_reported_not_raised(a1111, monkeypatch, capsys):
+    _, runtime = a1111
+    monkeypatch.setattr(sys, "argv", ["launch.py", "--optim-profile", "9gb", "--optim-no-check"])
+    startup.preload(host_parser())
+    err = capsys.readouterr().err
+    assert "[Optim] profile: '9gb' is not a profile; allowed:" in err
+    assert "[Optim] [Optim]" not in err
+    assert runtime.startup_profile is None
+
+
+def test_forge_profile_sets_live_backend_state(monkeypatch):
+    """Forge decided its backend before preload; the profile sets what is read later (HOSTS.md §1.3, §6):
+    memory_management.current_inference_memory (bytes, backend/memory_management.py:544-549) and
+    args.vae_in_cpu (read by vae_device() when the VAE is built, :827-830)."""
+    mm = types.ModuleType("backend.memory_management")
+    mm.current_inference_memory = 1024 * 1024 * 1024
+    mm.VAE_DTYPES = ["bf16", "fp32"]
+    args = types.SimpleNamespace(vae_in_cpu=False, attention_split=False, attention_quad=False, attention_pytorch=False)
+    backend = types.ModuleType("backend")
+    backend.memory_management = mm
+    backend_args = types.ModuleType("backend.args")
+    backend_args.args = args
+    for name, module in {"backend": backend, "backend.memory_management": mm, "backend.args": backend_args}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "backend.attention", types.ModuleType("backend.attention"))  # already chosen
+    runtime = Runtime()
+    monkeypatch.setattr(startup, "get_runtime", lambda: runtime)
+    startup.apply_startup_profile(host_parser(), "8gb-low", HostKind.FORGE)
+    assert mm.current_inference_memory == 2048 * 1024 * 1024
+    assert args.vae_in_cpu is True
+    assert args.attention_quad is False  # backend.attention was imported already: no half-switch
+    assert runtime.defaults.attention is Attention.SUB_QUAD  # ...so it applies per generation instead
+
+
+def test_format_block_names_every_finding():
+    from lib_optim.checker import CheckInput, run_checks
+
+    findings = run_checks(CheckInput(HostKind.FORGE, ["--medvram", "--all-in-fp32"]))
+    block = startup.format_block(findings, HostKind.FORGE)
+    for f in findings:
+        assert f.subject in block
