@@ -56,7 +56,8 @@ def rt(monkeypatch):
     runtime = Runtime(host=HostKind.A1111, adapter=FakeAdapter())
     monkeypatch.setattr("lib_optim.runtime._runtime", runtime)
     assert get_runtime() is runtime
-    return runtime
+    yield runtime
+    runtime.end_all()  # stops every meter's sampling thread too
 
 
 class P:

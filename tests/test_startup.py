@@ -40,7 +40,7 @@ def a1111(tmp_path, monkeypatch):
     runtime = Runtime()
     monkeypatch.setattr("lib_optim.runtime._runtime", runtime)
     monkeypatch.setattr(startup, "get_runtime", lambda: runtime)
-    monkeypatch.setattr(startup, "_facts", lambda: startup.RuntimeFacts())
+    monkeypatch.setattr(startup, "_facts", startup.RuntimeFacts)
     return root, runtime
 
 
@@ -66,7 +66,7 @@ def test_our_options_ignore_host_flags():
 
 
 def test_preload_checks_real_argv_and_knows_other_extensions_flags(a1111, monkeypatch, capsys):
-    root, runtime = a1111
+    _root, runtime = a1111
     monkeypatch.setattr(sys, "argv", ["launch.py", "--use-cuda-dsa", "--other-ext-dir", "x", "--medvram"])
     monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
     startup.preload(host_parser())
