@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from lib_optim.fallback import infotext_note
@@ -65,11 +66,12 @@ def _opts() -> Any:
 
 
 def defaults_from_options() -> GenerationSettings:
-    """Settings → Optim defaults; a bad saved value is reported and ignored (never breaks the UI)."""
+    """Settings → Optim defaults, then the start-up profile's (``--optim-profile``) for fields left at their
+    default there; a bad saved value is reported and ignored (never breaks the UI)."""
     opts = _opts()
     rt = get_runtime()
     try:
-        return GenerationSettings(
+        saved = GenerationSettings(
             enabled=False,
             attention=parse_attention(getattr(opts, "optim_default_attention", "host"), rt.host),
             channels_last=parse_tri("channels_last", getattr(opts, "optim_default_channels_last", "inherit")),
@@ -80,7 +82,8 @@ def defaults_from_options() -> GenerationSettings:
         )
     except SettingsError as exc:
         log.warning("Settings → Optim has a value that is not allowed, using defaults: %s", exc)
-        return GenerationSettings()
+        saved = GenerationSettings()
+    return replace(saved.with_defaults_from(rt.defaults), enabled=False)
 
 
 def apply_console_level() -> None:
@@ -298,7 +301,8 @@ def retry_plan(p: Any, exc: BaseException) -> Any:
     step = rt.fallback_for(p, exc)
     if step is None:
         return None
-    log.warning("out of memory (%s); %s", type(exc).__name__, step.reason)
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    log.warning("%s (the error: %s: %s)", step.reason, type(exc).__name__, first_line)
     rt.end(p, error=exc)  # restore everything before the retry applies the frugal settings
     _free_memory()
     _set_script_args(p, step.settings.to_positional())

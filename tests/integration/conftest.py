@@ -107,7 +107,21 @@ def _install_extension(root: Path) -> Path:
     return target
 
 
-def start_webui(host: str, extra_args: list[str] | None = None) -> WebUI:
+def _limit_address_space(limit: int | None):
+    if limit is None:
+        return None
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def start_webui(host: str, extra_args: list[str] | None = None, address_space_limit: int | None = None) -> WebUI:
+    """``address_space_limit``: bytes of virtual memory for the WebUI process, so a big enough tensor fails
+    to allocate — a real out-of-memory error on a machine without a GPU."""
     dir_var, python_var, cpu_flags = HOSTS[host]
     root = Path(os.environ[dir_var])
     python = os.environ.get(python_var, str(root / "venv" / "bin" / "python"))
@@ -141,7 +155,14 @@ def start_webui(host: str, extra_args: list[str] | None = None) -> WebUI:
         *(extra_args or []),
     ]
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(args, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            args,
+            cwd=root,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_limit_address_space(address_space_limit),  # noqa: PLW1509 - only setrlimit, no threads
+        )
     webui = WebUI(host, root, f"http://127.0.0.1:{port}", log_path, process)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
