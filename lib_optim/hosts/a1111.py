@@ -37,13 +37,11 @@ inference_memory_mb
 from __future__ import annotations
 
 import contextlib
-import importlib
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, NotSupportedHere, Session
+from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
 from lib_optim.planner import choose_auto_attention
@@ -95,27 +93,6 @@ _MISSING = object()
 
 
 # --- small helpers ------------------------------------------------------------------------------------------
-
-
-class _HostModules:
-    """Host modules by name: injected ones first (tests), then sys.modules, then an import."""
-
-    def __init__(self, modules: Mapping[str, Any] | None) -> None:
-        self._injected = dict(modules or {})
-
-    def get(self, name: str, *, import_: bool = True) -> Any:
-        if name in self._injected:
-            return self._injected[name]
-        module = sys.modules.get(name)
-        if module is not None or not import_:
-            return module
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            return None
-
-    def loaded(self, name: str) -> Any:
-        return self.get(name, import_=False)
 
 
 def _dtype_name(dtype: Any) -> str | None:
@@ -297,7 +274,7 @@ class A1111Adapter(HostAdapter):
     def __init__(self, modules: Mapping[str, Any] | None = None) -> None:
         """``modules``: host modules by their import name ("modules.shared", "ldm.modules.attention", ...) to use
         instead of the real ones (tests)."""
-        self._modules = _HostModules(modules)
+        self._modules = HostModules(modules)
         self._version: str | None = None
 
     # --- reading ------------------------------------------------------------------------------------------

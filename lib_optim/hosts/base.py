@@ -15,12 +15,40 @@ Lifecycle of one ``process_images(p)`` call, driven by the script (scripts/optim
 from __future__ import annotations
 
 import abc
+import importlib
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from lib_optim.hostkinds import HostKind
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings
+
+
+class HostModules:
+    """Host modules by name: injected ones first (tests), then ``sys.modules``, then an import.
+
+    Adapters import host code lazily through this, so lib_optim imports without a WebUI present.
+    """
+
+    def __init__(self, modules: Mapping[str, Any] | None = None) -> None:
+        self._injected = dict(modules or {})
+
+    def get(self, name: str, *, import_: bool = True) -> Any:
+        if name in self._injected:
+            return self._injected[name]
+        module = sys.modules.get(name)
+        if module is not None or not import_:
+            return module
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
+
+    def loaded(self, name: str) -> Any:
+        """The module if it is already imported (never imports: importing host code can have effects)."""
+        return self.get(name, import_=False)
 
 
 class NotSupportedHere(ValueError):

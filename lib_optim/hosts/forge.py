@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, NotSupportedHere, Session
+from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.planner import choose_auto_attention
@@ -178,27 +177,6 @@ class _MemoryFormat:
                         backup[key] = weight.contiguous(memory_format=other)
 
 
-class _ForgeModules:
-    """Host modules by name: injected ones first (tests), then sys.modules, then an import."""
-
-    def __init__(self, modules: Mapping[str, ModuleType] | None) -> None:
-        self._injected = dict(modules or {})
-
-    def get(self, name: str, *, import_: bool = True) -> ModuleType | None:
-        if name in self._injected:
-            return self._injected[name]
-        module = sys.modules.get(name)
-        if module is not None or not import_:
-            return module
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            return None
-
-    def loaded(self, name: str) -> ModuleType | None:
-        return self.get(name, import_=False)
-
-
 def _unload_model(mm: Any, model: Any) -> int:
     """Unload the loaded copies of ``model`` (the patcher's ``.model``), as ``free_memory`` does for one
     model (memory_management.py:582-592): pop it from ``current_loaded_models`` and ``model_unload()`` it,
@@ -225,7 +203,7 @@ class ForgeAdapter(HostAdapter):
         modules: Mapping[str, ModuleType] | None = None,
         cuda_available: Callable[[], bool] | None = None,
     ) -> None:
-        self._modules = _ForgeModules(modules)
+        self._modules = HostModules(modules)
         self._cuda_available = cuda_available
 
     # --- reading ------------------------------------------------------------------------------------------
@@ -578,7 +556,7 @@ class UnsupportedForgeAdapter(HostAdapter):
 
     def __init__(self, kind: HostKind, modules: Mapping[str, ModuleType] | None = None) -> None:
         self.kind = kind
-        self._modules = _ForgeModules(modules)
+        self._modules = HostModules(modules)
 
     def version(self) -> str:
         module = self._modules.get("modules_forge.forge_version")

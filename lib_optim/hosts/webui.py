@@ -382,26 +382,13 @@ def register_xyz_axes() -> None:
 
     axes = [
         xyz.AxisOption(
-            "[Optim] Attention",
-            str,
-            setter("attention"),
-            confirm=confirm_choices("attention", names),
-            choices=lambda: names,
-        ),
-        xyz.AxisOption(
-            "[Optim] Channels-last",
-            str,
-            setter("channels_last"),
-            confirm=confirm_choices("channels_last", tri),
-            choices=lambda: tri,
-        ),
-        xyz.AxisOption(
-            "[Optim] VAE on CPU",
-            str,
-            setter("vae_on_cpu"),
-            confirm=confirm_choices("vae_on_cpu", tri),
-            choices=lambda: tri,
-        ),
+            f"[Optim] {label}", str, setter(field), confirm=confirm_choices(field, values), choices=lambda v=values: v
+        )
+        for label, field, values in (
+            ("Attention", "attention", names),
+            ("Channels-last", "channels_last", tri),
+            ("VAE on CPU", "vae_on_cpu", tri),
+        )
     ]
     if rt.adapter is not None and "inference_memory_mb" in rt.adapter.supported_fields():
         axes.append(
