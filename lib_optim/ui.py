@@ -213,3 +213,79 @@ def settings_section_options(host: HostKind, attention_names: Sequence[str]) -> 
             "component_args": {},
         },
     }
+
+
+def build_bench_tab(
+    *,
+    run: Callable[..., tuple[str, Any]],
+    make_default: Callable[[Any], str],
+    kinds: Sequence[str] = ("attention", "channels_last", "vae_on_cpu"),
+    prompt: str = "",
+    width: int = 512,
+    height: int = 512,
+    steps: int = 10,
+) -> tuple[Any, str, str]:
+    """The "Optim" tab: benchmark the current settings against one change at a time.
+
+    ``run(prompt, width, height, steps, kinds, progress)`` returns (report HTML, the winner's settings dict or
+    None), ``progress(fraction, text)`` being a plain callable; ``make_default(winner)`` returns an HTML message.
+    ``gr.Progress`` works in gradio 3.41 and 4.40 for queued events (both hosts enable the queue). Returns
+    what ``script_callbacks.on_ui_tabs`` expects for one tab: ``(blocks, title, elem_id)``.
+    """
+    from lib_optim.webbench import DEFAULT_PROMPT, KIND_LABELS, SIZE_MAX, SIZE_MIN, SIZE_STEP, STEPS_MAX, STEPS_MIN
+
+    labels = [KIND_LABELS.get(k, k) for k in kinds]
+    by_label = dict(zip(labels, kinds, strict=True))
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        gr.HTML(
+            value=(
+                "<p>One short txt2img generation per candidate: your current Optim defaults (the baseline), then "
+                "one change at a time. A warm-up generation runs first and is not counted. Images are not saved; "
+                "other generations wait until it is done.</p>"
+            ),
+            elem_id="optim_bench_intro",
+        )
+        with gr.Row():
+            prompt_box = gr.Textbox(
+                label="Prompt", value=prompt or DEFAULT_PROMPT, lines=1, elem_id="optim_bench_prompt"
+            )
+        with gr.Row():
+            width_slider = gr.Slider(
+                label="Width", minimum=SIZE_MIN, maximum=SIZE_MAX, step=SIZE_STEP, value=width, elem_id="optim_bench_w"
+            )
+            height_slider = gr.Slider(
+                label="Height",
+                minimum=SIZE_MIN,
+                maximum=SIZE_MAX,
+                step=SIZE_STEP,
+                value=height,
+                elem_id="optim_bench_h",
+            )
+            steps_slider = gr.Slider(
+                label="Steps", minimum=STEPS_MIN, maximum=STEPS_MAX, step=1, value=steps, elem_id="optim_bench_steps"
+            )
+        kinds_box = gr.CheckboxGroup(
+            label="Candidates: change one at a time", choices=labels, value=labels, elem_id="optim_bench_kinds"
+        )
+        with gr.Row():
+            run_button = gr.Button(value="Run benchmark", variant="primary", elem_id="optim_bench_run")
+            default_button = gr.Button(value="Make the winner my default", elem_id="optim_bench_default")
+        results = gr.HTML(value="", elem_id="optim_bench_results")
+        message = gr.HTML(value="", elem_id="optim_bench_message")
+        winner = gr.State(value=None)
+
+        def on_run(p, w, h, s, chosen, progress=gr.Progress()):  # noqa: B008 - gradio's progress idiom
+            def report(fraction: float, text: str) -> None:
+                progress(fraction, desc=text)
+
+            keys = [by_label.get(c, c) for c in chosen or []]
+            html_text, best = run(p, int(w), int(h), int(s), keys, report)
+            return html_text, best, ""
+
+        run_button.click(
+            fn=on_run,
+            inputs=[prompt_box, width_slider, height_slider, steps_slider, kinds_box],
+            outputs=[results, winner, message],
+        )
+        default_button.click(fn=make_default, inputs=[winner], outputs=[message])
+    return blocks, "Optim", "optim_tab"

@@ -6,7 +6,7 @@ Every hook is a no-op unless the accordion is on and a control differs from "as 
 
 from modules import script_callbacks, scripts
 
-from lib_optim.hosts import webui
+from lib_optim.hosts import bench, webui
 
 
 class OptimScript(scripts.Script):
@@ -38,3 +38,4 @@ script_callbacks.on_ui_settings(webui.register_settings)
 script_callbacks.on_before_ui(webui.register_xyz_axes)
 script_callbacks.on_app_started(lambda _demo, app: webui.register_api(app))
 script_callbacks.on_script_unloaded(webui.on_script_unloaded)
+script_callbacks.on_ui_tabs(bench.ui_tab)

@@ -417,12 +417,18 @@ def register_api(app: Any) -> None:
 
         return probe_system(allow_cuda_init=False).to_dict()
 
+    from lib_optim.hosts import bench
+
     register_routes(
         app,
         host=rt.host,
         status=lambda: rt.status(system),
         api_auth=getattr(shared.cmd_opts, "api_auth", None),
         validate=validate,
+        extra_routes=[
+            ("/bench", bench.api_run, ["POST"]),
+            ("/bench/default", bench.api_make_default, ["POST"]),
+        ],
     )
     log.debug("API routes registered")
 

@@ -78,3 +78,40 @@ def test_accordion_renders_opens_and_fills_from_profile(webui, browser):
     time.sleep(0.5)
     SHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SHOTS / f"optim-accordion-{webui.host}.png"))
+
+
+def _set_number(driver, elem_id: str, value: int) -> None:
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    box.clear()
+    box.send_keys(str(value))
+    box.send_keys("\t")
+
+
+def test_benchmark_tab_runs_and_shows_results(webui, browser):
+    browser.get(webui.url)
+    wait = WebDriverWait(browser, 120)
+    tab = wait.until(
+        ec.element_to_be_clickable((By.XPATH, "//button[normalize-space(text())='Optim' and contains(@class, '')]"))
+    )
+    tab.click()
+    wait.until(ec.visibility_of_element_located((By.ID, "optim_bench_run")))
+    _set_number(browser, "optim_bench_w", 64)
+    _set_number(browser, "optim_bench_h", 64)
+    _set_number(browser, "optim_bench_steps", 1)
+    browser.find_element(By.ID, "optim_bench_run").click()
+    WebDriverWait(browser, 600).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#optim_bench_results table")))
+    results = browser.find_element(By.ID, "optim_bench_results")
+    assert "baseline" in results.text
+    browser.find_element(By.ID, "optim_bench_default").click()
+    WebDriverWait(browser, 60).until(lambda d: "Saved as Settings" in d.find_element(By.ID, "optim_bench_message").text)
+    browser.execute_script(
+        "arguments[0].scrollIntoView({block: 'start'});", browser.find_element(By.ID, "optim_bench_intro")
+    )
+    time.sleep(0.5)
+    browser.save_screenshot(str(SHOTS / f"optim-bench-tab-{webui.host}.png"))
+    # put the defaults back for the other tests in this session
+    webui.request(
+        "POST",
+        "/optim/v1/bench/default",
+        {"settings": {"attention": "host", "channels_last": None, "vae_on_cpu": None}},
+    )

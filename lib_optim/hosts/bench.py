@@ -1,0 +1,519 @@
+"""Host glue for the in-WebUI benchmark (the "Optim" tab and ``POST /optim/v1/bench``).
+
+Each candidate is one txt2img generation through the host's own processing, exactly as the host's API runs
+one (A1111 v1.10.1 modules/api/api.py:478-500; Forge f2 modules/api/api.py:480-500): a
+``StableDiffusionProcessingTxt2Img`` with ``p.scripts = scripts_txt2img`` and ``p.script_args`` = the
+txt2img scripts' default values with the Optim slot holding the candidate's settings as one dict, so our
+script applies them in ``process`` and re-applies them before every sampling pass (Forge rebuilds
+``forge_objects``), and restores them afterwards — the same path as every normal generation. The model is
+loaded by ``process_images`` itself (A1111 ``reload_model_weights``, Forge ``manage_model_and_prompt_cache``).
+
+Everything runs under the host's ``modules.call_queue.queue_lock`` (HOSTS.md §8.5), which is a
+non-reentrant FIFO lock: the functions here must be called from a thread that does not hold it (a gradio
+handler that is not wrapped in ``wrap_gradio_gpu_call``, a FastAPI route). Images are not saved.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lib_optim import webbench
+from lib_optim.fallback import is_out_of_memory
+from lib_optim.hostkinds import HostKind
+from lib_optim.hosts.base import HostModules
+from lib_optim.log import get_logger
+from lib_optim.runtime import get_runtime
+from lib_optim.settings import FIELD_NAMES, Attention, GenerationSettings, SettingsError, from_dict
+from lib_optim.telemetry import GenerationMeter
+from lib_optim.webbench import BenchResult, Candidate
+
+log = get_logger(__name__)
+
+SCRIPT_TITLE = "Optim"  # lib_optim.hosts.webui.SCRIPT_TITLE (not imported: keeps this module light)
+SAMPLER = "Euler"  # present in both hosts (A1111/Forge modules/sd_samplers_kdiffusion.py)
+OUTPUT_FOLDER = ("outputs", "optim-bench")
+DEFAULT_OPTIONS = {
+    "attention": "optim_default_attention",
+    "channels_last": "optim_default_channels_last",
+    "vae_on_cpu": "optim_default_vae_on_cpu",
+    "inference_memory_mb": "optim_default_inference_memory_mb",
+}
+
+Progress = Callable[[float, str], None]
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run here (no Optim script in txt2img, settings frozen, ...)."""
+
+
+# --- running ------------------------------------------------------------------------------------------
+
+
+def _optim_script(runner: Any) -> Any:
+    script = next((s for s in getattr(runner, "alwayson_scripts", []) if s.title() == SCRIPT_TITLE), None)
+    if script is None or script.args_from is None:
+        raise BenchError("[Optim] bench: the Optim script is not loaded in txt2img; restart the WebUI")
+    return script
+
+
+def script_args_for(runner: Any, settings: GenerationSettings) -> tuple[Any, ...]:
+    """The txt2img scripts' arguments: every control's current default value (what the host's API does with
+    ``init_default_script_args``, A1111 v1.10.1 modules/api/api.py:316-333), index 0 = no selectable script,
+    and our slot = the candidate's settings as one dict (lib_optim.settings.from_script_args)."""
+    script = _optim_script(runner)
+    inputs = list(getattr(runner, "inputs", None) or [])
+    if len(inputs) < script.args_to:
+        raise BenchError("[Optim] bench: the txt2img scripts have no controls yet; open the WebUI once and retry")
+    args = [getattr(component, "value", None) for component in inputs]
+    args[0] = 0
+    args[script.args_from] = settings.to_dict()
+    return tuple(args)
+
+
+def _device(mods: HostModules) -> str | None:
+    devices = mods.loaded("modules.devices")
+    device = getattr(devices, "device", None)
+    return str(device) if device is not None else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _free_memory(mods: HostModules) -> None:
+    gc = getattr(mods.loaded("modules.devices"), "torch_gc", None)
+    if callable(gc):
+        try:
+            gc()
+        except Exception:  # freeing memory is best effort
+            log.debug("torch_gc failed", exc_info=True)
+
+
+def _host_attention(rt: Any) -> str:
+    """What the host runs when Optim leaves attention to it (the baseline's "attention used")."""
+    try:
+        return str(rt.adapter.effective_state().attention or "") if rt.adapter is not None else ""
+    except Exception:  # only a label
+        log.debug("effective state unavailable", exc_info=True)
+        return ""
+
+
+@dataclass
+class _Job:
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seed: int
+
+
+def _generate(mods: HostModules, job: _Job, candidate: Candidate) -> BenchResult:
+    """One generation with ``candidate``'s settings; the caller holds the queue lock."""
+    processing = mods.get("modules.processing")
+    shared = mods.get("modules.shared")
+    scripts = mods.get("modules.scripts")
+    rt = get_runtime()
+    settings = candidate.settings
+    if rt.adapter is not None and settings.changes_anything:
+        try:
+            rt.adapter.validate(settings)
+        except ValueError as exc:
+            return BenchResult(candidate.label, settings, error=str(exc))
+    runner = scripts.scripts_txt2img
+    opts = shared.opts
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model,
+        outpath_samples=getattr(opts, "outdir_samples", "") or getattr(opts, "outdir_txt2img_samples", None),
+        outpath_grids=getattr(opts, "outdir_grids", "") or getattr(opts, "outdir_txt2img_grids", None),
+        prompt=job.prompt,
+        negative_prompt="",
+        seed=job.seed,
+        sampler_name=SAMPLER,
+        batch_size=1,
+        n_iter=1,
+        steps=job.steps,
+        width=job.width,
+        height=job.height,
+        do_not_save_samples=True,
+        do_not_save_grid=True,
+    )
+    before = list(rt.history)
+    known = {id(r) for r in before}
+    meter = GenerationMeter(_device(mods), reset_peak_stats=True)
+    error: BaseException | None = None
+    interrupted = False
+    with closing(p):  # p.close() restores Optim's changes whatever happens (HOSTS.md §7.3)
+        p.scripts = runner
+        p.script_args = script_args_for(runner, settings)
+        # a benchmark measures the settings given: no out-of-memory retry with other ones (hosts/webui.py)
+        rt._retried.add(id(p))
+        state = shared.state
+        state.begin(job="optim_bench")
+        meter.start()
+        try:
+            processing.process_images(p)
+        except Exception as exc:  # a failed candidate is a result, the benchmark goes on
+            log.warning("bench %s failed: %s", candidate.label, _first_line(exc), exc_info=True)
+            error = exc
+        finally:
+            telemetry = meter.stop()
+            interrupted = bool(getattr(state, "interrupted", False))
+            state.end()
+            rt.forget_retry(p)
+            total_tqdm = getattr(shared, "total_tqdm", None)
+            if total_tqdm is not None:
+                total_tqdm.clear()
+    record = next((r for r in reversed(rt.history) if id(r) not in known), None)
+    del before
+    inner = (record.telemetry or {}) if record is not None else {}
+    common: dict[str, Any] = {
+        "peak_vram_mb": inner.get("peak_allocated_mb") or telemetry.peak_allocated_mb,
+        "peak_ram_mb": telemetry.process_peak_rss_mb,
+        "attention_used": (record.attention_used if record is not None else "") or _host_attention(rt),
+    }
+    if error is not None:
+        oom = is_out_of_memory(error)
+        if oom:
+            _free_memory(mods)
+        text = ("out of memory: " if oom else "") + _first_line(error)
+        return BenchResult(candidate.label, settings, seconds=None, error=text, out_of_memory=oom, **common)
+    if interrupted:
+        return BenchResult(candidate.label, settings, error="interrupted", **common)
+    if record is None:
+        return BenchResult(
+            candidate.label,
+            settings,
+            error="the Optim script did not run for this generation (see the console)",
+            **common,
+        )
+    if record.settings != settings.non_default():
+        return BenchResult(candidate.label, settings, error="Optim did not apply these settings (see the console)")
+    if record.fallback:
+        return BenchResult(candidate.label, settings, error=f"needed an out-of-memory retry ({record.fallback})")
+    return BenchResult(
+        candidate.label,
+        settings,
+        seconds=round(telemetry.seconds, 4),
+        it_per_s=inner.get("it_per_s"),
+        **common,
+    )
+
+
+def run_benchmark(
+    candidates: Sequence[Candidate],
+    *,
+    prompt: str,
+    width: int,
+    height: int,
+    steps: int,
+    seed: int = 1,
+    progress: Progress | None = None,
+    warmup: bool = True,
+    host_modules: HostModules | None = None,
+) -> list[BenchResult]:
+    """One warm-up generation (baseline settings, not counted), then one timed generation per candidate.
+
+    Takes the host's queue lock for the whole run, so no other generation interleaves; must not be called
+    while holding it (it is not reentrant). An error in one candidate (out of memory included) becomes that
+    candidate's failed result; an interrupt (the WebUI's Interrupt button) ends the run.
+    """
+    mods = host_modules or HostModules()
+    call_queue = mods.get("modules.call_queue")
+    if call_queue is None:
+        raise BenchError("[Optim] bench: not running inside a WebUI")
+    job = _Job(prompt, width, height, steps, seed)
+    total = len(candidates) + (1 if warmup else 0)
+
+    def report(done: int, text: str) -> None:
+        if progress is not None:
+            try:
+                progress(done / total if total else 1.0, text)
+            except Exception:  # a broken progress display must not stop the benchmark
+                log.debug("progress callback failed", exc_info=True)
+
+    results: list[BenchResult] = []
+    if not candidates:
+        return results
+    report(0, "waiting for the current generation to finish")
+    with call_queue.queue_lock:
+        done = 0
+        if warmup:
+            report(0, "warm-up (loads the model; not counted)")
+            first = _generate(mods, job, Candidate("warm-up", candidates[0].settings))
+            if first.error is not None:
+                log.warning("bench warm-up failed: %s", first.error)
+                if first.error == "interrupted":
+                    return [BenchResult(c.label, c.settings, error="interrupted") for c in candidates]
+            done = 1
+        for index, candidate in enumerate(candidates):
+            report(done + index, f"{index + 1}/{len(candidates)}: {candidate.label}")
+            result = _generate(mods, job, candidate)
+            results.append(result)
+            log.info(
+                "bench %s: %s",
+                candidate.label,
+                result.error or f"{result.seconds:.2f} s, {result.it_per_s or 0:.2f} it/s",
+            )
+            if result.error == "interrupted":
+                results += [BenchResult(c.label, c.settings, error="interrupted") for c in candidates[index + 1 :]]
+                break
+    report(total, "done")
+    return results
+
+
+# --- where results go, and "make the winner my default" -----------------------------------------------
+
+
+def bench_directory(host_modules: HostModules | None = None) -> Path:
+    """``<data dir>/outputs/optim-bench`` (``--data-dir``; the checkout by default, modules/paths_internal.py)."""
+    mods = host_modules or HostModules()
+    data = getattr(mods.get("modules.paths_internal"), "data_path", None)
+    if not data:
+        data = getattr(getattr(mods.loaded("modules.shared"), "cmd_opts", None), "data_dir", None)
+    return Path(data or ".").joinpath(*OUTPUT_FOLDER)
+
+
+def make_default(settings: GenerationSettings, host_modules: HostModules | None = None) -> dict[str, Any]:
+    """Store ``settings`` as the Settings → Optim defaults and save the config.
+
+    ``opts.set(..., run_callbacks=False)``: no onchange callback runs (some take the queue lock), and ours
+    have no effect to apply — the defaults are read at every generation. Options this host does not have
+    (inference memory on A1111) are skipped. Returns what was stored.
+    """
+    mods = host_modules or HostModules()
+    shared = mods.get("modules.shared")
+    if shared is None:
+        raise BenchError("[Optim] bench: not running inside a WebUI")
+    opts = shared.opts
+    values = {
+        "attention": settings.attention.value,
+        "channels_last": settings.channels_last.value,
+        "vae_on_cpu": settings.vae_on_cpu.value,
+        "inference_memory_mb": settings.inference_memory_mb or 0,
+    }
+    labels = getattr(opts, "data_labels", {})
+    stored: dict[str, Any] = {}
+    for name, value in values.items():
+        key = DEFAULT_OPTIONS[name]
+        if key not in labels:
+            continue
+        try:
+            opts.set(key, value, run_callbacks=False)
+        except (AssertionError, RuntimeError) as exc:  # --freeze-settings and friends
+            raise BenchError(f"[Optim] cannot change {key}: {exc}") from None
+        if getattr(opts, key, value) != value:
+            raise BenchError(f"[Optim] {key} was not changed (settings are frozen or restricted here)")
+        stored[key] = value
+    opts.save(shared.config_filename)
+    log.info("Settings → Optim defaults set from the benchmark: %s", stored)
+    return stored
+
+
+# --- what the tab and the API call ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    host: HostKind | None
+    base: GenerationSettings
+    available: tuple[Attention, ...]
+    supports_inference_memory: bool
+    current_attention: Attention | None = None
+    current_channels_last: bool | None = None
+    current_vae_on_cpu: bool | None = None
+    current_inference_memory_mb: int | None = None
+    validate: Callable[[GenerationSettings], None] | None = None
+
+
+def _context() -> Context:
+    """The running host: its backends and state, and the current defaults (the baseline)."""
+    from lib_optim.hosts.webui import defaults_from_options, ensure_runtime
+
+    rt = ensure_runtime()
+    adapter = rt.adapter
+    if adapter is None:
+        raise BenchError("[Optim] bench: no host adapter")
+    backends = adapter.attention_backends()
+    current_attention = None
+    channels_last = vae_on_cpu = None
+    memory = None
+    try:
+        state = adapter.effective_state()
+        running = (state.attention or "").lower()
+        current_attention = next(
+            (
+                b.attention
+                for b in backends
+                if b.attention not in (Attention.HOST, Attention.AUTO)
+                and running
+                and running in (b.host_name.lower(), b.attention.value)
+            ),
+            None,
+        )
+        channels_last = state.unet_channels_last
+        vae_on_cpu = None if state.vae_device is None else state.vae_device.startswith("cpu")
+        memory = state.inference_memory_mb
+    except Exception:  # the candidates only get less precise without it
+        log.debug("effective state unavailable for the bench", exc_info=True)
+    return Context(
+        host=rt.host,
+        base=defaults_from_options(),
+        available=tuple(b.attention for b in backends if b.available),
+        supports_inference_memory="inference_memory_mb" in adapter.supported_fields(),
+        current_attention=current_attention,
+        current_channels_last=channels_last,
+        current_vae_on_cpu=vae_on_cpu,
+        current_inference_memory_mb=memory,
+        validate=adapter.validate,
+    )
+
+
+def plan(request: webbench.BenchRequest, ctx: Context) -> list[Candidate]:
+    if request.candidates is not None:
+        return webbench.explicit_candidates(request.candidates, ctx.base)
+    return webbench.candidates(
+        ctx.base,
+        ctx.available,
+        ctx.supports_inference_memory,
+        kinds=request.kinds,
+        current_attention=ctx.current_attention,
+        current_channels_last=ctx.current_channels_last,
+        current_vae_on_cpu=ctx.current_vae_on_cpu,
+        current_inference_memory_mb=ctx.current_inference_memory_mb,
+    )
+
+
+_last: dict[str, Any] = {}  # the latest run's winner, for "make the winner my default" without arguments
+
+
+def bench(payload: Mapping[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+    """Validate, run, save; raises :class:`SettingsError` for a bad request."""
+    ctx = _context()
+    request = webbench.parse_request(payload, host=ctx.host, base=ctx.base, validate=ctx.validate)
+    candidates = plan(request, ctx)
+    results = run_benchmark(
+        candidates,
+        prompt=request.prompt,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        seed=request.seed,
+        progress=progress,
+    )
+    meta = {
+        "host": ctx.host.value if ctx.host else None,
+        "prompt": request.prompt,
+        "width": request.width,
+        "height": request.height,
+        "steps": request.steps,
+        "seed": request.seed,
+        "sampler": SAMPLER,
+        "baseline": replace(ctx.base, enabled=True).to_dict(),
+    }
+    json_path, csv_path = webbench.write_results(results, bench_directory(), meta=meta)
+    best = webbench.winner(results)
+    _last.clear()
+    if best is not None:
+        _last["winner"] = best
+    return {
+        "rows": webbench.summarize(results),
+        "winner": None if best is None else {"label": best.label, "settings": best.settings.to_dict()},
+        "files": {"json": str(json_path), "csv": str(csv_path)},
+        "meta": meta,
+        "results": results,
+    }
+
+
+def _http_error(message: str, status: int = 422) -> Exception:
+    from fastapi import HTTPException
+
+    return HTTPException(status_code=status, detail=message)
+
+
+def api_run(payload: dict[str, Any]) -> dict[str, Any]:
+    """``POST /optim/v1/bench``: 422 naming field, value and allowed values for a bad request."""
+    try:
+        out = bench(payload)
+    except SettingsError as exc:
+        raise _http_error(str(exc)) from None
+    except BenchError as exc:
+        raise _http_error(str(exc), 409) from None
+    out.pop("results")
+    return out
+
+
+def api_make_default(payload: dict[str, Any]) -> dict[str, Any]:
+    """``POST /optim/v1/bench/default``: ``{"settings": {...}}``, or ``{}`` for the latest run's winner."""
+    if not isinstance(payload, dict):
+        raise _http_error(str(SettingsError("request", payload, 'a JSON object: {"settings": {...}} or {}')))
+    unknown = [k for k in payload if k != "settings"]
+    if unknown:
+        raise _http_error(str(SettingsError("request", unknown[0], "the key settings")))
+    try:
+        if "settings" in payload:
+            ctx = _context()
+            settings = from_dict(payload["settings"], ctx.host)
+            if ctx.validate is not None:
+                ctx.validate(settings)
+        elif "winner" in _last:
+            settings = _last["winner"].settings
+        else:
+            raise SettingsError("settings", None, "a settings object, or run POST /optim/v1/bench first")
+        stored = make_default(settings)
+    except SettingsError as exc:
+        raise _http_error(str(exc)) from None
+    except BenchError as exc:
+        raise _http_error(str(exc), 409) from None
+    except ValueError as exc:  # NotSupportedHere
+        raise _http_error(str(exc)) from None
+    return {"stored": stored, "settings": {k: v for k, v in settings.to_dict().items() if k in FIELD_NAMES}}
+
+
+def ui_run(
+    prompt: str, width: Any, height: Any, steps: Any, kinds: Sequence[str], progress: Progress | None = None
+) -> tuple[str, dict[str, Any] | None]:
+    """The tab's Run button: (report HTML, the winner's settings dict or None)."""
+    payload = {"prompt": prompt or webbench.DEFAULT_PROMPT, "width": width, "height": height, "steps": steps}
+    payload["kinds"] = list(kinds or [])
+    if not payload["kinds"]:
+        return webbench.error_html("Choose at least one kind of candidate."), None
+    try:
+        out = bench(payload, progress)
+    except (SettingsError, BenchError) as exc:
+        return webbench.error_html(str(exc)), None
+    except Exception as exc:  # the tab shows it instead of a generic gradio "Error"
+        log.exception("the benchmark failed")
+        return webbench.error_html(f"[Optim] bench failed: {_first_line(exc)}"), None
+    files = [out["files"]["json"], out["files"]["csv"]]
+    return webbench.report_html(out["results"], files), (out["winner"] or {}).get("settings")
+
+
+def ui_make_default(winner_settings: Mapping[str, Any] | None) -> str:
+    """The tab's "Make the winner my default" button: a message."""
+    if not winner_settings:
+        return webbench.error_html("Run the benchmark first.")
+    try:
+        settings = from_dict(winner_settings, get_runtime().host)
+        stored = make_default(settings)
+    except (SettingsError, BenchError) as exc:
+        return webbench.error_html(str(exc))
+    text = ", ".join(f"{k.removeprefix('optim_default_')} = {v}" for k, v in stored.items())
+    return (
+        f"<p>Saved as Settings → Optim defaults: {html.escape(text)}. "
+        "The Optim accordion applies them when it is on (the API: when a key is left out).</p>"
+    )
+
+
+def ui_tab() -> list[tuple[Any, str, str]]:
+    """For ``script_callbacks.on_ui_tabs``."""
+    from lib_optim import ui
+
+    ctx = _context()
+    kinds = [k for k in webbench.KINDS if k != "inference_memory" or ctx.supports_inference_memory]
+    return [ui.build_bench_tab(run=ui_run, make_default=ui_make_default, kinds=kinds)]

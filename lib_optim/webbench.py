@@ -1,0 +1,481 @@
+"""The in-WebUI benchmark: one short generation per candidate, one change at a time from the current settings.
+
+Plain Python (no gradio, no host code): which candidates to try, the result of each, the table, the winner,
+the JSON/CSV files and an HTML bar chart. :mod:`lib_optim.hosts.bench` runs the generations.
+
+A candidate is the current settings (the *baseline*, always first) or the baseline with exactly one field
+changed: another available attention backend, channels-last flipped, VAE on CPU flipped, or (Forge) a
+different inference memory. The winner is the fastest candidate that did not fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lib_optim.hostkinds import HostKind
+from lib_optim.settings import (
+    INFERENCE_MEMORY_MAX_MB,
+    INFERENCE_MEMORY_MIN_MB,
+    Attention,
+    GenerationSettings,
+    SettingsError,
+    Tri,
+    from_dict,
+)
+
+BASELINE = "baseline"
+# What can be varied, in the order candidates are listed.
+KINDS = ("attention", "channels_last", "vae_on_cpu", "inference_memory")
+KIND_LABELS = {
+    "attention": "Attention backends",
+    "channels_last": "Channels-last UNet",
+    "vae_on_cpu": "VAE on CPU",
+    "inference_memory": "Inference memory (Forge)",
+}
+# Never offered as a candidate: "host"/"auto" are not backends of their own, and "none" (A1111's unoptimized
+# attention) is the slowest and hungriest there is — measure it explicitly through the API if wanted.
+_NOT_CANDIDATES = (Attention.HOST, Attention.AUTO, Attention.NONE)
+FORGE_DEFAULT_INFERENCE_MEMORY_MB = 1024  # Forge's minimum_inference_memory() (backend/memory_management.py)
+
+# Request limits (POST /optim/v1/bench and the tab).
+SIZE_MIN, SIZE_MAX, SIZE_STEP = 64, 2048, 8
+STEPS_MIN, STEPS_MAX = 1, 50
+SEED_MAX = 2**32 - 1
+DEFAULT_PROMPT = "a photograph of a lighthouse on a cliff at sunset"
+REQUEST_KEYS = ("prompt", "width", "height", "steps", "seed", "kinds", "candidates")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str  # "baseline" or the one change, "attention=sdp"
+    settings: GenerationSettings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "settings": self.settings.to_dict()}
+
+
+def _change_label(base: GenerationSettings, settings: GenerationSettings) -> str:
+    changed = [
+        f"{name}={value}"
+        for name, value in settings.to_dict().items()
+        if name != "enabled" and value != base.to_dict()[name]
+    ]
+    return ", ".join(changed) if changed else BASELINE
+
+
+def _flip(value: Tri, current: bool | None) -> Tri:
+    """The opposite of what this generation would do: of the host's state when ``value`` is inherit."""
+    if value is Tri.ON:
+        return Tri.OFF
+    if value is Tri.OFF:
+        return Tri.ON
+    return Tri.OFF if current else Tri.ON
+
+
+def _memory_values(current: int) -> list[int]:
+    """Half and double the current inference memory (multiples of 64 MB, within the allowed range)."""
+    out = []
+    for value in (current // 2, current * 2):
+        rounded = max(INFERENCE_MEMORY_MIN_MB, min(INFERENCE_MEMORY_MAX_MB, value // 64 * 64))
+        if rounded != current and rounded not in out:
+            out.append(rounded)
+    return out
+
+
+def candidates(
+    base: GenerationSettings,
+    available_attention: Iterable[Attention | str],
+    supports_inference_memory: bool,
+    *,
+    kinds: Iterable[str] | None = None,
+    current_attention: Attention | None = None,
+    current_channels_last: bool | None = None,
+    current_vae_on_cpu: bool | None = None,
+    current_inference_memory_mb: int | None = None,
+) -> list[Candidate]:
+    """The baseline (``base``, switched on) first, then one change at a time, without duplicates.
+
+    ``current_*``: what the host does right now, so that a change is a real change — the attention backend
+    the host runs (not offered again when ``base`` leaves attention to the host), whether the UNet is in
+    channels-last and the VAE on the CPU (a flip of "inherit" is the opposite of these), and Forge's inference
+    memory. ``kinds``: which of :data:`KINDS` to vary (default: all).
+    """
+    wanted = set(KINDS if kinds is None else kinds)
+    unknown = wanted - set(KINDS)
+    if unknown:
+        raise SettingsError("kinds", sorted(unknown)[0], ", ".join(KINDS))
+    baseline = replace(base, enabled=True)
+    if not supports_inference_memory:
+        baseline = replace(baseline, inference_memory_mb=None)
+    out = [Candidate(BASELINE, baseline)]
+    seen = {baseline}
+    running = baseline.attention if baseline.attention not in (Attention.HOST, Attention.AUTO) else current_attention
+
+    def add(settings: GenerationSettings) -> None:
+        if settings not in seen:
+            seen.add(settings)
+            out.append(Candidate(_change_label(baseline, settings), settings))
+
+    if "attention" in wanted:
+        for item in available_attention:
+            attention = Attention(item)
+            if attention in _NOT_CANDIDATES or attention == running:
+                continue
+            add(replace(baseline, attention=attention))
+    if "channels_last" in wanted:
+        add(replace(baseline, channels_last=_flip(baseline.channels_last, current_channels_last)))
+    if "vae_on_cpu" in wanted:
+        add(replace(baseline, vae_on_cpu=_flip(baseline.vae_on_cpu, current_vae_on_cpu)))
+    if "inference_memory" in wanted and supports_inference_memory:
+        current = baseline.inference_memory_mb or current_inference_memory_mb or FORGE_DEFAULT_INFERENCE_MEMORY_MB
+        for value in _memory_values(current):
+            add(replace(baseline, inference_memory_mb=value))
+    return out
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    label: str
+    settings: GenerationSettings
+    seconds: float | None = None  # wall time of the whole generation (model already loaded)
+    it_per_s: float | None = None  # sampling steps per second
+    peak_vram_mb: float | None = None  # torch's peak allocated memory on the GPU, when known
+    peak_ram_mb: float | None = None  # the process's peak resident memory, when known
+    error: str | None = None  # why it failed ("out of memory: ...")
+    out_of_memory: bool = False
+    attention_used: str = ""  # the host's name of the attention that ran
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.seconds is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "settings": self.settings.to_dict(),
+            "seconds": self.seconds,
+            "it_per_s": self.it_per_s,
+            "peak_vram_mb": self.peak_vram_mb,
+            "peak_ram_mb": self.peak_ram_mb,
+            "error": self.error,
+            "out_of_memory": self.out_of_memory,
+            "attention_used": self.attention_used,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BenchResult:
+        return cls(
+            label=str(data["label"]),
+            settings=from_dict(data["settings"]),
+            seconds=data.get("seconds"),
+            it_per_s=data.get("it_per_s"),
+            peak_vram_mb=data.get("peak_vram_mb"),
+            peak_ram_mb=data.get("peak_ram_mb"),
+            error=data.get("error"),
+            out_of_memory=bool(data.get("out_of_memory", False)),
+            attention_used=str(data.get("attention_used", "")),
+            notes=tuple(data.get("notes", ())),
+        )
+
+
+def winner(results: Sequence[BenchResult]) -> BenchResult | None:
+    """The fastest candidate that succeeded (the earlier one on a tie: the baseline wins ties); None if none did."""
+    best: BenchResult | None = None
+    best_seconds = 0.0
+    for result in results:
+        if result.error is None and result.seconds is not None and (best is None or result.seconds < best_seconds):
+            best, best_seconds = result, result.seconds
+    return best
+
+
+def summarize(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
+    """Table rows in run order: ``ratio`` = seconds / the winner's seconds (1.0 for the winner, None if failed)."""
+    best = winner(results)
+    rows = []
+    for result in results:
+        ratio = None
+        if result.error is None and result.seconds is not None and best is not None and best.seconds:
+            ratio = round(result.seconds / best.seconds, 3)
+        settings = result.settings.to_dict()
+        rows.append(
+            {
+                "label": result.label,
+                "attention": settings["attention"],
+                "channels_last": settings["channels_last"],
+                "vae_on_cpu": settings["vae_on_cpu"],
+                "inference_memory_mb": settings["inference_memory_mb"],
+                "seconds": None if result.seconds is None else round(result.seconds, 3),
+                "it_per_s": None if result.it_per_s is None else round(result.it_per_s, 3),
+                "peak_vram_mb": None if result.peak_vram_mb is None else round(result.peak_vram_mb, 1),
+                "peak_ram_mb": None if result.peak_ram_mb is None else round(result.peak_ram_mb, 1),
+                "ratio": ratio,
+                "winner": result is best,
+                "attention_used": result.attention_used,
+                "error": result.error,
+            }
+        )
+    return rows
+
+
+CSV_COLUMNS = (
+    "label",
+    "attention",
+    "channels_last",
+    "vae_on_cpu",
+    "inference_memory_mb",
+    "seconds",
+    "it_per_s",
+    "peak_vram_mb",
+    "peak_ram_mb",
+    "ratio",
+    "winner",
+    "attention_used",
+    "error",
+)
+
+
+def _unique_stem(directory: Path, stem: str) -> str:
+    candidate, n = stem, 1
+    while (directory / f"{candidate}.json").exists() or (directory / f"{candidate}.csv").exists():
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+def write_results(
+    results: Sequence[BenchResult],
+    directory: str | Path,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    now: datetime | None = None,
+) -> tuple[Path, Path]:
+    """Write ``optim-bench-<time>.json`` (everything) and ``.csv`` (the table); returns both paths."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    when = now or datetime.now().astimezone()
+    stem = _unique_stem(folder, f"optim-bench-{when.strftime('%Y%m%d-%H%M%S')}")
+    json_path, csv_path = folder / f"{stem}.json", folder / f"{stem}.csv"
+    rows = summarize(results)
+    best = winner(results)
+    document = {
+        "format": "sd-webui-optim bench 1",
+        "created": when.isoformat(timespec="seconds"),
+        "meta": dict(meta or {}),
+        "winner": None if best is None else best.label,
+        "winner_settings": None if best is None else best.settings.to_dict(),
+        "rows": rows,
+        "results": [r.to_dict() for r in results],
+    }
+    json_path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with csv_path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
+    return json_path, csv_path
+
+
+def load_results(path: str | Path) -> list[BenchResult]:
+    """The results of a JSON file written by :func:`write_results`."""
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    return [BenchResult.from_dict(item) for item in document["results"]]
+
+
+# --- HTML (plain HTML/CSS with inline styles: no gradio- or host-specific classes) -------------------------
+
+_WIN = "#3fa34d"
+_BAR = "#5b8def"
+_FAIL = "#d9534f"
+
+
+def _num(value: float | None, unit: str = "", digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def bars_html(results: Sequence[BenchResult]) -> str:
+    """A horizontal bar per candidate, length proportional to its time (shorter is better)."""
+    if not results:
+        return '<div class="optim-bench-bars">No results.</div>'
+    best = winner(results)
+    longest = max((r.seconds or 0.0) for r in results if r.ok) if any(r.ok for r in results) else 0.0
+    parts = ['<div class="optim-bench-bars" style="display:flex;flex-direction:column;gap:4px;width:100%">']
+    for result in results:
+        label = html.escape(result.label)
+        if result.ok and longest > 0:
+            width = max(1.0, 100.0 * (result.seconds or 0.0) / longest)
+            color = _WIN if result is best else _BAR
+            text = f"{_num(result.seconds, ' s')} · {_num(result.it_per_s, ' it/s')}"
+            if result is best:
+                text += " · fastest"
+            bar = (
+                f'<div style="width:{width:.1f}%;background:{color};height:1.2em;border-radius:3px"></div>'
+                f'<span style="white-space:nowrap;margin-left:6px">{html.escape(text)}</span>'
+            )
+        else:
+            reason = "out of memory" if result.out_of_memory else "failed"
+            bar = f'<span style="color:{_FAIL}">{html.escape(reason)}: {html.escape(result.error or "no time")}</span>'
+        parts.append(
+            '<div style="display:flex;align-items:center;gap:6px">'
+            f'<span style="flex:0 0 14em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap" title="{label}">'
+            f"{label}</span>"
+            f'<div style="flex:1 1 auto;display:flex;align-items:center">{bar}</div></div>'
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def table_html(results: Sequence[BenchResult]) -> str:
+    rows = summarize(results)
+    head = ("Candidate", "Seconds", "it/s", "Peak GPU MB", "Peak RAM MB", "× best", "Attention used", "Result")
+    cell = 'style="padding:2px 8px;text-align:left"'
+    out = ['<table class="optim-bench-table" style="border-collapse:collapse;width:100%"><thead><tr>']
+    out += [f"<th {cell}>{html.escape(h)}</th>" for h in head]
+    out.append("</tr></thead><tbody>")
+    for row in rows:
+        result = "fastest" if row["winner"] else ("failed: " + row["error"]) if row["error"] else ""
+        values = (
+            row["label"],
+            _num(row["seconds"], digits=3),
+            _num(row["it_per_s"]),
+            _num(row["peak_vram_mb"], digits=0),
+            _num(row["peak_ram_mb"], digits=0),
+            _num(row["ratio"]),
+            row["attention_used"] or "",
+            result,
+        )
+        weight = "font-weight:bold;" if row["winner"] else ""
+        out.append(f'<tr style="{weight}">' + "".join(f"<td {cell}>{html.escape(str(v))}</td>" for v in values))
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def report_html(results: Sequence[BenchResult], files: Sequence[str | Path] = (), note: str = "") -> str:
+    """Table, bars, the winner and where the files are — what the tab shows."""
+    best = winner(results)
+    if best is None:
+        head = "No candidate finished; nothing to recommend."
+    elif best.label == BASELINE:
+        head = "Your current settings were the fastest."
+    else:
+        head = f"Fastest: {best.label}."
+    parts = [f'<div class="optim-bench-report"><p><b>{html.escape(head)}</b></p>']
+    if note:
+        parts.append(f"<p>{html.escape(note)}</p>")
+    parts += [table_html(results), '<div style="height:8px"></div>', bars_html(results)]
+    if files:
+        listed = ", ".join(f"<code>{html.escape(str(f))}</code>" for f in files)
+        parts.append(f"<p>Saved: {listed}</p>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def error_html(message: str) -> str:
+    return f'<div class="optim-bench-report" style="color:{_FAIL}">{html.escape(message)}</div>'
+
+
+# --- requests (API and tab) ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt: str = DEFAULT_PROMPT
+    width: int = 512
+    height: int = 512
+    steps: int = 10
+    seed: int = 1
+    kinds: tuple[str, ...] = KINDS
+    candidates: tuple[GenerationSettings, ...] | None = None  # explicit list; None = derived from the baseline
+
+
+def _whole(name: str, value: object, low: int, high: int, multiple: int = 1) -> int:
+    allowed = f"a whole number from {low} to {high}" + (f", a multiple of {multiple}" if multiple > 1 else "")
+    if isinstance(value, bool):
+        raise SettingsError(name, value, allowed)
+    number: float
+    if isinstance(value, (int, float)):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise SettingsError(name, value, allowed) from None
+    else:
+        raise SettingsError(name, value, allowed)
+    if not math.isfinite(number) or number != int(number):  # NaN, infinities, fractions
+        raise SettingsError(name, value, allowed)
+    whole = int(number)
+    if not low <= whole <= high or whole % multiple:
+        raise SettingsError(name, value, allowed)
+    return whole
+
+
+def parse_request(
+    payload: Mapping[str, Any],
+    *,
+    host: HostKind | None = None,
+    base: GenerationSettings | None = None,
+    validate: Callable[[GenerationSettings], None] | None = None,
+) -> BenchRequest:
+    """Validate a ``POST /optim/v1/bench`` body; errors (:class:`SettingsError`) name field, value and allowed.
+
+    ``candidates``: a list of partial settings dicts, each completed from ``base`` (the Settings → Optim
+    defaults) and run exactly as given, in order. ``validate``: the host's check of one candidate
+    (an unavailable backend), raising ``ValueError``.
+    """
+    if not isinstance(payload, Mapping):
+        raise SettingsError("request", payload, "a JSON object with keys " + ", ".join(REQUEST_KEYS))
+    unknown = [k for k in payload if k not in REQUEST_KEYS]
+    if unknown:
+        raise SettingsError("request", unknown[0], "keys " + ", ".join(REQUEST_KEYS))
+    prompt = payload.get("prompt", DEFAULT_PROMPT)
+    if not isinstance(prompt, str):
+        raise SettingsError("prompt", prompt, "a string")
+    width = _whole("width", payload.get("width", 512), SIZE_MIN, SIZE_MAX, SIZE_STEP)
+    height = _whole("height", payload.get("height", 512), SIZE_MIN, SIZE_MAX, SIZE_STEP)
+    steps = _whole("steps", payload.get("steps", 10), STEPS_MIN, STEPS_MAX)
+    seed = _whole("seed", payload.get("seed", 1), 0, SEED_MAX)
+    kinds_value = payload.get("kinds", list(KINDS))
+    if isinstance(kinds_value, str):
+        kinds_value = [kinds_value]
+    if not isinstance(kinds_value, list) or not all(isinstance(k, str) and k in KINDS for k in kinds_value):
+        raise SettingsError("kinds", kinds_value, "a list of " + ", ".join(KINDS))
+    explicit: tuple[GenerationSettings, ...] | None = None
+    raw = payload.get("candidates")
+    if raw is not None:
+        if not isinstance(raw, list) or not raw:
+            raise SettingsError("candidates", raw, "a non-empty list of settings objects")
+        parsed: list[GenerationSettings] = []
+        for index, item in enumerate(raw):
+            try:
+                settings = from_dict(item, host, base=base)
+                if validate is not None:
+                    validate(settings)
+            except SettingsError as exc:
+                raise SettingsError(f"candidates[{index}].{exc.field}", exc.value, exc.allowed) from None
+            except ValueError as exc:
+                raise SettingsError(f"candidates[{index}]", item, str(exc)) from None
+            settings = replace(settings, enabled=True)
+            if settings not in parsed:
+                parsed.append(settings)
+        explicit = tuple(parsed)
+    return BenchRequest(prompt, width, height, steps, seed, tuple(kinds_value), explicit)
+
+
+def explicit_candidates(settings: Sequence[GenerationSettings], base: GenerationSettings) -> list[Candidate]:
+    """Candidates for a list given through the API, labelled by what differs from ``base``."""
+    baseline = replace(base, enabled=True)
+    return [Candidate(_change_label(baseline, s), s) for s in settings]
