@@ -29,7 +29,14 @@ def test_every_api_field_and_attention_name_is_documented():
 
 
 def test_every_route_is_documented_with_curl():
-    for route in ("/optim/v1/status", "/optim/v1/check", "/optim/v1/schema", "/optim/v1/profiles"):
+    for route in (
+        "/optim/v1/status",
+        "/optim/v1/check",
+        "/optim/v1/schema",
+        "/optim/v1/profiles",
+        "/optim/v1/bench",
+        "/optim/v1/bench/default",
+    ):
         assert route in README
         assert re.search(r"curl[^\n]*" + re.escape(route), README), f"no curl example for {route}"
     assert '"alwayson_scripts": {"optim": {"args": [{' in README.replace("\n    ", "")
