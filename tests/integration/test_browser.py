@@ -115,3 +115,29 @@ def test_benchmark_tab_runs_and_shows_results(webui, browser):
         "/optim/v1/bench/default",
         {"settings": {"attention": "host", "channels_last": None, "vae_on_cpu": None}},
     )
+
+
+def test_generate_from_the_ui_with_the_accordion(webui, browser):
+    """Through the UI itself: channels-last on, Generate, the infotext and the status line show it ran and
+    was restored."""
+    browser.get(webui.url)
+    accordion = _open_accordion(browser, "txt2img")
+    for elem_id, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_steps", 2)):
+        _set_number(browser, elem_id, value)
+    radio = accordion.find_element(
+        By.XPATH, ".//*[@id='script_txt2img_optim_channels_last']//label[normalize-space(.)='on']"
+    )
+    radio.click()
+    browser.find_element(By.ID, "txt2img_generate").click()
+    WebDriverWait(browser, 600).until(
+        lambda d: "Optim: channels_last=on" in d.find_element(By.ID, "html_info_txt2img").text
+    )
+    browser.find_element(By.ID, "script_txt2img_optim_refresh").click()
+    WebDriverWait(browser, 60).until(
+        lambda d: "(restored)" in d.find_element(By.ID, "script_txt2img_optim_status").text
+    )
+    record = webui.get("/optim/v1/status")["last_generations"][-1]
+    assert record["settings"] == {"channels_last": "on"} and record["restored"]
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", accordion)
+    time.sleep(0.5)
+    browser.save_screenshot(str(SHOTS / f"optim-generate-{webui.host}.png"))
