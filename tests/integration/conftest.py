@@ -33,6 +33,7 @@ HOSTS = {
     "a1111": ("OPTIM_A1111_DIR", "OPTIM_A1111_PYTHON", ["--use-cpu", "all", "--no-half", "--skip-torch-cuda-test"]),
     "forge": ("OPTIM_FORGE_DIR", "OPTIM_FORGE_PYTHON", ["--always-cpu", "--skip-torch-cuda-test"]),
 }
+REFINER = "sd15-random-refiner"
 START_TIMEOUT = float(os.environ.get("OPTIM_START_TIMEOUT", "600"))
 
 
@@ -82,14 +83,16 @@ def _free_port() -> int:
 def _checkpoint(python: str) -> Path:
     cache = Path(os.environ.get("OPTIM_TEST_CACHE", Path.home() / ".cache" / "sd-webui-optim-tests"))
     models = cache / "models"
-    target = models / "sd15-random.safetensors"
-    if not target.is_file():
-        models.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [python, str(REPO / "tests" / "integration" / "sd15_checkpoint.py"), str(target)],
-            check=True,
-            timeout=900,
-        )
+    # a second checkpoint serves as the refiner (a model switch in the middle of sampling)
+    for name, seed in (("sd15-random.safetensors", "0"), (REFINER + ".safetensors", "2")):
+        target = models / name
+        if not target.is_file():
+            models.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [python, str(REPO / "tests" / "integration" / "sd15_checkpoint.py"), str(target), "--seed", seed],
+                check=True,
+                timeout=900,
+            )
     return models
 
 

@@ -352,3 +352,20 @@ def test_xyz_plot_attention_axis(webui):
     assert status["active_generations"] == 0
     assert all(r["restored"] for r in status["last_generations"][-2:])
     assert status["effective"] == before
+
+
+def test_refiner_switch_keeps_the_settings_and_restores(webui):
+    """The refiner loads another checkpoint in the middle of sampling; A1111 re-applies its attention
+    setting on every load (modules/sd_hijack.py:250), which our choice must survive."""
+    from conftest import REFINER
+
+    before = effective(webui)
+    code, body = webui.txt2img([{"attention": "sub-quad"}], steps=4, refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+    assert code == 200, body
+    text = infotext(body)
+    assert "Refiner: " + REFINER in text and "Optim: attention=sub-quad" in text
+    record = state(webui)["last_generations"][-1]
+    assert record["restored"] is True
+    after = effective(webui)
+    assert after["attention"] == before["attention"]
+    assert after["inference_memory_mb"] == before["inference_memory_mb"]
