@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_optim.checker import CheckInput, Finding, RuntimeFacts, run_checks
-from lib_optim.flagtables import FlagSpec
+from lib_optim.flagtables import FlagSpec, TakesValue
 from lib_optim.hostkinds import CHECKED_HOSTS, HostKind
 from lib_optim.hosts import detect_running_host
 from lib_optim.log import get_logger, setup_console_logging
@@ -72,7 +72,7 @@ def parser_flags(parser: argparse.ArgumentParser) -> list[FlagSpec]:
         if not strings:
             continue
         nargs = action.nargs
-        takes = "none" if nargs == 0 else "one" if nargs is None else "optional" if nargs == "?" else "many"
+        takes: TakesValue = "none" if nargs == 0 else "one" if nargs is None else "optional" if nargs == "?" else "many"
         choices = tuple(str(c) for c in action.choices) if action.choices else None
         specs.append(
             FlagSpec(strings[0], tuple(strings[1:]), action.dest, takes, "str", choices, None, None, "parser", "", "")
@@ -180,7 +180,7 @@ def preload(parser: argparse.ArgumentParser) -> None:
         )
 
     if not ours.optim_no_check and checkout.kind in CHECKED_HOSTS and saved_option("optim_check_at_startup", True):
-        from modules import paths_internal  # type: ignore[import-not-found]
+        from modules import paths_internal
 
         own_dir = Path(__file__).resolve().parents[2]
         extra = parser_flags(parser) + other_extension_flags(
@@ -271,8 +271,8 @@ def _apply_a1111(parser: argparse.ArgumentParser, hp: HostProfile) -> tuple[list
 
 def _apply_forge(hp: HostProfile) -> tuple[list[str], list[str]]:
     """Forge decided its backend before preload; set the live state that is read later (HOSTS.md §1.3, §6)."""
-    from backend import memory_management  # type: ignore[import-not-found]
-    from backend.args import args as backend_args  # type: ignore[import-not-found]
+    from backend import memory_management
+    from backend.args import args as backend_args
 
     applied: list[str] = []
     later = [f for f in hp.flags]

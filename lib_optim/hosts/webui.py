@@ -60,7 +60,7 @@ def ensure_runtime() -> Runtime:
 
 
 def _opts() -> Any:
-    from modules import shared  # type: ignore[import-not-found]
+    from modules import shared
 
     return shared.opts
 
@@ -118,7 +118,7 @@ def register_settings() -> None:
 
 
 def build_ui(script: Any, is_img2img: bool) -> list[Any]:
-    from modules.ui_components import InputAccordion  # type: ignore[import-not-found]
+    from modules.ui_components import InputAccordion
 
     from lib_optim import ui
 
@@ -292,7 +292,7 @@ def uninstall_fallback() -> None:
     current = getattr(processing, "process_images_inner", None)
     original = getattr(current, _WRAPPED_MARK, None)
     if processing is not None and original is not None:
-        processing.process_images_inner = original
+        setattr(processing, "process_images_inner", original)  # noqa: B010 - the module may be a stand-in
 
 
 def retry_plan(p: Any, exc: BaseException) -> Any:
