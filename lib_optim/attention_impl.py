@@ -110,6 +110,18 @@ def sdp_kernel_works(kernel: str, device: str, dtype: torch.dtype, dim_head: int
     return True
 
 
+def cpu_packs(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU flash kernel repacks K and V for this dtype on this CPU (the planner's ``cpu_pack``):
+    bf16 on a CPU with AMX tiles (AMX-BF16: Sapphire Rapids and later), fp16 with AMX-FP16 — the CPUs
+    ``at::native::cpublas::could_pack`` accepts. fp32 never."""
+    probe = {
+        torch.bfloat16: "_is_amx_tile_supported",
+        torch.float16: "_is_amx_fp16_supported",
+    }.get(dtype)
+    check = getattr(torch.cpu, probe, None) if probe else None
+    return bool(check()) if callable(check) else False
+
+
 def split(
     q: torch.Tensor,
     k: torch.Tensor,

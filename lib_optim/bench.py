@@ -54,6 +54,10 @@ SHAPE_SPECS: dict[str, tuple[str, int, int]] = {
     "tiny": ("sd15", 64, 64),
 }
 DEFAULT_SPECS = ("sd15-512", "sd15-768", "sdxl-1024")
+# --dtype: the compute dtypes the hosts run attention in (fp16 on CUDA by default; fp32 with --no-half or on
+# CPU; bf16 with A1111's --precision/Forge's --unet-in-bf16). On CPU, fp16/bf16 check the planner's 2-byte
+# formulas (split's ×3 rule, the flash kernel's reduced-precision block) without a GPU.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Backends a host can switch to, i.e. what `auto` chooses among (the rest are shown for comparison).
 HOST_BACKENDS = ("sdp", "xformers", "sub-quad", "split")
 QUICK_BACKENDS = (*HOST_BACKENDS,)
@@ -209,35 +213,43 @@ def run_bench(
     backends: Sequence[str] | None = None,
     mem_fraction: float = 0.6,
     seed: int = 0,
+    dtype: str | None = None,
 ) -> BenchResult:
-    """Run the benchmark (see the module doc) and return its results."""
+    """Run the benchmark (see the module doc) and return its results.
+
+    ``dtype``: a :data:`DTYPES` name; ``None`` = fp16 on CUDA, fp32 on CPU (what the hosts run by default).
+    """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("[Optim] bench: --device cuda: torch has no CUDA device here; allowed: cpu")
     unknown = [s for s in specs if s not in SHAPE_SPECS]
     if unknown:
         raise ValueError(f"[Optim] bench: unknown shape {unknown[0]!r}; allowed: {', '.join(DEFAULT_SPECS)}")
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    elt = torch.tensor([], dtype=dtype).element_size()
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"[Optim] bench: --dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    default_dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    compute = DTYPES[dtype] if dtype is not None else default_dtype
+    elt = torch.tensor([], dtype=compute).element_size()
     repeats = repeats if repeats is not None else (2 if quick else 5)
     threads = torch.get_num_threads()
     meter = PeakMeter(dev)
     limit = int(impl.free_memory_bytes(dev) * mem_fraction)
-    available = impl.available_backends(dev, dtype)
+    available = impl.available_backends(dev, compute)
     wanted = backends or (QUICK_BACKENDS if quick else tuple(available))
     names = [b for b in wanted if b in available]
-    result = BenchResult(dev.type, str(dtype).removeprefix("torch."), threads, repeats, meter.method, limit)
+    result = BenchResult(dev.type, str(compute).removeprefix("torch."), threads, repeats, meter.method, limit)
     fns: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
         **available,
         # given the run's memory limit as their free memory, so they size their chunks to it as in a host
         "split": lambda q, k, v: impl.split(q, k, v, free_bytes=limit),
         "sub-quad": lambda q, k, v: impl.sub_quad(q, k, v, free_bytes=limit),
     }
+    pack = dev.type == "cpu" and impl.cpu_packs(compute)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for spec in specs:
         family, width, height = SHAPE_SPECS[spec]
         for shape in _select_shapes(family, width, height, quick):
-            rows = _bench_shape(spec, shape, names, fns, dev, dtype, elt, threads, limit, repeats, meter, gen)
+            rows = _bench_shape(spec, shape, names, fns, dev, compute, elt, threads, limit, repeats, meter, gen, pack)
             result.rows.extend(rows)
             times = {r.backend: r.median_s for r in rows if r.median_s is not None}
             candidates = [b for b in HOST_BACKENDS if b in names]
@@ -248,6 +260,7 @@ def run_bench(
                 device=dev.type,
                 dtype_bytes=elt,
                 threads=threads,
+                cpu_pack=pack,
             )
             best = min(times.values()) if times else None
             ratio = times[pick] / best if best and pick in times else None
@@ -268,6 +281,7 @@ def _bench_shape(
     repeats: int,
     meter: PeakMeter,
     gen: torch.Generator,
+    cpu_pack: bool = False,
 ) -> list[Row]:
     def make(n: int) -> torch.Tensor:
         return torch.randn(shape.bh, n, shape.dim_head, generator=gen).to(device=dev, dtype=dtype)
@@ -277,7 +291,9 @@ def _bench_shape(
     runnable: list[str] = []
     warm: dict[str, float] = {}
     for name in names:
-        predicted = predict_peak_bytes(name, shape, dtype_bytes=elt, device=dev.type, free_bytes=limit, threads=threads)
+        predicted = predict_peak_bytes(
+            name, shape, dtype_bytes=elt, device=dev.type, free_bytes=limit, threads=threads, cpu_pack=cpu_pack
+        )
         row = Row(spec, shape.label, shape.kind, shape.bh, shape.nq, shape.nk, shape.dim_head, name, predicted)
         rows[name] = row
         if predicted > limit:
@@ -285,6 +301,10 @@ def _bench_shape(
             continue
         fn = fns[name]
         try:
+            # The same kernel at one batch·head first: code the first call loads or generates (oneDNN/AMX
+            # kernels, thread pools) is then resident before the peak is taken, not counted in it.
+            del_out = fn(q[:1], k[:1], v[:1])
+            del del_out
             start = time.perf_counter()
             row.measured_bytes = meter.measure(partial(fn, q, k, v))  # warm-up and peak in one call
             _sync(dev)

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--repeats", type=int, help="timed rounds per shape (default 5, --quick 2)")
     bench.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        help="compute dtype (default: fp16 on cuda, fp32 on cpu; fp16/bf16 on cpu check the 2-byte formulas)",
+    )
+    bench.add_argument(
         "--quick", action="store_true", help="host backends and the largest self/cross attention per shape only"
     )
     return parser
@@ -315,7 +320,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     specs = [s.strip() for s in args.shapes.split(",") if s.strip()]
     if args.repeats is not None and args.repeats < 1:
         raise UsageError("--repeats: must be 1 or more")
-    result = run_bench(specs, device=args.device, repeats=args.repeats, quick=args.quick)
+    result = run_bench(specs, device=args.device, repeats=args.repeats, quick=args.quick, dtype=args.dtype)
     _out(to_json(result) if args.json else format_table(result))
     if args.plot:
         _err(write_plot(result, args.plot))

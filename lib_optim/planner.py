@@ -159,6 +159,17 @@ def _cpu_flash_q_split(nq: int) -> int:
     return 64 if nq >= 192 else 32
 
 
+def _cpu_flash_packs(bh: int, nq: int, nk: int, q_split: int, threads: int) -> bool:
+    """Whether the CPU flash kernel repacks K and V for its AMX matmuls (reduced precision, on a CPU that can:
+    see ``cpu_pack`` in :func:`predict_peak_bytes`): only for at least 64 queries and keys, and when each
+    thread's matmuls are at least 4× the packing work (``FlashAttentionKernel.cpp``'s ``need_pack``)."""
+    if nk < 64 or nq < 64:
+        return False
+    q_slices = -(-nq // q_split)
+    per_thread = -(-(bh * q_slices) // max(1, threads))  # query blocks each thread runs
+    return per_thread * q_split >= 4 * bh
+
+
 def _name(backend: Attention | str) -> str:
     return str(getattr(backend, "value", backend))
 
@@ -191,6 +202,7 @@ def predict_peak_bytes(
     q_chunk: int = 1024,
     kv_chunk: int | None = None,
     chunk_threshold: float | None = None,
+    cpu_pack: bool = False,
 ) -> int:
     """Predicted peak bytes one attention call holds beyond q, k, v (output included; see the module doc).
 
@@ -203,7 +215,11 @@ def predict_peak_bytes(
     - ``sdp`` on CPU = the CPU flash kernel: ``O`` + the log-sum-exp ``BH·Nq·4`` + per-thread blocks of
       ``q_split × kv_split`` scores plus row max, row sum and a ``q_split × d`` accumulator, in fp32
       (plus a reduced-precision copy of the score block for fp16/bf16): ``q_split`` = 256/64/32 for
-      Nq ≥ 768/192/less, ``kv_split`` = 512, clamped to the token counts.
+      Nq ≥ 768/192/less, ``kv_split`` = 512, clamped to the token counts. With ``cpu_pack`` (a CPU whose
+      AMX unit takes this 2-byte dtype: AMX-BF16 for bf16, AMX-FP16 for fp16) and enough work to pay for it
+      (:func:`_cpu_flash_packs`), the kernel first repacks K and V: ``+ BH·Nk·d'·e`` (K, ``d'`` = d rounded
+      up to even) ``+ BH·Nk'·d·e`` (V, each key block rounded up to even) ``+ threads·kv_split·d·e`` (a
+      transpose buffer). Measured on CPU (torch 2.13, fp32/fp16/bf16, AMX-BF16) to within 0.3 MiB.
     - ``sdp`` on CUDA (flash / memory-efficient / cuDNN kernels), ``xformers``: O(N) — ``O`` + the
       fp32 log-sum-exp ``BH·Nq·4`` (xformers pads Nq to 32). The kernels keep their tiles in on-chip
       memory; their small workspaces are not modelled (not measured here: no GPU in CI).
@@ -255,7 +271,12 @@ def predict_peak_bytes(
             qs, ks = min(_cpu_flash_q_split(nq), nq), min(_CPU_FLASH_KV_SPLIT, nk)
             n_threads = threads or os.cpu_count() or 1
             per_thread = (qs * ks + 2 * qs + qs * d) * 4 + (qs * ks * e if e < 4 else 0)
-            return out + lse + n_threads * per_thread
+            packed = 0
+            if cpu_pack and e == 2 and _cpu_flash_packs(bh, nq, nk, qs, n_threads):
+                tail = (nk - 1) % ks + 1
+                v_rows = (nk - 1) // ks * (ks + ks % 2) + tail + tail % 2
+                packed = bh * nk * (d + d % 2) * e + bh * v_rows * d * e + n_threads * ks * d * e
+            return out + lse + n_threads * per_thread + packed
         return out + lse
     raise ValueError(f"[Optim] planner: no memory model for backend {name!r}")
 
@@ -326,6 +347,7 @@ def rank_candidates(
     dtype_bytes: int = 2,
     threads: int | None = None,
     speed: Mapping[str, float] | None = None,
+    cpu_pack: bool = False,
 ) -> list[Candidate]:
     """Every available backend with its speed rank, predicted peak and whether it fits, fastest first.
 
@@ -340,7 +362,13 @@ def rank_candidates(
         if name in (Attention.HOST.value, Attention.AUTO.value):
             continue
         peak = predict_model_peak_bytes(
-            name, shapes, dtype_bytes=dtype_bytes, device=device, free_bytes=limit_bytes, threads=threads
+            name,
+            shapes,
+            dtype_bytes=dtype_bytes,
+            device=device,
+            free_bytes=limit_bytes,
+            threads=threads,
+            cpu_pack=cpu_pack,
         )
         fits = limit_bytes is None or peak <= limit_bytes
         if name == Attention.SPLIT.value and limit_bytes is not None:
@@ -362,6 +390,7 @@ def choose_for_shapes(
     dtype_bytes: int = 2,
     threads: int | None = None,
     speed: Mapping[str, float] | None = None,
+    cpu_pack: bool = False,
 ) -> tuple[str, str]:
     """The backend name ``auto`` picks for these shapes, and why (see :func:`choose_auto_attention`)."""
     limits = [x for x in (free_mb, budget_mb) if x is not None]
@@ -374,6 +403,7 @@ def choose_for_shapes(
         dtype_bytes=dtype_bytes,
         threads=threads,
         speed=speed,
+        cpu_pack=cpu_pack,
     )
     if not ranked:
         raise ValueError("[Optim] attention: auto found no available backend; allowed: host")

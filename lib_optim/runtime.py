@@ -23,6 +23,7 @@ from lib_optim.log import get_logger
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings, format_infotext
 from lib_optim.telemetry import GenerationMeter, Telemetry, format_status
+from lib_optim.webbench import BenchResult
 
 log = get_logger(__name__)
 
@@ -72,6 +73,8 @@ class Runtime:
     _meters: dict[int, GenerationMeter] = field(default_factory=dict)
     _retried: set[int] = field(default_factory=set)  # generations already retried after OOM: never loop
     history: deque[GenerationRecord] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
+    # the in-WebUI benchmark's latest winner, for "make the winner my default" without arguments
+    last_bench_winner: BenchResult | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- generations --------------------------------------------------------------------------------
@@ -155,6 +158,12 @@ class Runtime:
             if record is not None:
                 record.fallback = ", ".join(step.changes)
         return step
+
+    def forbid_retry(self, p: Any) -> None:
+        """No out-of-memory retry for ``p`` (a benchmark measures the settings it was given); undo with
+        :meth:`forget_retry` once ``p`` is done."""
+        with self._lock:
+            self._retried.add(id(p))
 
     def forget_retry(self, p: Any) -> None:
         with self._lock:

@@ -150,6 +150,7 @@ class BenchResult:
     settings: GenerationSettings
     seconds: float | None = None  # wall time of the whole generation (model already loaded)
     it_per_s: float | None = None  # sampling steps per second
+    steps: int | None = None  # sampling steps counted (the hires pass's included)
     peak_vram_mb: float | None = None  # torch's peak allocated memory on the GPU, when known
     peak_ram_mb: float | None = None  # the process's peak resident memory, when known
     error: str | None = None  # why it failed ("out of memory: ...")
@@ -167,6 +168,7 @@ class BenchResult:
             "settings": self.settings.to_dict(),
             "seconds": self.seconds,
             "it_per_s": self.it_per_s,
+            "steps": self.steps,
             "peak_vram_mb": self.peak_vram_mb,
             "peak_ram_mb": self.peak_ram_mb,
             "error": self.error,
@@ -182,6 +184,7 @@ class BenchResult:
             settings=from_dict(data["settings"]),
             seconds=data.get("seconds"),
             it_per_s=data.get("it_per_s"),
+            steps=data.get("steps"),
             peak_vram_mb=data.get("peak_vram_mb"),
             peak_ram_mb=data.get("peak_ram_mb"),
             error=data.get("error"),
@@ -219,6 +222,7 @@ def summarize(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
                 "inference_memory_mb": settings["inference_memory_mb"],
                 "seconds": None if result.seconds is None else round(result.seconds, 3),
                 "it_per_s": None if result.it_per_s is None else round(result.it_per_s, 3),
+                "steps": result.steps,
                 "peak_vram_mb": None if result.peak_vram_mb is None else round(result.peak_vram_mb, 1),
                 "peak_ram_mb": None if result.peak_ram_mb is None else round(result.peak_ram_mb, 1),
                 "ratio": ratio,
@@ -238,6 +242,7 @@ CSV_COLUMNS = (
     "inference_memory_mb",
     "seconds",
     "it_per_s",
+    "steps",
     "peak_vram_mb",
     "peak_ram_mb",
     "ratio",
@@ -339,7 +344,7 @@ def bars_html(results: Sequence[BenchResult]) -> str:
 
 def table_html(results: Sequence[BenchResult]) -> str:
     rows = summarize(results)
-    head = ("Candidate", "Seconds", "it/s", "Peak GPU MB", "Peak RAM MB", "× best", "Attention used", "Result")
+    head = ("Candidate", "Seconds", "Steps", "it/s", "Peak GPU MB", "Peak RAM MB", "× best", "Attention used", "Result")
     cell = 'style="padding:2px 8px;text-align:left"'
     out = ['<table class="optim-bench-table" style="border-collapse:collapse;width:100%"><thead><tr>']
     out += [f"<th {cell}>{html.escape(h)}</th>" for h in head]
@@ -349,6 +354,7 @@ def table_html(results: Sequence[BenchResult]) -> str:
         values = (
             row["label"],
             _num(row["seconds"], digits=3),
+            "—" if row["steps"] is None else row["steps"],
             _num(row["it_per_s"]),
             _num(row["peak_vram_mb"], digits=0),
             _num(row["peak_ram_mb"], digits=0),

@@ -61,3 +61,15 @@ def test_plot_without_or_with_matplotlib(tmp_path: Path) -> None:
         assert "matplotlib is not installed" in message and not target.exists()
     else:
         assert target.is_file()
+
+
+def test_dtype_option_runs_the_2_byte_formulas_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--json", "--shapes", "tiny", "--repeats", "1", "--dtype", "bf16"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["dtype"] == "bfloat16"
+    split = next(r for r in data["rows"] if r["backend"] == "split" and r["kind"] == "self")
+    # 2-byte elements: the same call's prediction is half the fp32 one
+    fp32 = run_bench(["tiny"], quick=True, repeats=1, backends=["split"])
+    assert split["predicted_bytes"] * 2 == next(r.predicted_bytes for r in fp32.rows if r.kind == "self")
+    with pytest.raises(ValueError, match=r"--dtype 'fp8' is not allowed; allowed: fp32, fp16, bf16"):
+        run_bench(["tiny"], dtype="fp8")

@@ -89,6 +89,51 @@ def test_formulas_by_hand() -> None:
         predict_peak_bytes("flux-attention", SD15_512_SELF)
 
 
+def test_cpu_flash_repacks_k_and_v_for_amx() -> None:
+    """bf16/fp16 on an AMX CPU: FlashAttentionKernel.cpp packs K (head size rounded up to even) and V (each
+    key block rounded up to even) for its brgemm calls, plus a per-thread transpose buffer — only with at
+    least 64 queries and keys and enough matmul work per thread."""
+    plain = predict_peak_bytes("sdp", SD15_512_SELF, dtype_bytes=2, device="cpu", threads=2)
+    packed = predict_peak_bytes("sdp", SD15_512_SELF, dtype_bytes=2, device="cpu", threads=2, cpu_pack=True)
+    assert packed - plain == 16 * 4096 * 40 * 2 * 2 + 2 * 512 * 40 * 2
+    odd = AttnShape("self", 4, 1000, 1001, 41)  # odd head size and an odd last key block (1001 = 512 + 489)
+    extra = predict_peak_bytes("sdp", odd, dtype_bytes=2, device="cpu", threads=1, cpu_pack=True) - (
+        predict_peak_bytes("sdp", odd, dtype_bytes=2, device="cpu", threads=1)
+    )
+    assert extra == 4 * 1001 * 42 * 2 + 4 * (512 + 490) * 41 * 2 + 1 * 512 * 41 * 2
+    few_keys = AttnShape("cross", 16, 4096, 63, 40)
+    for shape, kw in ((few_keys, {}), (SD15_512_SELF, {"dtype_bytes": 4})):
+        args = {"dtype_bytes": 2, "device": "cpu", "threads": 2, **kw}
+        assert predict_peak_bytes("sdp", shape, cpu_pack=True, **args) == predict_peak_bytes("sdp", shape, **args)
+    # the packing must pay for itself: 64 heads of 64 queries on 64 threads is one block each, too little work
+    small = AttnShape("self", 64, 64, 4096, 40)
+    assert predict_peak_bytes("sdp", small, dtype_bytes=2, device="cpu", threads=64, cpu_pack=True) == (
+        predict_peak_bytes("sdp", small, dtype_bytes=2, device="cpu", threads=64)
+    )
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_reduced_precision_cpu_flash_matches_measured_peak(dtype_name: str) -> None:
+    """The 2-byte CPU formulas against torch on this CPU, with or without AMX (impl.cpu_packs says which)."""
+    torch = pytest.importorskip("torch")
+    from lib_optim import attention_impl as impl
+    from lib_optim.bench import PeakMeter
+
+    meter = PeakMeter(torch.device("cpu"))
+    if meter.method == "none":
+        pytest.skip("peak memory is not measurable on this system")
+    dtype = getattr(torch, dtype_name)
+    shape = AttnShape("self", 16, 2048, 2048, 40)
+    q, k, v = (torch.randn(shape.bh, n, shape.dim_head).to(dtype) for n in (shape.nq, shape.nk, shape.nk))
+    impl.sdp(q[:1], k[:1], v[:1])  # warm-up: kernels and thread pools resident before the measurement
+    measured = meter.measure(lambda: impl.sdp(q, k, v))
+    predicted = predict_peak_bytes(
+        "sdp", shape, dtype_bytes=2, device="cpu", threads=torch.get_num_threads(), cpu_pack=impl.cpu_packs(dtype)
+    )
+    assert measured is not None and measured > 0
+    assert abs(predicted - measured) / measured < 0.15, (dtype_name, predicted / MIB, measured / MIB)
+
+
 def test_formulas_match_measured_peaks_on_cpu() -> None:
     torch = pytest.importorskip("torch")
     from lib_optim import attention_impl as impl

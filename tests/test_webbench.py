@@ -288,15 +288,45 @@ class OtherScript:
         pass
 
 
+class SamplerScript:
+    """The built-in "Sampler" script (A1111 v1.10.1 modules/processing_scripts/sampler.py:8-45; Forge f2 the
+    same file): a ScriptBuiltinUI, so ``setup_for_ui_only`` (scripts.py:352), whose ``setup`` overwrites
+    ``p.steps`` and ``p.sampler_name`` with its controls' values (UI default: 20 steps)."""
+
+    args_from, args_to = 7, 9
+    setup_for_ui_only = True
+
+    def title(self) -> str:
+        return "Sampler"
+
+    def setup(self, p: Any, steps: int, sampler_name: str) -> None:
+        p.steps = steps
+        p.sampler_name = sampler_name
+
+    def process(self, p: Any, *args: Any) -> None:
+        pass
+
+    def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
+        pass
+
+
 class ScriptRunner:
     """modules.scripts.ScriptRunner: ``inputs`` = [selectable-script dropdown, *every script's controls]
     (A1111 v1.10.1 modules/scripts.py:551, 634-716); hooks get ``p.script_args[args_from:args_to]`` (820-930)."""
 
     def __init__(self) -> None:
-        self.alwayson_scripts = [OtherScript(), OptimScript()]
-        self.inputs = [Component("None"), Component("other-default")] + [
-            Component(v) for v in GenerationSettings().to_positional()
-        ]
+        self.alwayson_scripts = [OtherScript(), OptimScript(), SamplerScript()]
+        self.inputs = (
+            [Component("None"), Component("other-default")]
+            + [Component(v) for v in GenerationSettings().to_positional()]
+            + [Component(20), Component("DPM++ 2M")]
+        )
+
+    def setup_scrips(self, p: Any, *, is_ui: bool = True) -> None:
+        # A1111 v1.10.1 modules/scripts.py:987-996: a UI-only setup is skipped when the request is an API one
+        for s in self.alwayson_scripts:
+            if hasattr(s, "setup") and (is_ui or not s.setup_for_ui_only):
+                s.setup(p, *p.script_args[s.args_from : s.args_to])
 
     def process(self, p: Any) -> None:
         for s in self.alwayson_scripts:
@@ -365,9 +395,22 @@ def host(monkeypatch, tmp_path):
         def __init__(self, **kwargs: Any) -> None:
             self.__dict__.update(kwargs)
             self.extra_generation_params: dict[str, Any] = {}
-            self.scripts = None
-            self.script_args: tuple[Any, ...] = ()
+            self.scripts: ScriptRunner | None = None
+            self._script_args: tuple[Any, ...] = ()
+            self.is_api = False
             self.closed = False
+
+        # processing.py:280-294: setting script_args once scripts are set runs the scripts' setup(), the
+        # UI-only ones unless p.is_api
+        @property
+        def script_args(self) -> tuple[Any, ...]:
+            return self._script_args
+
+        @script_args.setter
+        def script_args(self, value: tuple[Any, ...]) -> None:
+            self._script_args = value
+            if self.scripts is not None and value:
+                self.scripts.setup_scrips(self, is_ui=not self.is_api)
 
         def close(self) -> None:
             self.closed = True
@@ -461,9 +504,11 @@ def test_run_benchmark_times_each_candidate_after_a_warm_up(host):
     assert host.rt.active_sessions() == 0
     first = host.seen[1]["kwargs"]
     assert (first["width"], first["height"], first["steps"], first["seed"], first["prompt"]) == (64, 64, 3, 7, "a cat")
+    assert first["sampler_name"] == bench.SAMPLER  # not the Sampler script's UI default
     assert first["closed"] is False and first["sd_model"] == "model"
     assert host.seen[1]["other"] == ("other-default",)  # the other scripts get their UI defaults
-    assert all(r.it_per_s and r.it_per_s > 0 for r in results)  # 3 counted steps each
+    assert all(r.it_per_s and r.it_per_s > 0 for r in results)
+    assert [r.steps for r in results] == [3, 3, 3]  # the steps asked for, counted as they ran
     assert host.shared.state.begun == host.shared.state.ended == 4
     assert not host.lock.locked()
     assert progress[0][0] == 0.0 and progress[-1] == (1.0, "done")

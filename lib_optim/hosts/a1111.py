@@ -41,7 +41,15 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
+from lib_optim.hosts.base import (
+    BackendInfo,
+    EffectiveState,
+    HostAdapter,
+    HostModules,
+    NotSupportedHere,
+    Session,
+    auto_attention_request,
+)
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
 from lib_optim.planner import choose_auto_attention
@@ -414,20 +422,8 @@ class A1111Adapter(HostAdapter):
             ]
             if not available:
                 raise NotSupportedHere(f"[Optim] attention: 'auto' is not available here ({_NOT_LISTED_YET})")
-            width = float(getattr(p, "width", 512) or 512)
-            height = float(getattr(p, "height", 512) or 512)
-            if getattr(p, "enable_hr", False):
-                # hr_upscale_to_x/y are computed in p.init(), after process(); estimate from hr_scale/hr_resize
-                scale = float(getattr(p, "hr_scale", 1) or 1)
-                width = max(width * scale, getattr(p, "hr_resize_x", 0) or 0, getattr(p, "hr_upscale_to_x", 0) or 0)
-                height = max(height * scale, getattr(p, "hr_resize_y", 0) or 0, getattr(p, "hr_upscale_to_y", 0) or 0)
-            choice = choose_auto_attention(
-                available,
-                width=int(width),
-                height=int(height),
-                batch=int(getattr(p, "batch_size", 1) or 1),
-                free_mb=_free_mb(),
-            )
+            devices = self._modules.loaded("modules.devices")
+            choice = choose_auto_attention(available, **auto_attention_request(p, devices))
             target = choice.attention
             session.data["auto_reason"] = choice.reason
             log.info("attention auto → %s", choice.reason)
@@ -542,14 +538,3 @@ class A1111Adapter(HostAdapter):
         torch_gc = getattr(devices, "torch_gc", None)
         if callable(torch_gc):
             torch_gc()
-
-
-def _free_mb() -> int | None:
-    """Free CUDA memory in MB for the planner, or None without CUDA."""
-    import torch
-
-    with contextlib.suppress(Exception):
-        if torch.cuda.is_available():
-            free, _total = torch.cuda.mem_get_info()
-            return int(free // (1024 * 1024))
-    return None

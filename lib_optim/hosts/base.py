@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lib_optim.hostkinds import HostKind
+from lib_optim.log import get_logger
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings
+
+_log = get_logger(__name__)
 
 
 class HostModules:
@@ -134,3 +137,46 @@ class HostAdapter(abc.ABC):
 
     def before_sampling(self, p: Any, session: Session) -> None:  # noqa: B027 - optional hook
         """Re-apply per-sampling changes; default: nothing to do."""
+
+
+def auto_attention_request(p: Any, devices: Any, *, budget_mb: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`lib_optim.planner.choose_auto_attention` for the generation ``p``.
+
+    - size: the largest pass's — with hires fix ``hr_scale`` or ``hr_resize_x/y`` (the upscale target
+      ``hr_upscale_to_x/y`` is only computed in ``p.init()``, after the scripts' ``process``; A1111 v1.10.1
+      processing.py:1232-1262, Forge f2 the same), and the batch size;
+    - family: ``sdxl`` when ``p.sd_model.is_sdxl`` (A1111 sd_models.py:382-390; Forge
+      backend/diffusion_engine/sdxl.py:79), else ``sd15``;
+    - device and compute dtype: ``modules.devices.device`` and ``dtype_unet`` (A1111 devices.py:120-127;
+      Forge devices.py:52-59), so a CPU run is planned with the CPU formulas and speed table;
+    - free memory on that device as the hosts count it (:func:`lib_optim.attention_impl.free_memory_bytes`),
+      and ``budget_mb`` (Forge: its inference memory, what it keeps free for sampling).
+    """
+    import torch
+
+    from lib_optim.attention_impl import free_memory_bytes
+
+    width = float(getattr(p, "width", 512) or 512)
+    height = float(getattr(p, "height", 512) or 512)
+    if getattr(p, "enable_hr", False):
+        scale = float(getattr(p, "hr_scale", 1) or 1)
+        width = max(width * scale, getattr(p, "hr_resize_x", 0) or 0, getattr(p, "hr_upscale_to_x", 0) or 0)
+        height = max(height * scale, getattr(p, "hr_resize_y", 0) or 0, getattr(p, "hr_upscale_to_y", 0) or 0)
+    device = torch.device(getattr(devices, "device", None) or "cpu")
+    dtype = getattr(devices, "dtype_unet", None)
+    dtype_bytes = dtype.itemsize if isinstance(dtype, torch.dtype) else (4 if device.type == "cpu" else 2)
+    free_mb: int | None = None
+    try:
+        free_mb = free_memory_bytes(device) // (1 << 20)
+    except (RuntimeError, OSError, ValueError, AssertionError):  # torch without this device's support
+        _log.debug("free memory on %s unknown: auto plans without a memory limit", device, exc_info=True)
+    return {
+        "width": int(width),
+        "height": int(height),
+        "batch": int(getattr(p, "batch_size", 1) or 1),
+        "family": "sdxl" if getattr(getattr(p, "sd_model", None), "is_sdxl", False) else "sd15",
+        "device": "cpu" if device.type == "cpu" else "cuda",
+        "dtype_bytes": dtype_bytes,
+        "free_mb": free_mb,
+        "budget_mb": budget_mb if device.type != "cpu" else None,
+    }

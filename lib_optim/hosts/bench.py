@@ -149,10 +149,14 @@ def _generate(mods: HostModules, job: _Job, candidate: Candidate) -> BenchResult
     error: BaseException | None = None
     interrupted = False
     with closing(p):  # p.close() restores Optim's changes whatever happens (HOSTS.md §7.3)
+        # As the host's API does (A1111 v1.10.1 api.py:469, Forge f2 api.py:482): the built-in UI scripts
+        # (Sampler, Seed, Refiner) skip their setup() for an API request (scripts.py:987-996, 352); without
+        # this the Sampler script would put its UI defaults (20 steps, its first sampler) over ours.
+        p.is_api = True
         p.scripts = runner
         p.script_args = script_args_for(runner, settings)
         # a benchmark measures the settings given: no out-of-memory retry with other ones (hosts/webui.py)
-        rt._retried.add(id(p))
+        rt.forbid_retry(p)
         state = shared.state
         state.begin(job="optim_bench")
         meter.start()
@@ -201,6 +205,7 @@ def _generate(mods: HostModules, job: _Job, candidate: Candidate) -> BenchResult
         settings,
         seconds=round(telemetry.seconds, 4),
         it_per_s=inner.get("it_per_s"),
+        steps=inner.get("steps"),
         **common,
     )
 
@@ -389,9 +394,6 @@ def plan(request: webbench.BenchRequest, ctx: Context) -> list[Candidate]:
     )
 
 
-_last: dict[str, Any] = {}  # the latest run's winner, for "make the winner my default" without arguments
-
-
 def bench(payload: Mapping[str, Any], progress: Progress | None = None) -> dict[str, Any]:
     """Validate, run, save; raises :class:`SettingsError` for a bad request."""
     ctx = _context()
@@ -418,9 +420,7 @@ def bench(payload: Mapping[str, Any], progress: Progress | None = None) -> dict[
     }
     json_path, csv_path = webbench.write_results(results, bench_directory(), meta=meta)
     best = webbench.winner(results)
-    _last.clear()
-    if best is not None:
-        _last["winner"] = best
+    get_runtime().last_bench_winner = best
     return {
         "rows": webbench.summarize(results),
         "winner": None if best is None else {"label": best.label, "settings": best.settings.to_dict()},
@@ -461,8 +461,8 @@ def api_make_default(payload: dict[str, Any]) -> dict[str, Any]:
             settings = from_dict(payload["settings"], ctx.host)
             if ctx.validate is not None:
                 ctx.validate(settings)
-        elif "winner" in _last:
-            settings = _last["winner"].settings
+        elif (last := get_runtime().last_bench_winner) is not None:
+            settings = last.settings
         else:
             raise SettingsError("settings", None, "a settings object, or run POST /optim/v1/bench first")
         stored = make_default(settings)

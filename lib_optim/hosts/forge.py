@@ -40,7 +40,15 @@ from types import ModuleType
 from typing import Any
 
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
+from lib_optim.hosts.base import (
+    BackendInfo,
+    EffectiveState,
+    HostAdapter,
+    HostModules,
+    NotSupportedHere,
+    Session,
+    auto_attention_request,
+)
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.planner import choose_auto_attention
@@ -345,12 +353,15 @@ class ForgeAdapter(HostAdapter):
                 for b in self.attention_backends()
                 if b.available and b.attention not in (Attention.HOST, Attention.AUTO)
             ]
-            choice = choose_auto_attention(
-                available,
-                width=int(getattr(p, "width", 512) or 512),
-                height=int(getattr(p, "height", 512) or 512),
-                batch=int(getattr(p, "batch_size", 1) or 1),
-            )
+            # Forge keeps its inference memory free for sampling (memory_management.py:544-549): attention
+            # has to fit in it, whatever is free before the UNet loads
+            mm = self._modules.loaded("backend.memory_management")
+            memory = settings.inference_memory_mb
+            if memory is None:
+                current = getattr(mm, "current_inference_memory", None) if mm is not None else None
+                memory = int(current // MB) if isinstance(current, (int, float)) else None
+            request = auto_attention_request(p, self._modules.loaded("modules.devices"), budget_mb=memory)
+            choice = choose_auto_attention(available, **request)
             target = choice.attention
             session.data["auto_reason"] = choice.reason
             log.info("attention auto → %s", choice.reason)

@@ -47,6 +47,8 @@ def test_bench_runs_saves_and_makes_the_winner_the_default(webui):
         finished = [r for r in rows if r["error"] is None]
         assert finished, rows
         assert all(r["seconds"] > 0 and r["ratio"] >= 1.0 for r in finished), rows
+        # the request's steps, not the Sampler script's UI default (20): the host counted each one
+        assert all(r["steps"] == 1 for r in finished), rows
         winner = body["winner"]
         assert winner is not None
         [winning_row] = [r for r in rows if r["winner"]]
