@@ -7,7 +7,9 @@ every available backend of :mod:`lib_optim.attention_impl` runs on the same rand
 - **Time**: one warm-up call per backend, then ``repeats`` rounds; each round runs every backend once, in
   an order rotated by one each round, so machine noise and order effects land on all of them alike. The
   median is reported, and its ratio to the best backend at that shape. When every backend's warm-up took
-  over :data:`SLOW_CALL_S`, the warm-up round counts as the first round.
+  over :data:`SLOW_CALL_S`, the warm-up round counts as the first round. Fast calls get more rounds — as
+  many as fit in :data:`FAST_ROUND_BUDGET_S` per backend, at most :data:`MAX_ROUNDS` — since a 20 ms call's
+  median of two is at the mercy of one hiccup, and more rounds of it cost little.
 - **Peak memory** (taken during the warm-up call): on CUDA, ``torch.cuda.max_memory_allocated`` minus
   what was allocated before (exact, allocator bytes). On CPU, the process's peak resident set: the
   kernel's high-water mark ``VmHWM`` is reset through ``/proc/self/clear_refs`` (Linux), and the peak
@@ -18,7 +20,9 @@ every available backend of :mod:`lib_optim.attention_impl` runs on the same rand
   :data:`MIN_MEASURED_BYTES` are shown but not counted in the maximum error. Elsewhere: not measured.
 - **Prediction**: :func:`lib_optim.planner.predict_peak_bytes` for the same call, and its error.
 - **auto**: :func:`lib_optim.planner.choose_for_shapes` over the host backends measured here, with the
-  same memory limit, and the ratio of its pick's time to the best time at that shape.
+  same memory limit, and the ratio of its pick's time to the best time at that shape; then, as a host
+  picks once per generation, its one pick over all the calls of the model shape, judged by the summed time
+  of those calls (:data:`STEP_LABEL`).
 
 A backend whose predicted peak exceeds the memory limit (``mem_fraction`` of free RAM / VRAM) is not run;
 the table says so. ``split`` and ``sub-quad`` are given that limit as their free memory, so they slice
@@ -61,8 +65,11 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 # Backends a host can switch to, i.e. what `auto` chooses among (the rest are shown for comparison).
 HOST_BACKENDS = ("sdp", "xformers", "sub-quad", "split")
 QUICK_BACKENDS = (*HOST_BACKENDS,)
+STEP_LABEL = "UNet step (its calls summed)"
 MIN_MEASURED_BYTES = 4 * MIB
 SLOW_CALL_S = 1.0
+FAST_ROUND_BUDGET_S = 0.5
+MAX_ROUNDS = 25
 _MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -83,6 +90,7 @@ class Row:
     measured_bytes: int | None = None
     error_pct: float | None = None
     skipped: str | None = None
+    rounds: int | None = None  # timed calls behind the median
 
 
 @dataclass
@@ -246,25 +254,38 @@ def run_bench(
     }
     pack = dev.type == "cpu" and impl.cpu_packs(compute)
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    candidates = [b for b in HOST_BACKENDS if b in names]
+    choose = partial(
+        choose_for_shapes,
+        candidates,
+        free_mb=limit / MIB,
+        device=dev.type,
+        dtype_bytes=elt,
+        threads=threads,
+        cpu_pack=pack,
+    )
     for spec in specs:
         family, width, height = SHAPE_SPECS[spec]
-        for shape in _select_shapes(family, width, height, quick):
+        shapes = _select_shapes(family, width, height, quick)
+        totals: dict[str, float | None] = {}
+        for shape in shapes:
             rows = _bench_shape(spec, shape, names, fns, dev, compute, elt, threads, limit, repeats, meter, gen, pack)
             result.rows.extend(rows)
             times = {r.backend: r.median_s for r in rows if r.median_s is not None}
-            candidates = [b for b in HOST_BACKENDS if b in names]
-            pick, reason = choose_for_shapes(
-                candidates,
-                [shape],
-                free_mb=limit / MIB,
-                device=dev.type,
-                dtype_bytes=elt,
-                threads=threads,
-                cpu_pack=pack,
-            )
+            pick, reason = choose([shape])
             best = min(times.values()) if times else None
             ratio = times[pick] / best if best and pick in times else None
             result.auto.append(AutoRow(spec, shape.label, pick, reason, ratio))
+            for name in candidates:
+                # a backend that did not run at one call has no total for the step
+                so_far = totals.get(name, 0.0)
+                totals[name] = so_far + times[name] if so_far is not None and name in times else None
+        # What a host does: one pick for all the calls of a UNet step, judged by their summed time.
+        pick, reason = choose(shapes)
+        finished = {n: t for n, t in totals.items() if t is not None}
+        best = min(finished.values()) if finished else None
+        ratio = finished[pick] / best if best and pick in finished else None
+        result.auto.append(AutoRow(spec, STEP_LABEL, pick, reason, ratio))
     return result
 
 
@@ -317,6 +338,9 @@ def _bench_shape(
         runnable.append(name)
     samples: dict[str, list[float]] = {n: [] for n in runnable}
     rounds = repeats
+    if runnable:
+        slowest = max(warm[n] for n in runnable)
+        rounds = max(repeats, min(MAX_ROUNDS, int(FAST_ROUND_BUDGET_S / max(slowest, 1e-6))))
     if runnable and min(warm[n] for n in runnable) >= SLOW_CALL_S:
         # Calls this slow have nothing left to warm up (and the peak measurement costs two /proc writes):
         # the warm-up round is the first timed round, which keeps --quick within minutes at 768².
@@ -336,6 +360,7 @@ def _bench_shape(
     best = min(medians.values()) if medians else None
     for name, med in medians.items():
         rows[name].median_s = med
+        rows[name].rounds = len(samples[name])
         rows[name].ratio = med / best if best else None
     log.debug("bench %s %s: %s", spec, shape.label, medians)
     return list(rows.values())
@@ -352,7 +377,7 @@ def _mib(n: int | None) -> str:
 def format_table(result: BenchResult) -> str:
     lines = [
         f"Attention benchmark on {result.device} ({result.dtype}, {result.threads} threads, "
-        f"median of {result.repeats}); memory limit {result.limit_bytes / MIB:.0f} MiB",
+        f"median of {result.repeats}+ rounds, more for fast calls); memory limit {result.limit_bytes / MIB:.0f} MiB",
         f"Peak memory: {result.memory_method}; peak = beyond q/k/v, output included",
         "",
         f"{'shape':<10} {'call':<26} {'backend':<14} {'ms':>9} {'×best':>6} {'pred MiB':>9} {'meas MiB':>9} "
@@ -372,7 +397,7 @@ def format_table(result: BenchResult) -> str:
     lines.append("auto (host backends, planner's prediction and speed table):")
     for a in result.auto:
         ratio = "-" if a.ratio is None else f"{a.ratio:.3f}"
-        lines.append(f"  {a.spec:<10} {a.shape:<26} → {a.pick:<9} time ×best {ratio}")
+        lines.append(f"  {a.spec:<10} {a.shape:<28} → {a.pick:<9} time ×best {ratio}")
     max_err = result.max_error_pct
     max_ratio = result.max_auto_ratio
     lines.append("")

@@ -289,23 +289,27 @@ def predict_model_peak_bytes(backend: Attention | str, shapes: Iterable[AttnShap
 # ---------------------------------------------------------------------------------------------------------
 # Speed ranking and the choice.
 
-# Relative time per attention call, lower is faster, where memory is not the limit. CPU: median ratios to
-# the best of `python -m lib_optim bench --quick` on a 2-core x86 machine (torch 2.13, fp32; SD1.5
-# 512²/768², SDXL 1024², self and cross attention: split 1.8-6.3, sub-quad 3.1-4.0).
+# Relative time per attention call, lower is faster, where memory is not the limit. CPU: ratios to the best
+# measured by `python -m lib_optim bench --quick` on a 2-core x86 machine (torch 2.13, fp32; SD1.5 512²,
+# 768², SDXL 1024², self-attention, which dominates a step): naive ("none") 3.1-4.0, the math kernel 6.2-6.7,
+# sub-quad 3.1-4.2, split as naive when one slice fits (3.2-4.1) and far slower when it slices (14× at
+# 768² with 13 GiB free) — so sub-quad ranks ahead of split here; cross-attention is 1.5-2.9 for all.
 # CUDA: HOSTS.md §3.1 and the hosts' own priorities (A1111 ranks xformers, then sdp, sdp-no-mem,
-# sub-quad and split); the flash/efficient kernels are within a few per cent of each other.
+# sub-quad and split); the flash/efficient kernels are within a few per cent of each other (not measured
+# here: no GPU was lent to this project's sessions yet).
 SPEED_TABLE: dict[str, dict[str, float]] = {
     "cpu": {
         "sdp": 1.0,
         "sdp-flash": 1.0,
         "sdp-no-mem": 1.0,
         "xformers": 1.0,
-        "split": 2.6,
-        "none": 2.6,
-        "v1": 2.6,
-        "invokeai": 3.0,
-        "sub-quad": 3.5,
-        "sdp-math": 4.0,
+        "none": 3.5,
+        "sub-quad": 3.6,
+        "split": 3.8,
+        # not implemented in lib_optim.attention_impl, so not measured: ranked behind the measured ones
+        "v1": 4.0,
+        "invokeai": 4.0,
+        "sdp-math": 6.4,
     },
     "cuda": {
         "sdp": 1.0,

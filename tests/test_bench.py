@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from lib_optim.bench import format_table, run_bench, write_plot
+from lib_optim.bench import MAX_ROUNDS, STEP_LABEL, format_table, run_bench, write_plot
 from lib_optim.cli import main
 
 
@@ -25,9 +25,13 @@ def test_cli_quick_json(capsys: pytest.CaptureFixture[str]) -> None:
         assert row["predicted_bytes"] > 0
         assert "error_pct" in row and "measured_bytes" in row
     assert min(r["ratio"] for r in rows if r["kind"] == "self") == 1.0
-    assert len(data["auto"]) == 2
+    assert [a["shape"] for a in data["auto"]] == [r["shape"] for r in rows if r["backend"] == "sdp"] + [STEP_LABEL]
     for auto in data["auto"]:
         assert auto["pick"] in {"sdp", "split", "sub-quad"} and auto["ratio"] >= 1.0
+    # the step's ratio: the pick's summed time over the best backend's summed time
+    sums = {b: sum(r["median_s"] for r in rows if r["backend"] == b) for b in ("sdp", "split", "sub-quad")}
+    step = data["auto"][-1]
+    assert step["ratio"] == pytest.approx(sums[step["pick"]] / min(sums.values()))
     assert "max_error_pct" in data and data["max_auto_ratio"] >= 1.0
 
 
@@ -44,6 +48,8 @@ def test_guard_skips_what_would_not_fit() -> None:
     assert all(r.skipped and "limit" in r.skipped for r in result.rows)
     assert all(r.median_s is None for r in result.rows if r.skipped)
     assert "skipped" in format_table(result)
+    # nothing ran: no backend has a time for the whole step, so no ratio
+    assert result.auto[-1].shape == STEP_LABEL and result.auto[-1].ratio is None
 
 
 def test_unknown_shape_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,3 +79,11 @@ def test_dtype_option_runs_the_2_byte_formulas_on_cpu(capsys: pytest.CaptureFixt
     assert split["predicted_bytes"] * 2 == next(r.predicted_bytes for r in fp32.rows if r.kind == "self")
     with pytest.raises(ValueError, match=r"--dtype 'fp8' is not allowed; allowed: fp32, fp16, bf16"):
         run_bench(["tiny"], dtype="fp8")
+
+
+def test_fast_calls_get_more_rounds() -> None:
+    """A sub-millisecond call is timed many times even with --repeats 1 (its median of one would be noise)."""
+    result = run_bench(["tiny"], quick=True, repeats=1)
+    timed = [r for r in result.rows if r.median_s is not None]
+    assert timed and all(r.rounds is not None and 1 < r.rounds <= MAX_ROUNDS for r in timed)
+    assert len({r.rounds for r in timed if r.shape == timed[0].shape}) == 1  # every backend as often

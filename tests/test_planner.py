@@ -180,8 +180,14 @@ def test_auto_without_limit_picks_fastest() -> None:
     choice = choose_auto_attention([Attention.SPLIT, Attention.SDP], width=512, height=512, batch=1)
     assert choice.attention is Attention.SDP and "sdp" in choice.reason
     assert choose_auto_attention([Attention.SPLIT, Attention.SUB_QUAD]).attention is Attention.SUB_QUAD
-    cpu = choose_auto_attention([Attention.SUB_QUAD, Attention.SPLIT], device="cpu", dtype_bytes=4)
-    assert cpu.attention is Attention.SPLIT
+    # the device's own speed table: on the CPU naive attention beats sub-quad (one matmul pair, no
+    # chunk loop), on CUDA sub-quad is ahead
+    assert choose_auto_attention([Attention.SUB_QUAD, Attention.NONE], device="cpu", dtype_bytes=4).attention is (
+        Attention.NONE
+    )
+    assert choose_auto_attention([Attention.NONE, Attention.SUB_QUAD]).attention is Attention.SUB_QUAD
+    # on the CPU sub-quad ranks ahead of split (which slows down a lot once it slices)
+    assert choose_auto_attention([Attention.SPLIT, Attention.SUB_QUAD], device="cpu").attention is Attention.SUB_QUAD
 
 
 def test_auto_picks_fastest_that_fits() -> None:

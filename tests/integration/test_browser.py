@@ -6,6 +6,7 @@ OPTIM_SCREENSHOTS (default /tmp).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -102,6 +103,11 @@ def test_benchmark_tab_runs_and_shows_results(webui, browser):
     WebDriverWait(browser, 600).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#optim_bench_results table")))
     results = browser.find_element(By.ID, "optim_bench_results")
     assert "baseline" in results.text
+    # the size and steps typed into the tab are what ran (the saved JSON records the counted steps)
+    saved = max((webui.root / "outputs" / "optim-bench").glob("*.json"), key=lambda f: f.stat().st_mtime)
+    document = json.loads(saved.read_text(encoding="utf-8"))
+    assert (document["meta"]["width"], document["meta"]["height"], document["meta"]["steps"]) == (64, 64, 1)
+    assert all(row["steps"] == 1 for row in document["rows"] if row["error"] is None), document["rows"]
     browser.find_element(By.ID, "optim_bench_default").click()
     WebDriverWait(browser, 60).until(lambda d: "Saved as Settings" in d.find_element(By.ID, "optim_bench_message").text)
     browser.execute_script(
