@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import re
 import statistics
@@ -160,6 +161,7 @@ class PeakMeter:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.method = "none"
+        self._malloc_trim: Callable[[int], int] | None = None
         if device.type == "cuda":
             self.method = "torch.cuda.max_memory_allocated"
         else:
@@ -172,7 +174,9 @@ class PeakMeter:
                 log.info("peak memory on this system: not measured (no /proc/self/clear_refs)")
                 return
             with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                libc = ctypes.CDLL(None)
+                libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                self._malloc_trim = libc.malloc_trim
 
     def measure(self, fn: Callable[[], object]) -> int | None:
         if self.method == "none":
@@ -186,6 +190,13 @@ class PeakMeter:
             torch.cuda.synchronize(self.device)
             del result
             return int(torch.cuda.max_memory_allocated(self.device) - base)
+        # Garbage freed during the call would lower the resident size under the base and hide part of the
+        # peak: collect it first. Then give free heap memory back to the system (glibc's malloc_trim): the
+        # mmap threshold only applies to new heap growth, and a large free chunk left from before it was set
+        # would serve the call from pages that are already resident, unseen.
+        gc.collect()
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
             fh.write("5")  # resets VmHWM to the current RSS
         base = _status_bytes("VmRSS")

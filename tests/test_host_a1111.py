@@ -802,19 +802,11 @@ def test_everything_at_once_restores_everything(world: FakeA1111, adapter: A1111
     assert world.devices.dtype_vae == torch.float16
 
 
-def test_auto_uses_the_hires_size(world: FakeA1111, adapter: A1111Adapter, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lib_optim.hosts import a1111
-
-    seen: dict[str, Any] = {}
-    real = a1111.choose_auto_attention
-
-    def spy(available: Any, **kw: Any) -> Any:
-        seen.update(kw)
-        return real(available, **kw)
-
-    monkeypatch.setattr(a1111, "choose_auto_attention", spy)
+def test_auto_uses_the_hires_size(world: FakeA1111, adapter: A1111Adapter, planner_requests: Any) -> None:
+    calls = planner_requests("a1111")
     p = make_p(world, enable_hr=True, hr_scale=2.0, hr_resize_x=0, hr_resize_y=0)
     adapter.begin(p, on(attention=Attention.AUTO)).restorer.close()
+    [seen] = calls
     assert (seen["width"], seen["height"], seen["batch"]) == (1024, 1024, 1)
     # no device known: planned as the CPU (A1111's devices.device is None until it is set at start-up)
     assert (seen["family"], seen["device"], seen["dtype_bytes"], seen["budget_mb"]) == ("sd15", "cpu", 4, None)
@@ -822,25 +814,17 @@ def test_auto_uses_the_hires_size(world: FakeA1111, adapter: A1111Adapter, monke
 
 
 def test_auto_plans_for_the_model_device_and_dtype(
-    world: FakeA1111, adapter: A1111Adapter, monkeypatch: pytest.MonkeyPatch
+    world: FakeA1111, adapter: A1111Adapter, planner_requests: Any
 ) -> None:
     """devices.device/dtype_unet (devices.py:120-127) and sd_model.is_sdxl (sd_models.py:382-390) reach the
     planner, so an SDXL model on a GPU is planned with SDXL's attention shapes in its dtype."""
-    from lib_optim.hosts import a1111
-
-    seen: dict[str, Any] = {}
-    real = a1111.choose_auto_attention
-
-    def spy(available: Any, **kw: Any) -> Any:
-        seen.update(kw)
-        return real(available, **kw)
-
-    monkeypatch.setattr(a1111, "choose_auto_attention", spy)
+    calls = planner_requests("a1111")
     world.devices.device = torch.device("cuda:0")  # no CUDA here: free memory unknown, planned without a limit
     world.devices.dtype_unet = torch.bfloat16
     p = make_p(world)
     p.batch_size = 2
     p.sd_model.is_sdxl = True
     adapter.begin(p, on(attention=Attention.AUTO)).restorer.close()
+    [seen] = calls
     assert (seen["family"], seen["device"], seen["dtype_bytes"], seen["batch"]) == ("sdxl", "cuda", 2, 2)
     assert seen["free_mb"] is None if not torch.cuda.is_available() else seen["free_mb"] > 0

@@ -394,20 +394,11 @@ def test_auto_uses_planner_over_available(forge: SimpleNamespace) -> None:
 
 @pytest.mark.parametrize(("asked", "budget"), [(None, 1024), (256, 256)])
 def test_auto_fits_forges_inference_memory(
-    forge: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, asked: int | None, budget: int
+    forge: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, planner_requests: Any, asked: int | None, budget: int
 ) -> None:
     """On the GPU, auto's budget is the inference memory Forge keeps free for sampling
     (memory_management.py:544-549): this generation's if the accordion sets one, else Forge's current one."""
-    from lib_optim.hosts import forge as forge_module
-
-    seen: dict[str, Any] = {}
-    real = forge_module.choose_auto_attention
-
-    def spy(available: Any, **kw: Any) -> Any:
-        seen.update(kw)
-        return real(available, **kw)
-
-    monkeypatch.setattr(forge_module, "choose_auto_attention", spy)
+    calls = planner_requests("forge")
     devices = make_module(
         monkeypatch, "modules.devices", "import torch\ndevice = torch.device('cuda')\ndtype_unet = torch.float16"
     )
@@ -415,6 +406,7 @@ def test_auto_fits_forges_inference_memory(
     forge.p.enable_hr, forge.p.hr_scale = True, 1.5
     session = forge.adapter.begin(forge.p, on(attention=Attention.AUTO, inference_memory_mb=asked))
     session.restorer.close()
+    [seen] = calls
     assert (seen["budget_mb"], seen["device"], seen["dtype_bytes"]) == (budget, "cuda", 2)
     assert (seen["width"], seen["height"], seen["family"]) == (768, 768, "sd15")  # the hires pass's size
 
