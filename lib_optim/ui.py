@@ -227,12 +227,21 @@ def build_bench_tab(
 ) -> tuple[Any, str, str]:
     """The "Optim" tab: benchmark the current settings against one change at a time.
 
-    ``run(prompt, width, height, steps, kinds, progress)`` returns (report HTML, the winner's settings dict or
+    ``run(prompt, width, height, steps, kinds, repeats, progress)`` returns (report HTML, the winner's settings dict or
     None), ``progress(fraction, text)`` being a plain callable; ``make_default(winner)`` returns an HTML message.
     ``gr.Progress`` works in gradio 3.41 and 4.40 for queued events (both hosts enable the queue). Returns
     what ``script_callbacks.on_ui_tabs`` expects for one tab: ``(blocks, title, elem_id)``.
     """
-    from lib_optim.webbench import DEFAULT_PROMPT, KIND_LABELS, SIZE_MAX, SIZE_MIN, SIZE_STEP, STEPS_MAX, STEPS_MIN
+    from lib_optim.webbench import (
+        DEFAULT_PROMPT,
+        KIND_LABELS,
+        REPEATS_MAX,
+        SIZE_MAX,
+        SIZE_MIN,
+        SIZE_STEP,
+        STEPS_MAX,
+        STEPS_MIN,
+    )
 
     labels = [KIND_LABELS.get(k, k) for k in kinds]
     by_label = dict(zip(labels, kinds, strict=True))
@@ -241,7 +250,8 @@ def build_bench_tab(
             value=(
                 "<p>One short txt2img generation per candidate: your current Optim defaults (the baseline), then "
                 "one change at a time. A warm-up generation runs first and is not counted. Images are not saved; "
-                "other generations wait until it is done.</p>"
+                "other generations wait until it is done. Short generations vary from run to run: with Repeats "
+                "above 1 each candidate runs that many times, in turns, and its median counts.</p>"
             ),
             elem_id="optim_bench_intro",
         )
@@ -264,6 +274,9 @@ def build_bench_tab(
             steps_slider = gr.Slider(
                 label="Steps", minimum=STEPS_MIN, maximum=STEPS_MAX, step=1, value=steps, elem_id="optim_bench_steps"
             )
+            repeats_slider = gr.Slider(
+                label="Repeats", minimum=1, maximum=REPEATS_MAX, step=1, value=1, elem_id="optim_bench_repeats"
+            )
         kinds_box = gr.CheckboxGroup(
             label="Candidates: change one at a time", choices=labels, value=labels, elem_id="optim_bench_kinds"
         )
@@ -274,17 +287,17 @@ def build_bench_tab(
         message = gr.HTML(value="", elem_id="optim_bench_message")
         winner = gr.State(value=None)
 
-        def on_run(p, w, h, s, chosen, progress=gr.Progress()):  # noqa: B008 - gradio's progress idiom
+        def on_run(p, w, h, s, chosen, r, progress=gr.Progress()):  # noqa: B008 - gradio's progress idiom
             def report(fraction: float, text: str) -> None:
                 progress(fraction, desc=text)
 
             keys = [by_label.get(c, c) for c in chosen or []]
-            html_text, best = run(p, int(w), int(h), int(s), keys, report)
+            html_text, best = run(p, int(w), int(h), int(s), keys, int(r), report)
             return html_text, best, ""
 
         run_button.click(
             fn=on_run,
-            inputs=[prompt_box, width_slider, height_slider, steps_slider, kinds_box],
+            inputs=[prompt_box, width_slider, height_slider, steps_slider, kinds_box, repeats_slider],
             outputs=[results, winner, message],
         )
         default_button.click(fn=make_default, inputs=[winner], outputs=[message])

@@ -14,6 +14,7 @@ import csv
 import html
 import json
 import math
+import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -50,7 +51,8 @@ SIZE_MIN, SIZE_MAX, SIZE_STEP = 64, 2048, 8
 STEPS_MIN, STEPS_MAX = 1, 50
 SEED_MAX = 2**32 - 1
 DEFAULT_PROMPT = "a photograph of a lighthouse on a cliff at sunset"
-REQUEST_KEYS = ("prompt", "width", "height", "steps", "seed", "kinds", "candidates")
+REPEATS_MAX = 5
+REQUEST_KEYS = ("prompt", "width", "height", "steps", "seed", "kinds", "candidates", "repeats")
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class BenchResult:
     out_of_memory: bool = False
     attention_used: str = ""  # the host's name of the attention that ran
     notes: tuple[str, ...] = field(default_factory=tuple)
+    runs: int = 1  # timed generations behind ``seconds`` (their median)
 
     @property
     def ok(self) -> bool:
@@ -175,6 +178,7 @@ class BenchResult:
             "out_of_memory": self.out_of_memory,
             "attention_used": self.attention_used,
             "notes": list(self.notes),
+            "runs": self.runs,
         }
 
     @classmethod
@@ -191,7 +195,31 @@ class BenchResult:
             out_of_memory=bool(data.get("out_of_memory", False)),
             attention_used=str(data.get("attention_used", "")),
             notes=tuple(data.get("notes", ())),
+            runs=int(data.get("runs", 1)),
         )
+
+
+def combine_runs(runs: Sequence[BenchResult]) -> BenchResult:
+    """One candidate's result from its repeated runs: the first failure if any run failed (a candidate that
+    ran out of memory once is not a safe default), else the median time and rate, the largest peaks."""
+    if not runs:
+        raise ValueError("combine_runs needs at least one run")
+    first = runs[0]
+    failed = next((r for r in runs if not r.ok), None)
+    if failed is not None:
+        return replace(failed, runs=len(runs))
+    rates = [r.it_per_s for r in runs if r.it_per_s is not None]
+    vram = [r.peak_vram_mb for r in runs if r.peak_vram_mb is not None]
+    ram = [r.peak_ram_mb for r in runs if r.peak_ram_mb is not None]
+    return replace(
+        first,
+        seconds=round(statistics.median(r.seconds or 0.0 for r in runs), 4),
+        it_per_s=round(statistics.median(rates), 3) if rates else None,
+        peak_vram_mb=max(vram) if vram else None,
+        peak_ram_mb=max(ram) if ram else None,
+        notes=tuple(dict.fromkeys(n for r in runs for n in r.notes)),
+        runs=len(runs),
+    )
 
 
 def winner(results: Sequence[BenchResult]) -> BenchResult | None:
@@ -223,6 +251,7 @@ def summarize(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
                 "seconds": None if result.seconds is None else round(result.seconds, 3),
                 "it_per_s": None if result.it_per_s is None else round(result.it_per_s, 3),
                 "steps": result.steps,
+                "runs": result.runs,
                 "peak_vram_mb": None if result.peak_vram_mb is None else round(result.peak_vram_mb, 1),
                 "peak_ram_mb": None if result.peak_ram_mb is None else round(result.peak_ram_mb, 1),
                 "ratio": ratio,
@@ -243,6 +272,7 @@ CSV_COLUMNS = (
     "seconds",
     "it_per_s",
     "steps",
+    "runs",
     "peak_vram_mb",
     "peak_ram_mb",
     "ratio",
@@ -344,7 +374,18 @@ def bars_html(results: Sequence[BenchResult]) -> str:
 
 def table_html(results: Sequence[BenchResult]) -> str:
     rows = summarize(results)
-    head = ("Candidate", "Seconds", "Steps", "it/s", "Peak GPU MB", "Peak RAM MB", "× best", "Attention used", "Result")
+    head = (
+        "Candidate",
+        "Seconds",
+        "Runs",
+        "Steps",
+        "it/s",
+        "Peak GPU MB",
+        "Peak RAM MB",
+        "× best",
+        "Attention used",
+        "Result",
+    )
     cell = 'style="padding:2px 8px;text-align:left"'
     out = ['<table class="optim-bench-table" style="border-collapse:collapse;width:100%"><thead><tr>']
     out += [f"<th {cell}>{html.escape(h)}</th>" for h in head]
@@ -354,6 +395,7 @@ def table_html(results: Sequence[BenchResult]) -> str:
         values = (
             row["label"],
             _num(row["seconds"], digits=3),
+            row["runs"],
             "—" if row["steps"] is None else row["steps"],
             _num(row["it_per_s"]),
             _num(row["peak_vram_mb"], digits=0),
@@ -405,6 +447,7 @@ class BenchRequest:
     seed: int = 1
     kinds: tuple[str, ...] = KINDS
     candidates: tuple[GenerationSettings, ...] | None = None  # explicit list; None = derived from the baseline
+    repeats: int = 1  # timed generations per candidate, interleaved; the median counts
 
 
 def _whole(name: str, value: object, low: int, high: int, multiple: int = 1) -> int:
@@ -454,6 +497,7 @@ def parse_request(
     height = _whole("height", payload.get("height", 512), SIZE_MIN, SIZE_MAX, SIZE_STEP)
     steps = _whole("steps", payload.get("steps", 10), STEPS_MIN, STEPS_MAX)
     seed = _whole("seed", payload.get("seed", 1), 0, SEED_MAX)
+    repeats = _whole("repeats", payload.get("repeats", 1), 1, REPEATS_MAX)
     kinds_value = payload.get("kinds", list(KINDS))
     if isinstance(kinds_value, str):
         kinds_value = [kinds_value]
@@ -478,7 +522,7 @@ def parse_request(
             if settings not in parsed:
                 parsed.append(settings)
         explicit = tuple(parsed)
-    return BenchRequest(prompt, width, height, steps, seed, tuple(kinds_value), explicit)
+    return BenchRequest(prompt, width, height, steps, seed, tuple(kinds_value), explicit, repeats)
 
 
 def explicit_candidates(settings: Sequence[GenerationSettings], base: GenerationSettings) -> list[Candidate]:

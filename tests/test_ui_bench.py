@@ -25,8 +25,8 @@ def _handlers(blocks):
 def build(**kwargs):
     calls = []
 
-    def run(prompt, width, height, steps, kinds, progress):
-        calls.append((prompt, width, height, steps, kinds))
+    def run(prompt, width, height, steps, kinds, repeats, progress):
+        calls.append((prompt, width, height, steps, kinds, repeats))
         progress(0.5, "half way")
         return "<table>ok</table>", {"attention": "sdp", "enabled": True}
 
@@ -60,10 +60,11 @@ def test_run_reports_progress_and_returns_html_and_the_winner():
         512,
         4,
         [KIND_LABELS["attention"], KIND_LABELS["vae_on_cpu"]],
+        3.0,
         progress=lambda *a, **k: updates.append((a, k)),
     )
     assert out == ("<table>ok</table>", {"attention": "sdp", "enabled": True}, "")
-    assert calls == [("a cat", 256, 512, 4, ["attention", "vae_on_cpu"])]
+    assert calls == [("a cat", 256, 512, 4, ["attention", "vae_on_cpu"], 3)]
     assert updates == [((0.5,), {"desc": "half way"})]
     assert make_default({"attention": "sdp"}) == "<p>saved</p>"
 
@@ -73,6 +74,7 @@ def test_inputs_have_the_given_defaults():
     by_id = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
     assert by_id["optim_bench_w"].value == 320
     assert by_id["optim_bench_h"].value == 448
+    assert (by_id["optim_bench_repeats"].value, by_id["optim_bench_repeats"].maximum) == (1, 5)
     assert by_id["optim_bench_kinds"].value == [
         KIND_LABELS["attention"],
         KIND_LABELS["channels_last"],

@@ -167,6 +167,8 @@ def test_html_escapes_text():
         ({"candidates": [{"attention": "warp"}]}, "candidates[0].attention", "sdp"),
         ({"candidates": [{}, {"vae_on_cpu": "maybe"}]}, "candidates[1].vae_on_cpu", "inherit"),
         ({"speed": "max"}, "request", "keys prompt, width"),
+        ({"repeats": 0}, "repeats", "from 1 to 5"),
+        ({"repeats": 6}, "repeats", "from 1 to 5"),
     ],
 )
 def test_bad_requests_name_field_value_and_allowed(payload, field, allowed):
@@ -543,6 +545,53 @@ def test_an_interrupt_ends_the_run(host):
     results = bench.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1)
     assert [r.error for r in results] == [None, "interrupted", "interrupted"]
     assert [s["attention"] for s in host.seen] == ["Doggettx", "Doggettx", "sdp"]
+
+
+def test_repeats_rotate_the_order_and_the_median_counts(host):
+    results = bench.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=2, repeats=3)
+    # warm-up, then 3 rounds, each starting one candidate later
+    assert [s["attention"] for s in host.seen] == [
+        "Doggettx",
+        *("Doggettx", "sdp", "split"),
+        *("sdp", "split", "Doggettx"),
+        *("split", "Doggettx", "sdp"),
+    ]
+    assert [r.runs for r in results] == [3, 3, 3] and all(r.ok for r in results)
+    assert host.rt.adapter.current == "Doggettx" and host.rt.active_sessions() == 0
+
+
+def test_a_failed_candidate_is_not_run_again(host):
+    host.oom_for.add("sdp")
+    results = bench.run_benchmark(_cands("host", "sdp"), prompt="x", width=64, height=64, steps=1, repeats=2)
+    assert [s["attention"] for s in host.seen] == ["Doggettx", "Doggettx", "sdp", "Doggettx"]
+    assert results[1].out_of_memory and results[1].runs == 1 and results[0].runs == 2
+
+
+def test_an_interrupt_in_a_later_round_keeps_finished_runs(host):
+    results = bench.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1, repeats=2)
+    assert all(r.runs == 2 for r in results)
+    host.seen.clear()
+    host.shared.state.interrupt_on = "split"
+    results = bench.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1, repeats=2)
+    # round 1: host, sdp, split (interrupted) — the run ends there
+    assert [s["attention"] for s in host.seen] == ["Doggettx", "Doggettx", "sdp", "split"]
+    assert [r.error for r in results] == [None, None, "interrupted"]
+
+
+def test_combine_runs_takes_the_median_and_the_first_failure():
+    s = GenerationSettings(enabled=True)
+    runs = [
+        BenchResult(BASELINE, s, seconds=3.0, it_per_s=2.0, peak_ram_mb=900.0, steps=4),
+        BenchResult(BASELINE, s, seconds=1.0, it_per_s=6.0, peak_ram_mb=950.0, steps=4),
+        BenchResult(BASELINE, s, seconds=2.0, it_per_s=4.0, peak_ram_mb=920.0, steps=4),
+    ]
+    combined = webbench.combine_runs(runs)
+    assert (combined.seconds, combined.it_per_s, combined.peak_ram_mb, combined.runs) == (2.0, 4.0, 950.0, 3)
+    oom = BenchResult(BASELINE, s, error="out of memory: CUDA", out_of_memory=True)
+    failed = webbench.combine_runs([runs[0], oom])
+    assert failed.error == oom.error and failed.out_of_memory and failed.runs == 2
+    with pytest.raises(ValueError):
+        webbench.combine_runs([])
 
 
 def test_results_directory_and_make_default(host, tmp_path):

@@ -218,22 +218,27 @@ def run_benchmark(
     height: int,
     steps: int,
     seed: int = 1,
+    repeats: int = 1,
     progress: Progress | None = None,
     warmup: bool = True,
     host_modules: HostModules | None = None,
 ) -> list[BenchResult]:
-    """One warm-up generation (baseline settings, not counted), then one timed generation per candidate.
+    """One warm-up generation (baseline settings, not counted), then ``repeats`` rounds of one timed
+    generation per candidate; each round starts one candidate later, so a slow phase of the machine does not
+    land on the same candidate every time, and a candidate's result is its median
+    (:func:`lib_optim.webbench.combine_runs`).
 
     Takes the host's queue lock for the whole run, so no other generation interleaves; must not be called
     while holding it (it is not reentrant). An error in one candidate (out of memory included) becomes that
-    candidate's failed result; an interrupt (the WebUI's Interrupt button) ends the run.
+    candidate's failed result and it is not run again; an interrupt (the WebUI's Interrupt button) ends the
+    run: candidates that finished a run keep their result, the others are marked interrupted.
     """
     mods = host_modules or HostModules()
     call_queue = mods.get("modules.call_queue")
     if call_queue is None:
         raise BenchError("[Optim] bench: not running inside a WebUI")
     job = _Job(prompt, width, height, steps, seed)
-    total = len(candidates) + (1 if warmup else 0)
+    total = len(candidates) * repeats + (1 if warmup else 0)
 
     def report(done: int, text: str) -> None:
         if progress is not None:
@@ -242,9 +247,9 @@ def run_benchmark(
             except Exception:  # a broken progress display must not stop the benchmark
                 log.debug("progress callback failed", exc_info=True)
 
-    results: list[BenchResult] = []
     if not candidates:
-        return results
+        return []
+    runs: list[list[BenchResult]] = [[] for _ in candidates]
     report(0, "waiting for the current generation to finish")
     with call_queue.queue_lock:
         done = 0
@@ -256,20 +261,36 @@ def run_benchmark(
                 if first.error == "interrupted":
                     return [BenchResult(c.label, c.settings, error="interrupted") for c in candidates]
             done = 1
-        for index, candidate in enumerate(candidates):
-            report(done + index, f"{index + 1}/{len(candidates)}: {candidate.label}")
-            result = _generate(mods, job, candidate)
-            results.append(result)
-            log.info(
-                "bench %s: %s",
-                candidate.label,
-                result.error or f"{result.seconds:.2f} s, {result.it_per_s or 0:.2f} it/s",
-            )
-            if result.error == "interrupted":
-                results += [BenchResult(c.label, c.settings, error="interrupted") for c in candidates[index + 1 :]]
+        interrupted = False
+        for round_index in range(repeats):
+            order = [(round_index + i) % len(candidates) for i in range(len(candidates))]
+            for index in order:
+                candidate = candidates[index]
+                if runs[index] and not runs[index][-1].ok:
+                    done += 1  # failed already: running it again would only fail again
+                    continue
+                where = f"round {round_index + 1}/{repeats}, " if repeats > 1 else ""
+                report(done, f"{where}{order.index(index) + 1}/{len(candidates)}: {candidate.label}")
+                result = _generate(mods, job, candidate)
+                done += 1
+                log.info(
+                    "bench %s: %s",
+                    candidate.label,
+                    result.error or f"{result.seconds:.2f} s, {result.it_per_s or 0:.2f} it/s",
+                )
+                if result.error == "interrupted":
+                    interrupted = True
+                    if not runs[index]:  # one that finished an earlier round keeps that
+                        runs[index].append(result)
+                    break
+                runs[index].append(result)
+            if interrupted:
                 break
     report(total, "done")
-    return results
+    return [
+        webbench.combine_runs(done_runs) if done_runs else BenchResult(c.label, c.settings, error="interrupted")
+        for c, done_runs in zip(candidates, runs, strict=True)
+    ]
 
 
 # --- where results go, and "make the winner my default" -----------------------------------------------
@@ -406,6 +427,7 @@ def bench(payload: Mapping[str, Any], progress: Progress | None = None) -> dict[
         height=request.height,
         steps=request.steps,
         seed=request.seed,
+        repeats=request.repeats,
         progress=progress,
     )
     meta = {
@@ -415,6 +437,7 @@ def bench(payload: Mapping[str, Any], progress: Progress | None = None) -> dict[
         "height": request.height,
         "steps": request.steps,
         "seed": request.seed,
+        "repeats": request.repeats,
         "sampler": SAMPLER,
         "baseline": replace(ctx.base, enabled=True).to_dict(),
     }
@@ -476,10 +499,22 @@ def api_make_default(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def ui_run(
-    prompt: str, width: Any, height: Any, steps: Any, kinds: Sequence[str], progress: Progress | None = None
+    prompt: str,
+    width: Any,
+    height: Any,
+    steps: Any,
+    kinds: Sequence[str],
+    repeats: Any = 1,
+    progress: Progress | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
     """The tab's Run button: (report HTML, the winner's settings dict or None)."""
-    payload = {"prompt": prompt or webbench.DEFAULT_PROMPT, "width": width, "height": height, "steps": steps}
+    payload = {
+        "prompt": prompt or webbench.DEFAULT_PROMPT,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "repeats": repeats,
+    }
     payload["kinds"] = list(kinds or [])
     if not payload["kinds"]:
         return webbench.error_html("Choose at least one kind of candidate."), None

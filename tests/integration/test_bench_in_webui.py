@@ -38,7 +38,8 @@ def test_bad_requests_are_refused_naming_the_field(webui):
 
 def test_bench_runs_saves_and_makes_the_winner_the_default(webui):
     code, body = _bench(
-        webui, {"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "kinds": ["attention", "vae_on_cpu"]}
+        webui,
+        {"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "repeats": 2, "kinds": ["attention", "vae_on_cpu"]},
     )
     assert code == 200, body
     rows = body["rows"]
@@ -49,6 +50,7 @@ def test_bench_runs_saves_and_makes_the_winner_the_default(webui):
         assert all(r["seconds"] > 0 and r["ratio"] >= 1.0 for r in finished), rows
         # the request's steps, not the Sampler script's UI default (20): the host counted each one
         assert all(r["steps"] == 1 for r in finished), rows
+        assert all(r["runs"] == 2 for r in finished), rows  # the median of two runs each
         winner = body["winner"]
         assert winner is not None
         [winning_row] = [r for r in rows if r["winner"]]

@@ -99,6 +99,7 @@ def test_benchmark_tab_runs_and_shows_results(webui, browser):
     _set_number(browser, "optim_bench_w", 64)
     _set_number(browser, "optim_bench_h", 64)
     _set_number(browser, "optim_bench_steps", 1)
+    _set_number(browser, "optim_bench_repeats", 2)
     browser.find_element(By.ID, "optim_bench_run").click()
     WebDriverWait(browser, 600).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#optim_bench_results table")))
     results = browser.find_element(By.ID, "optim_bench_results")
@@ -106,8 +107,10 @@ def test_benchmark_tab_runs_and_shows_results(webui, browser):
     # the size and steps typed into the tab are what ran (the saved JSON records the counted steps)
     saved = max((webui.root / "outputs" / "optim-bench").glob("*.json"), key=lambda f: f.stat().st_mtime)
     document = json.loads(saved.read_text(encoding="utf-8"))
-    assert (document["meta"]["width"], document["meta"]["height"], document["meta"]["steps"]) == (64, 64, 1)
-    assert all(row["steps"] == 1 for row in document["rows"] if row["error"] is None), document["rows"]
+    meta = document["meta"]
+    assert (meta["width"], meta["height"], meta["steps"], meta["repeats"]) == (64, 64, 1, 2)
+    finished = [row for row in document["rows"] if row["error"] is None]
+    assert finished and all(row["steps"] == 1 and row["runs"] == 2 for row in finished), document["rows"]
     browser.find_element(By.ID, "optim_bench_default").click()
     WebDriverWait(browser, 60).until(lambda d: "Saved as Settings" in d.find_element(By.ID, "optim_bench_message").text)
     browser.execute_script(
