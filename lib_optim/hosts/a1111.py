@@ -41,15 +41,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import (
-    BackendInfo,
-    EffectiveState,
-    HostAdapter,
-    HostModules,
-    NotSupportedHere,
-    Session,
-    auto_attention_request,
-)
+from lib_optim.hosts import base
+from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
 from lib_optim.planner import choose_auto_attention
@@ -423,7 +416,7 @@ class A1111Adapter(HostAdapter):
             if not available:
                 raise NotSupportedHere(f"[Optim] attention: 'auto' is not available here ({_NOT_LISTED_YET})")
             devices = self._modules.loaded("modules.devices")
-            choice = choose_auto_attention(available, **auto_attention_request(p, devices))
+            choice = choose_auto_attention(available, **base.auto_attention_request(p, devices))
             target = choice.attention
             session.data["auto_reason"] = choice.reason
             log.info("attention auto → %s", choice.reason)

@@ -40,15 +40,8 @@ from types import ModuleType
 from typing import Any
 
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import (
-    BackendInfo,
-    EffectiveState,
-    HostAdapter,
-    HostModules,
-    NotSupportedHere,
-    Session,
-    auto_attention_request,
-)
+from lib_optim.hosts import base
+from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.planner import choose_auto_attention
@@ -360,7 +353,7 @@ class ForgeAdapter(HostAdapter):
             if memory is None:
                 current = getattr(mm, "current_inference_memory", None) if mm is not None else None
                 memory = int(current // MB) if isinstance(current, (int, float)) else None
-            request = auto_attention_request(p, self._modules.loaded("modules.devices"), budget_mb=memory)
+            request = base.auto_attention_request(p, self._modules.loaded("modules.devices"), budget_mb=memory)
             choice = choose_auto_attention(available, **request)
             target = choice.attention
             session.data["auto_reason"] = choice.reason
