@@ -139,12 +139,26 @@ class HostAdapter(abc.ABC):
         """Re-apply per-sampling changes; default: nothing to do."""
 
 
+def hires_size(width: int, height: int, scale: float, resize_x: int, resize_y: int) -> tuple[int, int]:
+    """The hires pass's size, as ``calculate_target_resolution`` computes it (A1111 v1.10.1
+    processing.py:1223-1247; Forge f2 processing.py:1246-1270): ``hr_scale`` when no resize is given; one
+    resize side keeps the aspect ratio; both: the image is scaled to cover them (then cropped)."""
+    if resize_x == 0 and resize_y == 0:
+        return int(width * scale), int(height * scale)
+    if resize_y == 0:
+        return resize_x, resize_x * height // width
+    if resize_x == 0:
+        return resize_y * width // height, resize_y
+    if width / height < resize_x / resize_y:
+        return resize_x, resize_x * height // width
+    return resize_y * width // height, resize_y
+
+
 def auto_attention_request(p: Any, devices: Any, *, budget_mb: int | None = None) -> dict[str, Any]:
     """The keyword arguments of :func:`lib_optim.planner.choose_auto_attention` for the generation ``p``.
 
-    - size: the largest pass's — with hires fix ``hr_scale`` or ``hr_resize_x/y`` (the upscale target
-      ``hr_upscale_to_x/y`` is only computed in ``p.init()``, after the scripts' ``process``; A1111 v1.10.1
-      processing.py:1232-1262, Forge f2 the same), and the batch size;
+    - size: the largest pass's — with hires fix :func:`hires_size` (the host computes ``hr_upscale_to_x/y``
+      only in ``p.init()``, after the scripts' ``process``), and the batch size;
     - family: ``sdxl`` when ``p.sd_model.is_sdxl`` (A1111 sd_models.py:382-390; Forge
       backend/diffusion_engine/sdxl.py:79), else ``sd15``;
     - device and compute dtype: ``modules.devices.device`` and ``dtype_unet`` (A1111 devices.py:120-127;
@@ -156,12 +170,17 @@ def auto_attention_request(p: Any, devices: Any, *, budget_mb: int | None = None
 
     from lib_optim.attention_impl import free_memory_bytes
 
-    width = float(getattr(p, "width", 512) or 512)
-    height = float(getattr(p, "height", 512) or 512)
+    width = int(getattr(p, "width", 512) or 512)
+    height = int(getattr(p, "height", 512) or 512)
     if getattr(p, "enable_hr", False):
-        scale = float(getattr(p, "hr_scale", 1) or 1)
-        width = max(width * scale, getattr(p, "hr_resize_x", 0) or 0, getattr(p, "hr_upscale_to_x", 0) or 0)
-        height = max(height * scale, getattr(p, "hr_resize_y", 0) or 0, getattr(p, "hr_upscale_to_y", 0) or 0)
+        hires = hires_size(
+            width,
+            height,
+            float(getattr(p, "hr_scale", 1) or 1),
+            int(getattr(p, "hr_resize_x", 0) or 0),
+            int(getattr(p, "hr_resize_y", 0) or 0),
+        )
+        width, height = max(width, hires[0]), max(height, hires[1])
     device = torch.device(getattr(devices, "device", None) or "cpu")
     dtype = getattr(devices, "dtype_unet", None)
     dtype_bytes = dtype.itemsize if isinstance(dtype, torch.dtype) else (4 if device.type == "cpu" else 2)
@@ -171,8 +190,8 @@ def auto_attention_request(p: Any, devices: Any, *, budget_mb: int | None = None
     except (RuntimeError, OSError, ValueError, AssertionError):  # torch without this device's support
         _log.debug("free memory on %s unknown: auto plans without a memory limit", device, exc_info=True)
     return {
-        "width": int(width),
-        "height": int(height),
+        "width": width,
+        "height": height,
         "batch": int(getattr(p, "batch_size", 1) or 1),
         "family": "sdxl" if getattr(getattr(p, "sd_model", None), "is_sdxl", False) else "sd15",
         "device": "cpu" if device.type == "cpu" else "cuda",
