@@ -171,6 +171,13 @@ def start_webui(host: str, extra_args: list[str] | None = None, address_space_li
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"{host} exited with {process.returncode} during start-up:\n{webui.log()[-4000:]}")
+        if "Startup time:" not in webui.log():
+            # No request before the host says it is up: A1111 v1.10.1 starts serving (webui.py:79) before it
+            # adds the API middleware (:112), and a request in between makes starlette build its middleware
+            # stack, so create_api fails with "Cannot add middleware after an application has started" (seen
+            # here once). The line is printed after the API and on_app_started (:122; Forge f2 the same).
+            time.sleep(1)
+            continue
         try:
             # our routes come from on_app_started, a moment after the host's own API routes
             ready = all(
