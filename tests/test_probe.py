@@ -12,25 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_nvml import FakeMemory, FakeNVMLError, fake_pynvml, names, names_missing_from
 
 from lib_optim.probe import GpuInfo, SystemFacts, probe_system, probe_xformers, torch_build_matches
 
 MB = 1024 * 1024
 
 # --------------------------------------------------------------------------------------------- fakes
-
-
-class FakeNVMLError(Exception):
-    """Stands in for pynvml.NVMLError (a plain Exception subclass in nvidia-ml-py)."""
-
-
-class FakeMemory:
-    """Like pynvml's c_nvmlMemory_t: byte counts as attributes."""
-
-    def __init__(self, total: int, free: int) -> None:
-        self.total = total
-        self.free = free
-        self.used = total - free
 
 
 def make_fake_pynvml(
@@ -40,36 +28,18 @@ def make_fake_pynvml(
     free_mb: int = 7000,
     driver: str | bytes = "550.54.14",
     fail: dict[str, Exception] | None = None,
-) -> tuple[types.ModuleType, list[str]]:
+) -> tuple[types.ModuleType, list[tuple[str, tuple[Any, ...]]]]:
     """A module imitating nvidia-ml-py's pynvml API for one GPU; returns it and its call log."""
-    calls: list[str] = []
-    failures = fail or {}
-
-    def fn(fn_name: str, result: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            calls.append(fn_name)
-            if fn_name in failures:
-                raise failures[fn_name]
-            return result(*args)
-
-        return call
-
-    module = types.ModuleType("pynvml")
-    module.NVMLError = FakeNVMLError  # type: ignore[attr-defined]
     handle = object()
     api: dict[str, Callable[..., Any]] = {
-        "nvmlInit": lambda: None,
-        "nvmlShutdown": lambda: None,
         "nvmlSystemGetDriverVersion": lambda: driver,
         "nvmlDeviceGetCount": lambda: 1,
         "nvmlDeviceGetHandleByIndex": lambda index: handle,
         "nvmlDeviceGetName": lambda h: name,
-        "nvmlDeviceGetMemoryInfo": lambda h: FakeMemory(total_mb * MB, free_mb * MB),
+        "nvmlDeviceGetMemoryInfo": lambda h: FakeMemory(total_mb * MB, (total_mb - free_mb) * MB),
         "nvmlDeviceGetCudaComputeCapability": lambda h: (8, 6),
     }
-    for fn_name, result in api.items():
-        setattr(module, fn_name, fn(fn_name, result))
-    return module, calls
+    return fake_pynvml(api, fail=fail)
 
 
 def make_fake_torch(
@@ -240,9 +210,7 @@ def test_fake_pynvml_matches_real_api() -> None:
     """The fake must only use names the installed nvidia-ml-py really has."""
     real = pytest.importorskip("pynvml")
     fake, _ = make_fake_pynvml()
-    for name in vars(fake):
-        if name.startswith("nvml") or name == "NVMLError":
-            assert hasattr(real, name), name
+    assert names_missing_from(real, fake) == []
 
 
 @pytest.mark.parametrize("name", ["NVIDIA GeForce RTX 3070", b"NVIDIA GeForce RTX 3070"])
@@ -264,8 +232,8 @@ def test_fake_nvml_one_gpu(monkeypatch: pytest.MonkeyPatch, name: str | bytes) -
         ),
     )
     assert facts.best_gpu_memory_mb() == 8192
-    assert calls[0] == "nvmlInit"
-    assert calls[-1] == "nvmlShutdown"
+    assert names(calls)[0] == "nvmlInit"
+    assert names(calls)[-1] == "nvmlShutdown"
     data = facts.to_dict()
     assert json.loads(json.dumps(data))["gpus"][0]["compute_capability"] == [8, 6]
     text = facts.format_text()
@@ -277,8 +245,8 @@ def test_nvml_raises_in_the_middle(monkeypatch: pytest.MonkeyPatch) -> None:
     fake, calls = make_fake_pynvml(fail={"nvmlDeviceGetHandleByIndex": FakeNVMLError("GPU is lost")})
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     facts = probe_system(use_torch=False)
-    assert "nvmlShutdown" in calls
-    assert calls[-1] == "nvmlShutdown"
+    assert "nvmlShutdown" in names(calls)
+    assert names(calls)[-1] == "nvmlShutdown"
     assert facts.gpus == ()
     assert facts.gpu_source == "none"
     assert "NVML query failed: GPU is lost" in facts.notes
@@ -288,7 +256,7 @@ def test_nvml_init_fails_no_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
     fake, calls = make_fake_pynvml(fail={"nvmlInit": FakeNVMLError("Driver Not Loaded")})
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     facts = probe_system(use_torch=False)
-    assert calls == ["nvmlInit"]  # shutting down an uninitialised NVML is itself an error
+    assert names(calls) == ["nvmlInit"]  # shutting down an uninitialised NVML is itself an error
     assert "NVML unavailable: Driver Not Loaded" in facts.notes
 
 
@@ -306,7 +274,7 @@ def test_nvml_optional_fields_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     assert facts.gpus[0].total_mb == 8192
     assert facts.nvidia_driver is None
     assert "NVML could not read the compute capability of GPU 0: Not Supported" in facts.notes
-    assert calls[-1] == "nvmlShutdown"
+    assert names(calls)[-1] == "nvmlShutdown"
 
 
 def test_nvml_shutdown_failure_is_harmless(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,46 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from fake_adapter import FakeAdapter
 
 from lib_optim.hostkinds import HostKind
 from lib_optim.hosts import webui
-from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, Session
-from lib_optim.patching import Restorer
 from lib_optim.runtime import Runtime, get_runtime
 from lib_optim.settings import Attention, GenerationSettings, Tri
-
-
-class FakeAdapter(HostAdapter):
-    """Applies attention by setting ``self.current`` and restores it on close."""
-
-    kind = HostKind.A1111
-
-    def __init__(self) -> None:
-        self.current = "Doggettx"
-        self.begun: list[GenerationSettings] = []
-
-    def version(self) -> str:
-        return "v1.10.1"
-
-    def attention_backends(self) -> list[BackendInfo]:
-        return [
-            BackendInfo(Attention.HOST, True, ""),
-            BackendInfo(Attention.AUTO, True, ""),
-            BackendInfo(Attention.SDP, True, "sdp - scaled dot product"),
-            BackendInfo(Attention.SPLIT, True, "Doggettx"),
-            BackendInfo(Attention.SUB_QUAD, True, "sub-quadratic"),
-        ]
-
-    def effective_state(self) -> EffectiveState:
-        return EffectiveState(HostKind.A1111, self.current, False, "cpu", "float32", None, True)
-
-    def begin(self, p: Any, settings: GenerationSettings) -> Session:
-        self.begun.append(settings)
-        restorer = Restorer("fake")
-        previous = self.current
-        self.current = settings.attention.value
-        restorer.callback(setattr, self, "current", previous, note=f"attention {settings.attention.value}")
-        return Session(settings, restorer, attention_used=settings.attention.value)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from fake_nvml import FakeMemory, FakeNVMLError, fake_pynvml, names, names_missing_from
 
 from lib_optim.telemetry import GenerationMeter, Telemetry, format_status
 
@@ -40,27 +41,12 @@ class FakeClock:
 # ----------------------------------------------------------------------------------------------- fakes
 
 
-class FakeNVMLError(Exception):
-    """Stands in for pynvml.NVMLError (a plain Exception subclass in nvidia-ml-py)."""
-
-
-class FakeMemory:
-    """Like pynvml's c_nvmlMemory_t: byte counts as attributes."""
-
-    def __init__(self, total: int, used: int) -> None:
-        self.total = total
-        self.used = used
-        self.free = total - used
-
-
 def make_fake_pynvml(
     used_mb: Callable[[int], int] = lambda call: 1000,
     *,
     fail: dict[str, Exception] | None = None,
 ) -> tuple[types.ModuleType, list[tuple[str, tuple[Any, ...]]]]:
     """A module imitating nvidia-ml-py's pynvml; ``used_mb(n)`` is the used memory at the n-th memory query."""
-    calls: list[tuple[str, tuple[Any, ...]]] = []
-    failures = fail or {}
     lock = threading.Lock()
     memory_queries = [0]
 
@@ -71,41 +57,18 @@ def make_fake_pynvml(
         return FakeMemory(8192 * MB, used_mb(n) * MB)
 
     api: dict[str, Callable[..., Any]] = {
-        "nvmlInit": lambda: None,
-        "nvmlShutdown": lambda: None,
         "nvmlDeviceGetHandleByIndex": lambda index: ("handle", index),
         "nvmlDeviceGetHandleByUUID": lambda uuid: ("handle", uuid),
         "nvmlDeviceGetMemoryInfo": memory,
     }
-
-    def wrap(name: str, result: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            with lock:
-                calls.append((name, args))
-            if name in failures:
-                raise failures[name]
-            return result(*args)
-
-        return call
-
-    module = types.ModuleType("pynvml")
-    module.NVMLError = FakeNVMLError  # type: ignore[attr-defined]
-    for name, result in api.items():
-        setattr(module, name, wrap(name, result))
-    return module, calls
-
-
-def names(calls: list[tuple[str, tuple[Any, ...]]]) -> list[str]:
-    return [name for name, _ in calls]
+    return fake_pynvml(api, fail=fail)
 
 
 def test_fake_pynvml_matches_real_api() -> None:
     """The fake must only use names the installed nvidia-ml-py really has."""
     real = pytest.importorskip("pynvml")
     fake, _ = make_fake_pynvml()
-    for name in vars(fake):
-        if name.startswith("nvml") or name == "NVMLError":
-            assert hasattr(real, name), name
+    assert names_missing_from(real, fake) == []
 
 
 def fake_cuda(

@@ -9,9 +9,10 @@ import pytest
 
 gr = pytest.importorskip("gradio")
 
+from fake_adapter import BACKENDS  # noqa: E402
+
 from lib_optim import ui  # noqa: E402
 from lib_optim.hostkinds import HostKind  # noqa: E402
-from lib_optim.hosts.base import BackendInfo  # noqa: E402
 from lib_optim.settings import FIELDS, Attention, GenerationSettings, Tri, format_infotext  # noqa: E402
 
 pytestmark = pytest.mark.gradio
@@ -34,16 +35,6 @@ class FakeInputAccordion(gr.Checkbox):
 
     def get_block_name(self):
         return "checkbox"
-
-
-BACKENDS = [
-    BackendInfo(Attention.HOST, True, ""),
-    BackendInfo(Attention.AUTO, True, ""),
-    BackendInfo(Attention.SDP, True, "sdp - scaled dot product"),
-    BackendInfo(Attention.SPLIT, True, "Doggettx"),
-    BackendInfo(Attention.SUB_QUAD, True, "sub-quadratic"),
-    BackendInfo(Attention.XFORMERS, False, "xformers", "start the WebUI with --xformers"),
-]
 
 
 def build(

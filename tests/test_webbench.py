@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 import torch
+from fake_adapter import FakeAdapter
 
 from lib_optim import webbench
 from lib_optim.hostkinds import HostKind
 from lib_optim.hosts import bench, webui
-from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, HostModules, Session
-from lib_optim.patching import Restorer
+from lib_optim.hosts.base import HostModules
 from lib_optim.runtime import Runtime, get_runtime
 from lib_optim.settings import Attention, GenerationSettings, SettingsError, Tri
 from lib_optim.webbench import BASELINE, BenchResult, Candidate
@@ -225,37 +225,6 @@ class FIFOLock:
         self.release()
 
 
-class FakeAdapter(HostAdapter):
-    kind = HostKind.A1111
-
-    def __init__(self) -> None:
-        self.current = "Doggettx"
-
-    def version(self) -> str:
-        return "v1.10.1"
-
-    def attention_backends(self) -> list[BackendInfo]:
-        return [
-            BackendInfo(Attention.HOST, True, ""),
-            BackendInfo(Attention.AUTO, True, ""),
-            BackendInfo(Attention.SDP, True, "sdp - scaled dot product"),
-            BackendInfo(Attention.SPLIT, True, "Doggettx"),
-            BackendInfo(Attention.SUB_QUAD, True, "sub-quadratic"),
-            BackendInfo(Attention.XFORMERS, False, "xformers", "start with --xformers"),
-        ]
-
-    def effective_state(self) -> EffectiveState:
-        return EffectiveState(HostKind.A1111, self.current, False, "cuda:0", "float16", None, True)
-
-    def begin(self, p: Any, settings: GenerationSettings) -> Session:
-        restorer = Restorer("fake")
-        previous = self.current
-        if settings.attention not in (Attention.HOST, Attention.AUTO):
-            self.current = settings.attention.value
-        restorer.callback(setattr, self, "current", previous)
-        return Session(settings, restorer, attention_used=self.current)
-
-
 class Component:
     def __init__(self, value: Any) -> None:
         self.value = value
@@ -383,7 +352,7 @@ class Options:
 @pytest.fixture
 def host(monkeypatch, tmp_path):
     """Fake ``modules.*`` as the bench uses them; the real Optim glue (webui.process/postprocess/close)."""
-    rt = Runtime(host=HostKind.A1111, adapter=FakeAdapter())
+    rt = Runtime(host=HostKind.A1111, adapter=FakeAdapter(device="cuda:0", dtype="float16"))
     monkeypatch.setattr("lib_optim.runtime._runtime", rt)
     assert get_runtime() is rt
     lock = FIFOLock()
