@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lib_optim import __version__
 from lib_optim.checker import Finding, Severity
@@ -23,7 +23,9 @@ from lib_optim.log import get_logger
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings, format_infotext
 from lib_optim.telemetry import GenerationMeter, Telemetry, format_status
-from lib_optim.webbench import BenchResult
+
+if TYPE_CHECKING:  # only a type here: the benchmark's module is not needed to run a generation
+    from lib_optim.webbench import BenchResult
 
 log = get_logger(__name__)
 
