@@ -17,10 +17,9 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Body, Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
@@ -29,7 +28,7 @@ from lib_optim.cmdline import split_command_line
 from lib_optim.hostkinds import CHECKED_HOSTS, HostKind, parse_host
 from lib_optim.log import get_logger
 from lib_optim.profiles import PROFILES, ProfileError, resolve
-from lib_optim.settings import SettingsError, from_script_args, json_schema
+from lib_optim.settings import Allowed, SettingsError, from_script_args, json_schema
 
 log = get_logger(__name__)
 
@@ -63,8 +62,15 @@ def auth_dependency(credentials: Mapping[str, str]) -> Callable[..., bool]:
     return check
 
 
-def validation_error(body: Any, host: HostKind | None, validate: Callable[[Any], None] | None = None) -> str | None:
-    """The error message for our part of a generation request body, or None when it is fine (or absent)."""
+def validation_error(
+    body: Any,
+    host: HostKind | None,
+    validate: Callable[[Any], None] | None = None,
+    allowed: Allowed | None = None,
+) -> str | None:
+    """The error message for our part of a generation request body, or None when it is fine (or absent).
+    ``allowed``: the values this install accepts by field (e.g. the available attention backends), so the
+    message lists only those."""
     if not isinstance(body, dict):
         return None
     scripts = body.get("alwayson_scripts")
@@ -81,7 +87,7 @@ def validation_error(body: Any, host: HostKind | None, validate: Callable[[Any],
     if not isinstance(args, list):
         return f"[Optim] args: {args!r} is not allowed; allowed: a list — [{{...settings...}}] or positional values"
     try:
-        settings = from_script_args(args, host)
+        settings = from_script_args(args, host, allowed=allowed)
         if validate is not None and settings.enabled:
             validate(settings)
     except (SettingsError, ValueError) as exc:
@@ -92,9 +98,15 @@ def validation_error(body: Any, host: HostKind | None, validate: Callable[[Any],
 class _ValidatingRoute(BaseRoute):
     """Checks our args on the generation routes, then passes the request on unchanged."""
 
-    def __init__(self, host: HostKind | None, validate: Callable[[Any], None] | None):
+    def __init__(
+        self,
+        host: HostKind | None,
+        validate: Callable[[Any], None] | None,
+        available: Callable[[], Allowed] | None = None,
+    ):
         self.host = host
         self.validate = validate
+        self.available = available
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         if scope.get("type") == "http" and scope.get("method") == "POST" and scope.get("path") in GENERATION_PATHS:
@@ -120,7 +132,8 @@ class _ValidatingRoute(BaseRoute):
         except ValueError:
             body = None  # not JSON: the host's route answers that
         if body is not None:
-            error = validation_error(body, self.host, self.validate)
+            allowed = self.available() if self.available is not None else None
+            error = validation_error(body, self.host, self.validate, allowed)
         if error is not None:
             log.warning("API request refused: %s", error)
             await JSONResponse({"detail": error, "error": "OptimSettingsError"}, status_code=422)(scope, receive, send)
@@ -146,19 +159,44 @@ class _ValidatingRoute(BaseRoute):
         await JSONResponse({"detail": "Not Found"}, status_code=404)(scope, receive, send)
 
 
-class CheckRequest(BaseModel):
-    host: str | None = None  # default: the running host
-    args: list[str] | None = None
-    commandline: str | None = None
-    env: dict[str, str] = {}
+CHECK_KEYS = ("host", "args", "commandline", "env")
 
 
-def install_validation(app: FastAPI, host: HostKind | None, validate: Callable[[Any], None] | None = None) -> None:
-    """Put the validating route first (once; a UI reload builds a new app, HOSTS.md §7.7)."""
+def parse_check_request(body: Any) -> tuple[str | None, list[str], str | None, dict[str, str]]:
+    """``POST /optim/v1/check``'s body: (host, args, commandline, env), each checked for its type — a number
+    where a string belongs is refused, never turned into the flag "5". :class:`SettingsError` names the field,
+    the value and what is allowed."""
+    if not isinstance(body, dict):
+        raise SettingsError("request", body, "a JSON object with keys " + ", ".join(CHECK_KEYS))
+    unknown = [k for k in body if k not in CHECK_KEYS]
+    if unknown:
+        raise SettingsError("request", unknown[0], "keys " + ", ".join(CHECK_KEYS))
+    host = body.get("host")
+    if host is not None and not isinstance(host, str):
+        raise SettingsError("host", host, "a host name (string) or null")
+    args = body.get("args") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise SettingsError("args", args, "a list of strings (launch arguments)")
+    commandline = body.get("commandline")
+    if commandline is not None and not isinstance(commandline, str):
+        raise SettingsError("commandline", commandline, "a string (as COMMANDLINE_ARGS) or null")
+    env = body.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise SettingsError("env", env, "an object of string names to string values")
+    return host, list(args), commandline, dict(env)
+
+
+def install_validation(
+    app: FastAPI,
+    host: HostKind | None,
+    validate: Callable[[Any], None] | None = None,
+    available: Callable[[], Allowed] | None = None,
+) -> None:
+    """Put the validating route first (once; a UI reload builds a new app, docs/hosts.md §1.6)."""
     routes = app.router.routes
     for existing in [r for r in routes if isinstance(r, _ValidatingRoute)]:
         routes.remove(existing)
-    routes.insert(0, _ValidatingRoute(host, validate))
+    routes.insert(0, _ValidatingRoute(host, validate, available))
 
 
 def register_routes(
@@ -169,9 +207,11 @@ def register_routes(
     api_auth: str | None,
     facts: Callable[[], RuntimeFacts] | None = None,
     validate: Callable[[Any], None] | None = None,
+    available: Callable[[], Allowed] | None = None,
     extra_routes: Sequence[tuple[str, Callable[..., Awaitable[Any] | Any], list[str]]] = (),
 ) -> None:
-    """Add ``/optim/v1/*`` (with the host's ``--api-auth`` credentials when set) and request validation."""
+    """Add ``/optim/v1/*`` (with the host's ``--api-auth`` credentials when set) and request validation.
+    ``available``: the values this install accepts by field, for error messages and the schema."""
     credentials = parse_api_auth(api_auth)
     dependencies = [Depends(auth_dependency(credentials))] if credentials else []
     for route in [r for r in app.router.routes if getattr(r, "path", "").startswith(PREFIX)]:
@@ -180,25 +220,28 @@ def register_routes(
     def get_status() -> dict[str, Any]:
         return status()
 
-    def post_check(request: CheckRequest) -> dict[str, Any]:
+    def post_check(body: Any = Body(None)) -> dict[str, Any]:  # noqa: B008 - FastAPI idiom
         try:
-            target = parse_host(request.host) if request.host else host
+            host_name, argv, commandline, env = parse_check_request(body)
+        except SettingsError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        try:
+            target = parse_host(host_name) if host_name else host
         except ValueError as exc:
             raise HTTPException(status_code=422, detail=f"[Optim] {exc}") from None
         if target is None or target not in CHECKED_HOSTS:
             allowed = ", ".join(h.value for h in CHECKED_HOSTS)
             raise HTTPException(
-                status_code=422, detail=f"[Optim] host: {request.host!r} is not allowed; allowed: {allowed}"
+                status_code=422, detail=f"[Optim] host: {host_name!r} is not allowed; allowed: {allowed}"
             )
-        argv = list(request.args or [])
-        if request.commandline:
+        if commandline:
             try:
-                argv += split_command_line(request.commandline)
+                argv += split_command_line(commandline)
             except ValueError as exc:
                 raise HTTPException(
-                    status_code=422, detail=f"[Optim] commandline: {request.commandline!r} cannot be split: {exc}"
+                    status_code=422, detail=f"[Optim] commandline: {commandline!r} cannot be split: {exc}"
                 ) from None
-        findings = run_checks(CheckInput(target, argv, request.env, facts() if facts else RuntimeFacts()))
+        findings = run_checks(CheckInput(target, argv, env, facts() if facts else RuntimeFacts()))
         return {
             "host": target.value,
             "argv": argv,
@@ -207,7 +250,7 @@ def register_routes(
         }
 
     def get_schema() -> dict[str, Any]:
-        return json_schema(host if host in CHECKED_HOSTS else None)
+        return json_schema(host, allowed=available() if available is not None else None)
 
     def get_profiles() -> list[dict[str, Any]]:
         out = []
@@ -240,4 +283,4 @@ def register_routes(
     app.add_api_route(f"{PREFIX}/profiles", get_profiles, methods=["GET"], dependencies=dependencies)
     for path, endpoint, methods in extra_routes:
         app.add_api_route(f"{PREFIX}{path}", endpoint, methods=methods, dependencies=dependencies)
-    install_validation(app, host, validate)
+    install_validation(app, host, validate, available)

@@ -1,6 +1,6 @@
 """Our own implementations of the attention algorithms the hosts use, for use outside a WebUI.
 
-The benchmark (:mod:`lib_optim.bench`) times these side by side and the planner (:mod:`lib_optim.planner`)
+The benchmark (:mod:`lib_optim.attention_bench`) times these side by side and the planner (:mod:`lib_optim.planner`)
 predicts their memory, so each function here is written to have exactly the memory behaviour the
 planner's formulas describe. They re-implement the *algorithms* of A1111 v1.10.1
 (``modules/sd_hijack_optimizations.py``, ``modules/sub_quadratic_attention.py``) and Forge
@@ -22,8 +22,10 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from lib_optim import attention as registry
+from lib_optim.attention import Attention
+from lib_optim.attention_memory import SPLIT_MAX_STEPS, split_steps, sub_quad_chunks
 from lib_optim.log import get_logger
-from lib_optim.planner import split_steps, sub_quad_chunks
 
 log = get_logger(__name__)
 
@@ -133,7 +135,7 @@ def split(
     """Doggettx split attention: full-width score rows for a slice of the queries at a time.
 
     The number of slices ``steps`` comes from free memory exactly as the hosts choose it
-    (:func:`lib_optim.planner.split_steps`: the full score matrix times 2.5 (fp32) or 3 (fp16) against
+    (:func:`lib_optim.attention_memory.split_steps`: the full score matrix times 2.5 (fp32) or 3 (fp16) against
     ``free_bytes``, rounded up to a power of two, at most 64); pass ``steps`` to fix it. Slices are
     ``ceil(Nq / steps)`` queries (the last one shorter) — A1111 uses ``Nq // steps`` and Forge falls back
     to one slice when ``steps`` does not divide ``Nq``; ceil keeps the slice count at ``steps``.
@@ -144,8 +146,10 @@ def split(
     if steps is None:
         free = free_memory_bytes(q.device) if free_bytes is None else free_bytes
         steps = split_steps(bh, nq, nk, q.element_size(), free)
-        if steps > 64:  # the hosts' limit: past it the slices are too thin to be worth running
-            raise MemoryError(f"[Optim] split attention needs {steps} slices (more than 64) in {free} bytes")
+        if steps > SPLIT_MAX_STEPS:  # the hosts' limit: past it the slices are too thin to be worth running
+            raise MemoryError(
+                f"[Optim] split attention needs {steps} slices (more than {SPLIT_MAX_STEPS}) in {free} bytes"
+            )
     size = math.ceil(nq / max(1, steps))
     # zeros, as the hosts allocate it: the whole output is resident from the start (an empty tensor's
     # pages would only be touched slice by slice, and the peak would depend on where it fell).
@@ -179,7 +183,7 @@ def sub_quad(
     running maximum, a running sum of exponentials and a running weighted sum of values, rescaled when the
     maximum grows — so only a ``(B·H, q_chunk, kv_chunk)`` score block exists at once.
 
-    Chunk sizes follow A1111's ``sub_quad_attention`` (:func:`lib_optim.planner.sub_quad_chunks`):
+    Chunk sizes follow A1111's ``sub_quad_attention`` (:func:`lib_optim.attention_memory.sub_quad_chunks`):
     ``kv_chunk`` defaults to √Nk; ``chunk_threshold`` is a percentage of free memory (``None``: 70 %,
     ``0``: no threshold) — when the whole Q·Kᵀ fits under it, all keys go in one chunk (the no-chunk fast
     path: plain softmax per query chunk, no running statistics).
@@ -244,12 +248,23 @@ def _online_chunk(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, kc: int, s
     return acc.div_(run_sum)
 
 
-def xformers_available() -> bool:
+def sdp_no_mem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A1111's ``sdp-no-mem``: SDPA with the memory-efficient kernel disabled (flash and math only)."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([_sdp_backend("flash"), _sdp_backend("math")]):  # type: ignore[list-item]
+        return sdp(q, k, v)
+
+
+def xformers_unavailable_reason(device: str) -> str:
+    """ "" when xformers' kernels can run on ``device``, else why and what to do."""
+    if device != "cuda":
+        return "xformers has CUDA kernels only"
     try:
         import xformers.ops  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken xformers build raises anything on import
-        return False
-    return True
+    except Exception as exc:  # noqa: BLE001 - a broken xformers build raises anything on import
+        return f"xformers does not import ({type(exc).__name__}); pip install the xformers build that matches torch"
+    return ""
 
 
 def xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -260,28 +275,35 @@ def xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return xops.memory_efficient_attention(q.contiguous(), k.contiguous(), v.contiguous())
 
 
-def available_backends(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, AttnFn]:
-    """Backends that run here, by the names the planner and the benchmark use.
-
-    ``sdp``, ``split``, ``sub-quad`` and ``none`` always; ``xformers`` when importable on CUDA; and each
-    SDPA kernel (``sdp-math``, ``sdp-flash``, ``sdp-efficient``, ``sdp-cudnn``) torch runs on this device.
-    """
+def available_backends(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[Attention, AttnFn]:
+    """The registered algorithms that have an implementation here and can run on this device
+    (:meth:`lib_optim.attention.AttentionBackend.unavailable_reason`), by name."""
     dev = str(torch.device(device).type)
-    out: dict[str, AttnFn] = {
-        "sdp": sdp,
-        "split": split,
-        "sub-quad": sub_quad,
-        "none": naive,
-    }
-    if dev == "cuda" and xformers_available():
-        out["xformers"] = xformers
+    out: dict[Attention, AttnFn] = {}
+    for entry in registry.algorithms():
+        fn = entry.implementation_fn()
+        if fn is None:
+            continue
+        reason = entry.unavailable_reason(dev)
+        if reason:
+            log.debug("%s does not run on %s: %s", entry.name.value, dev, reason)
+            continue
+        out[entry.name] = fn
+    return out
+
+
+def sdp_kernels(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, AttnFn]:
+    """Each SDPA kernel (``math``, ``flash``, ``efficient``, ``cudnn``) torch runs on this device and dtype,
+    forced one at a time — for comparing them with the backends."""
+    dev = str(torch.device(device).type)
+    out: dict[str, AttnFn] = {}
     for kernel in SDP_KERNELS:
         if sdp_kernel_works(kernel, dev, dtype, 64):
 
             def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, _kernel: str = kernel) -> torch.Tensor:
                 return sdp_variant(q, k, v, _kernel)
 
-            out[f"sdp-{kernel}"] = run
+            out[kernel] = run
         else:
             log.debug("SDPA kernel %s does not run on %s/%s", kernel, dev, dtype)
     return out

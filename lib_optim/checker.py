@@ -18,6 +18,8 @@ from enum import Enum
 from functools import cached_property
 from typing import Any
 
+from lib_optim import attention as registry
+from lib_optim.attention import Attention
 from lib_optim.cmdline import ParsedArgs, parse_args
 from lib_optim.flagtables import FlagSpec
 from lib_optim.hostkinds import HostKind
@@ -87,7 +89,7 @@ class CheckInput:
     extra_flags: Sequence[FlagSpec] = ()  # flags extensions add in their preload
 
 
-class Context:
+class CheckContext:
     """What the rules look at: the parsed command line, the environment and the runtime facts."""
 
     def __init__(self, data: CheckInput):
@@ -134,7 +136,7 @@ def _is_loopback(name: str) -> bool:
         return False
 
 
-RuleCheck = Callable[[Context], Iterable[Finding]]
+RuleCheck = Callable[[CheckContext], Iterable[Finding]]
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def run_checks(data: CheckInput) -> list[Finding]:
                 "Check flags against the host's own --help output.",
             )
         ]
-    ctx = Context(data)
+    ctx = CheckContext(data)
     seen: set[str] = set()
     findings: list[Finding] = []
     for r in RULES.values():
@@ -243,7 +245,7 @@ UNKNOWN_FLAG_HINTS: dict[str, dict[HostKind, str]] = {
 
 
 @rule("unknown-flag", Severity.ERROR, ALL_HOSTS, "A flag the host does not define: start-up exits.")
-def _unknown_flags(ctx: Context) -> Iterator[Finding]:
+def _unknown_flags(ctx: CheckContext) -> Iterator[Finding]:
     ignored = bool(ctx.env.get("IGNORE_CMD_ARGS_ERRORS"))
     for flag in ctx.args.unknown:
         hint = UNKNOWN_FLAG_HINTS.get(flag.option, {}).get(ctx.host)
@@ -274,7 +276,7 @@ def _unknown_flags(ctx: Context) -> Iterator[Finding]:
     ALL_HOSTS,
     "A flag with a missing, invalid or ambiguous value: start-up exits.",
 )
-def _bad_values(ctx: Context) -> Iterator[Finding]:
+def _bad_values(ctx: CheckContext) -> Iterator[Finding]:
     what = {
         "missing-value": "is missing its value",
         "bad-choice": "has a value the host does not accept",
@@ -298,7 +300,7 @@ def _bad_values(ctx: Context) -> Iterator[Finding]:
     FORGE_HOSTS,
     "Two flags of one Forge mutually exclusive group (e.g. --attention-split with --attention-pytorch).",
 )
-def _exclusive_groups(ctx: Context) -> Iterator[Finding]:
+def _exclusive_groups(ctx: CheckContext) -> Iterator[Finding]:
     by_group: dict[str, list[str]] = {}
     for option in ctx.args.options():
         spec = ctx.args.given(option)
@@ -317,7 +319,7 @@ def _exclusive_groups(ctx: Context) -> Iterator[Finding]:
 
 
 @rule("a1111-precision-conflict", Severity.ERROR, (A1111,), "--precision half with --no-half or --no-half-vae.")
-def _precision_conflict(ctx: Context) -> Iterator[Finding]:
+def _precision_conflict(ctx: CheckContext) -> Iterator[Finding]:
     if ctx.value("--precision") == "half":
         for option in ("--no-half", "--no-half-vae"):
             if ctx.has(option):
@@ -342,7 +344,7 @@ class FlagNote:
     severity: Severity
     effect: str  # what it does on those hosts (with the host code that makes it so)
     fix: str
-    unless: Callable[[Context], bool] | None = None  # a near miss: the note does not apply
+    unless: Callable[[CheckContext], bool] | None = None  # a near miss: the note does not apply
 
 
 def _forge_ignored(option: str, effect: str, fix: str, hosts: tuple[HostKind, ...] = FORGE_HOSTS) -> FlagNote:
@@ -558,7 +560,7 @@ FLAG_NOTES: tuple[FlagNote, ...] = (
 
 
 def _flag_note_rule(rule_id: str) -> RuleCheck:
-    def check(ctx: Context) -> Iterator[Finding]:
+    def check(ctx: CheckContext) -> Iterator[Finding]:
         for note in FLAG_NOTES:
             if note.rule != rule_id or ctx.host not in note.hosts or not ctx.has(note.option):
                 continue
@@ -598,7 +600,7 @@ for _rule_id, _severity, _title in (
 
 
 @rule("duplicate-flag", Severity.INFO, ALL_HOSTS, "The same flag given more than once (the last value wins).")
-def _duplicates(ctx: Context) -> Iterator[Finding]:
+def _duplicates(ctx: CheckContext) -> Iterator[Finding]:
     counts: dict[str, list[str | None]] = {}
     for flag in ctx.args.known:
         counts.setdefault(flag.option, []).append(flag.value)
@@ -617,41 +619,42 @@ def _duplicates(ctx: Context) -> Iterator[Finding]:
 
 # --- attention --------------------------------------------------------------------------------------
 
-# A1111's optimizers in list order with their priority (modules/sd_hijack_optimizations.py:25-155).
-_A1111_OPTIMIZERS: tuple[tuple[str, str, int], ...] = (
-    ("xformers", "--xformers", 100),
-    ("Doggettx", "--opt-split-attention", 90),
-    ("sdp-no-mem", "--opt-sdp-no-mem-attention", 80),
-    ("sdp", "--opt-sdp-attention", 70),
-    ("sub-quadratic", "--opt-sub-quad-attention", 10),
-    ("V1", "--opt-split-attention-v1", 10),
-    ("InvokeAI", "--opt-split-attention-invokeai", 10),
-)
+
+def _a1111_optimizers() -> list[tuple[str, str, int, int]]:
+    """A1111's optimizers with a launch flag: (A1111's name, flag, priority, list order), from the registry
+    (docs/hosts.md §3.1). "None" is not an optimizer: --disable-opt-split-attention turns them all off."""
+    out = []
+    for entry in registry.algorithms():
+        opt = entry.a1111
+        if opt is not None and opt.flag and opt.title != registry.A1111_NONE_TITLE:
+            out.append((opt.title.split(" - ")[0], opt.flag, opt.priority, opt.order))
+    return out
 
 
-def a1111_automatic_attention(ctx: Context) -> tuple[str, str]:
-    """Which optimizer A1111's 'Automatic' setting applies, and why (modules/sd_hijack.py:59-100)."""
+def a1111_automatic_attention(ctx: CheckContext) -> tuple[str, str]:
+    """Which optimizer A1111's 'Automatic' setting applies, and why (docs/hosts.md §3.1)."""
     if ctx.has("--disable-opt-split-attention"):
         return "none", "--disable-opt-split-attention disables every optimization under 'Automatic'"
     facts = ctx.facts
     no_cuda = facts.cuda_available is False or ctx.cpu_only
-    available: list[tuple[str, str, int]] = []
-    for name, option, base_priority in _A1111_OPTIMIZERS:
+    available: list[tuple[str, str, int, int]] = []
+    for name, option, base_priority, order in _a1111_optimizers():
         priority = base_priority
         if name == "xformers":
             if ctx.has("--force-enable-xformers"):
                 pass
             elif not ctx.has("--xformers") or facts.xformers_matches_torch is False or no_cuda:
-                continue  # without --xformers the import is blocked (modules/import_hook.py:4-5)
+                continue  # without --xformers the import is blocked (docs/hosts.md §3.1)
             elif facts.compute_capability is not None and not (6, 0) <= facts.compute_capability <= (9, 0):
                 continue
         if name == "sub-quadratic" and facts.mps_available:
             priority = 1000
         if name == "InvokeAI" and no_cuda and not facts.mps_available:
             priority = 1000
-        available.append((name, option, priority))
-    ordered = sorted(available, key=lambda x: x[2], reverse=True)
-    for name, option, _ in ordered:
+        available.append((name, option, priority, order))
+    # sorted by priority, ties in the built-in list's order, as sd_hijack.list_optimizers sorts them
+    ordered = sorted(available, key=lambda x: (-x[2], x[3]))
+    for name, option, _, _ in ordered:
         if ctx.has(option):
             return name, f"{option} is the highest-priority attention flag given"
     return ordered[0][0], "no attention flag applies, so the highest-priority available optimizer is used"
@@ -660,41 +663,65 @@ def a1111_automatic_attention(ctx: Context) -> tuple[str, str]:
 @rule(
     "several-attention-flags",
     Severity.WARNING,
-    ALL_HOSTS,
+    (A1111,),
     "More than one attention flag; says which one the host actually uses.",
 )
-def _several_attention(ctx: Context) -> Iterator[Finding]:
-    if ctx.host is A1111:
-        given = [o for _, o, _ in _A1111_OPTIMIZERS if ctx.has(o)]
-        if ctx.has("--disable-opt-split-attention"):
-            given.append("--disable-opt-split-attention")
-        if len(given) < 2:
-            return
-        name, why = a1111_automatic_attention(ctx)
-        yield Finding(
-            "several-attention-flags",
-            Severity.WARNING,
-            " ".join(given),
-            f"A1111 applies one attention optimization: with the setting 'Cross attention optimization' on "
-            f"'Automatic' it uses {name} ({why}; modules/sd_hijack.py:81-90). The other flags do nothing.",
-            "Keep one attention flag (or none, and pick it per generation in the Optim accordion).",
-        )
+def _several_attention(ctx: CheckContext) -> Iterator[Finding]:
+    given = [option for _, option, _, _ in sorted(_a1111_optimizers(), key=lambda x: x[3]) if ctx.has(option)]
+    if ctx.has("--disable-opt-split-attention"):
+        given.append("--disable-opt-split-attention")
+    if len(given) < 2:
         return
-    attention = [o for o in ("--attention-split", "--attention-quad", "--attention-pytorch") if ctx.has(o)]
-    if len(attention) != 1 or attention[0] == "--attention-pytorch" or ctx.has("--disable-xformers"):
-        return
-    if ctx.has("--directml") or ctx.cpu_only:
-        return  # xformers_enabled() is False with DirectML or on the CPU (backend/memory_management.py:959-968)
-    if ctx.facts.xformers_known and ctx.facts.xformers_version is None:
-        return  # xformers is not installed, so the flag is what decides
-    installed = "xformers is installed" if ctx.facts.xformers_version else "if xformers is installed"
+    name, why = a1111_automatic_attention(ctx)
     yield Finding(
         "several-attention-flags",
         Severity.WARNING,
-        attention[0],
-        f"On Forge xformers beats {attention[0]}: {installed}, the backend uses xformers for attention "
-        "(backend/attention.py:430-441).",
-        f"Add --disable-xformers to make {attention[0]} take effect.",
+        " ".join(given),
+        f"A1111 applies one attention optimization: with the setting 'Cross attention optimization' on "
+        f"'Automatic' it uses {name} ({why}; modules/sd_hijack.py apply_optimizations). The other flags do nothing.",
+        "Keep one attention flag (or none, and pick it per generation in the Optim accordion).",
+    )
+
+
+def _forge_attention_flags(host: HostKind) -> list[str]:
+    """The launch flags that choose a Forge backend's attention function (the registry's Forge bindings)."""
+    out = []
+    for entry in registry.algorithms():
+        binding = entry.forge if host is FORGE else entry.ldm_patched
+        if binding is not None and binding.flag and binding.flag not in out:
+            out.append(binding.flag)
+    return out
+
+
+@rule(
+    "attention-flag-overridden",
+    Severity.WARNING,
+    FORGE_HOSTS,
+    "A Forge attention flag that an installed xformers overrides.",
+)
+def _attention_flag_overridden(ctx: CheckContext) -> Iterator[Finding]:
+    flags = [o for o in _forge_attention_flags(ctx.host) if ctx.has(o)]
+    sdp = registry.backend(Attention.SDP).flag(ctx.host)
+    if len(flags) != 1 or flags[0] == sdp or ctx.has("--disable-xformers"):
+        return  # two of the group: the launcher exits (exclusive-flags); --attention-pytorch also stops xformers
+    if ctx.has("--directml") or ctx.cpu_only:
+        return  # xformers is never used with DirectML or on the CPU (docs/hosts.md §3.2)
+    if ctx.facts.xformers_known and ctx.facts.xformers_version is None:
+        return  # xformers is not installed, so the flag is what decides
+    known = bool(ctx.facts.xformers_version)
+    yield Finding(
+        "attention-flag-overridden",
+        Severity.WARNING if known else Severity.INFO,
+        flags[0],
+        f"On Forge an installed xformers beats {flags[0]}: "
+        + (
+            "xformers is installed, so the backend uses xformers for attention"
+            if known
+            else "if xformers is "
+            "installed in the WebUI's Python, the backend uses it instead (check with --probe from that Python)"
+        )
+        + " (backend/attention.py, docs/hosts.md §3.2).",
+        f"Add --disable-xformers to make {flags[0]} take effect.",
     )
 
 
@@ -704,7 +731,7 @@ def _several_attention(ctx: Context) -> Iterator[Finding]:
     FORGE_HOSTS,
     "xformers requested together with DirectML (AMD/Intel).",
 )
-def _directml_xformers(ctx: Context) -> Iterator[Finding]:
+def _directml_xformers(ctx: CheckContext) -> Iterator[Finding]:
     if not ctx.has("--directml"):
         return
     if ctx.has("--xformers") or ctx.has("--force-enable-xformers"):
@@ -727,7 +754,7 @@ def _directml_xformers(ctx: Context) -> Iterator[Finding]:
     ALL_HOSTS,
     "Reachable from the network with --enable-insecure-extension-access and no --gradio-auth.",
 )
-def _insecure_extensions(ctx: Context) -> Iterator[Finding]:
+def _insecure_extensions(ctx: CheckContext) -> Iterator[Finding]:
     exposed = ctx.exposed
     if not exposed or not ctx.has("--enable-insecure-extension-access"):
         return
@@ -744,7 +771,7 @@ def _insecure_extensions(ctx: Context) -> Iterator[Finding]:
 
 
 @rule("api-without-auth", Severity.WARNING, ALL_HOSTS, "--api reachable from the network without --api-auth.")
-def _api_without_auth(ctx: Context) -> Iterator[Finding]:
+def _api_without_auth(ctx: CheckContext) -> Iterator[Finding]:
     exposed = ctx.exposed
     if not exposed or not (ctx.has("--api") or ctx.has("--nowebui")) or ctx.has("--api-auth"):
         return
@@ -762,7 +789,7 @@ def _api_without_auth(ctx: Context) -> Iterator[Finding]:
 
 
 @rule("cuda-launch-blocking", Severity.WARNING, ALL_HOSTS, "CUDA_LAUNCH_BLOCKING=1 left set.")
-def _launch_blocking(ctx: Context) -> Iterator[Finding]:
+def _launch_blocking(ctx: CheckContext) -> Iterator[Finding]:
     value = ctx.env.get("CUDA_LAUNCH_BLOCKING", "").strip()
     if value and value != "0":
         yield Finding(
@@ -863,7 +890,7 @@ _ALLOC_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
     ALL_HOSTS,
     "Malformed or conflicting PYTORCH_CUDA_ALLOC_CONF (unknown keys, bad values, backend vs --cuda-malloc).",
 )
-def _alloc_conf(ctx: Context) -> Iterator[Finding]:
+def _alloc_conf(ctx: CheckContext) -> Iterator[Finding]:
     for var in _ALLOC_VARS:
         text = ctx.env.get(var)
         if text is None:
@@ -917,7 +944,7 @@ def _alloc_conf(ctx: Context) -> Iterator[Finding]:
     ALL_HOSTS,
     "CUDA_MODULE_LOADING set to EAGER or an invalid value.",
 )
-def _module_loading(ctx: Context) -> Iterator[Finding]:
+def _module_loading(ctx: CheckContext) -> Iterator[Finding]:
     value = ctx.env.get("CUDA_MODULE_LOADING")
     if value is None:
         return
@@ -961,7 +988,7 @@ _NO_EFFECT_VARS: tuple[tuple[str, tuple[HostKind, ...], str, str], ...] = (
 
 
 @rule("no-effect-env", Severity.WARNING, ALL_HOSTS, "Environment variables that no code of the host reads.")
-def _no_effect_env(ctx: Context) -> Iterator[Finding]:
+def _no_effect_env(ctx: CheckContext) -> Iterator[Finding]:
     for name, hosts, effect, fix in _NO_EFFECT_VARS:
         if ctx.host not in hosts:
             continue
@@ -974,7 +1001,7 @@ def _no_effect_env(ctx: Context) -> Iterator[Finding]:
 
 
 @rule("xformers-mismatch", Severity.WARNING, ALL_HOSTS, "xformers installed but built for another torch.")
-def _xformers_mismatch(ctx: Context) -> Iterator[Finding]:
+def _xformers_mismatch(ctx: CheckContext) -> Iterator[Finding]:
     f = ctx.facts
     if f.xformers_version is None or f.xformers_matches_torch is not False:
         return
@@ -997,7 +1024,7 @@ def _xformers_mismatch(ctx: Context) -> Iterator[Finding]:
 
 
 @rule("torch-without-cuda", Severity.ERROR, ALL_HOSTS, "torch cannot use a GPU and the launcher's CUDA test is on.")
-def _torch_without_cuda(ctx: Context) -> Iterator[Finding]:
+def _torch_without_cuda(ctx: CheckContext) -> Iterator[Finding]:
     f = ctx.facts
     if f.cuda_available is not False:
         return
@@ -1047,7 +1074,7 @@ def _torch_without_cuda(ctx: Context) -> Iterator[Finding]:
 
 
 @rule("no-nvidia-driver", Severity.ERROR, ALL_HOSTS, "An NVIDIA GPU is present but its driver does not answer.")
-def _no_driver(ctx: Context) -> Iterator[Finding]:
+def _no_driver(ctx: CheckContext) -> Iterator[Finding]:
     f = ctx.facts
     if f.nvidia_gpu_expected and f.nvidia_driver is None and not ctx.cpu_only:
         yield Finding(

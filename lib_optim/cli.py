@@ -315,7 +315,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lib_optim.bench import format_table, run_bench, to_json, write_plot
+    from lib_optim.attention_bench import format_table, run_bench, to_json, write_plot
 
     specs = [s.strip() for s in args.shapes.split(",") if s.strip()]
     if args.repeats is not None and args.repeats < 1:

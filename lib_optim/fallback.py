@@ -6,8 +6,8 @@ fails again would be a wasted generation. The caller retries once and never loop
 
 The ladder, all applied together where they apply:
 
-1. attention → sub-quad (chunked, the smallest attention footprint) when available and not already in
-   use, else split;
+1. attention → the most frugal backend that is available and more frugal than the one in use (the
+   registry's ``frugal_rank``: sub-quad, the smallest attention footprint, then split);
 2. VAE on the CPU (the decode of a large image is the usual last-moment OOM);
 3. Forge only: more *inference memory*. Our ``inference_memory_mb`` is Forge's memory **reserved for
    computation** (``memory_management.current_inference_memory``); Forge keeps that much free by
@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lib_optim import attention as registry
+from lib_optim.attention import Attention
 from lib_optim.log import get_logger
-from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, Attention, GenerationSettings, Tri
+from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, GenerationSettings, Tri
 
 log = get_logger(__name__)
 
@@ -141,16 +143,11 @@ def _frugal_attention(
 ) -> Attention | None:
     # host/auto say nothing about what ran; the caller's ``current`` does.
     in_use = current if current is not None else base.attention
-    if in_use is Attention.SUB_QUAD:
-        return None
-    if Attention.SUB_QUAD in available:
-        target = Attention.SUB_QUAD
-    elif Attention.SPLIT in available and in_use is not Attention.SPLIT:
-        target = Attention.SPLIT
-    else:
-        return None
+    order = registry.frugal_order()
+    in_use_rank = order.index(in_use) if in_use in order else len(order)
+    target = next((a for a in order[:in_use_rank] if a in available), None)
     # The settings may already ask for it (the adapter could not apply it): asking again changes nothing.
-    return None if target is base.attention else target
+    return None if target is None or target is base.attention else target
 
 
 def _more_inference_memory(base: GenerationSettings, current: int | None, total: int | None) -> int | None:

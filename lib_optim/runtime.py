@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lib_optim import __version__
+from lib_optim.adapter import HostAdapter, Session
 from lib_optim.checker import Finding, Severity
 from lib_optim.fallback import FallbackStep, is_out_of_memory, next_frugal
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import HostAdapter, Session
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings, format_infotext
 from lib_optim.telemetry import GenerationMeter, Telemetry, format_status
 
 if TYPE_CHECKING:  # only a type here: the benchmark's module is not needed to run a generation
-    from lib_optim.webbench import BenchResult
+    from lib_optim.generation_bench import CandidateResult
 
 log = get_logger(__name__)
 
@@ -76,7 +76,7 @@ class Runtime:
     _retried: set[int] = field(default_factory=set)  # generations already retried after OOM: never loop
     history: deque[GenerationRecord] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
     # the in-WebUI benchmark's latest winner, for "make the winner my default" without arguments
-    last_bench_winner: BenchResult | None = None
+    last_bench_winner: CandidateResult | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- generations --------------------------------------------------------------------------------

@@ -1,34 +1,27 @@
 """The per-generation settings, defined once.
 
-Everything that shows or accepts these settings is derived from :data:`FIELDS`: validation, the API's
-single-dict form, the UI's positional form (the order of the script's controls), the infotext entry and
-the JSON schema. Defaults change nothing: a generation with default settings runs exactly as the host
-would run it without the extension.
+:data:`FIELDS` is the one list of the settings: each entry names a field of :class:`GenerationSettings`, its
+label and help, and its :class:`FieldKind`, which knows how to read the field from any input (API, UI,
+infotext, Settings page) and how to write it in each form. Validation, the API's single-dict form, the
+UI's positional form (the order of the script's controls), the infotext entry, the ``optim_default_<field>``
+option keys and the JSON schema are all derived from it, so a new field is one :data:`FIELDS` entry (plus a
+dataclass field) and its host behaviour.
+
+Defaults change nothing: a generation with default settings runs exactly as the host would run it without
+the extension.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
+from lib_optim import attention as registry
+from lib_optim.attention import Attention
 from lib_optim.hostkinds import HostKind
-
-
-class Attention(str, Enum):
-    HOST = "host"  # leave whatever the host selected
-    AUTO = "auto"  # the fastest backend predicted to fit (lib_optim.planner)
-    SDP = "sdp"  # torch.nn.functional.scaled_dot_product_attention
-    SPLIT = "split"  # Doggettx split attention (A1111) / attention_split (Forge)
-    SUB_QUAD = "sub-quad"  # sub-quadratic chunked attention
-    XFORMERS = "xformers"
-    # A1111-only optimizers (modules/sd_hijack_optimizations.py:25-155)
-    SDP_NO_MEM = "sdp-no-mem"
-    INVOKEAI = "invokeai"
-    V1 = "v1"
-    NONE = "none"  # no optimization: the model's original attention
 
 
 class Tri(str, Enum):
@@ -39,96 +32,10 @@ class Tri(str, Enum):
     OFF = "off"
 
 
-COMMON_ATTENTION = (
-    Attention.HOST,
-    Attention.AUTO,
-    Attention.SDP,
-    Attention.SPLIT,
-    Attention.SUB_QUAD,
-    Attention.XFORMERS,
-)
-_A1111_ONLY = (Attention.SDP_NO_MEM, Attention.INVOKEAI, Attention.V1, Attention.NONE)
-
-# Which names each host understands at all (what is *available* right now is the adapter's business).
-ATTENTION_BY_HOST: dict[HostKind, tuple[Attention, ...]] = {
-    HostKind.A1111: COMMON_ATTENTION + _A1111_ONLY,
-    HostKind.FORGE: COMMON_ATTENTION,
-    HostKind.FORGE_PREVIOUS: COMMON_ATTENTION,
-    HostKind.REFORGE: (Attention.HOST,),
-}
-
-# Names people copy from A1111's settings page or other tools, accepted on input.
-ATTENTION_ALIASES: dict[str, Attention] = {
-    "doggettx": Attention.SPLIT,
-    "split-attention": Attention.SPLIT,
-    "sub-quadratic": Attention.SUB_QUAD,
-    "sub_quad": Attention.SUB_QUAD,
-    "subquad": Attention.SUB_QUAD,
-    "quad": Attention.SUB_QUAD,
-    "pytorch": Attention.SDP,
-    "sdpa": Attention.SDP,
-    "sdp - scaled dot product": Attention.SDP,
-    "sdp-no-mem - scaled dot product without memory efficient attention": Attention.SDP_NO_MEM,
-    "v1 - original v1": Attention.V1,
-    "default": Attention.HOST,
-}
-
 INFERENCE_MEMORY_MIN_MB = 64
 INFERENCE_MEMORY_MAX_MB = 262_144
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    name: str  # key in the API dict, in infotext and in the JSON schema
-    label: str  # UI label (the API's /sdapi/v1/script-info shows it too)
-    help: str
-    kind: str  # "bool" | "attention" | "tri" | "megabytes"
-    hosts: tuple[HostKind, ...]  # hosts where the UI shows it / it has an effect
-
-
-_ALL_HOSTS = tuple(HostKind)
-_FORGE_HOSTS = (HostKind.FORGE,)
-
-FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec(
-        "enabled",
-        "Optim",
-        "Apply the settings below to this generation; off changes nothing.",
-        "bool",
-        _ALL_HOSTS,
-    ),
-    FieldSpec(
-        "attention",
-        "Attention backend",
-        "Cross-attention implementation for this generation: host = as the WebUI has it; auto = the fastest "
-        "one predicted to fit in free memory.",
-        "attention",
-        _ALL_HOSTS,
-    ),
-    FieldSpec(
-        "channels_last",
-        "Channels-last UNet",
-        "Store the UNet in channels-last memory format for this generation (often faster on tensor cores).",
-        "tri",
-        _ALL_HOSTS,
-    ),
-    FieldSpec(
-        "vae_on_cpu",
-        "VAE on CPU",
-        "Decode (and, in img2img, encode) on the CPU in float32, freeing the VAE's GPU memory meanwhile.",
-        "tri",
-        _ALL_HOSTS,
-    ),
-    FieldSpec(
-        "inference_memory_mb",
-        "Inference memory (MB)",
-        "Forge only: GPU memory kept free for computation while the model loads; 0 = as Forge has it.",
-        "megabytes",
-        _FORGE_HOSTS,
-    ),
-)
-FIELD_NAMES = tuple(f.name for f in FIELDS)
-FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+INFOTEXT_KEY = "Optim"
+OPTION_PREFIX = "optim_default_"
 
 
 class SettingsError(ValueError):
@@ -141,8 +48,205 @@ class SettingsError(ValueError):
         super().__init__(f"[Optim] {field}: {value!r} is not allowed; allowed: {allowed}")
 
 
+_BOOL_WORDS = {"true": True, "false": False, "on": True, "off": False, "yes": True, "no": False}
+
+
+# --- the kinds of field -----------------------------------------------------------------------------------
+
+
+class FieldKind:
+    """How one kind of field is read and written. ``control`` names the UI control (lib_optim.ui builds it)."""
+
+    control = "text"
+
+    def parse(self, field: str, value: object, host: HostKind | None, allowed: Sequence[str] | None) -> Any:
+        """The field's value from any input form; :class:`SettingsError` naming field, value and allowed.
+        ``allowed``: the values this install accepts (e.g. available attention backends), when known."""
+        raise NotImplementedError
+
+    def to_api(self, value: Any) -> Any:
+        """The API's dict form (JSON)."""
+        return value
+
+    def to_ui(self, value: Any) -> Any:
+        """What the UI control holds; also the infotext and Settings-page form."""
+        return value
+
+    def schema(self, host: HostKind | None, allowed: Sequence[str] | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def choices(self, host: HostKind | None, allowed: Sequence[str] | None) -> list[str] | None:
+        """The values a dropdown/radio/X-Y-Z axis offers; None for free-form values."""
+        return None
+
+
+class BoolKind(FieldKind):
+    control = "checkbox"
+
+    def parse(self, field: str, value: object, host: HostKind | None, allowed: Sequence[str] | None) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise SettingsError(field, value, "true or false")
+
+    def schema(self, host: HostKind | None, allowed: Sequence[str] | None) -> dict[str, Any]:
+        return {"type": "boolean"}
+
+
+class AttentionKind(FieldKind):
+    """A registered attention backend the host understands (:mod:`lib_optim.attention`); aliases accepted."""
+
+    control = "dropdown"
+
+    def names(self, host: HostKind | None, allowed: Sequence[str] | None) -> list[str]:
+        known = registry.for_host(host) if host is not None else tuple(Attention)
+        return [a.value for a in known if allowed is None or a.value in allowed]
+
+    def parse(self, field: str, value: object, host: HostKind | None, allowed: Sequence[str] | None) -> Attention:
+        names = self.names(host, allowed)
+        text = ", ".join(names)
+        if value is None:
+            return Attention.HOST
+        result = (
+            value if isinstance(value, Attention) else registry.parse_name(value) if isinstance(value, str) else None
+        )
+        if result is None:
+            raise SettingsError(field, value, text)
+        if result.value not in names:
+            where = f"on {host.display_name}" if host is not None else "here"
+            raise SettingsError(field, value, f"{text} ({where})")
+        return result
+
+    def to_api(self, value: Attention) -> str:
+        return value.value
+
+    def to_ui(self, value: Attention) -> str:
+        return value.value
+
+    def schema(self, host: HostKind | None, allowed: Sequence[str] | None) -> dict[str, Any]:
+        return {"type": "string", "enum": self.names(host, allowed)}
+
+    def choices(self, host: HostKind | None, allowed: Sequence[str] | None) -> list[str]:
+        return self.names(host, allowed)
+
+
+class TriKind(FieldKind):
+    """inherit/on/off in the UI and infotext; null/true/false in the API (strings accepted too)."""
+
+    control = "radio"
+
+    def parse(self, field: str, value: object, host: HostKind | None, allowed: Sequence[str] | None) -> Tri:
+        if value is None:
+            return Tri.INHERIT
+        if isinstance(value, Tri):
+            return value
+        if isinstance(value, bool):
+            return Tri.ON if value else Tri.OFF
+        if isinstance(value, str):
+            key = value.strip().lower()
+            if key in ("inherit", "", "default"):
+                return Tri.INHERIT
+            if key in _BOOL_WORDS:
+                return Tri.ON if _BOOL_WORDS[key] else Tri.OFF
+        raise SettingsError(field, value, 'true, false, null, or "inherit"/"on"/"off"')
+
+    def to_api(self, value: Tri) -> bool | None:
+        return None if value is Tri.INHERIT else value is Tri.ON
+
+    def to_ui(self, value: Tri) -> str:
+        return value.value
+
+    def schema(self, host: HostKind | None, allowed: Sequence[str] | None) -> dict[str, Any]:
+        return {"type": ["boolean", "null"], "description_suffix": " null = as the host has it."}
+
+    def choices(self, host: HostKind | None, allowed: Sequence[str] | None) -> list[str]:
+        return [t.value for t in Tri]
+
+
+class ChoiceKind(FieldKind):
+    """One value of a ``str`` Enum, by its value (case-insensitive)."""
+
+    control = "radio"
+
+    def __init__(self, enum: type[Enum]) -> None:
+        self.enum = enum
+
+    def parse(self, field: str, value: object, host: HostKind | None, allowed: Sequence[str] | None) -> Enum:
+        if isinstance(value, self.enum):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower()
+            for member in self.enum:
+                if member.value == key:
+                    return member
+        raise SettingsError(field, value, ", ".join(str(m.value) for m in self.enum))
+
+    def to_api(self, value: Enum) -> str:
+        return str(value.value)
+
+    def to_ui(self, value: Enum) -> str:
+        return str(value.value)
+
+    def schema(self, host: HostKind | None, allowed: Sequence[str] | None) -> dict[str, Any]:
+        return {"type": "string", "enum": [m.value for m in self.enum]}
+
+    def choices(self, host: HostKind | None, allowed: Sequence[str] | None) -> list[str]:
+        return [str(m.value) for m in self.enum]
+
+
+class MegabytesKind(FieldKind):
+    """A whole number of MB within a range, or 0/null for "as the host has it"."""
+
+    control = "slider"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def parse(self, field: str, value: object, host: HostKind | None, allowed: Sequence[str] | None) -> int | None:
+        text = f"0 or null (as the host has it), or a whole number of MB from {self.low} to {self.high}"
+        number: float
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            raise SettingsError(field, value, text)
+        if isinstance(value, (int, float)):
+            number = value
+        elif isinstance(value, str):
+            key = value.strip().lower()
+            if key in ("", "inherit", "default"):
+                return None
+            try:
+                number = float(key)
+            except ValueError:
+                raise SettingsError(field, value, text) from None
+        else:
+            raise SettingsError(field, value, text)
+        if not math.isfinite(number) or number != int(number):
+            raise SettingsError(field, value, text)
+        whole = int(number)
+        if whole == 0:
+            return None
+        if not self.low <= whole <= self.high:
+            raise SettingsError(field, value, text)
+        return whole
+
+    def to_ui(self, value: int | None) -> int:
+        return value or 0
+
+    def schema(self, host: HostKind | None, allowed: Sequence[str] | None) -> dict[str, Any]:
+        return {
+            "anyOf": [{"type": "null"}, {"const": 0}, {"type": "integer", "minimum": self.low, "maximum": self.high}]
+        }
+
+
+# --- the fields ---------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
+    """One generation's settings; the field order is the UI's control order (see :data:`FIELDS`)."""
+
     enabled: bool = False
     attention: Attention = Attention.HOST
     channels_last: Tri = Tri.INHERIT
@@ -150,16 +254,12 @@ class GenerationSettings:
     inference_memory_mb: int | None = None  # None = as the host has it
 
     def non_default(self) -> dict[str, Any]:
-        """The fields (besides ``enabled``) that differ from their default, as API/infotext values."""
-        default = GenerationSettings()
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            if f.name == "enabled":
-                continue
-            value = getattr(self, f.name)
-            if value != getattr(default, f.name):
-                out[f.name] = value.value if isinstance(value, Enum) else value
-        return out
+        """The fields (besides ``enabled``) that differ from their default, in their UI/infotext form."""
+        return {
+            spec.name: spec.kind.to_ui(getattr(self, spec.name))
+            for spec in SETTING_FIELDS
+            if getattr(self, spec.name) != spec.default
+        }
 
     @property
     def changes_anything(self) -> bool:
@@ -167,140 +267,95 @@ class GenerationSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """The API's single-dict form (every field)."""
-        return {
-            "enabled": self.enabled,
-            "attention": self.attention.value,
-            "channels_last": _tri_to_api(self.channels_last),
-            "vae_on_cpu": _tri_to_api(self.vae_on_cpu),
-            "inference_memory_mb": self.inference_memory_mb,
-        }
+        return {spec.name: spec.kind.to_api(getattr(self, spec.name)) for spec in FIELDS}
 
     def to_positional(self) -> list[Any]:
         """The UI's positional form, in :data:`FIELDS` order (what the script's controls hold)."""
-        return [
-            self.enabled,
-            self.attention.value,
-            self.channels_last.value,
-            self.vae_on_cpu.value,
-            self.inference_memory_mb or 0,
-        ]
+        return [spec.kind.to_ui(getattr(self, spec.name)) for spec in FIELDS]
+
+    def to_options(self) -> dict[str, Any]:
+        """The Settings → Optim defaults (``optim_default_<field>``) that store these settings."""
+        return {spec.option_key: spec.kind.to_ui(getattr(self, spec.name)) for spec in SETTING_FIELDS}
 
     def with_defaults_from(self, other: GenerationSettings) -> GenerationSettings:
         """Fill every field left at its default from ``other`` (e.g. settings-page defaults)."""
-        default = GenerationSettings()
         changes = {
-            f.name: getattr(other, f.name)
-            for f in fields(self)
-            if f.name != "enabled" and getattr(self, f.name) == getattr(default, f.name)
+            spec.name: getattr(other, spec.name) for spec in SETTING_FIELDS if getattr(self, spec.name) == spec.default
         }
         return replace(self, **changes)
 
 
-def _tri_to_api(value: Tri) -> bool | None:
-    return None if value is Tri.INHERIT else value is Tri.ON
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str  # key in the API dict, in infotext and in the JSON schema; a GenerationSettings field
+    label: str  # UI label (the API's /sdapi/v1/script-info shows it too)
+    help: str
+    kind: FieldKind
+
+    @property
+    def default(self) -> Any:
+        return GenerationSettings.__dataclass_fields__[self.name].default
+
+    @property
+    def option_key(self) -> str:
+        """Its Settings → Optim default: ``optim_default_<name>``."""
+        return OPTION_PREFIX + self.name
+
+    def parse(self, value: object, host: HostKind | None = None, allowed: Sequence[str] | None = None) -> Any:
+        return self.kind.parse(self.name, value, host, allowed)
 
 
-# --- validation of single values ---------------------------------------------------------------------
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("enabled", "Optim", "Apply the settings below to this generation; off changes nothing.", BoolKind()),
+    FieldSpec(
+        "attention",
+        "Attention backend",
+        "Cross-attention implementation for this generation: host = as the WebUI has it; auto = the fastest "
+        "one predicted to fit in free memory.",
+        AttentionKind(),
+    ),
+    FieldSpec(
+        "channels_last",
+        "Channels-last UNet",
+        "Store the UNet in channels-last memory format for this generation (often faster on tensor cores).",
+        TriKind(),
+    ),
+    FieldSpec(
+        "vae_on_cpu",
+        "VAE on CPU",
+        "Decode (and, in img2img, encode) on the CPU in float32, freeing the VAE's GPU memory meanwhile.",
+        TriKind(),
+    ),
+    FieldSpec(
+        "inference_memory_mb",
+        "Inference memory (MB)",
+        "Forge only: GPU memory kept free for computation while the model loads; 0 = as Forge has it.",
+        MegabytesKind(INFERENCE_MEMORY_MIN_MB, INFERENCE_MEMORY_MAX_MB),
+    ),
+)
+FIELD_NAMES = tuple(f.name for f in FIELDS)
+FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+SETTING_FIELDS = FIELDS[1:]  # everything but the on/off switch
+
+if tuple(f.name for f in fields(GenerationSettings)) != FIELD_NAMES:  # one order for UI, API and dataclass
+    raise RuntimeError("lib_optim.settings: FIELDS and GenerationSettings list different fields")
 
 
-def parse_bool(field: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[value.strip().lower()]
-    raise SettingsError(field, value, "true or false")
+# --- the input forms ----------------------------------------------------------------------------------------
+
+Allowed = Mapping[str, Sequence[str]]  # field name → the values this install accepts (e.g. available backends)
 
 
-_BOOL_WORDS = {"true": True, "false": False, "on": True, "off": False, "yes": True, "no": False}
-
-
-def parse_attention(value: object, host: HostKind | None = None) -> Attention:
-    allowed = ATTENTION_BY_HOST[host] if host is not None else tuple(Attention)
-    allowed_text = ", ".join(a.value for a in allowed)
-    if value is None:
-        return Attention.HOST
-    if isinstance(value, Attention):
-        result = value
-    elif isinstance(value, str):
-        key = value.strip().lower()
-        try:
-            result = Attention(key)
-        except ValueError:
-            if key not in ATTENTION_ALIASES:
-                raise SettingsError("attention", value, allowed_text) from None
-            result = ATTENTION_ALIASES[key]
-    else:
-        raise SettingsError("attention", value, allowed_text)
-    if result not in allowed:
-        host_title = host.display_name if host is not None else "this host"
-        raise SettingsError("attention", value, f"{allowed_text} (on {host_title})")
-    return result
-
-
-def parse_tri(field: str, value: object) -> Tri:
-    if value is None:
-        return Tri.INHERIT
-    if isinstance(value, Tri):
-        return value
-    if isinstance(value, bool):
-        return Tri.ON if value else Tri.OFF
-    if isinstance(value, str):
-        key = value.strip().lower()
-        if key in ("inherit", "", "default"):
-            return Tri.INHERIT
-        if key in _BOOL_WORDS:
-            return Tri.ON if _BOOL_WORDS[key] else Tri.OFF
-    raise SettingsError(field, value, 'true, false, null, or "inherit"/"on"/"off"')
-
-
-def parse_megabytes(field: str, value: object) -> int | None:
-    allowed = (
-        f"0 or null (as the host has it), or a whole number of MB "
-        f"from {INFERENCE_MEMORY_MIN_MB} to {INFERENCE_MEMORY_MAX_MB}"
-    )
-    number: float
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise SettingsError(field, value, allowed)
-    if isinstance(value, (int, float)):
-        number = value
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("", "inherit", "default"):
-            return None
-        try:
-            number = float(text)
-        except ValueError:
-            raise SettingsError(field, value, allowed) from None
-    else:
-        raise SettingsError(field, value, allowed)
-    if not math.isfinite(number) or number != int(number):
-        raise SettingsError(field, value, allowed)
-    whole = int(number)
-    if whole == 0:
-        return None
-    if not INFERENCE_MEMORY_MIN_MB <= whole <= INFERENCE_MEMORY_MAX_MB:
-        raise SettingsError(field, value, allowed)
-    return whole
-
-
-def _parse_field(name: str, value: object, host: HostKind | None) -> Any:
-    kind = FIELDS_BY_NAME[name].kind
-    if kind == "bool":
-        return parse_bool(name, value)
-    if kind == "attention":
-        return parse_attention(value, host)
-    if kind == "tri":
-        return parse_tri(name, value)
-    return parse_megabytes(name, value)
-
-
-# --- the three input forms -----------------------------------------------------------------------------
+def _parse(name: str, value: object, host: HostKind | None, allowed: Allowed | None) -> Any:
+    return FIELDS_BY_NAME[name].parse(value, host, None if allowed is None else allowed.get(name))
 
 
 def from_dict(
-    data: Mapping[str, Any], host: HostKind | None = None, base: GenerationSettings | None = None
+    data: Mapping[str, Any],
+    host: HostKind | None = None,
+    base: GenerationSettings | None = None,
+    *,
+    allowed: Allowed | None = None,
 ) -> GenerationSettings:
     """The API's dict form. Keys are optional; ``enabled`` defaults to true (sending settings means use them).
 
@@ -311,34 +366,50 @@ def from_dict(
     unknown = [k for k in data if k not in FIELDS_BY_NAME]
     if unknown:
         raise SettingsError("args", unknown[0], "keys " + ", ".join(FIELD_NAMES))
-    values = {name: _parse_field(name, data[name], host) for name in FIELD_NAMES if name in data}
+    values = {name: _parse(name, data[name], host, allowed) for name in FIELD_NAMES if name in data}
     values.setdefault("enabled", True)
     if base is not None:
-        for name in FIELD_NAMES:
-            values.setdefault(name, getattr(base, name))
+        for spec in SETTING_FIELDS:
+            values.setdefault(spec.name, getattr(base, spec.name))
     return GenerationSettings(**values)
 
 
-def from_positional(values: Sequence[Any], host: HostKind | None = None) -> GenerationSettings:
+def from_positional(
+    values: Sequence[Any], host: HostKind | None = None, *, allowed: Allowed | None = None
+) -> GenerationSettings:
     """The UI's positional form; missing trailing values keep their defaults (as the host API does)."""
     if len(values) > len(FIELDS):
         raise SettingsError("args", list(values), f"at most {len(FIELDS)} values: " + ", ".join(FIELD_NAMES))
-    parsed = {name: _parse_field(name, value, host) for name, value in zip(FIELD_NAMES, values, strict=False)}
+    parsed = {name: _parse(name, value, host, allowed) for name, value in zip(FIELD_NAMES, values, strict=False)}
     return GenerationSettings(**parsed)
 
 
-def from_script_args(args: Sequence[Any], host: HostKind | None = None) -> GenerationSettings:
+def from_script_args(
+    args: Sequence[Any], host: HostKind | None = None, *, allowed: Allowed | None = None
+) -> GenerationSettings:
     """What a script hook receives: the UI's positional values, or one dict in the first slot (API)."""
     if not args:
         return GenerationSettings()
     if isinstance(args[0], Mapping):
-        return from_dict(args[0], host)
-    return from_positional(args, host)
+        return from_dict(args[0], host, allowed=allowed)
+    return from_positional(args, host, allowed=allowed)
 
 
-# --- infotext -----------------------------------------------------------------------------------------
+def from_options(
+    read: Callable[[str, Any], Any], host: HostKind | None = None, fields_: Iterable[str] | None = None
+) -> GenerationSettings:
+    """The Settings → Optim defaults: ``read(option_key, default)`` per field (``enabled`` stays off).
+    ``fields_``: the fields this host has options for (the others keep their defaults)."""
+    wanted = set(fields_) if fields_ is not None else set(FIELD_NAMES)
+    values = {
+        spec.name: spec.parse(read(spec.option_key, spec.kind.to_ui(spec.default)), host)
+        for spec in SETTING_FIELDS
+        if spec.name in wanted
+    }
+    return GenerationSettings(**values)
 
-INFOTEXT_KEY = "Optim"
+
+# --- infotext -----------------------------------------------------------------------------------------------
 
 
 def format_infotext(settings: GenerationSettings) -> str | None:
@@ -348,11 +419,7 @@ def format_infotext(settings: GenerationSettings) -> str | None:
     changed = settings.non_default()
     if not changed:
         return None
-    return ", ".join(f"{name}={_infotext_value(value)}" for name, value in changed.items())
-
-
-def _infotext_value(value: Any) -> str:
-    return str(value)
+    return ", ".join(f"{name}={value}" for name, value in changed.items())
 
 
 def parse_infotext(text: str, host: HostKind | None = None) -> GenerationSettings:
@@ -366,46 +433,23 @@ def parse_infotext(text: str, host: HostKind | None = None) -> GenerationSetting
         name = name.strip()
         if not sep or name not in FIELDS_BY_NAME or name == "enabled":
             raise SettingsError(INFOTEXT_KEY, part, "name=value pairs with names " + ", ".join(FIELD_NAMES[1:]))
-        values[name] = _parse_field(name, raw.strip(), host)
+        values[name] = _parse(name, raw.strip(), host, None)
     return GenerationSettings(**values)
 
 
-# --- JSON schema ----------------------------------------------------------------------------------------
+# --- JSON schema --------------------------------------------------------------------------------------------
 
 
-def json_schema(host: HostKind | None = None) -> dict[str, Any]:
+def json_schema(host: HostKind | None = None, *, allowed: Allowed | None = None) -> dict[str, Any]:
     """JSON schema (draft 2020-12) of the API's dict form, for ``GET /optim/v1/schema``."""
-    attention = [a.value for a in (ATTENTION_BY_HOST[host] if host is not None else tuple(Attention))]
-    props: dict[str, Any] = {
-        "enabled": {"type": "boolean", "default": True, "description": FIELDS_BY_NAME["enabled"].help},
-        "attention": {
-            "type": "string",
-            "enum": attention,
-            "default": Attention.HOST.value,
-            "description": FIELDS_BY_NAME["attention"].help,
-        },
-        "channels_last": {
-            "type": ["boolean", "null"],
-            "default": None,
-            "description": FIELDS_BY_NAME["channels_last"].help + " null = as the host has it.",
-        },
-        "vae_on_cpu": {
-            "type": ["boolean", "null"],
-            "default": None,
-            "description": FIELDS_BY_NAME["vae_on_cpu"].help + " null = as the host has it.",
-        },
-        "inference_memory_mb": {
-            "anyOf": [
-                {"type": "null"},
-                {"const": 0},
-                {"type": "integer", "minimum": INFERENCE_MEMORY_MIN_MB, "maximum": INFERENCE_MEMORY_MAX_MB},
-            ],
-            "default": None,
-            "description": FIELDS_BY_NAME["inference_memory_mb"].help,
-        },
-    }
-    for name, prop in props.items():
-        prop["title"] = FIELDS_BY_NAME[name].label
+    props: dict[str, Any] = {}
+    for spec in FIELDS:
+        prop = spec.kind.schema(host, None if allowed is None else allowed.get(spec.name))
+        suffix = prop.pop("description_suffix", "")
+        prop["default"] = True if spec.name == "enabled" else spec.kind.to_api(spec.default)
+        prop["title"] = spec.label
+        prop["description"] = spec.help + suffix
+        props[spec.name] = prop
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "sd-webui-optim per-generation settings",

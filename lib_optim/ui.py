@@ -1,9 +1,9 @@
-"""The Optim accordion: the only lib_optim module that imports gradio.
+"""The Optim accordion, the Settings → Optim page and the Optim tab: the only lib_optim module that imports gradio.
 
 Works with gradio 3.41 (A1111) and 4.40 (Forge f2): only components, arguments and ``gr.update`` that both
-accept (HOSTS.md §10). Host pieces (``InputAccordion``, ``elem_id``) are passed in by the script, so this
+accept (docs/hosts.md §1.8). Host pieces (``InputAccordion``, ``elem_id``) are passed in by the script, so this
 module imports no host code. ``build`` has no side effects: the API calls ``ui()`` twice more per tab to
-read default values (HOSTS.md §7.1).
+read default values (docs/hosts.md §1.6). Every control comes from :data:`lib_optim.settings.FIELDS`.
 """
 
 from __future__ import annotations
@@ -15,22 +15,23 @@ from typing import Any
 
 import gradio as gr
 
+from lib_optim.adapter import BackendInfo
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import BackendInfo
 from lib_optim.profiles import PROFILES, ProfileError, resolve
 from lib_optim.settings import (
+    FIELDS,
     FIELDS_BY_NAME,
-    INFERENCE_MEMORY_MIN_MB,
     INFOTEXT_KEY,
-    Attention,
+    SETTING_FIELDS,
+    FieldSpec,
     GenerationSettings,
+    MegabytesKind,
     SettingsError,
-    Tri,
     parse_infotext,
 )
 
-TRI_CHOICES = [t.value for t in Tri]
 NO_PROFILE = "(keep)"
+SLIDER_DEFAULT_MAX_MB = 24576  # the memory sliders' range when the host has no GPU size to offer
 
 
 @dataclass
@@ -49,13 +50,27 @@ def unavailable_note(backends: Sequence[BackendInfo]) -> str:
     return ("Not available here — " + "; ".join(missing)) if missing else ""
 
 
-def status_html(text: str, findings_summary: str, problems: Sequence[str] = ()) -> str:
+def status_html(text: str, findings_summary: str, problems: Sequence[str] = (), unavailable: str = "") -> str:
+    """The status line; findings and what is unavailable fold away (``<details>``), so they take one line."""
     items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
     details = f"<details><summary>{html.escape(findings_summary)}</summary><ul>{items}</ul></details>" if items else ""
+    missing = (
+        f'<details class="optim-unavailable"><summary>not available here</summary>{html.escape(unavailable)}</details>'
+        if unavailable
+        else ""
+    )
     return (
         f'<div class="optim-status"><span class="optim-status-text">{html.escape(text)}</span>'
-        f'<span class="optim-status-findings">{html.escape(findings_summary)}</span>{details}</div>'
+        f'<span class="optim-status-findings">{html.escape(findings_summary)}</span>{details}{missing}</div>'
     )
+
+
+def control_value(spec: FieldSpec, settings: GenerationSettings, choices: Sequence[str] | None = None) -> Any:
+    """What ``spec``'s control shows for ``settings``: a value the control cannot offer falls back to its default."""
+    value = spec.kind.to_ui(getattr(settings, spec.name))
+    if choices is not None and value not in choices:
+        return spec.kind.to_ui(spec.default)
+    return value
 
 
 def profile_values(name: str, host: HostKind, backends: Sequence[BackendInfo], current: Sequence[Any]) -> list[Any]:
@@ -66,13 +81,10 @@ def profile_values(name: str, host: HostKind, backends: Sequence[BackendInfo], c
         generation = resolve(PROFILES[name], host).generation
     except ProfileError:
         return [gr.update() for _ in current]
-    available = set(attention_choices(backends))
-    attention = generation.attention.value if generation.attention.value in available else Attention.HOST.value
+    available = attention_choices(backends)
     return [
-        gr.update(value=attention),
-        gr.update(value=generation.channels_last.value),
-        gr.update(value=generation.vae_on_cpu.value),
-        gr.update(value=generation.inference_memory_mb or 0),
+        gr.update(value=control_value(spec, generation, available if spec.name == "attention" else None))
+        for spec in SETTING_FIELDS
     ]
 
 
@@ -85,9 +97,34 @@ def _from_infotext(name: str, host: HostKind) -> Callable[[dict[str, Any]], Any]
             settings = parse_infotext(str(text), host)
         except SettingsError:
             return None  # pasting someone else's infotext must not break the paste of everything else
-        return settings.to_positional()[list(FIELDS_BY_NAME).index(name)]
+        return FIELDS_BY_NAME[name].kind.to_ui(getattr(settings, name))
 
     return read
+
+
+def _control(
+    spec: FieldSpec,
+    host: HostKind,
+    value: Any,
+    elem_id: Callable[[str], str],
+    visible: bool,
+    attention: Sequence[str],
+    total_vram_mb: int | None,
+) -> Any:
+    """One field's control, by the field's kind (lib_optim.settings)."""
+    common = {"label": spec.label, "value": value, "elem_id": elem_id(spec.name), "visible": visible}
+    control = spec.kind.control
+    if control == "dropdown":
+        choices = list(attention) if spec.name == "attention" else spec.kind.choices(host, None)
+        return gr.Dropdown(choices=choices, **common)
+    if control == "radio":
+        return gr.Radio(choices=spec.kind.choices(host, None), **common)
+    if control == "slider" and isinstance(spec.kind, MegabytesKind):
+        top = max(total_vram_mb or SLIDER_DEFAULT_MAX_MB, 4096)
+        return gr.Slider(minimum=0, maximum=top, step=spec.kind.low, info=spec.help, **common)
+    if control == "checkbox":
+        return gr.Checkbox(**common)
+    return gr.Textbox(**common)
 
 
 def build(
@@ -101,118 +138,123 @@ def build(
     total_vram_mb: int | None = None,
     supported_fields: Sequence[str] = ("enabled", "attention", "channels_last", "vae_on_cpu"),
 ) -> UiParts:
-    choices = attention_choices(backends)
-    default_attention = defaults.attention.value if defaults.attention.value in choices else Attention.HOST.value
-    note = unavailable_note(backends)
+    """The accordion: the on/off switch, then one control per field in :data:`FIELDS` order (the attention
+    dropdown beside the profile picker, switches two to a row, sliders on their own); fields the host cannot
+    use here are hidden (their value stays at the default)."""
+    attention = attention_choices(backends)
+    controls: list[Any] = []
+    with input_accordion(False, label=FIELDS[0].label, elem_id=elem_id(FIELDS[0].name)) as enabled:
+        row: list[FieldSpec] = []
+        profile = None
 
-    with input_accordion(False, label=FIELDS_BY_NAME["enabled"].label, elem_id=elem_id("enabled")) as enabled:
-        with gr.Row(elem_classes=["optim-row"]):
-            attention = gr.Dropdown(
-                label=FIELDS_BY_NAME["attention"].label,
-                choices=choices,
-                value=default_attention,
-                elem_id=elem_id("attention"),
-                info=note or None,
-            )
-            profile = gr.Dropdown(
-                label="Fill from profile",
-                choices=[NO_PROFILE, *PROFILES],
-                value=NO_PROFILE,
-                elem_id=elem_id("profile"),
-            )
-        with gr.Row(elem_classes=["optim-row"]):
-            channels_last = gr.Radio(
-                label=FIELDS_BY_NAME["channels_last"].label,
-                choices=TRI_CHOICES,
-                value=defaults.channels_last.value,
-                elem_id=elem_id("channels_last"),
-            )
-            vae_on_cpu = gr.Radio(
-                label=FIELDS_BY_NAME["vae_on_cpu"].label,
-                choices=TRI_CHOICES,
-                value=defaults.vae_on_cpu.value,
-                elem_id=elem_id("vae_on_cpu"),
-            )
-        inference_memory = gr.Slider(
-            label=FIELDS_BY_NAME["inference_memory_mb"].label,
-            minimum=0,
-            maximum=max(total_vram_mb or 24576, 4096),
-            step=INFERENCE_MEMORY_MIN_MB,
-            value=defaults.inference_memory_mb or 0,
-            elem_id=elem_id("inference_memory_mb"),
-            visible="inference_memory_mb" in supported_fields,
-            info=FIELDS_BY_NAME["inference_memory_mb"].help,
-        )
+        def emit(specs: Sequence[FieldSpec]) -> None:
+            with gr.Row(elem_classes=["optim-row"]):
+                for spec in specs:
+                    choices = attention if spec.name == "attention" else spec.kind.choices(host, None)
+                    value = control_value(spec, defaults, choices)
+                    visible = spec.name in supported_fields
+                    controls.append(_control(spec, host, value, elem_id, visible, attention, total_vram_mb))
+
+        for spec in SETTING_FIELDS:
+            if spec.name == "attention":
+                with gr.Row(elem_classes=["optim-row"]):
+                    value = control_value(spec, defaults, attention)
+                    controls.append(_control(spec, host, value, elem_id, True, attention, total_vram_mb))
+                    profile = gr.Dropdown(
+                        label="Fill from profile",
+                        choices=[NO_PROFILE, *PROFILES],
+                        value=NO_PROFILE,
+                        elem_id=elem_id("profile"),
+                    )
+            elif spec.kind.control == "radio":
+                row.append(spec)
+                if len(row) == 2:
+                    emit(row)
+                    row = []
+            else:
+                if row:
+                    emit(row)
+                    row = []
+                emit([spec])
+        if row:
+            emit(row)
         with gr.Row(elem_classes=["optim-row"]):
             status_box = gr.HTML(value=status, elem_id=elem_id("status"))
             refresh = gr.Button(value="\U0001f504", elem_id=elem_id("refresh"), elem_classes=["optim-refresh"])
 
-    controls = [attention, channels_last, vae_on_cpu, inference_memory]
-    profile.change(
-        fn=lambda name, *current: profile_values(name, host, backends, current),
-        inputs=[profile, *controls],
-        outputs=controls,
-        queue=False,
-        show_progress=False,
-    )
+    if profile is not None:
+        profile.change(
+            fn=lambda name, *current: profile_values(name, host, backends, current),
+            inputs=[profile, *controls],
+            outputs=controls,
+            queue=False,
+            show_progress=False,
+        )
     refresh.click(fn=status, inputs=[], outputs=[status_box], queue=False, show_progress=False)
 
-    components = [enabled, attention, channels_last, vae_on_cpu, inference_memory]
+    components = [enabled, *controls]
     infotext_fields: list[tuple[Any, Any]] = [(enabled, lambda params: INFOTEXT_KEY in params)]
-    for name, component in zip(
-        ("attention", "channels_last", "vae_on_cpu", "inference_memory_mb"), controls, strict=True
-    ):
-        infotext_fields.append((component, _from_infotext(name, host)))
+    for spec, component in zip(SETTING_FIELDS, controls, strict=True):
+        infotext_fields.append((component, _from_infotext(spec.name, host)))
     return UiParts(components, infotext_fields, [INFOTEXT_KEY])
 
 
-def settings_section_options(host: HostKind, attention_names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The Settings → Optim page, as plain data the script turns into OptionInfo objects."""
-    return {
-        "optim_default_attention": {
-            "default": Attention.HOST.value,
-            "label": "Default attention backend when the Optim accordion is on",
-            "component": gr.Dropdown,
-            "component_args": {"choices": list(attention_names)},
-        },
-        "optim_default_channels_last": {
-            "default": Tri.INHERIT.value,
-            "label": "Default channels-last UNet",
-            "component": gr.Radio,
-            "component_args": {"choices": TRI_CHOICES},
-        },
-        "optim_default_vae_on_cpu": {
-            "default": Tri.INHERIT.value,
-            "label": "Default VAE on CPU",
-            "component": gr.Radio,
-            "component_args": {"choices": TRI_CHOICES},
-        },
-        "optim_default_inference_memory_mb": {
-            "default": 0,
-            "label": "Default inference memory in MB (Forge; 0 = as Forge has it)",
-            "component": gr.Number,
-            "component_args": {"precision": 0},
-            "hosts": (HostKind.FORGE,),
-        },
-        "optim_console_level": {
-            "default": "INFO",
-            "label": "Console messages",
-            "component": gr.Radio,
-            "component_args": {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]},
-        },
-        "optim_telemetry_infotext": {
-            "default": False,
-            "label": 'Write speed and peak memory into infotext ("Optim telemetry")',
-            "component": gr.Checkbox,
-            "component_args": {},
-        },
-        "optim_check_at_startup": {
-            "default": True,
-            "label": "Check launch flags and environment at start-up",
-            "component": gr.Checkbox,
-            "component_args": {},
-        },
-    }
+def settings_section_options(
+    host: HostKind, backends: Sequence[BackendInfo], supported_fields: Sequence[str]
+) -> list[tuple[str, dict[str, Any]]]:
+    """The Settings → Optim page, as plain data the script turns into OptionInfo objects: one default per
+    field this host supports (``optim_default_<field>``, from FIELDS), then the extension's own options."""
+    attention = attention_choices(backends)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for spec in SETTING_FIELDS:
+        if spec.name not in supported_fields:
+            continue
+        control = spec.kind.control
+        choices = attention if spec.name == "attention" else spec.kind.choices(host, None)
+        component: Any = gr.Dropdown if control == "dropdown" else gr.Radio if control == "radio" else gr.Number
+        args: dict[str, Any] = {"choices": list(choices or [])} if choices is not None else {"precision": 0}
+        label = f"Default {spec.label[0].lower()}{spec.label[1:]} when the Optim accordion is on"
+        out.append(
+            (
+                spec.option_key,
+                {
+                    "default": spec.kind.to_ui(spec.default),
+                    "label": label,
+                    "component": component,
+                    "component_args": args,
+                },
+            )
+        )
+    out += [
+        (
+            "optim_console_level",
+            {
+                "default": "INFO",
+                "label": "Console messages",
+                "component": gr.Radio,
+                "component_args": {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+            },
+        ),
+        (
+            "optim_telemetry_infotext",
+            {
+                "default": False,
+                "label": 'Write speed and peak memory into infotext ("Optim telemetry")',
+                "component": gr.Checkbox,
+                "component_args": {},
+            },
+        ),
+        (
+            "optim_check_at_startup",
+            {
+                "default": True,
+                "label": "Check launch flags and environment at start-up",
+                "component": gr.Checkbox,
+                "component_args": {},
+            },
+        ),
+    ]
+    return out
 
 
 def build_bench_tab(
@@ -232,7 +274,7 @@ def build_bench_tab(
     ``gr.Progress`` works in gradio 3.41 and 4.40 for queued events (both hosts enable the queue). Returns
     what ``script_callbacks.on_ui_tabs`` expects for one tab: ``(blocks, title, elem_id)``.
     """
-    from lib_optim.webbench import (
+    from lib_optim.generation_bench import (
         DEFAULT_PROMPT,
         KIND_LABELS,
         REPEATS_MAX,

@@ -6,14 +6,14 @@ Every hook is a no-op unless the accordion is on and a control differs from "as 
 
 from modules import script_callbacks, scripts
 
-from lib_optim.hosts import bench, webui
+from lib_optim.hosts import optim_tab, webui
 
 
 class OptimScript(scripts.Script):
     sorting_priority = 15  # Forge orders AlwaysVisible accordions by it (A1111 ignores it)
 
     def title(self):
-        return webui.SCRIPT_TITLE
+        return SCRIPT_TITLE
 
     def show(self, is_img2img):
         return scripts.AlwaysVisible
@@ -38,4 +38,4 @@ script_callbacks.on_ui_settings(webui.register_settings)
 script_callbacks.on_before_ui(webui.register_xyz_axes)
 script_callbacks.on_app_started(lambda _demo, app: webui.register_api(app))
 script_callbacks.on_script_unloaded(webui.on_script_unloaded)
-script_callbacks.on_ui_tabs(bench.ui_tab)
+script_callbacks.on_ui_tabs(webui.ui_tabs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, Session
+from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, Session
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings
 
@@ -37,6 +37,12 @@ class FakeAdapter(HostAdapter):
 
     def attention_backends(self) -> list[BackendInfo]:
         return list(BACKENDS)
+
+    def supported_fields(self) -> tuple[str, ...]:
+        return ("enabled", "attention", "channels_last", "vae_on_cpu")  # what A1111 applies
+
+    def current_attention_name(self) -> str:
+        return self.current
 
     def effective_state(self) -> EffectiveState:
         return EffectiveState(HostKind.A1111, self.current, False, self.device, self.dtype, None, True)

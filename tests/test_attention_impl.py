@@ -6,7 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lib_optim import attention_impl as impl  # noqa: E402
+from lib_optim import attention_impl as impl
+from lib_optim.attention import Attention  # noqa: E402
 
 ATOL = 2e-5
 
@@ -64,11 +65,15 @@ def test_sdp_variants_that_run_here_match(kernel: str) -> None:
 
 def test_available_backends_on_cpu() -> None:
     names = impl.available_backends("cpu")
-    assert {"sdp", "split", "sub-quad", "none", "sdp-math"} <= set(names)
+    assert {"sdp", "split", "sub-quad", "none", "sdp-no-mem"} <= set(names)
+    assert all(isinstance(name, Attention) for name in names)
     assert "xformers" not in names  # xformers is CUDA-only
-    assert "sdp-efficient" not in names and "sdp-cudnn" not in names  # CUDA kernels
+    assert "invokeai" not in names and "v1" not in names  # no implementation of ours
+    kernels = impl.sdp_kernels("cpu")
+    assert "math" in kernels
+    assert "efficient" not in kernels and "cudnn" not in kernels  # CUDA kernels
     q, k, v = qkv(2, 65, 77, 16)
-    for fn in names.values():
+    for fn in [*names.values(), *kernels.values()]:
         torch.testing.assert_close(fn(q, k, v), reference(q, k, v), atol=ATOL, rtol=1e-4)
 
 

@@ -409,7 +409,7 @@ FIRES: list[Case] = [
         mentions=("it uses none",),
     ),
     fires(
-        "several-attention-flags",
+        "attention-flag-overridden",
         FORGE,
         "--attention-split",
         facts=NVIDIA_86,
@@ -418,6 +418,15 @@ FIRES: list[Case] = [
         mentions=("xformers is installed", "backend/attention.py"),
         fix_mentions=("--disable-xformers",),
         name="forge-attention-split-loses-to-xformers",
+    ),
+    fires(
+        "attention-flag-overridden",
+        PREVIOUS,
+        "--attention-quad",
+        severity=INFO,  # without --probe nobody knows whether xformers is installed: a note, not a warning
+        subject="--attention-quad",
+        mentions=("if xformers is installed",),
+        name="forge-attention-quad-xformers-unknown",
     ),
     fires(
         "directml-xformers",
@@ -638,10 +647,11 @@ NEAR_MISSES: list[Case] = [
     Case("duplicate-flag", A1111, ("--port", "7860", "--listen")),
     Case("several-attention-flags", A1111, ("--xformers",), facts=NVIDIA_86, name="one-attention-flag"),
     Case("several-attention-flags", A1111, ("--opt-sdp-attention",), name="one-sdp-flag"),
-    Case("several-attention-flags", FORGE, ("--attention-split", "--disable-xformers"), facts=NVIDIA_86),
-    Case("several-attention-flags", FORGE, ("--attention-pytorch",), facts=NVIDIA_86),
+    Case("attention-flag-overridden", FORGE, ("--attention-split", "--disable-xformers"), facts=NVIDIA_86),
+    Case("attention-flag-overridden", FORGE, ("--attention-pytorch",), facts=NVIDIA_86),
+    Case("attention-flag-overridden", FORGE, ("--attention-split", "--always-cpu"), name="forge-split-on-cpu"),
     Case(
-        "several-attention-flags",
+        "attention-flag-overridden",
         FORGE,
         ("--attention-quad",),
         facts=RuntimeFacts(xformers_known=True, xformers_version=None),
@@ -798,9 +808,13 @@ def test_a1111_three_attention_flags_names_the_winner() -> None:
     assert "it uses Doggettx" in finding.message
 
 
-def test_forge_attention_flag_with_unknown_xformers_says_if_installed() -> None:
-    (finding,) = _by_rule(check(FORGE, ["--attention-quad"]), "several-attention-flags")
-    assert "if xformers is installed" in finding.message
+def test_one_forge_attention_flag_is_not_several() -> None:
+    """Issue 9 row 16: `check --host forge -- --attention-split` warned "several-attention-flags" for one flag."""
+    findings = check(FORGE, ["--attention-split"])
+    assert not _by_rule(findings, "several-attention-flags")
+    (finding,) = _by_rule(findings, "attention-flag-overridden")
+    assert finding.severity is INFO and "if xformers is installed" in finding.message
+    assert exit_code(findings) == 0
 
 
 def test_alloc_conf_parser() -> None:

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.a1111 import TITLES, A1111Adapter
-from lib_optim.hosts.base import NotSupportedHere
+from lib_optim.hosts.a1111 import A1111Adapter, titles
+from lib_optim.adapter import NotSupportedHere
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings, Tri
 
@@ -411,12 +411,12 @@ def test_module_imports_without_a_webui() -> None:
 
 def test_attention_backends_titles_and_reasons(adapter: A1111Adapter) -> None:
     backends = {b.attention: b for b in adapter.attention_backends()}
-    assert set(backends) == {Attention.HOST, Attention.AUTO, *TITLES}
+    assert set(backends) == {Attention.HOST, Attention.AUTO, *titles()}
     assert backends[Attention.HOST].available
     assert backends[Attention.AUTO].available
     for name in (Attention.SDP, Attention.SDP_NO_MEM, Attention.SPLIT, Attention.SUB_QUAD, Attention.V1):
         assert backends[name].available, name
-        assert backends[name].host_name == TITLES[name]
+        assert backends[name].host_name == titles()[name]
     assert backends[Attention.SPLIT].host_name == "Doggettx"
     assert backends[Attention.INVOKEAI].host_name == "InvokeAI"
     assert backends[Attention.NONE].available and backends[Attention.NONE].host_name == "None"
@@ -497,8 +497,8 @@ def test_each_backend_switches_bindings_and_restores_exactly(
         assert world.sgm_model.AttnBlock.forward is opt.attnblock_fn
     assert world.sd_hijack.current_optimizer is opt
     assert world.sd_hijack.model_hijack.optimization_method == opt.name
-    assert world.shared.opts.data["cross_attention_optimization"] == TITLES[name]
-    assert world.apply_calls in ([TITLES[name]], [])  # [] only for the optimizer already active
+    assert world.shared.opts.data["cross_attention_optimization"] == titles()[name]
+    assert world.apply_calls in ([titles()[name]], [])  # [] only for the optimizer already active
     assert session.restorer.close() is True
     assert_same(before, world.bindings())
     assert "cross_attention_optimization" not in world.shared.opts.data

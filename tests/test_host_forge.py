@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import NotSupportedHere
+from lib_optim.adapter import NotSupportedHere
 from lib_optim.hosts.forge import UNSUPPORTED_REASON, ForgeAdapter, UnsupportedForgeAdapter
 from lib_optim.settings import Attention, GenerationSettings, Tri
 
@@ -475,9 +475,11 @@ def test_exception_mid_begin_restores(forge: SimpleNamespace, monkeypatch: pytes
     def boom(*args: Any) -> None:
         raise RuntimeError("mid-way")
 
-    monkeypatch.setattr(forge.adapter, "_apply_inference_memory", boom)
+    monkeypatch.setattr(forge.adapter, "apply_inference_memory_mb", boom)
     with pytest.raises(RuntimeError, match="mid-way"):
-        forge.adapter.begin(forge.p, on(attention=Attention.SPLIT, channels_last=Tri.ON, vae_on_cpu=Tri.ON))
+        forge.adapter.begin(
+            forge.p, on(attention=Attention.SPLIT, channels_last=Tri.ON, vae_on_cpu=Tri.ON, inference_memory_mb=2048)
+        )
     assert all(bindings(forge)[k] is v for k, v in before.items())
     assert conv_formats(forge.kmodel.diffusion_model) == [False, False]
     assert forge.vae.device is CUDA and forge.vae.vae_dtype is torch.bfloat16
@@ -720,9 +722,8 @@ def test_unsupported_changes_nothing(kind: HostKind, monkeypatch: pytest.MonkeyP
     backends = adapter.attention_backends()
     assert backends[0].attention is Attention.HOST and backends[0].available
     assert all(not b.available and b.reason == UNSUPPORTED_REASON for b in backends[1:])
-    if kind is HostKind.FORGE_PREVIOUS:
-        with pytest.raises(NotSupportedHere, match="per-generation switching is not supported"):
-            adapter.validate(on(attention=Attention.SDP))
+    with pytest.raises(NotSupportedHere, match="per-generation switching is not supported"):
+        adapter.validate(on(attention=Attention.SDP))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lib_optim"):
         session = adapter.begin(None, on(channels_last=Tri.ON, vae_on_cpu=Tri.ON))

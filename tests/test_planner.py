@@ -10,16 +10,9 @@ from typing import Any
 
 import pytest
 
-from lib_optim.planner import (
-    MIB,
-    AttnShape,
-    attention_shapes,
-    choose_auto_attention,
-    predict_peak_bytes,
-    split_steps,
-    sub_quad_chunks,
-)
-from lib_optim.settings import Attention
+from lib_optim.attention import Attention
+from lib_optim.attention_memory import AttnShape, attention_shapes, split_steps, sub_quad_chunks
+from lib_optim.planner import MIB, choose_auto_attention, predict_peak_bytes
 
 SD15_512_SELF = AttnShape("self", 16, 4096, 4096, 40)
 GIB = 1 << 30
@@ -126,7 +119,7 @@ _MEASURE = """
 import json, sys
 import torch
 from lib_optim import attention_impl as impl
-from lib_optim.bench import PeakMeter
+from lib_optim.attention_bench import PeakMeter
 
 meter = PeakMeter(torch.device("cpu"))
 run = {
@@ -170,9 +163,11 @@ def _assert_within(cases: list[tuple[str, AttnShape, str, dict[str, Any]]], tole
     result = _measure_peaks(cases)
     for (backend, shape, dtype_name, kwargs), measured in zip(cases, result["peaks"], strict=True):
         element = 4 if dtype_name == "float32" else 2
+        name = backend.removesuffix("-math")  # "sdp-math": SDPA with its math kernel forced
         predicted = predict_peak_bytes(
-            backend,
+            name,
             shape,
+            kernel="math" if backend.endswith("-math") else None,
             dtype_bytes=element,
             device="cpu",
             threads=result["threads"],

@@ -82,7 +82,11 @@ def test_only_available_backends_are_offered_and_the_rest_explained():
     choices = [c[0] if isinstance(c, (tuple, list)) else c for c in attention.choices]
     assert "xformers" not in choices
     assert {"host", "auto", "sdp", "split", "sub-quad"} == set(choices)
-    assert "--xformers" in ui.unavailable_note(BACKENDS)
+    note = ui.unavailable_note(BACKENDS)
+    assert "--xformers" in note
+    # the reasons fold away in the status line instead of pushing the dropdown down (its info stays empty)
+    assert not getattr(attention, "info", None)
+    assert "optim-unavailable" in ui.status_html("x", "y", unavailable=note)
 
 
 def test_inference_memory_only_on_forge():
@@ -141,8 +145,14 @@ def test_build_has_no_side_effects_when_called_again():
 
 
 def test_settings_section_options_are_valid_components():
-    options = ui.settings_section_options(HostKind.FORGE, ["host", "sdp"])
+    forge_fields = ("enabled", "attention", "channels_last", "vae_on_cpu", "inference_memory_mb")
+    options = dict(ui.settings_section_options(HostKind.FORGE, BACKENDS, forge_fields))
     with gr.Blocks():
         for spec in options.values():
             spec["component"](value=spec["default"], **spec["component_args"])
     assert "optim_console_level" in options
+    # one default per field the host supports, keyed optim_default_<field>, offering what this install can do
+    assert [k for k in options if k.startswith("optim_default_")] == [f"optim_default_{n}" for n in forge_fields[1:]]
+    assert options["optim_default_attention"]["component_args"]["choices"] == ["host", "auto", "sdp", "split", "sub-quad"]
+    a1111 = dict(ui.settings_section_options(HostKind.A1111, BACKENDS, forge_fields[:4]))
+    assert "optim_default_inference_memory_mb" not in a1111

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lib_optim.adapter import HostAdapter
 from lib_optim.hostdetect import HostCheckout, detect_kind
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import HostAdapter
 
 
 def running_webui_root() -> Path | None:

@@ -40,41 +40,27 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from lib_optim import adapter as base
+from lib_optim import attention as registry
+from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
+from lib_optim.attention import A1111_NONE_TITLE, Attention
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts import base
-from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
 from lib_optim.planner import choose_auto_attention
-from lib_optim.settings import Attention, GenerationSettings, Tri
+from lib_optim.settings import GenerationSettings, Tri
 
 log = get_logger(__name__)
 
-SETTING_KEY = "cross_attention_optimization"  # modules/shared_options.py:233
-NONE_TITLE = "None"  # handled by apply_optimizations itself, never in the optimizer list (sd_hijack.py:85-86)
+SETTING_KEY = "cross_attention_optimization"  # docs/hosts.md §3.1
+NONE_TITLE = A1111_NONE_TITLE  # handled by apply_optimizations itself, never in the optimizer list
 
-# Our names → A1111's optimizer titles, title() = "name" or "name - label" (sd_hijack_optimizations.py:31-35).
-TITLES: dict[Attention, str] = {
-    Attention.SDP: "sdp - scaled dot product",
-    Attention.SDP_NO_MEM: "sdp-no-mem - scaled dot product without memory efficient attention",
-    Attention.SPLIT: "Doggettx",
-    Attention.SUB_QUAD: "sub-quadratic",
-    Attention.XFORMERS: "xformers",
-    Attention.INVOKEAI: "InvokeAI",
-    Attention.V1: "V1 - original v1",
-    Attention.NONE: NONE_TITLE,
-}
 
-# Why a built-in optimizer can be missing from sd_hijack.optimizers (is_available(), :56-57, :72-73).
-_MISSING_REASONS: dict[Attention, str] = {
-    Attention.XFORMERS: (
-        "start the WebUI with --xformers; needs an NVIDIA GPU of compute capability 6.0-9.0 "
-        "(or --force-enable-xformers)"
-    ),
-    Attention.SDP: "needs PyTorch 2.0 or newer (torch.nn.functional.scaled_dot_product_attention)",
-    Attention.SDP_NO_MEM: "needs PyTorch 2.0 or newer (torch.nn.functional.scaled_dot_product_attention)",
-}
-_NOT_LISTED = "not in the WebUI's optimizer list (modules.sd_hijack.optimizers); restart the WebUI"
+def titles() -> dict[Attention, str]:
+    """Our names → A1111's optimizer titles, from the registry (title() = "name" or "name - label")."""
+    return {b.name: b.a1111.title for b in registry.algorithms() if b.a1111 is not None}
+
+
 _NOT_LISTED_YET = "the WebUI has not listed its attention optimizers yet (startup is not finished)"
 
 # Everything apply_optimizations / undo_optimizations / SdOptimization.apply/undo rebind
@@ -295,9 +281,6 @@ class A1111Adapter(HostAdapter):
             self._version = tag
         return self._version
 
-    def supported_fields(self) -> tuple[str, ...]:
-        return ("enabled", "attention", "channels_last", "vae_on_cpu")
-
     def optimizer_titles(self) -> list[str]:
         """The titles of the optimizers the WebUI listed at startup (sd_hijack.py:48-56), priority order."""
         sd_hijack = self._modules.get("modules.sd_hijack")
@@ -315,14 +298,16 @@ class A1111Adapter(HostAdapter):
             BackendInfo(Attention.HOST, True, setting, "as Settings → Optimizations → Cross attention optimization"),
             BackendInfo(Attention.AUTO, bool(titles), "", "" if titles else _NOT_LISTED_YET),
         ]
-        for name, title in TITLES.items():
-            if name is Attention.NONE:
-                out.append(BackendInfo(name, True, title, "no optimization: the models' own attention"))
+        for entry in registry.algorithms():
+            if entry.a1111 is None:
+                continue
+            title = entry.a1111.title
+            if title == NONE_TITLE:
+                out.append(BackendInfo(entry.name, True, title, "no optimization: the models' own attention"))
             elif title in titles:
-                out.append(BackendInfo(name, True, title))
+                out.append(BackendInfo(entry.name, True, title))
             else:
-                reason = _MISSING_REASONS.get(name, _NOT_LISTED) if titles else _NOT_LISTED_YET
-                out.append(BackendInfo(name, False, title, reason))
+                out.append(BackendInfo(entry.name, False, title, entry.a1111.missing if titles else _NOT_LISTED_YET))
         return out
 
     def _loaded_sd_model(self) -> Any:
@@ -376,32 +361,15 @@ class A1111Adapter(HostAdapter):
 
     # --- applying -----------------------------------------------------------------------------------------
 
-    def _current_name(self) -> str:
+    def current_attention_name(self) -> str:
         current = getattr(self._modules.get("modules.sd_hijack"), "current_optimizer", None)
         return str(getattr(current, "name", "")) if current is not None else NONE_TITLE
 
-    def begin(self, p: Any, settings: GenerationSettings) -> Session:
-        restorer = Restorer("A1111 generation")
-        session = Session(settings=settings, restorer=restorer)
-        session.attention_used = self._current_name()
-        if not settings.changes_anything:
-            return session
-        # everything that can refuse does so before anything changes
-        title = self._resolve_title(p, settings, session) if settings.attention is not Attention.HOST else None
-        if settings.inference_memory_mb is not None:
-            log.warning("inference_memory_mb: Forge only; ignored on A1111")
-        try:
-            if title is not None:
-                session.attention_used = self.switch_optimizer(restorer, title)
-            self._apply_channels_last(p, settings, session)
-            self._apply_vae_on_cpu(p, settings, session)
-        except BaseException:
-            with contextlib.suppress(Exception):  # Restorer.close logs its own failures
-                restorer.close()
-            raise
-        return session
-
     # attention ---------------------------------------------------------------------------------------------
+
+    def apply_attention(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        title = self._resolve_title(p, settings, session)
+        session.attention_used = self.switch_optimizer(session.restorer, title)
 
     def _resolve_title(self, p: Any, settings: GenerationSettings, session: Session) -> str:
         """The exact optimizer title for ``settings.attention`` (``auto`` resolved); NotSupportedHere if absent."""
@@ -427,7 +395,7 @@ class A1111Adapter(HostAdapter):
             raise NotSupportedHere(
                 f"[Optim] attention: {target.value!r} is not available here{why}; allowed: {allowed}"
             )
-        return TITLES[target]
+        return titles()[target]
 
     def _binding_targets(self) -> list[tuple[Any, str]]:
         targets: list[tuple[Any, str]] = []
@@ -478,9 +446,7 @@ class A1111Adapter(HostAdapter):
 
     # channels-last -----------------------------------------------------------------------------------------
 
-    def _apply_channels_last(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        if settings.channels_last is Tri.INHERIT:
-            return
+    def apply_channels_last(self, p: Any, settings: GenerationSettings, session: Session) -> None:
         import torch
 
         unet = _diffusion_model(getattr(p, "sd_model", None))
@@ -506,7 +472,7 @@ class A1111Adapter(HostAdapter):
 
     # VAE on CPU --------------------------------------------------------------------------------------------
 
-    def _apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+    def apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:
         if settings.vae_on_cpu is not Tri.ON:
             return  # off: A1111 never keeps the VAE on the CPU by itself (only --medvram/--lowvram do)
         import torch

@@ -39,29 +39,26 @@ from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
+from lib_optim import adapter as base
+from lib_optim import attention as registry
+from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
+from lib_optim.attention import Attention
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts import base
-from lib_optim.hosts.base import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.planner import choose_auto_attention
-from lib_optim.settings import ATTENTION_BY_HOST, Attention, GenerationSettings, Tri
+from lib_optim.settings import GenerationSettings, Tri
 
 log = get_logger(__name__)
 
 MB = 1024 * 1024
 
-# What each name means in backend/attention.py: (UNet/DiT function, VAE single-head spatial function).
-# split and sub-quad get Forge's own non-SDPA VAE choice (attention.py:449-451): normal_… reshapes the
-# 4-D tensors and runs slice_… (chunked by free memory, :342-377), which takes pre-reshaped 3-D tensors and
-# so cannot be bound directly.
-_FUNCTIONS: dict[Attention, tuple[str, str]] = {
-    Attention.SDP: ("attention_pytorch", "pytorch_attention_single_head_spatial"),
-    Attention.SPLIT: ("attention_split", "normal_attention_single_head_spatial"),
-    Attention.SUB_QUAD: ("attention_sub_quad", "normal_attention_single_head_spatial"),
-    Attention.XFORMERS: ("attention_xformers", "xformers_attention_single_head_spatial"),
-}
-_OFFERED = (Attention.SDP, Attention.SPLIT, Attention.SUB_QUAD, Attention.XFORMERS)
+
+def functions() -> dict[Attention, tuple[str, str]]:
+    """Each registered backend Forge f2 has: its (UNet/DiT function, VAE single-head spatial function) in
+    ``backend.attention`` (docs/hosts.md §3.2)."""
+    return {b.name: (b.forge.unet, b.forge.vae) for b in registry.algorithms() if b.forge is not None}
+
 
 # Every module global the UNet/DiT function is bound to (HOSTS.md §3.2 table; checked in the code above).
 _UNET_BINDINGS = (
@@ -213,8 +210,10 @@ class ForgeAdapter(HostAdapter):
         module = self._modules.get("modules_forge.forge_version")
         return str(getattr(module, "version", "unknown"))
 
-    def supported_fields(self) -> tuple[str, ...]:
-        return (*super().supported_fields(), "inference_memory_mb")
+    def total_memory_mb(self) -> int | None:
+        mm = self._modules.loaded("backend.memory_management")
+        total = getattr(mm, "total_vram", None)
+        return int(total) if isinstance(total, (int, float)) and total > 0 else None
 
     def _cuda(self) -> bool:
         if self._cuda_available is not None:
@@ -249,8 +248,7 @@ class ForgeAdapter(HostAdapter):
             BackendInfo(Attention.HOST, True, current, "as Forge chose at startup"),
             BackendInfo(Attention.AUTO, attn is not None, "", "" if attn is not None else "backend.attention missing"),
         ]
-        for name in _OFFERED:
-            fn_name = _FUNCTIONS[name][0]
+        for name, (fn_name, _vae) in functions().items():
             if attn is None or not callable(getattr(attn, fn_name, None)):
                 out.append(BackendInfo(name, False, fn_name, "backend.attention does not have it"))
                 continue
@@ -302,24 +300,9 @@ class ForgeAdapter(HostAdapter):
 
     # --- applying -----------------------------------------------------------------------------------------
 
-    def begin(self, p: Any, settings: GenerationSettings) -> Session:
-        restorer = Restorer("Forge f2 generation")
-        session = Session(settings=settings, restorer=restorer)
+    def current_attention_name(self) -> str:
         attn = self._modules.get("backend.attention")
-        session.attention_used = getattr(getattr(attn, "attention_function", None), "__name__", "")
-        if not settings.changes_anything:
-            return session
-        self.validate(settings)  # everything that can refuse does so before anything changes
-        try:
-            self._apply_attention(p, settings, session)
-            self._apply_channels_last(p, settings, session)
-            self._apply_vae_on_cpu(p, settings, session)
-            self._apply_inference_memory(p, settings, session)
-        except BaseException:
-            with contextlib.suppress(Exception):  # Restorer.close logs its own failures
-                restorer.close()
-            raise
-        return session
+        return str(getattr(getattr(attn, "attention_function", None), "__name__", ""))
 
     def before_sampling(self, p: Any, session: Session) -> None:
         """Idempotent. Nothing of ours lives on ``forge_objects`` (module globals, the shared VAE object and
@@ -333,9 +316,7 @@ class ForgeAdapter(HostAdapter):
 
     # attention ---------------------------------------------------------------------------------------------
 
-    def _apply_attention(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        if settings.attention is Attention.HOST:
-            return
+    def apply_attention(self, p: Any, settings: GenerationSettings, session: Session) -> None:
         attn = self._modules.get("backend.attention")
         if attn is None:
             raise NotSupportedHere("[Optim] attention: backend.attention is missing; allowed: host")
@@ -358,7 +339,7 @@ class ForgeAdapter(HostAdapter):
             target = choice.attention
             session.data["auto_reason"] = choice.reason
             log.info("attention auto → %s", choice.reason)
-        unet_name, vae_name = _FUNCTIONS[target]
+        unet_name, vae_name = functions()[target]
         unet_fn = getattr(attn, unet_name)
         vae_fn = getattr(attn, vae_name)
         restorer = session.restorer
@@ -397,9 +378,7 @@ class ForgeAdapter(HostAdapter):
 
     # channels-last -----------------------------------------------------------------------------------------
 
-    def _apply_channels_last(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        if settings.channels_last is Tri.INHERIT:
-            return
+    def apply_channels_last(self, p: Any, settings: GenerationSettings, session: Session) -> None:
         import torch
 
         unet_patcher = getattr(getattr(p.sd_model, "forge_objects", None), "unet", None)
@@ -435,9 +414,7 @@ class ForgeAdapter(HostAdapter):
     def _vae(self, p: Any) -> Any:
         return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "vae", None)
 
-    def _apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        if settings.vae_on_cpu is Tri.INHERIT:
-            return
+    def apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:
         import torch
 
         vae = self._vae(p)
@@ -489,13 +466,13 @@ class ForgeAdapter(HostAdapter):
 
     # inference memory ------------------------------------------------------------------------------------
 
-    def _apply_inference_memory(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        if settings.inference_memory_mb is None:
-            return
+    def apply_inference_memory_mb(self, p: Any, settings: GenerationSettings, session: Session) -> None:
         mm = self._modules.get("backend.memory_management")
         if mm is None:
             raise NotSupportedHere("[Optim] inference_memory_mb: backend.memory_management is missing")
-        ours = int(settings.inference_memory_mb) * MB
+        if settings.inference_memory_mb is None:  # begin() calls this only for a value, but mypy cannot know
+            return
+        ours = settings.inference_memory_mb * MB
         host = int(mm.current_inference_memory)
         if ours == host:
             return
@@ -566,12 +543,12 @@ class UnsupportedForgeAdapter(HostAdapter):
         module = self._modules.get("modules_forge.forge_version")
         return str(getattr(module, "version", "unknown"))
 
-    def supported_fields(self) -> tuple[str, ...]:
-        return ("enabled",)
+    def current_attention_name(self) -> str:
+        return self._attention_name()
 
     def attention_backends(self) -> list[BackendInfo]:
         out = [BackendInfo(Attention.HOST, True, self._attention_name(), "as the host chose at startup")]
-        for name in ATTENTION_BY_HOST.get(self.kind, (Attention.HOST,)):
+        for name in registry.for_host(self.kind):
             if name is not Attention.HOST:
                 out.append(BackendInfo(name, False, "", UNSUPPORTED_REASON))
         return out

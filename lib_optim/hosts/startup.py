@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lib_optim import attention as registry
+from lib_optim.attention import Attention
 from lib_optim.checker import CheckInput, Finding, RuntimeFacts, run_checks
 from lib_optim.flagtables import FlagSpec, TakesValue
 from lib_optim.hostkinds import CHECKED_HOSTS, HostKind
@@ -23,9 +25,9 @@ from lib_optim.hosts import detect_running_host
 from lib_optim.log import get_logger, setup_console_logging
 from lib_optim.profiles import HostProfile, ProfileError, get_profile, profile_names, resolve
 from lib_optim.runtime import get_runtime
-from lib_optim.settings import Attention, Tri
+from lib_optim.settings import Tri
 
-log = get_logger("startup")
+log = get_logger(__name__)
 
 OUR_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
@@ -288,11 +290,12 @@ def _apply_forge(hp: HostProfile) -> tuple[list[str], list[str]]:
         memory_management.VAE_DTYPES = [torch.float32]
         applied.append("VAE on CPU (float32)")
     attention = hp.generation.attention
-    if attention in (Attention.SPLIT, Attention.SUB_QUAD, Attention.SDP) and "backend.attention" not in sys.modules:
-        # backend.attention picks its function when first imported (attention.py:430-451), after preload.
-        backend_args.attention_split = attention is Attention.SPLIT
-        backend_args.attention_quad = attention is Attention.SUB_QUAD
-        backend_args.attention_pytorch = attention is Attention.SDP
+    flags = {b.name: b.forge.flag for b in registry.algorithms() if b.forge is not None and b.forge.flag}
+    if attention in flags and "backend.attention" not in sys.modules:
+        # backend.attention picks its function when first imported, after preload (docs/hosts.md §3.2): the
+        # flags of its exclusive group decide, with xformers off.
+        for name, flag in flags.items():
+            setattr(backend_args, flag.removeprefix("--").replace("-", "_"), name is attention)
         memory_management.ENABLE_PYTORCH_ATTENTION = attention is Attention.SDP
         memory_management.XFORMERS_IS_AVAILABLE = False
         applied.append(f"attention {attention.value}")

@@ -1,93 +1,41 @@
-"""Glue between the WebUI's script machinery and lib_optim, shared by A1111 and Forge.
+"""Glue between the WebUI's script machinery and lib_optim, shared by every host.
 
 scripts/optim.py stays a thin class; everything it does lives here so it can be read and tested in one
-place. Host modules are imported inside functions: this module is imported at script load, after
-``modules.shared`` exists.
+place. It registers everything of ours with the host: the script's hooks, the Settings → Optim page, the
+X/Y/Z axes, the API routes (the benchmark's included) and the Optim tab. Host modules are imported inside
+functions: this module is imported at script load, after ``modules.shared`` exists.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
+from lib_optim.adapter import NotSupportedHere
 from lib_optim.fallback import infotext_note
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts import create_adapter, detect_running_host
-from lib_optim.hosts.base import NotSupportedHere
+from lib_optim.hosts import common, optim_tab
+from lib_optim.hosts.common import SECTION, SETTINGS_CATEGORY, defaults_from_options, ensure_runtime, optim_script
 from lib_optim.log import get_logger, setup_console_logging
 from lib_optim.runtime import Runtime, get_runtime
 from lib_optim.settings import (
-    FIELD_NAMES,
+    FIELDS_BY_NAME,
     INFOTEXT_KEY,
+    SETTING_FIELDS,
     Attention,
     GenerationSettings,
     SettingsError,
-    Tri,
     format_infotext,
     from_dict,
     from_script_args,
-    parse_attention,
-    parse_megabytes,
-    parse_tri,
 )
 from lib_optim.telemetry import format_status
 
 log = get_logger(__name__)
 
-SCRIPT_TITLE = "Optim"
-SECTION = ("optim", "Optim")
-
-
-def ensure_runtime() -> Runtime:
-    """Detect the host and create its adapter once per process (preload may have done it already)."""
-    rt = get_runtime()
-    if rt.adapter is None:
-        checkout = detect_running_host()
-        kind = checkout.kind if checkout else HostKind.A1111
-        rt.host = kind
-        rt.adapter = create_adapter(kind)
-        try:
-            rt.host_version = rt.adapter.version()
-        except Exception:  # a missing version string must not stop the extension
-            log.debug("host version unknown", exc_info=True)
-    return rt
-
-
-# --- options ---------------------------------------------------------------------------------------------
-
-
-def _opts() -> Any:
-    from modules import shared
-
-    return shared.opts
-
-
-def defaults_from_options() -> GenerationSettings:
-    """Settings → Optim defaults, then the start-up profile's (``--optim-profile``) for fields left at their
-    default there; a bad saved value is reported and ignored (never breaks the UI)."""
-    opts = _opts()
-    rt = get_runtime()
-    try:
-        saved = GenerationSettings(
-            enabled=False,
-            attention=parse_attention(getattr(opts, "optim_default_attention", "host"), rt.host),
-            channels_last=parse_tri("channels_last", getattr(opts, "optim_default_channels_last", "inherit")),
-            vae_on_cpu=parse_tri("vae_on_cpu", getattr(opts, "optim_default_vae_on_cpu", "inherit")),
-            inference_memory_mb=parse_megabytes(
-                "inference_memory_mb", getattr(opts, "optim_default_inference_memory_mb", 0)
-            ),
-        )
-    except SettingsError as exc:
-        log.warning("Settings → Optim has a value that is not allowed, using defaults: %s", exc)
-        saved = GenerationSettings()
-    return replace(saved.with_defaults_from(rt.defaults), enabled=False)
-
 
 def apply_console_level() -> None:
-    level = str(getattr(_opts(), "optim_console_level", "INFO") or "INFO")
+    level = str(getattr(common.opts(), "optim_console_level", "INFO") or "INFO")
     setup_console_logging(level)
 
 
@@ -97,11 +45,9 @@ def register_settings() -> None:
     from lib_optim import ui
 
     rt = ensure_runtime()
-    names = [b.attention.value for b in rt.adapter.attention_backends()] if rt.adapter else ["host"]
-    for key, spec in ui.settings_section_options(rt.host or HostKind.A1111, names).items():
-        hosts = spec.pop("hosts", None)
-        if hosts is not None and rt.host not in hosts:
-            continue
+    assert rt.adapter is not None
+    backends = rt.adapter.attention_backends()
+    for key, spec in ui.settings_section_options(rt.host or HostKind.A1111, backends, rt.adapter.supported_fields()):
         onchange = apply_console_level if key == "optim_console_level" else None
         info = shared.OptionInfo(
             spec["default"],
@@ -110,11 +56,38 @@ def register_settings() -> None:
             spec["component_args"],
             onchange=onchange,
             section=SECTION,
+            category_id=SETTINGS_CATEGORY,
         )
         shared.opts.add_option(key, info)
 
 
 # --- the script's hooks --------------------------------------------------------------------------------
+
+
+def status_text(rt: Runtime) -> str:
+    """The accordion's status line: the host, the attention it runs, the last Optim generation."""
+    from lib_optim import ui
+
+    summary = rt.findings_summary()
+    problems = [f"[{f.severity.value}] {f.subject}: {f.message}" for f in rt.startup_findings]
+    adapter = rt.adapter
+    try:
+        state = adapter.effective_state() if adapter is not None else None
+        attention = (state.attention if state.model_loaded else "chosen when a model loads") if state else "unknown"
+        text = f"{rt.host.display_name if rt.host else 'host'} · attention: {attention or 'unknown'}"
+    except Exception as exc:  # before the first model load some hosts have no state to read
+        log.debug("effective state unavailable", exc_info=True)
+        text = f"state unavailable: {type(exc).__name__}"
+    last = rt.history[-1] if rt.history else None
+    if last is not None:
+        text += f" · last Optim generation: {last.attention_used or 'host attention'}"
+        text += " (restored)" if last.restored else " (running)" if last.finished is None else " (NOT restored)"
+        if last.telemetry_text:
+            text += f" · {last.telemetry_text}"
+        if last.fallback:
+            text += f" · out-of-memory retry: {last.fallback}"
+    unavailable = ui.unavailable_note(adapter.attention_backends()) if adapter is not None else ""
+    return ui.status_html(text, summary, problems, unavailable)
 
 
 def build_ui(script: Any, is_img2img: bool) -> list[Any]:
@@ -125,48 +98,19 @@ def build_ui(script: Any, is_img2img: bool) -> list[Any]:
     rt = ensure_runtime()
     adapter = rt.adapter
     assert adapter is not None
-    backends = adapter.attention_backends()
-
-    def status() -> str:
-        summary = rt.findings_summary()
-        problems = [f"[{f.severity.value}] {f.subject}: {f.message}" for f in rt.startup_findings]
-        try:
-            state = adapter.effective_state()
-            attention = state.attention if state.model_loaded else "chosen when a model loads"
-            text = f"{rt.host.display_name if rt.host else 'host'} · attention: {attention or 'unknown'}"
-        except Exception as exc:  # before the first model load some hosts have no state to read
-            log.debug("effective state unavailable", exc_info=True)
-            text = f"state unavailable: {type(exc).__name__}"
-        last = rt.history[-1] if rt.history else None
-        if last is not None:
-            text += f" · last Optim generation: {last.attention_used or 'host attention'}"
-            text += " (restored)" if last.restored else " (running)" if last.finished is None else " (NOT restored)"
-            if last.telemetry_text:
-                text += f" · {last.telemetry_text}"
-            if last.fallback:
-                text += f" · out-of-memory retry: {last.fallback}"
-        return ui.status_html(text, summary, problems)
-
     parts = ui.build(
         host=rt.host or HostKind.A1111,
-        backends=backends,
+        backends=adapter.attention_backends(),
         defaults=defaults_from_options(),
         elem_id=script.elem_id,
         input_accordion=InputAccordion,
-        status=status,
-        total_vram_mb=_total_vram_mb(),
+        status=lambda: status_text(rt),
+        total_vram_mb=adapter.total_memory_mb(),
         supported_fields=adapter.supported_fields(),
     )
     script.infotext_fields = parts.infotext_fields
     script.paste_field_names = parts.paste_field_names
     return parts.components
-
-
-def _total_vram_mb() -> int | None:
-    memory_management = sys.modules.get("backend.memory_management")
-    if memory_management is None:  # A1111 has no backend package; the slider is hidden there anyway
-        return None
-    return int(getattr(memory_management, "total_vram", 0)) or None
 
 
 def settings_for(args: Sequence[Any]) -> GenerationSettings:
@@ -179,7 +123,7 @@ def settings_for(args: Sequence[Any]) -> GenerationSettings:
 def process(p: Any, args: Sequence[Any]) -> None:
     rt = ensure_runtime()
     # A generation that ended without postprocess and without p.close() (an X/Y/Z cell that raised)
-    # is restored here at the latest; generations are serialised by the queue lock (HOSTS.md §8.5).
+    # is restored here at the latest; generations are serialised by the queue lock (docs/hosts.md §1.5).
     rt.end_others(p)
     try:
         settings = settings_for(args)
@@ -188,11 +132,8 @@ def process(p: Any, args: Sequence[Any]) -> None:
         return
     if not settings.enabled:
         return  # off: nothing changed, nothing measured
-    assert rt.adapter is not None
     try:
-        if settings.changes_anything:
-            rt.adapter.validate(settings)
-        session = rt.begin(p, settings, device=_generation_device())
+        session = rt.begin(p, settings, device=common.generation_device())  # validates once, in the adapter
     except (NotSupportedHere, SettingsError) as exc:
         log.error("%s — this generation runs without Optim changes", exc)
         return
@@ -204,8 +145,8 @@ def process(p: Any, args: Sequence[Any]) -> None:
         p.extra_generation_params[INFOTEXT_KEY] = text
     if settings.attention is Attention.AUTO and session.attention_used:
         p.extra_generation_params["Optim auto attention"] = session.attention_used
-    if getattr(_opts(), "optim_telemetry_infotext", False):
-        # a callable: the host calls it when it writes each image's infotext (A1111 processing.py:721-816)
+    if getattr(common.opts(), "optim_telemetry_infotext", False):
+        # a callable: the host calls it when it writes each image's infotext (docs/hosts.md §7.4)
         def telemetry_text(**_kwargs: Any) -> str | None:
             now = rt.telemetry_now(p)
             return format_status(now) if now is not None else None
@@ -213,18 +154,12 @@ def process(p: Any, args: Sequence[Any]) -> None:
         p.extra_generation_params["Optim telemetry"] = telemetry_text
 
 
-def _generation_device() -> str | None:
-    devices = sys.modules.get("modules.devices")
-    device = getattr(devices, "device", None)
-    return str(device) if device is not None else None
-
-
 def on_step() -> None:
     get_runtime().step()
 
 
 def _wrap_close(p: Any, rt: Runtime) -> None:
-    """Restore from ``p.close()`` too: the host always calls it, even when a generation raises (§7.3)."""
+    """Restore from ``p.close()`` too: the host always calls it, even when a generation raises (§1.4)."""
     original = p.close
     if getattr(original, "_optim_wrapped", False):
         return
@@ -262,8 +197,8 @@ _WRAPPED_MARK = "_optim_fallback_original"
 def install_fallback() -> None:
     """Wrap ``modules.processing.process_images_inner`` so an out-of-memory error in sampling or VAE
     decode is retried once with more frugal settings. ``process_images`` looks the function up by name on
-    every call (A1111 v1.10.1 modules/processing.py:845; Forge f2 :842), so the wrapper sits between them.
-    It does nothing unless Optim is on for that generation."""
+    every call (docs/hosts.md §7.1), so the wrapper sits between them. It does nothing unless Optim is on
+    for that generation."""
     from modules import processing
 
     current = processing.process_images_inner
@@ -288,6 +223,8 @@ def install_fallback() -> None:
 
 
 def uninstall_fallback() -> None:
+    import sys
+
     processing = sys.modules.get("modules.processing")
     current = getattr(processing, "process_images_inner", None)
     original = getattr(current, _WRAPPED_MARK, None)
@@ -301,25 +238,16 @@ def retry_plan(p: Any, exc: BaseException) -> Any:
     step = rt.fallback_for(p, exc)
     if step is None:
         return None
-    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-    log.warning("%s (the error: %s: %s)", step.reason, type(exc).__name__, first_line)
+    log.warning("%s (the error: %s)", step.reason, common.first_line(exc, 200))
     rt.end(p, error=exc)  # restore everything before the retry applies the frugal settings
-    _free_memory()
+    common.free_memory()
     _set_script_args(p, step.settings.to_positional())
     p.extra_generation_params["Optim fallback"] = infotext_note(step)
     return step
 
 
-def _free_memory() -> None:
-    devices = sys.modules.get("modules.devices")
-    gc = getattr(devices, "torch_gc", None)
-    if callable(gc):
-        gc()
-
-
 def _set_script_args(p: Any, values: Sequence[Any]) -> None:
-    runner = getattr(p, "scripts", None)
-    script = next((s for s in getattr(runner, "alwayson_scripts", []) if s.title() == SCRIPT_TITLE), None)
+    script = optim_script(getattr(p, "scripts", None))
     if script is None:
         raise RuntimeError("[Optim] the Optim script is not active for this generation")
     args = list(p.script_args)
@@ -332,8 +260,7 @@ def _set_script_args(p: Any, values: Sequence[Any]) -> None:
 
 def _set_script_arg(p: Any, name: str, value: Any) -> None:
     """Change our control ``name`` in ``p.script_args`` (and switch Optim on) for one X/Y/Z cell."""
-    runner = getattr(p, "scripts", None)
-    script = next((s for s in getattr(runner, "alwayson_scripts", []) if s.title() == SCRIPT_TITLE), None)
+    script = optim_script(getattr(p, "scripts", None))
     if script is None:
         raise RuntimeError("[Optim] X/Y/Z: the Optim script is not active in this tab")
     args = list(p.script_args)
@@ -344,11 +271,12 @@ def _set_script_arg(p: Any, name: str, value: Any) -> None:
         settings = GenerationSettings().to_positional()
         settings[: len(current)] = current
     settings[0] = True
-    settings[FIELD_NAMES.index(name)] = value
+    settings[list(FIELDS_BY_NAME).index(name)] = value
     _set_script_args(p, settings)
 
 
 def register_xyz_axes() -> None:
+    """One X/Y/Z axis per field this host supports (``[Optim] <label>``), values checked before the grid."""
     from modules import scripts
 
     xyz = next(
@@ -359,8 +287,10 @@ def register_xyz_axes() -> None:
         log.debug("X/Y/Z plot script not found; no axes added")
         return
     rt = ensure_runtime()
-    names = [b.attention.value for b in rt.adapter.attention_backends() if b.available] if rt.adapter else []
-    tri = [t.value for t in Tri]
+    if rt.adapter is None:
+        return
+    supported = rt.adapter.supported_fields()
+    available = {"attention": [a.value for a in rt.adapter.available_attention()]}
 
     def setter(field: str) -> Any:
         def apply(p: Any, x: Any, xs: Any) -> None:
@@ -368,37 +298,37 @@ def register_xyz_axes() -> None:
 
         return apply
 
-    def confirm_choices(field: str, allowed: Sequence[str]) -> Any:
-        def confirm(p: Any, xs: Sequence[Any]) -> None:
-            bad = [x for x in xs if x not in allowed]
-            if bad:
-                raise RuntimeError(f"[Optim] {field}: {bad[0]!r} is not allowed; allowed: {', '.join(allowed)}")
+    def confirm(field: str) -> Any:
+        spec = FIELDS_BY_NAME[field]
 
-        return confirm
+        def check(p: Any, xs: Sequence[Any]) -> None:
+            for x in xs:
+                try:
+                    spec.parse(x, rt.host, available.get(field))
+                except SettingsError as exc:
+                    raise RuntimeError(str(exc)) from None
 
-    def confirm_memory(p: Any, xs: Sequence[Any]) -> None:
-        for x in xs:
-            parse_megabytes("inference_memory_mb", x)
+        return check
 
-    axes = [
-        xyz.AxisOption(
-            f"[Optim] {label}", str, setter(field), confirm=confirm_choices(field, values), choices=lambda v=values: v
-        )
-        for label, field, values in (
-            ("Attention", "attention", names),
-            ("Channels-last", "channels_last", tri),
-            ("VAE on CPU", "vae_on_cpu", tri),
-        )
-    ]
-    if rt.adapter is not None and "inference_memory_mb" in rt.adapter.supported_fields():
+    axes = []
+    for spec in SETTING_FIELDS:
+        if spec.name not in supported:
+            continue
+        choices = spec.kind.choices(rt.host, available.get(spec.name))
         axes.append(
-            xyz.AxisOption("[Optim] Inference memory (MB)", int, setter("inference_memory_mb"), confirm=confirm_memory)
+            xyz.AxisOption(
+                f"[Optim] {spec.label}",
+                str if choices is not None else int,
+                setter(spec.name),
+                confirm=confirm(spec.name),
+                **({"choices": lambda c=choices: c} if choices is not None else {}),
+            )
         )
     existing = {a.label for a in xyz.axis_options}
     xyz.axis_options.extend(a for a in axes if a.label not in existing)
 
 
-# --- API ---------------------------------------------------------------------------------------------
+# --- API and the Optim tab -----------------------------------------------------------------------------------
 
 
 def register_api(app: Any) -> None:
@@ -417,21 +347,18 @@ def register_api(app: Any) -> None:
 
         return probe_system(allow_cuda_init=False).to_dict()
 
-    from lib_optim.hosts import bench
-
     register_routes(
         app,
         host=rt.host,
         status=lambda: rt.status(system),
         api_auth=getattr(shared.cmd_opts, "api_auth", None),
         validate=validate,
-        extra_routes=[
-            ("/bench", bench.api_run, ["POST"]),
-            ("/bench/default", bench.api_make_default, ["POST"]),
-        ],
+        available=lambda: {"attention": [a.value for a in rt.adapter.available_attention()]} if rt.adapter else {},
+        extra_routes=optim_tab.api_routes(),
     )
     log.debug("API routes registered")
 
 
-def log_level_name() -> str:
-    return logging.getLevelName(logging.getLogger("lib_optim").getEffectiveLevel())
+def ui_tabs() -> list[tuple[Any, str, str]]:
+    """For ``script_callbacks.on_ui_tabs``: the Optim tab."""
+    return optim_tab.ui_tab()

@@ -1,11 +1,12 @@
 """The in-WebUI benchmark: one short generation per candidate, one change at a time from the current settings.
 
 Plain Python (no gradio, no host code): which candidates to try, the result of each, the table, the winner,
-the JSON/CSV files and an HTML bar chart. :mod:`lib_optim.hosts.bench` runs the generations.
+the JSON/CSV files and an HTML bar chart. :mod:`lib_optim.hosts.optim_tab` runs the generations.
 
 A candidate is the current settings (the *baseline*, always first) or the baseline with exactly one field
-changed: another available attention backend, channels-last flipped, VAE on CPU flipped, or (Forge) a
-different inference memory. The winner is the fastest candidate that did not fail.
+changed — for each field of :data:`lib_optim.settings.FIELDS` the host supports, by its kind: another
+available attention backend, a switch flipped, another choice, or half and double a memory budget. The
+winner is the fastest candidate that did not fail.
 """
 
 from __future__ import annotations
@@ -21,30 +22,30 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lib_optim.attention import Attention
 from lib_optim.hostkinds import HostKind
 from lib_optim.settings import (
-    INFERENCE_MEMORY_MAX_MB,
-    INFERENCE_MEMORY_MIN_MB,
-    Attention,
+    FIELDS_BY_NAME,
+    SETTING_FIELDS,
+    AttentionKind,
+    ChoiceKind,
     GenerationSettings,
+    MegabytesKind,
     SettingsError,
     Tri,
+    TriKind,
     from_dict,
 )
 
 BASELINE = "baseline"
-# What can be varied, in the order candidates are listed.
-KINDS = ("attention", "channels_last", "vae_on_cpu", "inference_memory")
-KIND_LABELS = {
-    "attention": "Attention backends",
-    "channels_last": "Channels-last UNet",
-    "vae_on_cpu": "VAE on CPU",
-    "inference_memory": "Inference memory (Forge)",
-}
+# What can be varied: the setting fields, in the order candidates are listed.
+KINDS = tuple(spec.name for spec in SETTING_FIELDS)
+KIND_LABELS = {spec.name: spec.label for spec in SETTING_FIELDS}
+KIND_ALIASES = {"inference_memory": "inference_memory_mb"}  # the name before the fields named the kinds
 # Never offered as a candidate: "host"/"auto" are not backends of their own, and "none" (A1111's unoptimized
 # attention) is the slowest and hungriest there is — measure it explicitly through the API if wanted.
 _NOT_CANDIDATES = (Attention.HOST, Attention.AUTO, Attention.NONE)
-FORGE_DEFAULT_INFERENCE_MEMORY_MB = 1024  # Forge's minimum_inference_memory() (backend/memory_management.py)
+FORGE_DEFAULT_INFERENCE_MEMORY_MB = 1024  # Forge's minimum_inference_memory() (docs/hosts.md §4.1)
 
 # Request limits (POST /optim/v1/bench and the tab).
 SIZE_MIN, SIZE_MAX, SIZE_STEP = 64, 2048, 8
@@ -56,7 +57,7 @@ REQUEST_KEYS = ("prompt", "width", "height", "steps", "seed", "kinds", "candidat
 
 
 @dataclass(frozen=True)
-class Candidate:
+class BenchCandidate:
     label: str  # "baseline" or the one change, "attention=sdp"
     settings: GenerationSettings
 
@@ -64,11 +65,12 @@ class Candidate:
         return {"label": self.label, "settings": self.settings.to_dict()}
 
 
-def _change_label(base: GenerationSettings, settings: GenerationSettings) -> str:
+def change_label(base: GenerationSettings, settings: GenerationSettings) -> str:
+    """``attention=sdp, channels_last=on``: what differs from ``base``, in the controls' words."""
     changed = [
-        f"{name}={value}"
-        for name, value in settings.to_dict().items()
-        if name != "enabled" and value != base.to_dict()[name]
+        f"{spec.name}={spec.kind.to_ui(getattr(settings, spec.name))}"
+        for spec in SETTING_FIELDS
+        if getattr(settings, spec.name) != getattr(base, spec.name)
     ]
     return ", ".join(changed) if changed else BASELINE
 
@@ -82,64 +84,79 @@ def _flip(value: Tri, current: bool | None) -> Tri:
     return Tri.OFF if current else Tri.ON
 
 
-def _memory_values(current: int) -> list[int]:
-    """Half and double the current inference memory (multiples of 64 MB, within the allowed range)."""
+def _megabyte_values(kind: MegabytesKind, current: int) -> list[int]:
+    """Half and double the current budget (multiples of 64 MB, within the allowed range)."""
     out = []
     for value in (current // 2, current * 2):
-        rounded = max(INFERENCE_MEMORY_MIN_MB, min(INFERENCE_MEMORY_MAX_MB, value // 64 * 64))
+        rounded = max(kind.low, min(kind.high, value // 64 * 64))
         if rounded != current and rounded not in out:
             out.append(rounded)
     return out
 
 
+def _variants(name: str, value: Any, available_attention: Sequence[Attention], current: Any, running: Any) -> list[Any]:
+    """The other values of one field worth a candidate, by the field's kind."""
+    kind = FIELDS_BY_NAME[name].kind
+    if isinstance(kind, AttentionKind):
+        return [a for a in available_attention if a not in _NOT_CANDIDATES and a != running]
+    if isinstance(kind, TriKind):
+        return [_flip(value, current)]
+    if isinstance(kind, MegabytesKind):
+        return list(_megabyte_values(kind, value or current or FORGE_DEFAULT_INFERENCE_MEMORY_MB))
+    if isinstance(kind, ChoiceKind):
+        return [m for m in kind.enum if m != value]
+    return []
+
+
+def parse_kinds(value: object) -> tuple[str, ...]:
+    """The ``kinds`` of a request: field names (``inference_memory`` is still accepted)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(k, str) for k in items):
+        raise SettingsError("kinds", value, "a list of " + ", ".join(KINDS))
+    out = []
+    for item in items:
+        name = KIND_ALIASES.get(item, item)
+        if name not in KINDS:
+            raise SettingsError("kinds", item, ", ".join(KINDS))
+        out.append(name)
+    return tuple(out)
+
+
 def candidates(
     base: GenerationSettings,
     available_attention: Iterable[Attention | str],
-    supports_inference_memory: bool,
+    supported_fields: Iterable[str],
     *,
     kinds: Iterable[str] | None = None,
-    current_attention: Attention | None = None,
-    current_channels_last: bool | None = None,
-    current_vae_on_cpu: bool | None = None,
-    current_inference_memory_mb: int | None = None,
-) -> list[Candidate]:
+    current: Mapping[str, Any] | None = None,
+) -> list[BenchCandidate]:
     """The baseline (``base``, switched on) first, then one change at a time, without duplicates.
 
-    ``current_*``: what the host does right now, so that a change is a real change — the attention backend
-    the host runs (not offered again when ``base`` leaves attention to the host), whether the UNet is in
-    channels-last and the VAE on the CPU (a flip of "inherit" is the opposite of these), and Forge's inference
-    memory. ``kinds``: which of :data:`KINDS` to vary (default: all).
+    ``supported_fields``: the fields the host can apply here (the others stay at their default and are not
+    varied). ``current``: what the host does right now, by field, so that a change is a real change — the
+    attention backend the host runs (not offered again when ``base`` leaves attention to the host), whether
+    the UNet is in channels-last and the VAE on the CPU (a flip of "inherit" is the opposite of these), and
+    Forge's inference memory. ``kinds``: which fields to vary (default: all).
     """
-    wanted = set(KINDS if kinds is None else kinds)
-    unknown = wanted - set(KINDS)
-    if unknown:
-        raise SettingsError("kinds", sorted(unknown)[0], ", ".join(KINDS))
+    wanted = set(parse_kinds(list(kinds)) if kinds is not None else KINDS)
+    supported = set(supported_fields)
+    now = dict(current or {})
     baseline = replace(base, enabled=True)
-    if not supports_inference_memory:
-        baseline = replace(baseline, inference_memory_mb=None)
-    out = [Candidate(BASELINE, baseline)]
+    unsupported = {spec.name: spec.default for spec in SETTING_FIELDS if spec.name not in supported}
+    baseline = replace(baseline, **unsupported)
+    out = [BenchCandidate(BASELINE, baseline)]
     seen = {baseline}
-    running = baseline.attention if baseline.attention not in (Attention.HOST, Attention.AUTO) else current_attention
-
-    def add(settings: GenerationSettings) -> None:
-        if settings not in seen:
-            seen.add(settings)
-            out.append(Candidate(_change_label(baseline, settings), settings))
-
-    if "attention" in wanted:
-        for item in available_attention:
-            attention = Attention(item)
-            if attention in _NOT_CANDIDATES or attention == running:
-                continue
-            add(replace(baseline, attention=attention))
-    if "channels_last" in wanted:
-        add(replace(baseline, channels_last=_flip(baseline.channels_last, current_channels_last)))
-    if "vae_on_cpu" in wanted:
-        add(replace(baseline, vae_on_cpu=_flip(baseline.vae_on_cpu, current_vae_on_cpu)))
-    if "inference_memory" in wanted and supports_inference_memory:
-        current = baseline.inference_memory_mb or current_inference_memory_mb or FORGE_DEFAULT_INFERENCE_MEMORY_MB
-        for value in _memory_values(current):
-            add(replace(baseline, inference_memory_mb=value))
+    available = [Attention(a) for a in available_attention]
+    for spec in SETTING_FIELDS:
+        if spec.name not in wanted or spec.name not in supported:
+            continue
+        value = getattr(baseline, spec.name)
+        running = value if value not in (Attention.HOST, Attention.AUTO) else now.get(spec.name)
+        for variant in _variants(spec.name, value, available, now.get(spec.name), running):
+            settings = replace(baseline, **{spec.name: variant})
+            if settings not in seen:
+                seen.add(settings)
+                out.append(BenchCandidate(change_label(baseline, settings), settings))
     return out
 
 
@@ -147,7 +164,7 @@ def candidates(
 
 
 @dataclass(frozen=True)
-class BenchResult:
+class CandidateResult:
     label: str
     settings: GenerationSettings
     seconds: float | None = None  # wall time of the whole generation (model already loaded)
@@ -182,7 +199,7 @@ class BenchResult:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BenchResult:
+    def from_dict(cls, data: Mapping[str, Any]) -> CandidateResult:
         return cls(
             label=str(data["label"]),
             settings=from_dict(data["settings"]),
@@ -199,7 +216,7 @@ class BenchResult:
         )
 
 
-def combine_runs(runs: Sequence[BenchResult]) -> BenchResult:
+def combine_runs(runs: Sequence[CandidateResult]) -> CandidateResult:
     """One candidate's result from its repeated runs: the first failure if any run failed (a candidate that
     ran out of memory once is not a safe default), else the median time and rate, the largest peaks."""
     if not runs:
@@ -222,9 +239,9 @@ def combine_runs(runs: Sequence[BenchResult]) -> BenchResult:
     )
 
 
-def winner(results: Sequence[BenchResult]) -> BenchResult | None:
+def winner(results: Sequence[CandidateResult]) -> CandidateResult | None:
     """The fastest candidate that succeeded (the earlier one on a tie: the baseline wins ties); None if none did."""
-    best: BenchResult | None = None
+    best: CandidateResult | None = None
     best_seconds = 0.0
     for result in results:
         if result.error is None and result.seconds is not None and (best is None or result.seconds < best_seconds):
@@ -232,7 +249,7 @@ def winner(results: Sequence[BenchResult]) -> BenchResult | None:
     return best
 
 
-def summarize(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
+def summarize(results: Sequence[CandidateResult]) -> list[dict[str, Any]]:
     """Table rows in run order: ``ratio`` = seconds / the winner's seconds (1.0 for the winner, None if failed)."""
     best = winner(results)
     rows = []
@@ -240,14 +257,11 @@ def summarize(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
         ratio = None
         if result.error is None and result.seconds is not None and best is not None and best.seconds:
             ratio = round(result.seconds / best.seconds, 3)
-        settings = result.settings.to_dict()
         rows.append(
             {
                 "label": result.label,
-                "attention": settings["attention"],
-                "channels_last": settings["channels_last"],
-                "vae_on_cpu": settings["vae_on_cpu"],
-                "inference_memory_mb": settings["inference_memory_mb"],
+                # each setting in the controls' words (on/off/inherit, not true/false/null)
+                **{spec.name: spec.kind.to_ui(getattr(result.settings, spec.name)) for spec in SETTING_FIELDS},
                 "seconds": None if result.seconds is None else round(result.seconds, 3),
                 "it_per_s": None if result.it_per_s is None else round(result.it_per_s, 3),
                 "steps": result.steps,
@@ -265,10 +279,7 @@ def summarize(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
 
 CSV_COLUMNS = (
     "label",
-    "attention",
-    "channels_last",
-    "vae_on_cpu",
-    "inference_memory_mb",
+    *(spec.name for spec in SETTING_FIELDS),
     "seconds",
     "it_per_s",
     "steps",
@@ -291,7 +302,7 @@ def _unique_stem(directory: Path, stem: str) -> str:
 
 
 def write_results(
-    results: Sequence[BenchResult],
+    results: Sequence[CandidateResult],
     directory: str | Path,
     *,
     meta: Mapping[str, Any] | None = None,
@@ -323,10 +334,10 @@ def write_results(
     return json_path, csv_path
 
 
-def load_results(path: str | Path) -> list[BenchResult]:
+def load_results(path: str | Path) -> list[CandidateResult]:
     """The results of a JSON file written by :func:`write_results`."""
     document = json.loads(Path(path).read_text(encoding="utf-8"))
-    return [BenchResult.from_dict(item) for item in document["results"]]
+    return [CandidateResult.from_dict(item) for item in document["results"]]
 
 
 # --- HTML (plain HTML/CSS with inline styles: no gradio- or host-specific classes) -------------------------
@@ -340,7 +351,7 @@ def _num(value: float | None, unit: str = "", digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def bars_html(results: Sequence[BenchResult]) -> str:
+def bars_html(results: Sequence[CandidateResult]) -> str:
     """A horizontal bar per candidate, length proportional to its time (shorter is better)."""
     if not results:
         return '<div class="optim-bench-bars">No results.</div>'
@@ -372,10 +383,10 @@ def bars_html(results: Sequence[BenchResult]) -> str:
     return "".join(parts)
 
 
-def table_html(results: Sequence[BenchResult]) -> str:
+def table_html(results: Sequence[CandidateResult]) -> str:
     rows = summarize(results)
     head = (
-        "Candidate",
+        "BenchCandidate",
         "Seconds",
         "Runs",
         "Steps",
@@ -411,7 +422,7 @@ def table_html(results: Sequence[BenchResult]) -> str:
     return "".join(out)
 
 
-def report_html(results: Sequence[BenchResult], files: Sequence[str | Path] = (), note: str = "") -> str:
+def report_html(results: Sequence[CandidateResult], files: Sequence[str | Path] = (), note: str = "") -> str:
     """Table, bars, the winner and where the files are — what the tab shows."""
     best = winner(results)
     if best is None:
@@ -498,11 +509,7 @@ def parse_request(
     steps = _whole("steps", payload.get("steps", 10), STEPS_MIN, STEPS_MAX)
     seed = _whole("seed", payload.get("seed", 1), 0, SEED_MAX)
     repeats = _whole("repeats", payload.get("repeats", 1), 1, REPEATS_MAX)
-    kinds_value = payload.get("kinds", list(KINDS))
-    if isinstance(kinds_value, str):
-        kinds_value = [kinds_value]
-    if not isinstance(kinds_value, list) or not all(isinstance(k, str) and k in KINDS for k in kinds_value):
-        raise SettingsError("kinds", kinds_value, "a list of " + ", ".join(KINDS))
+    kinds = parse_kinds(payload.get("kinds", list(KINDS)))
     explicit: tuple[GenerationSettings, ...] | None = None
     raw = payload.get("candidates")
     if raw is not None:
@@ -522,10 +529,10 @@ def parse_request(
             if settings not in parsed:
                 parsed.append(settings)
         explicit = tuple(parsed)
-    return BenchRequest(prompt, width, height, steps, seed, tuple(kinds_value), explicit, repeats)
+    return BenchRequest(prompt, width, height, steps, seed, kinds, explicit, repeats)
 
 
-def explicit_candidates(settings: Sequence[GenerationSettings], base: GenerationSettings) -> list[Candidate]:
+def explicit_candidates(settings: Sequence[GenerationSettings], base: GenerationSettings) -> list[BenchCandidate]:
     """Candidates for a list given through the API, labelled by what differs from ``base``."""
     baseline = replace(base, enabled=True)
-    return [Candidate(_change_label(baseline, s), s) for s in settings]
+    return [BenchCandidate(change_label(baseline, s), s) for s in settings]

@@ -8,7 +8,7 @@ script applies them in ``process`` and re-applies them before every sampling pas
 ``forge_objects``), and restores them afterwards — the same path as every normal generation. The model is
 loaded by ``process_images`` itself (A1111 ``reload_model_weights``, Forge ``manage_model_and_prompt_cache``).
 
-Everything runs under the host's ``modules.call_queue.queue_lock`` (HOSTS.md §8.5), which is a
+Everything runs under the host's ``modules.call_queue.queue_lock`` (docs/hosts.md §1.5), which is a
 non-reentrant FIFO lock: the functions here must be called from a thread that does not hold it (a gradio
 handler that is not wrapped in ``wrap_gradio_gpu_call``, a FastAPI route). Images are not saved.
 """
@@ -22,20 +22,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lib_optim import webbench
+from lib_optim import generation_bench
+from lib_optim.adapter import HostModules
+from lib_optim.attention import Attention
 from lib_optim.fallback import is_out_of_memory
+from lib_optim.generation_bench import BenchCandidate, CandidateResult
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.base import HostModules
+from lib_optim.hosts.common import defaults_from_options, ensure_runtime, first_line, optim_script
 from lib_optim.log import get_logger
 from lib_optim.runtime import get_runtime
-from lib_optim.settings import FIELD_NAMES, Attention, GenerationSettings, SettingsError, from_dict
+from lib_optim.settings import FIELD_NAMES, GenerationSettings, SettingsError, from_dict
 from lib_optim.telemetry import GenerationMeter
-from lib_optim.webbench import BenchResult, Candidate
 
 log = get_logger(__name__)
 
-SCRIPT_TITLE = "Optim"  # lib_optim.hosts.webui.SCRIPT_TITLE (not imported: keeps this module light)
-SAMPLER = "Euler"  # present in both hosts (A1111/Forge modules/sd_samplers_kdiffusion.py)
+SAMPLER = "Euler"  # present in every host (modules/sd_samplers_kdiffusion.py)
 OUTPUT_FOLDER = ("outputs", "optim-bench")
 DEFAULT_OPTIONS = {
     "attention": "optim_default_attention",
@@ -55,7 +56,7 @@ class BenchError(RuntimeError):
 
 
 def _optim_script(runner: Any) -> Any:
-    script = next((s for s in getattr(runner, "alwayson_scripts", []) if s.title() == SCRIPT_TITLE), None)
+    script = optim_script(runner)
     if script is None or script.args_from is None:
         raise BenchError("[Optim] bench: the Optim script is not loaded in txt2img; restart the WebUI")
     return script
@@ -79,11 +80,6 @@ def _device(mods: HostModules) -> str | None:
     devices = mods.loaded("modules.devices")
     device = getattr(devices, "device", None)
     return str(device) if device is not None else None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0][:300]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _free_memory(mods: HostModules) -> None:
@@ -113,7 +109,7 @@ class _Job:
     seed: int
 
 
-def _generate(mods: HostModules, job: _Job, candidate: Candidate) -> BenchResult:
+def _generate(mods: HostModules, job: _Job, candidate: BenchCandidate) -> CandidateResult:
     """One generation with ``candidate``'s settings; the caller holds the queue lock."""
     processing = mods.get("modules.processing")
     shared = mods.get("modules.shared")
@@ -124,7 +120,7 @@ def _generate(mods: HostModules, job: _Job, candidate: Candidate) -> BenchResult
         try:
             rt.adapter.validate(settings)
         except ValueError as exc:
-            return BenchResult(candidate.label, settings, error=str(exc))
+            return CandidateResult(candidate.label, settings, error=str(exc))
     runner = scripts.scripts_txt2img
     opts = shared.opts
     p = processing.StableDiffusionProcessingTxt2Img(
@@ -148,10 +144,10 @@ def _generate(mods: HostModules, job: _Job, candidate: Candidate) -> BenchResult
     meter = GenerationMeter(_device(mods), reset_peak_stats=True)
     error: BaseException | None = None
     interrupted = False
-    with closing(p):  # p.close() restores Optim's changes whatever happens (HOSTS.md §7.3)
-        # As the host's API does (A1111 v1.10.1 api.py:469, Forge f2 api.py:482): the built-in UI scripts
-        # (Sampler, Seed, Refiner) skip their setup() for an API request (scripts.py:987-996, 352); without
-        # this the Sampler script would put its UI defaults (20 steps, its first sampler) over ours.
+    with closing(p):  # p.close() restores Optim's changes whatever happens (docs/hosts.md §1.4)
+        # As the host's API does (docs/hosts.md §1.6): the built-in UI scripts (Sampler, Seed, Refiner) skip
+        # their setup() for an API request; without this the Sampler script would put its UI defaults (20
+        # steps, its first sampler) over ours.
         p.is_api = True
         p.scripts = runner
         p.script_args = script_args_for(runner, settings)
@@ -163,7 +159,7 @@ def _generate(mods: HostModules, job: _Job, candidate: Candidate) -> BenchResult
         try:
             processing.process_images(p)
         except Exception as exc:  # a failed candidate is a result, the benchmark goes on
-            log.warning("bench %s failed: %s", candidate.label, _first_line(exc), exc_info=True)
+            log.warning("bench %s failed: %s", candidate.label, first_line(exc), exc_info=True)
             error = exc
         finally:
             telemetry = meter.stop()
@@ -185,22 +181,22 @@ def _generate(mods: HostModules, job: _Job, candidate: Candidate) -> BenchResult
         oom = is_out_of_memory(error)
         if oom:
             _free_memory(mods)
-        text = ("out of memory: " if oom else "") + _first_line(error)
-        return BenchResult(candidate.label, settings, seconds=None, error=text, out_of_memory=oom, **common)
+        text = ("out of memory: " if oom else "") + first_line(error)
+        return CandidateResult(candidate.label, settings, seconds=None, error=text, out_of_memory=oom, **common)
     if interrupted:
-        return BenchResult(candidate.label, settings, error="interrupted", **common)
+        return CandidateResult(candidate.label, settings, error="interrupted", **common)
     if record is None:
-        return BenchResult(
+        return CandidateResult(
             candidate.label,
             settings,
             error="the Optim script did not run for this generation (see the console)",
             **common,
         )
     if record.settings != settings.non_default():
-        return BenchResult(candidate.label, settings, error="Optim did not apply these settings (see the console)")
+        return CandidateResult(candidate.label, settings, error="Optim did not apply these settings (see the console)")
     if record.fallback:
-        return BenchResult(candidate.label, settings, error=f"needed an out-of-memory retry ({record.fallback})")
-    return BenchResult(
+        return CandidateResult(candidate.label, settings, error=f"needed an out-of-memory retry ({record.fallback})")
+    return CandidateResult(
         candidate.label,
         settings,
         seconds=round(telemetry.seconds, 4),
@@ -211,7 +207,7 @@ def _generate(mods: HostModules, job: _Job, candidate: Candidate) -> BenchResult
 
 
 def run_benchmark(
-    candidates: Sequence[Candidate],
+    candidates: Sequence[BenchCandidate],
     *,
     prompt: str,
     width: int,
@@ -222,11 +218,11 @@ def run_benchmark(
     progress: Progress | None = None,
     warmup: bool = True,
     host_modules: HostModules | None = None,
-) -> list[BenchResult]:
+) -> list[CandidateResult]:
     """One warm-up generation (baseline settings, not counted), then ``repeats`` rounds of one timed
     generation per candidate; each round starts one candidate later, so a slow phase of the machine does not
     land on the same candidate every time, and a candidate's result is its median
-    (:func:`lib_optim.webbench.combine_runs`).
+    (:func:`lib_optim.generation_bench.combine_runs`).
 
     Takes the host's queue lock for the whole run, so no other generation interleaves; must not be called
     while holding it (it is not reentrant). An error in one candidate (out of memory included) becomes that
@@ -249,17 +245,17 @@ def run_benchmark(
 
     if not candidates:
         return []
-    runs: list[list[BenchResult]] = [[] for _ in candidates]
+    runs: list[list[CandidateResult]] = [[] for _ in candidates]
     report(0, "waiting for the current generation to finish")
     with call_queue.queue_lock:
         done = 0
         if warmup:
             report(0, "warm-up (loads the model; not counted)")
-            first = _generate(mods, job, Candidate("warm-up", candidates[0].settings))
+            first = _generate(mods, job, BenchCandidate("warm-up", candidates[0].settings))
             if first.error is not None:
                 log.warning("bench warm-up failed: %s", first.error)
                 if first.error == "interrupted":
-                    return [BenchResult(c.label, c.settings, error="interrupted") for c in candidates]
+                    return [CandidateResult(c.label, c.settings, error="interrupted") for c in candidates]
             done = 1
         interrupted = False
         for round_index in range(repeats):
@@ -288,7 +284,9 @@ def run_benchmark(
                 break
     report(total, "done")
     return [
-        webbench.combine_runs(done_runs) if done_runs else BenchResult(c.label, c.settings, error="interrupted")
+        generation_bench.combine_runs(done_runs)
+        if done_runs
+        else CandidateResult(c.label, c.settings, error="interrupted")
         for c, done_runs in zip(candidates, runs, strict=True)
     ]
 
@@ -317,16 +315,9 @@ def make_default(settings: GenerationSettings, host_modules: HostModules | None 
     if shared is None:
         raise BenchError("[Optim] bench: not running inside a WebUI")
     opts = shared.opts
-    values = {
-        "attention": settings.attention.value,
-        "channels_last": settings.channels_last.value,
-        "vae_on_cpu": settings.vae_on_cpu.value,
-        "inference_memory_mb": settings.inference_memory_mb or 0,
-    }
     labels = getattr(opts, "data_labels", {})
     stored: dict[str, Any] = {}
-    for name, value in values.items():
-        key = DEFAULT_OPTIONS[name]
+    for key, value in settings.to_options().items():
         if key not in labels:
             continue
         try:
@@ -345,34 +336,29 @@ def make_default(settings: GenerationSettings, host_modules: HostModules | None 
 
 
 @dataclass(frozen=True)
-class Context:
+class TabContext:
+    """The running host as the benchmark sees it: its backends, the fields it can apply, what it does now
+    (by field), and the current defaults (the baseline)."""
+
     host: HostKind | None
     base: GenerationSettings
     available: tuple[Attention, ...]
-    supports_inference_memory: bool
-    current_attention: Attention | None = None
-    current_channels_last: bool | None = None
-    current_vae_on_cpu: bool | None = None
-    current_inference_memory_mb: int | None = None
+    supported_fields: tuple[str, ...]
+    current: dict[str, Any]
     validate: Callable[[GenerationSettings], None] | None = None
 
 
-def _context() -> Context:
-    """The running host: its backends and state, and the current defaults (the baseline)."""
-    from lib_optim.hosts.webui import defaults_from_options, ensure_runtime
-
+def _context() -> TabContext:
     rt = ensure_runtime()
     adapter = rt.adapter
     if adapter is None:
         raise BenchError("[Optim] bench: no host adapter")
     backends = adapter.attention_backends()
-    current_attention = None
-    channels_last = vae_on_cpu = None
-    memory = None
+    current: dict[str, Any] = {}
     try:
         state = adapter.effective_state()
         running = (state.attention or "").lower()
-        current_attention = next(
+        current["attention"] = next(
             (
                 b.attention
                 for b in backends
@@ -382,43 +368,33 @@ def _context() -> Context:
             ),
             None,
         )
-        channels_last = state.unet_channels_last
-        vae_on_cpu = None if state.vae_device is None else state.vae_device.startswith("cpu")
-        memory = state.inference_memory_mb
+        current["channels_last"] = state.unet_channels_last
+        current["vae_on_cpu"] = None if state.vae_device is None else state.vae_device.startswith("cpu")
+        current["inference_memory_mb"] = state.inference_memory_mb
     except Exception:  # the candidates only get less precise without it
         log.debug("effective state unavailable for the bench", exc_info=True)
-    return Context(
+    return TabContext(
         host=rt.host,
         base=defaults_from_options(),
         available=tuple(b.attention for b in backends if b.available),
-        supports_inference_memory="inference_memory_mb" in adapter.supported_fields(),
-        current_attention=current_attention,
-        current_channels_last=channels_last,
-        current_vae_on_cpu=vae_on_cpu,
-        current_inference_memory_mb=memory,
+        supported_fields=adapter.supported_fields(),
+        current=current,
         validate=adapter.validate,
     )
 
 
-def plan(request: webbench.BenchRequest, ctx: Context) -> list[Candidate]:
+def plan(request: generation_bench.BenchRequest, ctx: TabContext) -> list[BenchCandidate]:
     if request.candidates is not None:
-        return webbench.explicit_candidates(request.candidates, ctx.base)
-    return webbench.candidates(
-        ctx.base,
-        ctx.available,
-        ctx.supports_inference_memory,
-        kinds=request.kinds,
-        current_attention=ctx.current_attention,
-        current_channels_last=ctx.current_channels_last,
-        current_vae_on_cpu=ctx.current_vae_on_cpu,
-        current_inference_memory_mb=ctx.current_inference_memory_mb,
+        return generation_bench.explicit_candidates(request.candidates, ctx.base)
+    return generation_bench.candidates(
+        ctx.base, ctx.available, ctx.supported_fields, kinds=request.kinds, current=ctx.current
     )
 
 
 def bench(payload: Mapping[str, Any], progress: Progress | None = None) -> dict[str, Any]:
     """Validate, run, save; raises :class:`SettingsError` for a bad request."""
     ctx = _context()
-    request = webbench.parse_request(payload, host=ctx.host, base=ctx.base, validate=ctx.validate)
+    request = generation_bench.parse_request(payload, host=ctx.host, base=ctx.base, validate=ctx.validate)
     candidates = plan(request, ctx)
     results = run_benchmark(
         candidates,
@@ -441,11 +417,11 @@ def bench(payload: Mapping[str, Any], progress: Progress | None = None) -> dict[
         "sampler": SAMPLER,
         "baseline": replace(ctx.base, enabled=True).to_dict(),
     }
-    json_path, csv_path = webbench.write_results(results, bench_directory(), meta=meta)
-    best = webbench.winner(results)
+    json_path, csv_path = generation_bench.write_results(results, bench_directory(), meta=meta)
+    best = generation_bench.winner(results)
     get_runtime().last_bench_winner = best
     return {
-        "rows": webbench.summarize(results),
+        "rows": generation_bench.summarize(results),
         "winner": None if best is None else {"label": best.label, "settings": best.settings.to_dict()},
         "files": {"json": str(json_path), "csv": str(csv_path)},
         "meta": meta,
@@ -509,7 +485,7 @@ def ui_run(
 ) -> tuple[str, dict[str, Any] | None]:
     """The tab's Run button: (report HTML, the winner's settings dict or None)."""
     payload = {
-        "prompt": prompt or webbench.DEFAULT_PROMPT,
+        "prompt": prompt or generation_bench.DEFAULT_PROMPT,
         "width": width,
         "height": height,
         "steps": steps,
@@ -517,27 +493,27 @@ def ui_run(
     }
     payload["kinds"] = list(kinds or [])
     if not payload["kinds"]:
-        return webbench.error_html("Choose at least one kind of candidate."), None
+        return generation_bench.error_html("Choose at least one kind of candidate."), None
     try:
         out = bench(payload, progress)
     except (SettingsError, BenchError) as exc:
-        return webbench.error_html(str(exc)), None
+        return generation_bench.error_html(str(exc)), None
     except Exception as exc:  # the tab shows it instead of a generic gradio "Error"
         log.exception("the benchmark failed")
-        return webbench.error_html(f"[Optim] bench failed: {_first_line(exc)}"), None
+        return generation_bench.error_html(f"[Optim] bench failed: {first_line(exc)}"), None
     files = [out["files"]["json"], out["files"]["csv"]]
-    return webbench.report_html(out["results"], files), (out["winner"] or {}).get("settings")
+    return generation_bench.report_html(out["results"], files), (out["winner"] or {}).get("settings")
 
 
 def ui_make_default(winner_settings: Mapping[str, Any] | None) -> str:
     """The tab's "Make the winner my default" button: a message."""
     if not winner_settings:
-        return webbench.error_html("Run the benchmark first.")
+        return generation_bench.error_html("Run the benchmark first.")
     try:
         settings = from_dict(winner_settings, get_runtime().host)
         stored = make_default(settings)
     except (SettingsError, BenchError) as exc:
-        return webbench.error_html(str(exc))
+        return generation_bench.error_html(str(exc))
     text = ", ".join(f"{k.removeprefix('optim_default_')} = {v}" for k, v in stored.items())
     return (
         f"<p>Saved as Settings → Optim defaults: {html.escape(text)}. "
@@ -550,5 +526,10 @@ def ui_tab() -> list[tuple[Any, str, str]]:
     from lib_optim import ui
 
     ctx = _context()
-    kinds = [k for k in webbench.KINDS if k != "inference_memory" or ctx.supports_inference_memory]
+    kinds = [k for k in generation_bench.KINDS if k in ctx.supported_fields]
     return [ui.build_bench_tab(run=ui_run, make_default=ui_make_default, kinds=kinds)]
+
+
+def api_routes() -> list[tuple[str, Callable[..., Any], list[str]]]:
+    """The benchmark's routes under ``/optim/v1`` (registered with the others by lib_optim.hosts.webui)."""
+    return [("/bench", api_run, ["POST"]), ("/bench/default", api_make_default, ["POST"])]

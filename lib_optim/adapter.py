@@ -1,10 +1,12 @@
-"""The one interface every host adapter implements. This module itself imports no host code.
+"""The one interface every host adapter implements. Host-free: this module imports no host code (adapters live
+in :mod:`lib_optim.hosts`; the runtime, the UI and the benchmark only know this interface).
 
 Lifecycle of one ``process_images(p)`` call, driven by the script (scripts/optim.py):
 
 ``begin(p, settings)``          from ``process`` (after the host's model (re)load, before ``p.init()``
-                                encodes img2img inputs) — applies what holds for the whole generation and
-                                returns a :class:`~lib_optim.patching.Restorer` holding every change;
+                                encodes img2img inputs) — validates once, then applies what holds for the
+                                whole generation, field by field in :data:`~lib_optim.settings.FIELDS` order
+                                (``apply_<field>`` methods), into one :class:`~lib_optim.patching.Restorer`;
 ``before_sampling(p, session)`` from ``process_before_every_sampling`` — re-applies what the host resets
                                 before each sampler call (Forge rebuilds ``p.sd_model.forge_objects``);
                                 must be idempotent (Forge calls it twice in the hires pass);
@@ -15,18 +17,20 @@ Lifecycle of one ``process_images(p)`` call, driven by the script (scripts/optim
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lib_optim.attention import Attention
 from lib_optim.hostkinds import HostKind
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer
-from lib_optim.settings import Attention, GenerationSettings
+from lib_optim.settings import SETTING_FIELDS, GenerationSettings
 
-_log = get_logger(__name__)
+log = get_logger(__name__)
 
 
 class HostModules:
@@ -102,7 +106,13 @@ class Session:
     data: dict[str, Any] = field(default_factory=dict)  # adapter-private per-generation values
 
 
+Applier = Callable[[Any, GenerationSettings, "Session"], None]
+
+
 class HostAdapter(abc.ABC):
+    """A host's way of applying the settings. Subclasses implement the readers below and one
+    ``apply_<field>(p, settings, session)`` method per field they support; :meth:`begin` does the rest."""
+
     kind: HostKind
 
     @abc.abstractmethod
@@ -116,24 +126,62 @@ class HostAdapter(abc.ABC):
     @abc.abstractmethod
     def effective_state(self) -> EffectiveState: ...
 
+    @abc.abstractmethod
+    def current_attention_name(self) -> str:
+        """What the host calls the attention it runs now (before anything of ours is applied)."""
+
     def supported_fields(self) -> tuple[str, ...]:
-        """The GenerationSettings fields this host can apply (the UI hides the others)."""
-        return ("enabled", "attention", "channels_last", "vae_on_cpu")
+        """The GenerationSettings fields this host can apply here (the UI hides the others): ``enabled`` and
+        every field with an ``apply_<field>`` method."""
+        return ("enabled", *(spec.name for spec in SETTING_FIELDS if self._applier(spec.name) is not None))
+
+    def _applier(self, name: str) -> Applier | None:
+        fn = getattr(self, f"apply_{name}", None)
+        return fn if callable(fn) else None
+
+    def total_memory_mb(self) -> int | None:
+        """The GPU memory the host generates with, when it has one (sizes the UI's memory sliders)."""
+        return None
+
+    def available_attention(self) -> list[Attention]:
+        return [b.attention for b in self.attention_backends() if b.available]
 
     def validate(self, settings: GenerationSettings) -> None:
         """Raise :class:`NotSupportedHere` for a setting that cannot be applied here; change nothing."""
         if settings.attention is not Attention.HOST and settings.attention is not Attention.AUTO:
-            info = {b.attention: b for b in self.attention_backends()}.get(settings.attention)
+            backends = self.attention_backends()
+            info = {b.attention: b for b in backends}.get(settings.attention)
             if info is None or not info.available:
-                allowed = ", ".join(b.attention.value for b in self.attention_backends() if b.available)
+                allowed = ", ".join(b.attention.value for b in backends if b.available)
                 why = f" ({info.reason})" if info is not None and info.reason else ""
                 raise NotSupportedHere(
                     f"[Optim] attention: {settings.attention.value!r} is not available here{why}; allowed: {allowed}"
                 )
 
-    @abc.abstractmethod
     def begin(self, p: Any, settings: GenerationSettings) -> Session:
-        """Apply ``settings`` for the generation of ``p``. On failure, restore and re-raise."""
+        """Apply ``settings`` for the generation of ``p``: validate once (everything that can refuse does so
+        before anything changes), then each changed field's ``apply_<field>``, in :data:`FIELDS` order, into
+        one Restorer. On failure everything applied so far is restored and the error re-raised. A field this
+        host cannot apply is reported and skipped."""
+        session = Session(settings=settings, restorer=Restorer(f"{self.kind.display_name} generation"))
+        session.attention_used = self.current_attention_name()
+        if not settings.changes_anything:
+            return session
+        self.validate(settings)
+        try:
+            for spec in SETTING_FIELDS:
+                if getattr(settings, spec.name) == spec.default:
+                    continue
+                apply = self._applier(spec.name)
+                if apply is None:
+                    log.warning("%s: not supported on %s; ignored", spec.name, self.kind.display_name)
+                    continue
+                apply(p, settings, session)
+        except BaseException:
+            with contextlib.suppress(Exception):  # Restorer.close logs its own failures
+                session.restorer.close()
+            raise
+        return session
 
     def before_sampling(self, p: Any, session: Session) -> None:  # noqa: B027 - optional hook
         """Re-apply per-sampling changes; default: nothing to do."""
@@ -188,7 +236,7 @@ def auto_attention_request(p: Any, devices: Any, *, budget_mb: int | None = None
     try:
         free_mb = free_memory_bytes(device) // (1 << 20)
     except (RuntimeError, OSError, ValueError, AssertionError):  # torch without this device's support
-        _log.debug("free memory on %s unknown: auto plans without a memory limit", device, exc_info=True)
+        log.debug("free memory on %s unknown: auto plans without a memory limit", device, exc_info=True)
     return {
         "width": width,
         "height": height,

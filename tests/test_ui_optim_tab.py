@@ -12,7 +12,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from lib_optim import ui  # noqa: E402
-from lib_optim.webbench import KIND_LABELS  # noqa: E402
+from lib_optim.generation_bench import KIND_LABELS  # noqa: E402
 
 pytestmark = pytest.mark.gradio
 
@@ -70,7 +70,7 @@ def test_run_reports_progress_and_returns_html_and_the_winner():
 
 
 def test_inputs_have_the_given_defaults():
-    (blocks, _, _), _ = build(kinds=["attention", "channels_last", "inference_memory"], width=320, height=448)
+    (blocks, _, _), _ = build(kinds=["attention", "channels_last", "inference_memory_mb"], width=320, height=448)
     by_id = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
     assert by_id["optim_bench_w"].value == 320
     assert by_id["optim_bench_h"].value == 448
@@ -78,6 +78,6 @@ def test_inputs_have_the_given_defaults():
     assert by_id["optim_bench_kinds"].value == [
         KIND_LABELS["attention"],
         KIND_LABELS["channels_last"],
-        KIND_LABELS["inference_memory"],
+        KIND_LABELS["inference_memory_mb"],
     ]
     assert by_id["optim_bench_prompt"].value

@@ -45,7 +45,9 @@ from typing import Any
 
 import torch
 
+from lib_optim import attention as registry
 from lib_optim import attention_impl as impl
+from lib_optim.attention import Attention
 from lib_optim.log import get_logger
 from lib_optim.planner import MIB, AttnShape, attention_shapes, choose_for_shapes, predict_peak_bytes
 
@@ -63,9 +65,14 @@ DEFAULT_SPECS = ("sd15-512", "sd15-768", "sdxl-1024")
 # CPU; bf16 with A1111's --precision/Forge's --unet-in-bf16). On CPU, fp16/bf16 check the planner's 2-byte
 # formulas (split's ×3 rule, the flash kernel's reduced-precision block) without a GPU.
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Backends a host can switch to, i.e. what `auto` chooses among (the rest are shown for comparison).
-HOST_BACKENDS = ("sdp", "xformers", "sub-quad", "split")
-QUICK_BACKENDS = (*HOST_BACKENDS,)
+
+
+def host_backends() -> list[Attention]:
+    """The algorithms both main hosts can switch to per generation: what `auto` chooses among here (the rest
+    are shown for comparison)."""
+    return [b.name for b in registry.algorithms() if b.a1111 is not None and b.forge is not None]
+
+
 STEP_LABEL = "UNet step (its calls summed)"
 MIN_MEASURED_BYTES = 4 * MIB
 SLOW_CALL_S = 1.0
@@ -104,7 +111,7 @@ class AutoRow:
 
 
 @dataclass
-class BenchResult:
+class AttentionBenchReport:
     device: str
     dtype: str
     threads: int
@@ -223,6 +230,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class _Target:
+    """One thing timed at each call: a registered backend, or SDPA with one kernel forced (``kernel``)."""
+
+    label: str
+    backend: Attention
+    kernel: str | None
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _targets(
+    dev: torch.device, compute: torch.dtype, limit: int, wanted: Sequence[str] | None, quick: bool
+) -> list[_Target]:
+    backends = impl.available_backends(dev, compute)
+    # given the run's memory limit as their free memory, so they size their chunks to it as in a host
+    sized: dict[Attention, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        Attention.SPLIT: lambda q, k, v: impl.split(q, k, v, free_bytes=limit),
+        Attention.SUB_QUAD: lambda q, k, v: impl.sub_quad(q, k, v, free_bytes=limit),
+    }
+    out = [_Target(name.value, name, None, sized.get(name, fn)) for name, fn in backends.items()]
+    out += [_Target(f"sdp-{k}", Attention.SDP, k, fn) for k, fn in impl.sdp_kernels(dev, compute).items()]
+    if wanted is not None:
+        return [t for t in out if t.label in wanted]
+    if quick:
+        shared = set(host_backends())
+        return [t for t in out if t.kernel is None and t.backend in shared]
+    return out
+
+
 def run_bench(
     specs: Sequence[str] = DEFAULT_SPECS,
     *,
@@ -233,10 +269,13 @@ def run_bench(
     mem_fraction: float = 0.6,
     seed: int = 0,
     dtype: str | None = None,
-) -> BenchResult:
+    clock: Callable[[], float] = time.perf_counter,
+) -> AttentionBenchReport:
     """Run the benchmark (see the module doc) and return its results.
 
     ``dtype``: a :data:`DTYPES` name; ``None`` = fp16 on CUDA, fp32 on CPU (what the hosts run by default).
+    ``backends``: row labels to run (``sdp``, ``split``, ``sdp-math``, …); default all, ``quick``: the host
+    backends. ``clock``: seconds, for the timings (tests inject one).
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -253,19 +292,12 @@ def run_bench(
     threads = torch.get_num_threads()
     meter = PeakMeter(dev)
     limit = int(impl.free_memory_bytes(dev) * mem_fraction)
-    available = impl.available_backends(dev, compute)
-    wanted = backends or (QUICK_BACKENDS if quick else tuple(available))
-    names = [b for b in wanted if b in available]
-    result = BenchResult(dev.type, str(compute).removeprefix("torch."), threads, repeats, meter.method, limit)
-    fns: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-        **available,
-        # given the run's memory limit as their free memory, so they size their chunks to it as in a host
-        "split": lambda q, k, v: impl.split(q, k, v, free_bytes=limit),
-        "sub-quad": lambda q, k, v: impl.sub_quad(q, k, v, free_bytes=limit),
-    }
+    targets = _targets(dev, compute, limit, backends, quick)
+    result = AttentionBenchReport(dev.type, str(compute).removeprefix("torch."), threads, repeats, meter.method, limit)
     pack = dev.type == "cpu" and impl.cpu_packs(compute)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    candidates = [b for b in HOST_BACKENDS if b in names]
+    measured = {t.backend for t in targets if t.kernel is None}
+    candidates = [b for b in host_backends() if b in measured]
     choose = partial(
         choose_for_shapes,
         candidates,
@@ -275,106 +307,123 @@ def run_bench(
         threads=threads,
         cpu_pack=pack,
     )
+    run = _ShapeRun(dev, compute, elt, threads, limit, repeats, meter, gen, pack, clock)
     for spec in specs:
         family, width, height = SHAPE_SPECS[spec]
         shapes = _select_shapes(family, width, height, quick)
-        totals: dict[str, float | None] = {}
+        totals: dict[Attention, float | None] = {}
         for shape in shapes:
-            rows = _bench_shape(spec, shape, names, fns, dev, compute, elt, threads, limit, repeats, meter, gen, pack)
+            rows = run.bench(spec, shape, targets)
             result.rows.extend(rows)
             times = {r.backend: r.median_s for r in rows if r.median_s is not None}
             pick, reason = choose([shape])
             best = min(times.values()) if times else None
-            ratio = times[pick] / best if best and pick in times else None
-            result.auto.append(AutoRow(spec, shape.label, pick, reason, ratio))
+            ratio = times[pick.value] / best if best and pick.value in times else None
+            result.auto.append(AutoRow(spec, shape.label, pick.value, reason, ratio))
             for name in candidates:
                 # a backend that did not run at one call has no total for the step
                 so_far = totals.get(name, 0.0)
-                totals[name] = so_far + times[name] if so_far is not None and name in times else None
+                totals[name] = so_far + times[name.value] if so_far is not None and name.value in times else None
         # What a host does: one pick for all the calls of a UNet step, judged by their summed time.
         pick, reason = choose(shapes)
         finished = {n: t for n, t in totals.items() if t is not None}
         best = min(finished.values()) if finished else None
         ratio = finished[pick] / best if best and pick in finished else None
-        result.auto.append(AutoRow(spec, STEP_LABEL, pick, reason, ratio))
+        result.auto.append(AutoRow(spec, STEP_LABEL, pick.value, reason, ratio))
     return result
 
 
-def _bench_shape(
-    spec: str,
-    shape: AttnShape,
-    names: Sequence[str],
-    fns: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]],
-    dev: torch.device,
-    dtype: torch.dtype,
-    elt: int,
-    threads: int,
-    limit: int,
-    repeats: int,
-    meter: PeakMeter,
-    gen: torch.Generator,
-    cpu_pack: bool = False,
-) -> list[Row]:
-    def make(n: int) -> torch.Tensor:
-        return torch.randn(shape.bh, n, shape.dim_head, generator=gen).to(device=dev, dtype=dtype)
+@dataclass
+class _ShapeRun:
+    """What every shape of one run shares: the device, dtype, memory limit, rounds, meter and clock."""
 
-    q, k, v = make(shape.nq), make(shape.nk), make(shape.nk)
-    rows: dict[str, Row] = {}
-    runnable: list[str] = []
-    warm: dict[str, float] = {}
-    for name in names:
-        predicted = predict_peak_bytes(
-            name, shape, dtype_bytes=elt, device=dev.type, free_bytes=limit, threads=threads, cpu_pack=cpu_pack
-        )
-        row = Row(spec, shape.label, shape.kind, shape.bh, shape.nq, shape.nk, shape.dim_head, name, predicted)
-        rows[name] = row
-        if predicted > limit:
-            row.skipped = f"predicted {predicted / MIB:.0f} MiB > limit {limit / MIB:.0f} MiB"
-            continue
-        fn = fns[name]
-        try:
-            # The same kernel at one batch·head first: code the first call loads or generates (oneDNN/AMX
-            # kernels, thread pools) is then resident before the peak is taken, not counted in it.
-            del_out = fn(q[:1], k[:1], v[:1])
-            del del_out
-            start = time.perf_counter()
-            row.measured_bytes = meter.measure(partial(fn, q, k, v))  # warm-up and peak in one call
-            _sync(dev)
-            warm[name] = time.perf_counter() - start
-        except (RuntimeError, MemoryError) as exc:
-            row.skipped = f"failed: {str(exc).splitlines()[0][:80]}"
-            continue
-        if row.measured_bytes:
-            row.error_pct = 100.0 * (predicted - row.measured_bytes) / row.measured_bytes
-        runnable.append(name)
-    samples: dict[str, list[float]] = {n: [] for n in runnable}
-    rounds = repeats
-    if runnable:
-        slowest = max(warm[n] for n in runnable)
-        rounds = max(repeats, min(MAX_ROUNDS, int(FAST_ROUND_BUDGET_S / max(slowest, 1e-6))))
-    if runnable and min(warm[n] for n in runnable) >= SLOW_CALL_S:
-        # Calls this slow have nothing left to warm up (and the peak measurement costs two /proc writes):
-        # the warm-up round is the first timed round, which keeps --quick within minutes at 768².
-        for name in runnable:
-            samples[name].append(warm[name])
-        rounds -= 1
-    for r in range(rounds):
-        order = runnable[r % len(runnable) :] + runnable[: r % len(runnable)] if runnable else []
-        for name in order:
-            _sync(dev)
-            start = time.perf_counter()
-            out = fns[name](q, k, v)
-            _sync(dev)
-            samples[name].append(time.perf_counter() - start)
-            del out
-    medians = {n: statistics.median(s) for n, s in samples.items() if s}
-    best = min(medians.values()) if medians else None
-    for name, med in medians.items():
-        rows[name].median_s = med
-        rows[name].rounds = len(samples[name])
-        rows[name].ratio = med / best if best else None
-    log.debug("bench %s %s: %s", spec, shape.label, medians)
-    return list(rows.values())
+    dev: torch.device
+    dtype: torch.dtype
+    elt: int
+    threads: int
+    limit: int
+    repeats: int
+    meter: PeakMeter
+    gen: torch.Generator
+    cpu_pack: bool
+    clock: Callable[[], float]
+
+    def bench(self, spec: str, shape: AttnShape, targets: Sequence[_Target]) -> list[Row]:
+        def make(n: int) -> torch.Tensor:
+            return torch.randn(shape.bh, n, shape.dim_head, generator=self.gen).to(device=self.dev, dtype=self.dtype)
+
+        q, k, v = make(shape.nq), make(shape.nk), make(shape.nk)
+        rows: dict[str, Row] = {}
+        runnable: list[_Target] = []
+        warm: dict[str, float] = {}
+        for target in targets:
+            predicted = predict_peak_bytes(
+                target.backend,
+                shape,
+                dtype_bytes=self.elt,
+                device=self.dev.type,
+                free_bytes=self.limit,
+                threads=self.threads,
+                cpu_pack=self.cpu_pack,
+                kernel=target.kernel,
+            )
+            row = Row(
+                spec, shape.label, shape.kind, shape.bh, shape.nq, shape.nk, shape.dim_head, target.label, predicted
+            )
+            rows[target.label] = row
+            if predicted > self.limit:
+                row.skipped = f"predicted {predicted / MIB:.0f} MiB > limit {self.limit / MIB:.0f} MiB"
+                continue
+            fn = target.fn
+            try:
+                # The same kernel at one batch·head first: code the first call loads or generates (oneDNN/AMX
+                # kernels, thread pools) is then resident before the peak is taken, not counted in it.
+                del_out = fn(q[:1], k[:1], v[:1])
+                del del_out
+                start = self.clock()
+                row.measured_bytes = self.meter.measure(partial(fn, q, k, v))  # warm-up and peak in one call
+                _sync(self.dev)
+                warm[target.label] = self.clock() - start
+            except (RuntimeError, MemoryError) as exc:
+                row.skipped = f"failed: {str(exc).splitlines()[0][:80]}"
+                continue
+            if row.measured_bytes:
+                row.error_pct = 100.0 * (predicted - row.measured_bytes) / row.measured_bytes
+            runnable.append(target)
+        samples: dict[str, list[float]] = {t.label: [] for t in runnable}
+        rounds = timed_rounds(self.repeats, [warm[t.label] for t in runnable])
+        if runnable and min(warm[t.label] for t in runnable) >= SLOW_CALL_S:
+            # Calls this slow have nothing left to warm up (and the peak measurement costs two /proc writes):
+            # the warm-up round is the first timed round, which keeps --quick within minutes at 768².
+            for target in runnable:
+                samples[target.label].append(warm[target.label])
+            rounds -= 1
+        for r in range(rounds):
+            order = runnable[r % len(runnable) :] + runnable[: r % len(runnable)] if runnable else []
+            for target in order:
+                _sync(self.dev)
+                start = self.clock()
+                out = target.fn(q, k, v)
+                _sync(self.dev)
+                samples[target.label].append(self.clock() - start)
+                del out
+        medians = {n: statistics.median(s) for n, s in samples.items() if s}
+        best = min(medians.values()) if medians else None
+        for name, med in medians.items():
+            rows[name].median_s = med
+            rows[name].rounds = len(samples[name])
+            rows[name].ratio = med / best if best else None
+        log.debug("bench %s %s: %s", spec, shape.label, medians)
+        return list(rows.values())
+
+
+def timed_rounds(repeats: int, warm_up_seconds: Sequence[float]) -> int:
+    """Rounds to time: at least ``repeats``; more for fast calls, as many as fit in :data:`FAST_ROUND_BUDGET_S`
+    for the slowest backend's warm-up time, at most :data:`MAX_ROUNDS`."""
+    if not warm_up_seconds:
+        return repeats
+    slowest = max(warm_up_seconds)
+    return max(repeats, min(MAX_ROUNDS, int(FAST_ROUND_BUDGET_S / max(slowest, 1e-6))))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -385,7 +434,7 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / MIB:.1f}"
 
 
-def format_table(result: BenchResult) -> str:
+def format_table(result: AttentionBenchReport) -> str:
     lines = [
         f"Attention benchmark on {result.device} ({result.dtype}, {result.threads} threads, "
         f"median of {result.repeats}+ rounds, more for fast calls); memory limit {result.limit_bytes / MIB:.0f} MiB",
@@ -423,11 +472,11 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def to_json(result: BenchResult) -> str:
+def to_json(result: AttentionBenchReport) -> str:
     return json.dumps(result.to_dict(), indent=2)
 
 
-def write_plot(result: BenchResult, path: str) -> str:
+def write_plot(result: AttentionBenchReport, path: str) -> str:
     """Write a bar chart of time ratios per call and backend; returns a message saying what happened."""
     try:
         import matplotlib

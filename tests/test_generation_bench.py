@@ -1,5 +1,5 @@
-"""The in-WebUI benchmark: candidates, results, files and HTML (lib_optim.webbench), and the host glue's run
-(lib_optim.hosts.bench) against fake host modules. The imitated host code is cited at each fake."""
+"""The in-WebUI benchmark: candidates, results, files and HTML (lib_optim.generation_bench), and the host glue's run
+(lib_optim.hosts.optim_tab) against fake host modules. The imitated host code is cited at each fake."""
 
 from __future__ import annotations
 
@@ -17,18 +17,20 @@ import pytest
 import torch
 from fake_adapter import FakeAdapter
 
-from lib_optim import webbench
+from lib_optim import generation_bench
 from lib_optim.hostkinds import HostKind
-from lib_optim.hosts import bench, webui
-from lib_optim.hosts.base import HostModules
+from lib_optim.hosts import optim_tab, webui
+from lib_optim.adapter import HostModules
 from lib_optim.runtime import Runtime, get_runtime
 from lib_optim.settings import Attention, GenerationSettings, SettingsError, Tri
-from lib_optim.webbench import BASELINE, BenchResult, Candidate
+from lib_optim.generation_bench import BASELINE, CandidateResult, BenchCandidate
 
 AVAILABLE = [Attention.HOST, Attention.AUTO, Attention.SDP, Attention.SPLIT, Attention.SUB_QUAD, Attention.NONE]
 
 
 # --- candidates ------------------------------------------------------------------------------------------
+
+A1111_FIELDS = ("enabled", "attention", "channels_last", "vae_on_cpu")
 
 
 def _changed_fields(base: GenerationSettings, other: GenerationSettings) -> list[str]:
@@ -37,7 +39,7 @@ def _changed_fields(base: GenerationSettings, other: GenerationSettings) -> list
 
 def test_baseline_first_then_one_change_at_a_time_without_duplicates():
     base = GenerationSettings()
-    cands = webbench.candidates(base, AVAILABLE, False, current_attention=Attention.SDP)
+    cands = generation_bench.candidates(base, AVAILABLE, A1111_FIELDS, current={"attention": Attention.SDP})
     assert cands[0].label == BASELINE
     assert cands[0].settings == replace(base, enabled=True)
     baseline = cands[0].settings
@@ -47,53 +49,58 @@ def test_baseline_first_then_one_change_at_a_time_without_duplicates():
     assert len({c.settings for c in cands}) == len(cands)
     labels = [c.label for c in cands]
     # sdp runs already (the host's choice): not offered again; host/auto/none never are
-    assert labels == [BASELINE, "attention=split", "attention=sub-quad", "channels_last=True", "vae_on_cpu=True"]
+    # labels in the controls' words (on/off), not the API's true/false
+    assert labels == [BASELINE, "attention=split", "attention=sub-quad", "channels_last=on", "vae_on_cpu=on"]
 
 
 def test_explicit_settings_are_flipped_and_inherit_flips_the_hosts_state():
     base = GenerationSettings(attention=Attention.SPLIT, channels_last=Tri.ON, vae_on_cpu=Tri.INHERIT)
-    cands = webbench.candidates(base, AVAILABLE, False, current_vae_on_cpu=True, current_attention=Attention.SDP)
+    current = {"vae_on_cpu": True, "attention": Attention.SDP}
+    cands = generation_bench.candidates(base, AVAILABLE, A1111_FIELDS, current=current)
     by_label = {c.label: c.settings for c in cands}
     assert "attention=split" not in by_label  # the baseline's own backend
     assert by_label["attention=sdp"].attention is Attention.SDP  # base sets split, so sdp is a change
-    assert by_label["channels_last=False"].channels_last is Tri.OFF
-    assert by_label["vae_on_cpu=False"].vae_on_cpu is Tri.OFF  # the host has it on: off is the change
+    assert by_label["channels_last=off"].channels_last is Tri.OFF
+    assert by_label["vae_on_cpu=off"].vae_on_cpu is Tri.OFF  # the host has it on: off is the change
 
 
 def test_inference_memory_only_where_supported_and_kinds_filter():
     base = GenerationSettings()
-    forge = webbench.candidates(base, AVAILABLE, True, kinds=["inference_memory"], current_inference_memory_mb=1024)
-    assert [c.settings.inference_memory_mb for c in forge] == [None, 512, 2048]
-    a1111 = webbench.candidates(
-        replace(base, inference_memory_mb=2048), AVAILABLE, False, kinds=["inference_memory", "vae_on_cpu"]
+    forge_fields = (*A1111_FIELDS, "inference_memory_mb")
+    forge = generation_bench.candidates(
+        base, AVAILABLE, forge_fields, kinds=["inference_memory"], current={"inference_memory_mb": 1024}
     )
-    assert [c.label for c in a1111] == [BASELINE, "vae_on_cpu=True"]
+    assert [c.settings.inference_memory_mb for c in forge] == [None, 512, 2048]
+    a1111 = generation_bench.candidates(
+        replace(base, inference_memory_mb=2048), AVAILABLE, A1111_FIELDS, kinds=["inference_memory_mb", "vae_on_cpu"]
+    )
+    assert [c.label for c in a1111] == [BASELINE, "vae_on_cpu=on"]
     assert a1111[0].settings.inference_memory_mb is None
     with pytest.raises(SettingsError, match="kinds"):
-        webbench.candidates(base, AVAILABLE, False, kinds=["warp"])
+        generation_bench.candidates(base, AVAILABLE, A1111_FIELDS, kinds=["warp"])
 
 
 # --- results ---------------------------------------------------------------------------------------------
 
 
-def _results() -> list[BenchResult]:
+def _results() -> list[CandidateResult]:
     s = GenerationSettings(enabled=True)
     return [
-        BenchResult(BASELINE, s, seconds=2.0, it_per_s=5.0, peak_vram_mb=3000.0, peak_ram_mb=900.0),
-        BenchResult("attention=sdp", replace(s, attention=Attention.SDP), seconds=1.0, it_per_s=10.0),
-        BenchResult(
+        CandidateResult(BASELINE, s, seconds=2.0, it_per_s=5.0, peak_vram_mb=3000.0, peak_ram_mb=900.0),
+        CandidateResult("attention=sdp", replace(s, attention=Attention.SDP), seconds=1.0, it_per_s=10.0),
+        CandidateResult(
             "attention=<b>x</b>",
             replace(s, attention=Attention.SPLIT),
             seconds=None,
             error="out of memory: OutOfMemoryError: <CUDA> & co",
             out_of_memory=True,
         ),
-        BenchResult("vae_on_cpu=True", replace(s, vae_on_cpu=Tri.ON), seconds=4.0, it_per_s=5.1),
+        CandidateResult("vae_on_cpu=True", replace(s, vae_on_cpu=Tri.ON), seconds=4.0, it_per_s=5.1),
     ]
 
 
 def test_summarize_gives_the_ratio_to_the_best():
-    rows = webbench.summarize(_results())
+    rows = generation_bench.summarize(_results())
     assert [r["ratio"] for r in rows] == [2.0, 1.0, None, 4.0]
     assert [r["winner"] for r in rows] == [False, True, False, False]
     assert rows[2]["error"].startswith("out of memory")
@@ -102,50 +109,50 @@ def test_summarize_gives_the_ratio_to_the_best():
 
 def test_winner_skips_failures_and_prefers_the_earlier_on_a_tie():
     s = GenerationSettings(enabled=True)
-    failed_fast = BenchResult("a", s, seconds=0.1, error="boom")
-    slow = BenchResult("b", s, seconds=3.0)
-    assert webbench.winner([failed_fast, slow]) is slow
-    tie = [BenchResult(BASELINE, s, seconds=1.0), BenchResult("c", s, seconds=1.0)]
-    assert webbench.winner(tie).label == BASELINE
-    assert webbench.winner([failed_fast]) is None
-    assert webbench.winner([]) is None
+    failed_fast = CandidateResult("a", s, seconds=0.1, error="boom")
+    slow = CandidateResult("b", s, seconds=3.0)
+    assert generation_bench.winner([failed_fast, slow]) is slow
+    tie = [CandidateResult(BASELINE, s, seconds=1.0), CandidateResult("c", s, seconds=1.0)]
+    assert generation_bench.winner(tie).label == BASELINE
+    assert generation_bench.winner([failed_fast]) is None
+    assert generation_bench.winner([]) is None
 
 
 def test_json_and_csv_round_trip(tmp_path):
     results = _results()
     when = datetime(2025, 1, 2, 3, 4, 5)
-    json_path, csv_path = webbench.write_results(results, tmp_path / "out", meta={"steps": 2}, now=when)
+    json_path, csv_path = generation_bench.write_results(results, tmp_path / "out", meta={"steps": 2}, now=when)
     assert json_path.name == "optim-bench-20250102-030405.json"
     assert csv_path.name == "optim-bench-20250102-030405.csv"
-    again = webbench.write_results(results, tmp_path / "out", now=when)
+    again = generation_bench.write_results(results, tmp_path / "out", now=when)
     assert again[0].name == "optim-bench-20250102-030405-2.json"  # never overwrites
 
-    assert webbench.load_results(json_path) == results
+    assert generation_bench.load_results(json_path) == results
     document = json.loads(json_path.read_text(encoding="utf-8"))
     assert document["winner"] == "attention=sdp"
     assert document["winner_settings"]["attention"] == "sdp"
     assert document["meta"] == {"steps": 2}
-    assert document["rows"] == webbench.summarize(results)
+    assert document["rows"] == generation_bench.summarize(results)
 
     with csv_path.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["label"] for r in rows] == [r.label for r in results]
     assert rows[1]["seconds"] == "1.0" and rows[1]["winner"] == "True" and rows[1]["ratio"] == "1.0"
     assert rows[2]["seconds"] == "" and rows[2]["error"].startswith("out of memory")
-    assert list(rows[0]) == list(webbench.CSV_COLUMNS)
+    assert list(rows[0]) == list(generation_bench.CSV_COLUMNS)
 
 
 def test_html_escapes_text():
     results = _results()
-    for text in (webbench.bars_html(results), webbench.table_html(results), webbench.report_html(results, ["<p>"])):
+    for text in (generation_bench.bars_html(results), generation_bench.table_html(results), generation_bench.report_html(results, ["<p>"])):
         assert "<b>x</b>" not in text and "&lt;b&gt;x&lt;/b&gt;" in text
         assert "<CUDA>" not in text and "&lt;CUDA&gt; &amp; co" in text
-    bars = webbench.bars_html(results)
+    bars = generation_bench.bars_html(results)
     # bar length = seconds / the longest successful time (4 s): baseline 50 %, sdp 25 %, vae 100 %
     assert "width:50.0%" in bars and "width:25.0%" in bars and "width:100.0%" in bars
     assert "fastest" in bars and "out of memory" in bars
-    assert "No results" in webbench.bars_html([])
-    assert "&lt;script&gt;" in webbench.error_html("<script>")
+    assert "No results" in generation_bench.bars_html([])
+    assert "&lt;script&gt;" in generation_bench.error_html("<script>")
 
 
 # --- request validation ----------------------------------------------------------------------------------
@@ -173,7 +180,7 @@ def test_html_escapes_text():
 )
 def test_bad_requests_name_field_value_and_allowed(payload, field, allowed):
     with pytest.raises(SettingsError) as info:
-        webbench.parse_request(payload, host=HostKind.A1111)
+        generation_bench.parse_request(payload, host=HostKind.A1111)
     assert info.value.field == field
     assert allowed in info.value.allowed
     assert f"[Optim] {field}:" in str(info.value)
@@ -181,14 +188,14 @@ def test_bad_requests_name_field_value_and_allowed(payload, field, allowed):
 
 def test_a_good_request_and_explicit_candidates():
     base = GenerationSettings(vae_on_cpu=Tri.ON)
-    request = webbench.parse_request(
+    request = generation_bench.parse_request(
         {"prompt": "x", "width": 64, "height": "128", "steps": 2, "candidates": [{}, {"attention": "sdp"}, {}]},
         host=HostKind.A1111,
         base=base,
     )
     assert (request.width, request.height, request.steps, request.seed) == (64, 128, 2, 1)
     assert request.candidates is not None and len(request.candidates) == 2  # duplicates dropped
-    cands = webbench.explicit_candidates(request.candidates, base)
+    cands = generation_bench.explicit_candidates(request.candidates, base)
     assert [c.label for c in cands] == [BASELINE, "attention=sdp"]
     assert cands[1].settings.vae_on_cpu is Tri.ON  # completed from the defaults
 
@@ -197,7 +204,7 @@ def test_a_good_request_and_explicit_candidates():
             raise ValueError("[Optim] attention: 'sdp' is not available here")
 
     with pytest.raises(SettingsError, match=r"candidates\[1\]"):
-        webbench.parse_request({"candidates": [{}, {"attention": "sdp"}]}, base=base, validate=refuse)
+        generation_bench.parse_request({"candidates": [{}, {"attention": "sdp"}]}, base=base, validate=refuse)
 
 
 # --- the host glue's run, with fake host modules -----------------------------------------------------------
@@ -447,17 +454,17 @@ def host(monkeypatch, tmp_path):
     rt.end_all()
 
 
-def _cands(*attentions: str) -> list[Candidate]:
+def _cands(*attentions: str) -> list[BenchCandidate]:
     base = GenerationSettings(enabled=True)
     return [
-        Candidate(BASELINE if a == "host" else f"attention={a}", replace(base, attention=Attention(a)))
+        BenchCandidate(BASELINE if a == "host" else f"attention={a}", replace(base, attention=Attention(a)))
         for a in attentions
     ]
 
 
 def test_run_benchmark_times_each_candidate_after_a_warm_up(host):
     progress: list[tuple[float, str]] = []
-    results = bench.run_benchmark(
+    results = optim_tab.run_benchmark(
         _cands("host", "sdp", "sub-quad"),
         prompt="a cat",
         width=64,
@@ -475,7 +482,7 @@ def test_run_benchmark_times_each_candidate_after_a_warm_up(host):
     assert host.rt.active_sessions() == 0
     first = host.seen[1]["kwargs"]
     assert (first["width"], first["height"], first["steps"], first["seed"], first["prompt"]) == (64, 64, 3, 7, "a cat")
-    assert first["sampler_name"] == bench.SAMPLER  # not the Sampler script's UI default
+    assert first["sampler_name"] == optim_tab.SAMPLER  # not the Sampler script's UI default
     assert first["closed"] is False and first["sd_model"] == "model"
     assert host.seen[1]["other"] == ("other-default",)  # the other scripts get their UI defaults
     assert all(r.it_per_s and r.it_per_s > 0 for r in results)
@@ -488,7 +495,7 @@ def test_run_benchmark_times_each_candidate_after_a_warm_up(host):
 
 def test_out_of_memory_in_one_candidate_is_a_failed_result(host):
     host.oom_for.add("sdp")
-    results = bench.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1)
+    results = optim_tab.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1)
     baseline, sdp, split = results
     assert baseline.ok and split.ok
     assert not sdp.ok and sdp.out_of_memory and sdp.seconds is None
@@ -497,13 +504,13 @@ def test_out_of_memory_in_one_candidate_is_a_failed_result(host):
     # no out-of-memory retry with other settings inside a benchmark, and everything restored
     assert [s["attention"] for s in host.seen] == ["Doggettx", "Doggettx", "sdp", "split"]
     assert host.rt.adapter.current == "Doggettx" and host.rt.active_sessions() == 0
-    assert webbench.winner(results) in (baseline, split)
+    assert generation_bench.winner(results) in (baseline, split)
 
 
 def test_an_unavailable_candidate_fails_without_generating(host):
     base = GenerationSettings(enabled=True)
-    cands = [Candidate(BASELINE, base), Candidate("attention=xformers", replace(base, attention=Attention.XFORMERS))]
-    results = bench.run_benchmark(cands, prompt="x", width=64, height=64, steps=1, warmup=False)
+    cands = [BenchCandidate(BASELINE, base), BenchCandidate("attention=xformers", replace(base, attention=Attention.XFORMERS))]
+    results = optim_tab.run_benchmark(cands, prompt="x", width=64, height=64, steps=1, warmup=False)
     assert results[0].ok
     assert "xformers" in results[1].error and "not available" in results[1].error
     assert len(host.seen) == 1
@@ -511,13 +518,13 @@ def test_an_unavailable_candidate_fails_without_generating(host):
 
 def test_an_interrupt_ends_the_run(host):
     host.shared.state.interrupt_on = "sdp"
-    results = bench.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1)
+    results = optim_tab.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1)
     assert [r.error for r in results] == [None, "interrupted", "interrupted"]
     assert [s["attention"] for s in host.seen] == ["Doggettx", "Doggettx", "sdp"]
 
 
 def test_repeats_rotate_the_order_and_the_median_counts(host):
-    results = bench.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=2, repeats=3)
+    results = optim_tab.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=2, repeats=3)
     # warm-up, then 3 rounds, each starting one candidate later
     assert [s["attention"] for s in host.seen] == [
         "Doggettx",
@@ -531,17 +538,17 @@ def test_repeats_rotate_the_order_and_the_median_counts(host):
 
 def test_a_failed_candidate_is_not_run_again(host):
     host.oom_for.add("sdp")
-    results = bench.run_benchmark(_cands("host", "sdp"), prompt="x", width=64, height=64, steps=1, repeats=2)
+    results = optim_tab.run_benchmark(_cands("host", "sdp"), prompt="x", width=64, height=64, steps=1, repeats=2)
     assert [s["attention"] for s in host.seen] == ["Doggettx", "Doggettx", "sdp", "Doggettx"]
     assert results[1].out_of_memory and results[1].runs == 1 and results[0].runs == 2
 
 
 def test_an_interrupt_in_a_later_round_keeps_finished_runs(host):
-    results = bench.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1, repeats=2)
+    results = optim_tab.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1, repeats=2)
     assert all(r.runs == 2 for r in results)
     host.seen.clear()
     host.shared.state.interrupt_on = "split"
-    results = bench.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1, repeats=2)
+    results = optim_tab.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1, repeats=2)
     # round 1: host, sdp, split (interrupted) — the run ends there
     assert [s["attention"] for s in host.seen] == ["Doggettx", "Doggettx", "sdp", "split"]
     assert [r.error for r in results] == [None, None, "interrupted"]
@@ -550,23 +557,23 @@ def test_an_interrupt_in_a_later_round_keeps_finished_runs(host):
 def test_combine_runs_takes_the_median_and_the_first_failure():
     s = GenerationSettings(enabled=True)
     runs = [
-        BenchResult(BASELINE, s, seconds=3.0, it_per_s=2.0, peak_ram_mb=900.0, steps=4),
-        BenchResult(BASELINE, s, seconds=1.0, it_per_s=6.0, peak_ram_mb=950.0, steps=4),
-        BenchResult(BASELINE, s, seconds=2.0, it_per_s=4.0, peak_ram_mb=920.0, steps=4),
+        CandidateResult(BASELINE, s, seconds=3.0, it_per_s=2.0, peak_ram_mb=900.0, steps=4),
+        CandidateResult(BASELINE, s, seconds=1.0, it_per_s=6.0, peak_ram_mb=950.0, steps=4),
+        CandidateResult(BASELINE, s, seconds=2.0, it_per_s=4.0, peak_ram_mb=920.0, steps=4),
     ]
-    combined = webbench.combine_runs(runs)
+    combined = generation_bench.combine_runs(runs)
     assert (combined.seconds, combined.it_per_s, combined.peak_ram_mb, combined.runs) == (2.0, 4.0, 950.0, 3)
-    oom = BenchResult(BASELINE, s, error="out of memory: CUDA", out_of_memory=True)
-    failed = webbench.combine_runs([runs[0], oom])
+    oom = CandidateResult(BASELINE, s, error="out of memory: CUDA", out_of_memory=True)
+    failed = generation_bench.combine_runs([runs[0], oom])
     assert failed.error == oom.error and failed.out_of_memory and failed.runs == 2
     with pytest.raises(ValueError):
-        webbench.combine_runs([])
+        generation_bench.combine_runs([])
 
 
 def test_results_directory_and_make_default(host, tmp_path):
-    assert bench.bench_directory(host.modules) == tmp_path / "data" / "outputs" / "optim-bench"
+    assert optim_tab.bench_directory(host.modules) == tmp_path / "data" / "outputs" / "optim-bench"
     settings = GenerationSettings(True, Attention.SPLIT, Tri.ON, Tri.INHERIT, 2048)
-    stored = bench.make_default(settings, host.modules)
+    stored = optim_tab.make_default(settings, host.modules)
     # inference memory is skipped where the host has no such option (A1111)
     assert stored == {
         "optim_default_attention": "split",
@@ -583,33 +590,33 @@ def test_api_run_and_make_default(host, monkeypatch):
     from fastapi import HTTPException
 
     with pytest.raises(HTTPException) as info:
-        bench.api_run({"width": 65})
+        optim_tab.api_run({"width": 65})
     assert info.value.status_code == 422 and "[Optim] width: 65 is not allowed" in info.value.detail
 
-    out = bench.api_run({"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "kinds": ["attention"]})
+    out = optim_tab.api_run({"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "kinds": ["attention"]})
     assert [r["label"] for r in out["rows"]] == [BASELINE, "attention=sdp", "attention=sub-quad"]
     assert out["winner"]["label"] in {r["label"] for r in out["rows"]}
     for path in out["files"].values():
-        assert path.startswith(str(bench.bench_directory()))
+        assert path.startswith(str(optim_tab.bench_directory()))
     assert json.loads(Path(out["files"]["json"]).read_text(encoding="utf-8"))["meta"]["steps"] == 1
 
-    stored = bench.api_make_default({})
+    stored = optim_tab.api_make_default({})
     assert stored["stored"]["optim_default_attention"] == out["winner"]["settings"]["attention"]
-    stored = bench.api_make_default({"settings": {"attention": "split"}})
+    stored = optim_tab.api_make_default({"settings": {"attention": "split"}})
     assert stored["stored"]["optim_default_attention"] == "split"
     for bad, field in (({"settings": {"attention": "warp"}}, "attention"), ({"x": 1}, "request")):
         with pytest.raises(HTTPException) as info:
-            bench.api_make_default(bad)
+            optim_tab.api_make_default(bad)
         assert info.value.status_code == 422 and f"[Optim] {field}:" in info.value.detail
     with pytest.raises(HTTPException, match="not available"):
-        bench.api_make_default({"settings": {"attention": "xformers"}})
+        optim_tab.api_make_default({"settings": {"attention": "xformers"}})
 
 
 def test_ui_run_reports_html_and_the_winner(host):
-    html_text, best = bench.ui_run("", 64, 64, 1, ["vae_on_cpu"])
+    html_text, best = optim_tab.ui_run("", 64, 64, 1, ["vae_on_cpu"])
     assert "Saved:" in html_text and "optim-bench-" in html_text
     assert best is not None and best["enabled"] is True
-    assert "Saved as Settings → Optim defaults" in bench.ui_make_default(best)
-    assert "Run the benchmark first" in bench.ui_make_default(None)
-    assert "at least one" in bench.ui_run("", 64, 64, 1, [])[0]
-    assert "width" in bench.ui_run("", 65, 64, 1, ["attention"])[0]
+    assert "Saved as Settings → Optim defaults" in optim_tab.ui_make_default(best)
+    assert "Run the benchmark first" in optim_tab.ui_make_default(None)
+    assert "at least one" in optim_tab.ui_run("", 64, 64, 1, [])[0]
+    assert "width" in optim_tab.ui_run("", 65, 64, 1, ["attention"])[0]

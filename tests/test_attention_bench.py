@@ -9,7 +9,15 @@ import pytest
 
 pytest.importorskip("torch")
 
-from lib_optim.bench import MAX_ROUNDS, STEP_LABEL, format_table, run_bench, write_plot
+from lib_optim.attention_bench import (
+    MAX_ROUNDS,
+    SLOW_CALL_S,
+    STEP_LABEL,
+    format_table,
+    run_bench,
+    timed_rounds,
+    write_plot,
+)
 from lib_optim.cli import main
 
 
@@ -81,9 +89,30 @@ def test_dtype_option_runs_the_2_byte_formulas_on_cpu(capsys: pytest.CaptureFixt
         run_bench(["tiny"], dtype="fp8")
 
 
+class StepClock:
+    """A clock that moves ``step`` seconds at each reading: every timed call takes exactly ``step``."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 def test_fast_calls_get_more_rounds() -> None:
-    """A sub-millisecond call is timed many times even with --repeats 1 (its median of one would be noise)."""
-    result = run_bench(["tiny"], quick=True, repeats=1)
+    """A sub-millisecond call is timed many times even with --repeats 1 (its median of one would be noise);
+    the machine's real speed does not matter: the clock is injected."""
+    result = run_bench(["tiny"], quick=True, repeats=1, clock=StepClock(0.001))
     timed = [r for r in result.rows if r.median_s is not None]
-    assert timed and all(r.rounds is not None and 1 < r.rounds <= MAX_ROUNDS for r in timed)
-    assert len({r.rounds for r in timed if r.shape == timed[0].shape}) == 1  # every backend as often
+    assert timed and all(r.rounds == MAX_ROUNDS for r in timed)
+    assert timed_rounds(1, [0.001, 0.002]) == MAX_ROUNDS
+    assert timed_rounds(3, [0.05]) == 10  # as many as fit in FAST_ROUND_BUDGET_S (0.5 s)
+    assert timed_rounds(3, [0.4]) == 3  # never fewer than asked
+
+
+def test_slow_calls_count_their_warm_up_round() -> None:
+    result = run_bench(["tiny"], quick=True, repeats=2, clock=StepClock(SLOW_CALL_S))
+    timed = [r for r in result.rows if r.median_s is not None]
+    assert timed and all(r.rounds == 2 and r.median_s == SLOW_CALL_S for r in timed)
