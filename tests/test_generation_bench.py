@@ -144,7 +144,11 @@ def test_json_and_csv_round_trip(tmp_path):
 
 def test_html_escapes_text():
     results = _results()
-    for text in (generation_bench.bars_html(results), generation_bench.table_html(results), generation_bench.report_html(results, ["<p>"])):
+    for text in (
+        generation_bench.bars_html(results),
+        generation_bench.table_html(results),
+        generation_bench.report_html(results, ["<p>"]),
+    ):
         assert "<b>x</b>" not in text and "&lt;b&gt;x&lt;/b&gt;" in text
         assert "<CUDA>" not in text and "&lt;CUDA&gt; &amp; co" in text
     bars = generation_bench.bars_html(results)
@@ -509,7 +513,10 @@ def test_out_of_memory_in_one_candidate_is_a_failed_result(host):
 
 def test_an_unavailable_candidate_fails_without_generating(host):
     base = GenerationSettings(enabled=True)
-    cands = [BenchCandidate(BASELINE, base), BenchCandidate("attention=xformers", replace(base, attention=Attention.XFORMERS))]
+    cands = [
+        BenchCandidate(BASELINE, base),
+        BenchCandidate("attention=xformers", replace(base, attention=Attention.XFORMERS)),
+    ]
     results = optim_tab.run_benchmark(cands, prompt="x", width=64, height=64, steps=1, warmup=False)
     assert results[0].ok
     assert "xformers" in results[1].error and "not available" in results[1].error
@@ -524,7 +531,9 @@ def test_an_interrupt_ends_the_run(host):
 
 
 def test_repeats_rotate_the_order_and_the_median_counts(host):
-    results = optim_tab.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=2, repeats=3)
+    results = optim_tab.run_benchmark(
+        _cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=2, repeats=3
+    )
     # warm-up, then 3 rounds, each starting one candidate later
     assert [s["attention"] for s in host.seen] == [
         "Doggettx",
@@ -544,11 +553,15 @@ def test_a_failed_candidate_is_not_run_again(host):
 
 
 def test_an_interrupt_in_a_later_round_keeps_finished_runs(host):
-    results = optim_tab.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1, repeats=2)
+    results = optim_tab.run_benchmark(
+        _cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1, repeats=2
+    )
     assert all(r.runs == 2 for r in results)
     host.seen.clear()
     host.shared.state.interrupt_on = "split"
-    results = optim_tab.run_benchmark(_cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1, repeats=2)
+    results = optim_tab.run_benchmark(
+        _cands("host", "sdp", "split"), prompt="x", width=64, height=64, steps=1, repeats=2
+    )
     # round 1: host, sdp, split (interrupted) — the run ends there
     assert [s["attention"] for s in host.seen] == ["Doggettx", "Doggettx", "sdp", "split"]
     assert [r.error for r in results] == [None, None, "interrupted"]

@@ -153,6 +153,12 @@ def test_settings_section_options_are_valid_components():
     assert "optim_console_level" in options
     # one default per field the host supports, keyed optim_default_<field>, offering what this install can do
     assert [k for k in options if k.startswith("optim_default_")] == [f"optim_default_{n}" for n in forge_fields[1:]]
-    assert options["optim_default_attention"]["component_args"]["choices"] == ["host", "auto", "sdp", "split", "sub-quad"]
+    assert options["optim_default_attention"]["component_args"]["choices"] == [
+        "host",
+        "auto",
+        "sdp",
+        "split",
+        "sub-quad",
+    ]
     a1111 = dict(ui.settings_section_options(HostKind.A1111, BACKENDS, forge_fields[:4]))
     assert "optim_default_inference_memory_mb" not in a1111
