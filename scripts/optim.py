@@ -6,7 +6,8 @@ Every hook is a no-op unless the accordion is on and a control differs from "as 
 
 from modules import script_callbacks, scripts
 
-from lib_optim.hosts import optim_tab, webui
+from lib_optim.hosts import webui
+from lib_optim.hosts.common import SCRIPT_TITLE
 
 
 class OptimScript(scripts.Script):

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lib_optim import attention_impl as impl
+from lib_optim import attention_impl as impl  # noqa: E402
 from lib_optim.attention import Attention  # noqa: E402
 
 ATOL = 2e-5

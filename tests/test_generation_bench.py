@@ -18,12 +18,12 @@ import torch
 from fake_adapter import FakeAdapter
 
 from lib_optim import generation_bench
+from lib_optim.adapter import HostModules
+from lib_optim.generation_bench import BASELINE, BenchCandidate, CandidateResult
 from lib_optim.hostkinds import HostKind
 from lib_optim.hosts import optim_tab, webui
-from lib_optim.adapter import HostModules
 from lib_optim.runtime import Runtime, get_runtime
 from lib_optim.settings import Attention, GenerationSettings, SettingsError, Tri
-from lib_optim.generation_bench import BASELINE, CandidateResult, BenchCandidate
 
 AVAILABLE = [Attention.HOST, Attention.AUTO, Attention.SDP, Attention.SPLIT, Attention.SUB_QUAD, Attention.NONE]
 

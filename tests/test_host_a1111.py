@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import torch
 
+from lib_optim.adapter import NotSupportedHere
 from lib_optim.hostkinds import HostKind
 from lib_optim.hosts.a1111 import A1111Adapter, titles
-from lib_optim.adapter import NotSupportedHere
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings, Tri
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from lib_optim.hostkinds import HostKind
 from lib_optim.adapter import NotSupportedHere
+from lib_optim.hostkinds import HostKind
 from lib_optim.hosts.forge import UNSUPPORTED_REASON, ForgeAdapter, UnsupportedForgeAdapter
 from lib_optim.settings import Attention, GenerationSettings, Tri
 
