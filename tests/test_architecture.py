@@ -1,0 +1,152 @@
+"""How lib_optim is put together: imports go one way, the core never reaches into the host glue, and one
+registry entry is all a new attention backend needs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "lib_optim"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def lib_optim_imports(path: Path) -> set[str]:
+    """Every lib_optim module ``path`` imports — at module level or inside functions (a lazy import is still a
+    dependency: the cycle between two modules that import each other lazily is still a cycle)."""
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+
+    def owner(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(owner(a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from lib_optim.hosts import common` imports the module lib_optim.hosts.common;
+            # `from lib_optim.hosts import create_adapter` imports from the package lib_optim.hosts
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                out.add(full if full in modules else owner(node.module))
+    return {n for n in out if n.startswith("lib_optim") and n != module_name(path)}
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {module_name(p): lib_optim_imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_no_import_cycle_in_lib_optim() -> None:
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if state.get(nxt) is None:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node)
+
+
+def test_the_core_never_imports_the_host_glue() -> None:
+    offenders = {
+        name: sorted(d for d in deps if d.startswith("lib_optim.hosts"))
+        for name, deps in import_graph().items()
+        if not name.startswith("lib_optim.hosts")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_walk_sees_lazy_imports() -> None:
+    # the test above is only as good as the graph: a function-level import counts
+    graph = import_graph()
+    assert "lib_optim.attention_bench" in graph["lib_optim.cli"]  # imported inside cmd_bench
+    assert "lib_optim.hosts.common" in graph["lib_optim.hosts.optim_tab"]
+
+
+# --- a new attention backend is one registry entry ---------------------------------------------------------
+
+
+@pytest.fixture
+def fake_backend():
+    """A backend registered for one test, as a new one (SageAttention, flash-attn…) would be: one entry with
+    its memory model, speed, fallback rank, host bindings and an implementation."""
+    torch = pytest.importorskip("torch")
+    from lib_optim import attention as registry
+    from lib_optim.attention_memory import lse_peak
+
+    def implementation(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    name = registry.register(
+        "fake-flash",
+        "a fake O(N) kernel",
+        aliases=("fakeflash",),
+        memory=lse_peak,
+        speed={"cpu": 0.5, "cuda": 0.5},  # faster than everything: auto must pick it
+        frugal_rank=-1,  # more frugal than sub-quad: the OOM retry must pick it
+        a1111=registry.A1111Optimizer("Fake flash", "--opt-fake-flash", 200, 7),
+        forge=registry.ForgeFunctions("attention_fake", "fake_attention_single_head_spatial", None),
+        implementation=implementation,
+    )
+    try:
+        yield name
+    finally:
+        registry.unregister(name)
+
+
+def test_a_registered_backend_is_everywhere(fake_backend) -> None:
+    from types import SimpleNamespace
+
+    from lib_optim import attention_bench, fallback, planner
+    from lib_optim.attention import Attention
+    from lib_optim.hostkinds import HostKind
+    from lib_optim.hosts.a1111 import A1111Adapter
+    from lib_optim.hosts.forge import ForgeAdapter
+    from lib_optim.settings import GenerationSettings, from_dict, json_schema
+
+    # settings validation (its name and alias) and the JSON schema, on the hosts that bind it
+    assert from_dict({"attention": "fakeflash"}, HostKind.A1111).attention is fake_backend
+    assert fake_backend.value in json_schema(HostKind.FORGE)["properties"]["attention"]["enum"]
+    assert fake_backend in Attention and Attention("fake-flash") is fake_backend
+    # the adapters offer it (the UI's choices are the available ones) when the host has it
+    sd_hijack = SimpleNamespace(optimizers=[SimpleNamespace(title=lambda: "Fake flash")], current_optimizer=None)
+    shared = SimpleNamespace(opts=SimpleNamespace(data={}))
+    a1111 = A1111Adapter(modules={"modules.sd_hijack": sd_hijack, "modules.shared": shared})
+    assert fake_backend in a1111.available_attention()
+    attention = SimpleNamespace(attention_function=None, attention_fake=lambda *a: None)
+    forge = ForgeAdapter(modules={"backend.attention": attention}, cuda_available=lambda: False)
+    assert fake_backend in forge.available_attention()
+    # the planner ranks it by its entry
+    choice = planner.choose_auto_attention([Attention.SDP, fake_backend], device="cpu")
+    assert choice.attention is fake_backend
+    # the out-of-memory retry steps to it
+    step = fallback.next_frugal(
+        GenerationSettings(enabled=True), available=[fake_backend], supports_inference_memory=False, current_attention=None
+    )
+    assert step is not None and step.settings.attention is fake_backend
+    # the command-line bench times it among the host backends, and auto may pick it there
+    assert fake_backend in attention_bench.host_backends()
+    result = attention_bench.run_bench(["tiny"], quick=True, repeats=1)
+    assert {r.backend for r in result.rows} >= {"fake-flash", "sdp"}
