@@ -8,7 +8,7 @@
 """Command-line flags every checked WebUI host knows: its main parser plus its built-in preload.py files.
 
 A flag missing here is unknown to that host: `modules/shared_cmd_options.py` calls `parser.parse_args()`,
-which exits with "unrecognized arguments" unless IGNORE_CMD_ARGS_ERRORS is set (HOSTS.md §2.1).  User
+which exits with "unrecognized arguments" unless IGNORE_CMD_ARGS_ERRORS is set (docs/hosts.md §2.1).  User
 extensions' preload.py files can add more flags; those are not in these tables.  argparse's own -h/--help
 (add_help=True) is listed too; its source is the ArgumentParser() line.
 """

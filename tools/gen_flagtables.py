@@ -12,7 +12,8 @@ The host code is never imported or executed: every ``add_argument`` call is read
 plus ``modules/shared_cmd_options.py`` and every ``extensions-builtin/<ext>/preload.py`` (built-in preloads
 always run: ``preload_extensions(extensions_builtin_dir, parser)`` has no extension list).  How cmd_args.py
 gets its parser is not assumed: it is read from the module (``parser = argparse.ArgumentParser()``,
-``from X import parser`` or ``parser = Y.parser`` with ``from P import Y``).
+``from X import parser`` or ``parser = Y.parser`` with ``from P import Y``).  Which files build each host's parser,
+and why a flag missing from a table makes that host exit, is described in docs/hosts.md §2.1.
 
 Each host is read either from a git directory (a mirror without work tree is fine) at a revision, or from a
 checkout directory.  Usage::
@@ -572,7 +573,7 @@ HEADER = '''\
 """Command-line flags every checked WebUI host knows: its main parser plus its built-in preload.py files.
 
 A flag missing here is unknown to that host: `modules/shared_cmd_options.py` calls `parser.parse_args()`,
-which exits with "unrecognized arguments" unless IGNORE_CMD_ARGS_ERRORS is set (HOSTS.md §2.1).  User
+which exits with "unrecognized arguments" unless IGNORE_CMD_ARGS_ERRORS is set (docs/hosts.md §2.1).  User
 extensions' preload.py files can add more flags; those are not in these tables.  argparse's own -h/--help
 (add_help=True) is listed too; its source is the ArgumentParser() line.
 """
