@@ -21,7 +21,7 @@ def missing_requirements(is_installed):
 
 
 def main():
-    import launch  # the host's launcher module (PYTHONPATH is the WebUI root, modules/launch_utils.py:228-241)
+    import launch  # the host's launcher module (PYTHONPATH is the WebUI root, docs/hosts.md §1.4)
 
     if getattr(launch.args, "skip_install", False):
         return

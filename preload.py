@@ -1,7 +1,7 @@
 """sd-webui-optim preload: our --optim-* flags, the start-up check, and the start-up profile.
 
 The host executes this file by path, without putting the extension folder on sys.path
-(modules/script_loading.py:19-35), so we add it for ``import lib_optim``.
+(docs/hosts.md §1.2), so we add it for ``import lib_optim``.
 """
 
 import os

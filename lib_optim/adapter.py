@@ -188,8 +188,8 @@ class HostAdapter(abc.ABC):
 
 
 def hires_size(width: int, height: int, scale: float, resize_x: int, resize_y: int) -> tuple[int, int]:
-    """The hires pass's size, as ``calculate_target_resolution`` computes it (A1111 v1.10.1
-    processing.py:1223-1247; Forge f2 processing.py:1246-1270): ``hr_scale`` when no resize is given; one
+    """The hires pass's size, as ``calculate_target_resolution`` computes it (docs/hosts.md
+    §7.2): ``hr_scale`` when no resize is given; one
     resize side keeps the aspect ratio; both: the image is scaled to cover them (then cropped)."""
     if resize_x == 0 and resize_y == 0:
         return int(width * scale), int(height * scale)
@@ -207,10 +207,9 @@ def auto_attention_request(p: Any, devices: Any, *, budget_mb: int | None = None
 
     - size: the largest pass's — with hires fix :func:`hires_size` (the host computes ``hr_upscale_to_x/y``
       only in ``p.init()``, after the scripts' ``process``), and the batch size;
-    - family: ``sdxl`` when ``p.sd_model.is_sdxl`` (A1111 sd_models.py:382-390; Forge
-      backend/diffusion_engine/sdxl.py:79), else ``sd15``;
-    - device and compute dtype: ``modules.devices.device`` and ``dtype_unet`` (A1111 devices.py:120-127;
-      Forge devices.py:52-59), so a CPU run is planned with the CPU formulas and speed table;
+    - family: ``sdxl`` when ``p.sd_model.is_sdxl`` (docs/hosts.md §6.1, §6.3), else ``sd15``;
+    - device and compute dtype: ``modules.devices.device`` and ``dtype_unet`` (docs/hosts.md §4.1,
+      §4.2), so a CPU run is planned with the CPU formulas and speed table;
     - free memory on that device as the hosts count it (:func:`lib_optim.attention_impl.free_memory_bytes`),
       and ``budget_mb`` (Forge: its inference memory, what it keeps free for sampling).
     """

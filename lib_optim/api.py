@@ -1,7 +1,7 @@
 """HTTP API: ``/optim/v1/*`` routes, and validation of our fields on ``/sdapi/v1/txt2img|img2img``.
 
 Why validation sits in front of the host's route: the host runs every script hook inside
-``try/except Exception: errors.report(...)`` (A1111 v1.10.1 modules/scripts.py:820-930), so an error raised
+``try/except Exception: errors.report(...)`` (docs/hosts.md §1.5, §1.10), so an error raised
 from our hook cannot fail the request — the image would be generated with the bad value silently ignored.
 A route placed first in the app's route list checks ``alwayson_scripts.optim.args`` and answers 422 with a
 message naming field, value and allowed values before the host does anything; otherwise it hands the
@@ -38,7 +38,7 @@ PREFIX = "/optim/v1"
 
 
 def parse_api_auth(value: str | None) -> dict[str, str]:
-    """``user:pass,user2:pass2`` as the host parses ``--api-auth`` (modules/api/api.py:197-201)."""
+    """``user:pass,user2:pass2`` as the host parses ``--api-auth`` (docs/hosts.md §1.10)."""
     credentials: dict[str, str] = {}
     for item in (value or "").split(","):
         if not item.strip():
@@ -49,7 +49,7 @@ def parse_api_auth(value: str | None) -> dict[str, str]:
 
 
 def auth_dependency(credentials: Mapping[str, str]) -> Callable[..., bool]:
-    """HTTP Basic check identical to the host's ``Api.auth`` (modules/api/api.py:279-284)."""
+    """HTTP Basic check identical to the host's ``Api.auth`` (docs/hosts.md §1.10)."""
 
     def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:  # noqa: B008 - FastAPI idiom
         expected = credentials.get(given.username)
@@ -192,7 +192,7 @@ def install_validation(
     validate: Callable[[Any], None] | None = None,
     available: Callable[[], Allowed] | None = None,
 ) -> None:
-    """Put the validating route first (once; a UI reload builds a new app, docs/hosts.md §1.6)."""
+    """Put the validating route first (once; a UI reload builds a new app, docs/hosts.md §1.11)."""
     routes = app.router.routes
     for existing in [r for r in routes if isinstance(r, _ValidatingRoute)]:
         routes.remove(existing)

@@ -111,7 +111,7 @@ class A1111Optimizer:
 
 @dataclass(frozen=True)
 class ForgeFunctions:
-    """Forge f2's functions in ``backend.attention`` (docs/hosts.md §3.2): the UNet/DiT one, the VAE's
+    """Forge f2's functions in ``backend.attention`` (docs/hosts.md §3.4): the UNet/DiT one, the VAE's
     single-head spatial one, and the launch flag that makes Forge choose it at start-up."""
 
     unet: str
@@ -122,7 +122,7 @@ class ForgeFunctions:
 @dataclass(frozen=True)
 class LdmPatchedFunctions:
     """Forge previous / reForge: functions in ``ldm_patched.ldm.modules.attention`` (UNet) and
-    ``ldm_patched.ldm.modules.diffusionmodules.model`` (VAE) (docs/hosts.md §3.3), and the launch flag."""
+    ``ldm_patched.ldm.modules.diffusionmodules.model`` (VAE) (docs/hosts.md §3.5, §3.6), and the launch flag."""
 
     unet: str
     vae: str
@@ -149,7 +149,7 @@ class AttentionBackend:
     ldm_patched: LdmPatchedFunctions | None = None
     implementation: str | Callable[..., Any] | None = None  # "module:function" (q, k, v) → out, for the bench
     availability: str | Availability | None = None  # "module:function" or a callable; None = always runs
-    directml_safe: bool = False  # known to run under torch-directml (docs/hosts.md §4.5)
+    directml_safe: bool = False  # known to run under torch-directml (docs/hosts.md §4.8)
 
     @property
     def is_choice(self) -> bool:
@@ -349,7 +349,7 @@ Attention.SPLIT = register(
     speed={"cpu": 3.8, "cuda": 1.9},
     frugal_rank=1,
     a1111=A1111Optimizer("Doggettx", "--opt-split-attention", 90, 6),
-    # Forge's non-SDPA VAE attention (attention.py:449-451): normal_… reshapes the 4-D tensors for slice_…
+    # Forge's non-SDPA VAE attention (docs/hosts.md §3.4): normal_… reshapes the 4-D tensors for slice_…
     forge=ForgeFunctions("attention_split", "normal_attention_single_head_spatial", "--attention-split"),
     ldm_patched=LdmPatchedFunctions("attention_split", "normal_attention", "--attention-split"),
     implementation="lib_optim.attention_impl:split",
@@ -381,7 +381,7 @@ Attention.XFORMERS = register(
         "start the WebUI with --xformers; needs an NVIDIA GPU of compute capability 6.0-9.0 and an xformers "
         "build matching torch",
     ),
-    # Forge uses an installed xformers unless --disable-xformers: no flag selects it (docs/hosts.md §3.2)
+    # Forge uses an installed xformers unless --disable-xformers: no flag selects it (docs/hosts.md §3.3)
     forge=ForgeFunctions("attention_xformers", "xformers_attention_single_head_spatial", None),
     ldm_patched=LdmPatchedFunctions("attention_xformers", "xformers_attention", None),
     implementation="lib_optim.attention_impl:xformers",
@@ -423,7 +423,7 @@ Attention.NONE = register(
     aliases=("basic",),
     memory=mem.naive_peak,
     speed={"cpu": 3.5, "cuda": 2.5},
-    # "None" is handled by apply_optimizations itself, never in the optimizer list (docs/hosts.md §3.1)
+    # "None" is handled by apply_optimizations itself, never in the optimizer list (docs/hosts.md §3.2)
     a1111=A1111Optimizer("None", "--disable-opt-split-attention", 0, -1),
     ldm_patched=LdmPatchedFunctions("attention_basic", "normal_attention", None),
     implementation="lib_optim.attention_impl:naive",

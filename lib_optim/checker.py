@@ -383,7 +383,7 @@ FLAG_NOTES: tuple[FlagNote, ...] = (
         "Remove it; Forge has no 'no optimization' switch.",
     ),
     _forge_ignored("--xformers-flash-attention", f"{_FORGE_DOES_NOT_READ}.", "Remove it.", (FORGE,)),
-    # Memory schemes replaced by Forge's automatic memory management (modules_forge/initialization.py:28-36).
+    # Memory schemes replaced by Forge's automatic memory management (modules_forge/initialization.py).
     *(
         _forge_ignored(
             option,
@@ -644,7 +644,7 @@ def a1111_automatic_attention(ctx: CheckContext) -> tuple[str, str]:
             if ctx.has("--force-enable-xformers"):
                 pass
             elif not ctx.has("--xformers") or facts.xformers_matches_torch is False or no_cuda:
-                continue  # without --xformers the import is blocked (docs/hosts.md §3.1)
+                continue  # without --xformers the import is blocked (docs/hosts.md §2.4)
             elif facts.compute_capability is not None and not (6, 0) <= facts.compute_capability <= (9, 0):
                 continue
         if name == "sub-quadratic" and facts.mps_available:
@@ -705,7 +705,7 @@ def _attention_flag_overridden(ctx: CheckContext) -> Iterator[Finding]:
     if len(flags) != 1 or flags[0] == sdp or ctx.has("--disable-xformers"):
         return  # two of the group: the launcher exits (exclusive-flags); --attention-pytorch also stops xformers
     if ctx.has("--directml") or ctx.cpu_only:
-        return  # xformers is never used with DirectML or on the CPU (docs/hosts.md §3.2)
+        return  # xformers is never used with DirectML or on the CPU (docs/hosts.md §3.3, §4.8)
     if ctx.facts.xformers_known and ctx.facts.xformers_version is None:
         return  # xformers is not installed, so the flag is what decides
     known = bool(ctx.facts.xformers_version)
@@ -720,7 +720,7 @@ def _attention_flag_overridden(ctx: CheckContext) -> Iterator[Finding]:
             else "if xformers is "
             "installed in the WebUI's Python, the backend uses it instead (check with --probe from that Python)"
         )
-        + " (backend/attention.py, docs/hosts.md §3.2).",
+        + " (backend/attention.py, docs/hosts.md §3.3).",
         f"Add --disable-xformers to make {flags[0]} take effect.",
     )
 

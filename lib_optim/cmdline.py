@@ -1,6 +1,6 @@
 """Read a WebUI command line the way the host's argparse parser will.
 
-The hosts parse strictly (``modules/shared_cmd_options.py:12-15``: ``parser.parse_args()``), so anything this
+The hosts parse strictly (``docs/hosts.md §2.1``: ``parser.parse_args()``), so anything this
 module cannot match to a flag of the host makes the WebUI exit at start-up. We emulate the parts of argparse
 the hosts' flags use — exact long options, ``--flag=value``, unique-prefix abbreviations (argparse's
 ``allow_abbrev`` is on in every host), store_true flags, one value, an optional value, several values,
@@ -68,7 +68,7 @@ class ParsedArgs:
 
 
 def split_command_line(text: str) -> list[str]:
-    """Split ``COMMANDLINE_ARGS`` as the host does (``shlex.split``, modules/paths_internal.py:12-13)."""
+    """Split ``COMMANDLINE_ARGS`` as the host does (``shlex.split``, docs/hosts.md §2.2)."""
     return shlex.split(text)
 
 
@@ -207,6 +207,6 @@ def _check_value(spec: FlagSpec, token: str, value: str | None) -> ArgProblem | 
 
 
 def environment_command_line(env: Mapping[str, str]) -> list[str]:
-    """The tokens ``COMMANDLINE_ARGS`` adds to ``sys.argv`` (modules/paths_internal.py:12-13)."""
+    """The tokens ``COMMANDLINE_ARGS`` adds to ``sys.argv`` (docs/hosts.md §2.2)."""
     text = env.get("COMMANDLINE_ARGS", "")
     return split_command_line(text) if text.strip() else []

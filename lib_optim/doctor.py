@@ -57,7 +57,7 @@ def runtime_facts(system: SystemFacts, *, nvidia_present: bool | None = None) ->
 
 
 def effective_argv(args: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    """What the host's parser sees: the launch arguments, then COMMANDLINE_ARGS (paths_internal.py:12-13)."""
+    """What the host's parser sees: the launch arguments, then COMMANDLINE_ARGS (docs/hosts.md §2.2)."""
     return [*args, *environment_command_line(env)]
 
 

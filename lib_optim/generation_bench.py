@@ -45,7 +45,7 @@ KIND_ALIASES = {"inference_memory": "inference_memory_mb"}  # the name before th
 # Never offered as a candidate: "host"/"auto" are not backends of their own, and "none" (A1111's unoptimized
 # attention) is the slowest and hungriest there is — measure it explicitly through the API if wanted.
 _NOT_CANDIDATES = (Attention.HOST, Attention.AUTO, Attention.NONE)
-FORGE_DEFAULT_INFERENCE_MEMORY_MB = 1024  # Forge's minimum_inference_memory() (docs/hosts.md §4.1)
+FORGE_DEFAULT_INFERENCE_MEMORY_MB = 1024  # Forge's minimum_inference_memory() (docs/hosts.md §4.3)
 
 # Request limits (POST /optim/v1/bench and the tab).
 SIZE_MIN, SIZE_MAX, SIZE_STEP = 64, 2048, 8

@@ -1,6 +1,6 @@
 """Find a WebUI checkout on disk and tell which host it is, without importing any of its code.
 
-Signals (HOSTS.md §9): Forge f2 has ``modules_forge/`` and ``backend/memory_management.py``; Forge previous
+Signals (docs/hosts.md §8.1): Forge f2 has ``modules_forge/`` and ``backend/memory_management.py``; Forge previous
 and reForge have ``modules_forge/`` and ``ldm_patched/`` but no ``backend/``; reForge's
 ``modules_forge/forge_version.py`` says ``1.0.0...``; A1111 has none of them.
 """
@@ -53,7 +53,7 @@ def _forge_version(root: Path) -> str:
 
 
 def _is_reforge(root: Path) -> bool:
-    # reForge's backend parser has --cuda-device and --reserve-vram (args_parser.py:54, 147).
+    # reForge's backend parser has --cuda-device and --reserve-vram (docs/hosts.md §8.1).
     try:
         text = (root / "ldm_patched" / "modules" / "args_parser.py").read_text(encoding="utf-8")
     except OSError:

@@ -27,7 +27,7 @@ _TITLES = {
     HostKind.REFORGE: "reForge",
 }
 
-# Hosts whose flag tables the checker carries (HOSTS.md §2).
+# Hosts whose flag tables the checker carries (docs/hosts.md §2.1).
 CHECKED_HOSTS = (HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS)
 
 

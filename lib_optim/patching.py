@@ -3,7 +3,7 @@
 A generation's changes are collected in one :class:`Restorer` (an ExitStack). Closing it restores every
 change in reverse order — each restore runs even if an earlier one fails, and closing twice is a no-op —
 so the script can close it from ``postprocess`` *and* from ``p.close()`` (which the hosts always call, even
-when a generation raises: A1111 modules/txt2img.py:105 ``closing(p)``) without double-restoring.
+when a generation raises: ``closing(p)``, docs/hosts.md §1.6) without double-restoring.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def _is_inference(like: Any) -> bool:
 def weight_edit_mode(like: Any = None) -> Iterator[None]:
     """Rewrite model tensors (``param.data = ...``, ``module.to(...)``) in the mode they were made in.
 
-    Forge loads models inside ``torch.inference_mode()`` (modules/processing.py:911), so their parameters are
-    inference tensors, but calls the ``process`` hook outside it (processing.py:906-907). A parameter made in
+    Forge loads models inside ``torch.inference_mode()`` (docs/hosts.md §6.7), so their parameters are
+    inference tensors, but calls the ``process`` hook outside it (§6.7). A parameter made in
     inference mode whose ``.data`` is replaced by an ordinary tensor breaks CPU convolutions that view the
     weight ("Inference tensors do not track version counter", seen in a Forge hires pass on CPU); the other
     way round breaks in-place updates. So the new data is made in the parameter's own mode. ``no_grad``

@@ -1,9 +1,9 @@
 """The Optim accordion, the Settings → Optim page and the Optim tab: the only lib_optim module that imports gradio.
 
 Works with gradio 3.41 (A1111) and 4.40 (Forge f2): only components, arguments and ``gr.update`` that both
-accept (docs/hosts.md §1.8). Host pieces (``InputAccordion``, ``elem_id``) are passed in by the script, so this
+accept (docs/hosts.md §1.12). Host pieces (``InputAccordion``, ``elem_id``) are passed in by the script, so this
 module imports no host code. ``build`` has no side effects: the API calls ``ui()`` twice more per tab to
-read default values (docs/hosts.md §1.6). Every control comes from :data:`lib_optim.settings.FIELDS`.
+read default values (docs/hosts.md §1.10). Every control comes from :data:`lib_optim.settings.FIELDS`.
 """
 
 from __future__ import annotations

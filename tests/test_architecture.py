@@ -57,7 +57,7 @@ def test_no_import_cycle_in_lib_optim() -> None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt) :] + [nxt]
+                cycle = [*path[path.index(nxt) :], nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if state.get(nxt) is None:
                 visit(nxt)
@@ -143,7 +143,10 @@ def test_a_registered_backend_is_everywhere(fake_backend) -> None:
     assert choice.attention is fake_backend
     # the out-of-memory retry steps to it
     step = fallback.next_frugal(
-        GenerationSettings(enabled=True), available=[fake_backend], supports_inference_memory=False, current_attention=None
+        GenerationSettings(enabled=True),
+        available=[fake_backend],
+        supports_inference_memory=False,
+        current_attention=None,
     )
     assert step is not None and step.settings.attention is fake_backend
     # the command-line bench times it among the host backends, and auto may pick it there

@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS_DOC = ROOT / "docs" / "hosts.md"
 
@@ -112,10 +110,6 @@ def test_outside_reference_detector():
     assert hosts_md_mentions_outside_the_repository("docs/hosts.md §2.1") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product code still cites 'HOSTS.md §…'; remove this marker once every citation reads docs/hosts.md",
-)
 def test_product_cites_no_host_reference_outside_the_repository():
     offenders = {
         str(path.relative_to(ROOT)): mentions

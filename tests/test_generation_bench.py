@@ -400,7 +400,7 @@ def host(monkeypatch, tmp_path):
     def process_images(p: P) -> str:
         # A1111 v1.10.1 modules/processing.py:818-858 → process_images_inner: scripts' process() (914-921),
         # one cfg callback per step (on_cfg_after_cfg → webui.on_step), postprocess() last (1147-1148).
-        # An exception skips postprocess; p.close() restores (HOSTS.md §7.3).
+        # An exception skips postprocess; p.close() restores (docs/hosts.md §1.6).
         assert lock.locked(), "generations run under the queue lock"
         assert p.do_not_save_samples and p.do_not_save_grid
         p.scripts.process(p)

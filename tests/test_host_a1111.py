@@ -518,7 +518,7 @@ def test_none_disables_and_restores(world: FakeA1111, adapter: A1111Adapter) -> 
 
 
 def test_restore_is_exact_where_reapplying_is_not(world: FakeA1111) -> None:
-    """HOSTS.md §3.1 trap: the original sgm AttnBlock.forward came from undo_optimizations (ldm's function);
+    """docs/hosts.md §3.2 trap: the original sgm AttnBlock.forward came from undo_optimizations (ldm's function);
     re-applying the old optimizer leaves sgm's own function instead."""
     fresh = FakeA1111()
     fresh.startup("V1 - original v1")  # first apply: no current optimizer to undo → sgm gets ldm's (:110)

@@ -689,6 +689,9 @@ def test_effective_state_and_version(forge: SimpleNamespace) -> None:
     assert state.attention == "attention_pytorch" and not state.model_loaded
     assert state.unet_channels_last is None and state.vae_device is None
     assert state.inference_memory_mb == 1024
+    # before the first generation Forge f2 holds a FakeInitialModel there (modules/sd_models.py:385-397)
+    forge.sd_models.model_data.sd_model = type("FakeInitialModel", (), {"cond_stage_model": None, "chunk_length": 75})()
+    assert not forge.adapter.effective_state().model_loaded
     forge.sd_models.model_data.sd_model = forge.p.sd_model
     state = forge.adapter.effective_state()
     assert state.model_loaded and state.unet_channels_last is False

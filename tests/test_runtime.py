@@ -207,6 +207,6 @@ def test_close_wrapper_restores_after_an_error_without_postprocess(host, rt):
     p = make_p([True, "split"], fail=lambda attention: False)
     webui.process(p, p.script_args[1:6])
     assert rt.adapter.current == "split"
-    p.close()  # postprocess was skipped (an exception); p.close() still restores (HOSTS.md §7.3)
+    p.close()  # postprocess was skipped (an exception); p.close() still restores (docs/hosts.md §1.6)
     assert rt.adapter.current == "Doggettx"
     assert p.closed == 1

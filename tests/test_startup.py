@@ -1,6 +1,6 @@
 """preload: our flags, the start-up check over the real argv/environment, and the start-up profile.
 
-The fake ``modules.paths_internal`` imitates what preload may use (HOSTS.md §1.3: it only computes paths,
+The fake ``modules.paths_internal`` imitates what preload may use (docs/hosts.md §1.2: it only computes paths,
 A1111 v1.10.1 modules/paths_internal.py:15-34).
 """
 
@@ -131,7 +131,7 @@ def test_bad_profile_name_is_reported_not_raised(a1111, monkeypatch, capsys):
 
 
 def test_forge_profile_sets_live_backend_state(monkeypatch):
-    """Forge decided its backend before preload; the profile sets what is read later (HOSTS.md §1.3, §6):
+    """Forge decided its backend before preload; the profile sets what is read later (docs/hosts.md §1.3, §4.3):
     memory_management.current_inference_memory (bytes, backend/memory_management.py:544-549) and
     args.vae_in_cpu (read by vae_device() when the VAE is built, :827-830)."""
     mm = types.ModuleType("backend.memory_management")

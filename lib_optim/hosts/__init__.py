@@ -14,7 +14,7 @@ def running_webui_root() -> Path | None:
     """The checkout of the WebUI this process runs, or None outside a WebUI.
 
     ``modules.paths_internal`` is safe to import at any time, even from preload (it only computes paths;
-    HOSTS.md §1.3), and every host has it.
+    docs/hosts.md §1.2), and every host has it.
     """
     if "modules.paths_internal" not in sys.modules and "modules" not in sys.modules:
         return None

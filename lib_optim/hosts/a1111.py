@@ -1,24 +1,20 @@
 """AUTOMATIC1111 WebUI v1.10.1 adapter.
 
 Every host module (``modules.*``, ``ldm.*``, ``sgm.*``, ``launch``) is imported lazily inside methods, so this
-module imports without a WebUI. Citations are A1111 v1.10.1 paths and lines unless named otherwise.
-
-What each setting does on A1111 (for one ``process_images`` call, restored afterwards):
+module imports without a WebUI. What each setting does on A1111, for one ``process_images`` call, restored
+afterwards (the host facts, with file:line, are in docs/hosts.md; § = one of its sections):
 
 attention
-    Switches the cross-attention optimizer with ``modules.sd_hijack.apply_optimizations(title)``
-    (sd_hijack.py:59-100): the class attributes ``CrossAttention.forward`` and ``AttnBlock.forward`` of
-    ``ldm`` and ``sgm`` (SD1/SD2/SDXL UNet cross-attention and VAE attention of every loaded model), plus
-    ``nonlinearity`` and ``openaimodel.th``. The exact title is checked against ``sd_hijack.optimizers`` first:
-    for a title it does not know, A1111 silently applies its top optimizer (sd_hijack.py:89-90). For the
-    generation, ``opts.data["cross_attention_optimization"]`` holds the title too (no callbacks: the setting's
-    onchange takes the queue lock, initialize_util.py:186), so a model reload during the generation — per
-    batch ``reload_model_weights()`` (processing.py:941), refiner switch (sd_samplers_common.py:195-196) —
-    re-applies our choice (sd_hijack.py:250, 79). Restored by putting back the exact objects saved before
-    the switch, not by re-applying the old optimizer, which leaves different bindings (sgm's
-    ``AttnBlock.forward`` is ldm's function after ``undo_optimizations`` but sgm's own after
-    ``SdOptimization.undo``, sd_hijack.py:110 vs sd_hijack_optimizations.py:48). Not switched: SD3, which
-    calls ``scaled_dot_product_attention`` directly (modules/models/sd3/other_impls.py:28-33).
+    Switches the cross-attention optimizer with ``modules.sd_hijack.apply_optimizations(title)``: the class
+    attributes ``CrossAttention.forward`` and ``AttnBlock.forward`` of ``ldm`` and ``sgm`` (SD1/SD2/SDXL UNet
+    cross-attention and VAE attention of every loaded model), plus ``nonlinearity`` and ``openaimodel.th``
+    (§3.2). The exact title is checked against ``sd_hijack.optimizers`` first: for a title it does not know,
+    A1111 silently applies its top optimizer. For the generation, ``opts.data["cross_attention_optimization"]``
+    holds the title too (no callbacks: the setting's onchange takes the queue lock), so a model reload during
+    the generation — per batch, or the refiner switch (§6.6) — re-applies our choice. Restored by putting
+    back the exact objects saved before the switch, not by re-applying the old optimizer, which leaves
+    different bindings (sgm's ``AttnBlock.forward`` differs after ``undo_optimizations`` and after
+    ``SdOptimization.undo``, §3.2). Not switched: SD3, which calls ``scaled_dot_product_attention`` directly.
 channels_last
     Converts the UNet (``sd_model.model.diffusion_model``) with ``.to(memory_format=...)`` when its format
     differs, and back afterwards. A checkpoint loaded during the generation (refiner, hires checkpoint) is not
@@ -26,10 +22,10 @@ channels_last
 vae_on_cpu
     Moves ``sd_model.first_stage_model`` to the CPU in float32 and wraps the model instance's
     ``decode_first_stage``/``encode_first_stage`` so they run there; ``devices.dtype_vae`` is float32 for the
-    generation (the encode path re-casts the VAE to it, sd_samplers_common.py:98). Slow (seconds per image),
-    and live previews with the "Full" method decode on the CPU too. Skipped with a warning under
-    ``--medvram``/``--lowvram`` (their wrappers move the VAE to the GPU on use, lowvram.py:64-74). A refiner
-    or hires checkpoint swapped in during the generation decodes as the host does.
+    generation (the encode path re-casts the VAE to it, §5.1). Slow (seconds per image), and live previews
+    with the "Full" method decode on the CPU too. Skipped with a warning under ``--medvram``/``--lowvram``
+    (their wrappers move the VAE to the GPU on use, §4.1). A refiner or hires checkpoint swapped in during the
+    generation decodes as the host does.
 inference_memory_mb
     Forge only; ignored here with a warning.
 """
@@ -52,7 +48,7 @@ from lib_optim.settings import GenerationSettings, Tri
 
 log = get_logger(__name__)
 
-SETTING_KEY = "cross_attention_optimization"  # docs/hosts.md §3.1
+SETTING_KEY = "cross_attention_optimization"  # docs/hosts.md §3.2
 NONE_TITLE = A1111_NONE_TITLE  # handled by apply_optimizations itself, never in the optimizer list
 
 
@@ -64,7 +60,7 @@ def titles() -> dict[Attention, str]:
 _NOT_LISTED_YET = "the WebUI has not listed its attention optimizers yet (startup is not finished)"
 
 # Everything apply_optimizations / undo_optimizations / SdOptimization.apply/undo rebind
-# (sd_hijack.py:62-77, 103-110; sd_hijack_optimizations.py:43-143): (module, class or None, attribute).
+# (docs/hosts.md §3.2): (module, class or None, attribute).
 _ATTENTION_BINDINGS: tuple[tuple[str, str | None, str], ...] = (
     ("ldm.modules.attention", "CrossAttention", "forward"),
     ("ldm.modules.diffusionmodules.model", "AttnBlock", "forward"),
@@ -144,7 +140,7 @@ def _move_tensors(value: Any, device: Any, dtype: Any) -> Any:
     """``value`` with its floating tensors on ``device`` as ``dtype``: tensors, lists/tuples/dicts of them, and
     objects holding tensors as attributes — the posterior ``encode_first_stage`` returns for SD1/SD2
     (``DiagonalGaussianDistribution``: parameters, mean, logvar, std, var; stablediffusion
-    ldm/modules/distributions/distributions.py:24-36) is moved in place."""
+    §5.1) is moved in place."""
     import torch
 
     def move(t: Any) -> Any:
@@ -170,7 +166,7 @@ def _move_tensors(value: Any, device: Any, dtype: Any) -> Any:
 
 
 class _CpuVae:
-    """The VAE of one model on the CPU for one generation (HOSTS.md §5.1 recipe), restorable exactly."""
+    """The VAE of one model on the CPU for one generation (docs/hosts.md §5.1, §5.2), restorable exactly."""
 
     def __init__(self, sd_model: Any, devices: Any) -> None:
         import torch
@@ -209,7 +205,7 @@ class _CpuVae:
             vae = self.sd_model.first_stage_model
             param = _first_floating(vae)
             if param is not None and param.device.type != "cpu":
-                # A reload of the same instance moved the whole model to the GPU (sd_models.py:990-991).
+                # A reload of the same instance moved the whole model to the GPU (§6.6).
                 vae.to(cpu)
                 param = _first_floating(vae)
             dtype = param.dtype if param is not None else torch.float32
@@ -228,7 +224,7 @@ class _CpuVae:
         """Put the host's ``dtype_vae`` back, then the VAE on its device in its dtypes.
 
         If the host changed ``dtype_vae`` during the generation (the NaN auto-fix switches it to bfloat16 and
-        casts the VAE, processing.py:650-663 — meant to persist), its choice stays and only the device is
+        casts the VAE, §5.2 — meant to persist), its choice stays and only the device is
         restored."""
         import torch
 
@@ -240,10 +236,10 @@ class _CpuVae:
             log.info("vae_on_cpu: the WebUI switched dtype_vae to %s during the generation; keeping it", now)
         vae = self.vae
         if _on_meta(vae):
-            return  # the model was unloaded meanwhile (send_model_to_trash, sd_models.py:762-764)
+            return  # the model was unloaded meanwhile (send_model_to_trash, §5.2)
         if ours:
             # cast on the CPU first (half the bytes to move), through Module.to so that Lightning's
-            # `first_stage_model.dtype` (read by sd_samplers_common.py:58) follows
+            # `first_stage_model.dtype` (read by the encode path, §5.1) follows
             vae.to(dtype=self.dtype)
             tensors = dict((*vae.named_parameters(), *vae.named_buffers()))
             for name, dtype in self.dtypes.items():
@@ -267,7 +263,7 @@ class A1111Adapter(HostAdapter):
     # --- reading ------------------------------------------------------------------------------------------
 
     def version(self) -> str:
-        """``launch.git_tag()`` (what the footer and infotext show, ui.py:1184, processing.py:698), cached: it
+        """``launch.git_tag()`` (what the footer and infotext show, §8.3), cached: it
         runs ``git describe``."""
         if self._version is None:
             tag = ""
@@ -282,7 +278,7 @@ class A1111Adapter(HostAdapter):
         return self._version
 
     def optimizer_titles(self) -> list[str]:
-        """The titles of the optimizers the WebUI listed at startup (sd_hijack.py:48-56), priority order."""
+        """The titles of the optimizers the WebUI listed at startup (§3.1), priority order."""
         sd_hijack = self._modules.get("modules.sd_hijack")
         titles = []
         for opt in getattr(sd_hijack, "optimizers", None) or []:
@@ -311,8 +307,7 @@ class A1111Adapter(HostAdapter):
         return out
 
     def _loaded_sd_model(self) -> Any:
-        """The loaded model or None — never ``shared.sd_model``, whose getter loads one (shared_items.py:171-175,
-        sd_models.py:683-701)."""
+        """The loaded model or None — never ``shared.sd_model``, whose getter loads one (§7.1)."""
         sd_models = self._modules.loaded("modules.sd_models")
         return getattr(getattr(sd_models, "model_data", None), "sd_model", None)
 
@@ -417,7 +412,7 @@ class A1111Adapter(HostAdapter):
         """Apply the optimizer with exactly this title (or "None") for the generation held by ``restorer``.
 
         Returns the optimizer's name ("None" for none). Raises NotSupportedHere, changing nothing, for a title
-        the WebUI did not list — A1111 itself would apply its top optimizer instead (sd_hijack.py:89-90).
+        the WebUI did not list — A1111 itself would apply its top optimizer instead (§3.2).
         """
         sd_hijack = self._modules.get("modules.sd_hijack")
         shared = self._modules.get("modules.shared")
@@ -431,7 +426,7 @@ class A1111Adapter(HostAdapter):
         old_setting = shared.opts.data.get(SETTING_KEY, "Automatic")
         # saved before anything changes: restore puts back these exact objects
         restorer.enter(_saved_bindings(self._binding_targets()))
-        # reloads during the generation re-apply the setting's value (sd_hijack.py:250, 79)
+        # reloads during the generation re-apply the setting's value (§3.2)
         restorer.enter(
             patched_item(shared.opts.data, SETTING_KEY, title),
             note=f"attention {title!r} (WebUI setting: {old_setting!r})",

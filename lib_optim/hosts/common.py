@@ -19,7 +19,7 @@ log = get_logger(__name__)
 SCRIPT_TITLE = "Optim"  # the script's title(); the API's alwayson_scripts key is its lower case
 SECTION = ("optim", "Optim")  # Settings → Optim (section id, title)
 # Listed under "Stable Diffusion", beside the hosts' own "Optimizations" page, not "Uncategorized"
-# (OptionInfo.category_id, docs/hosts.md §1.7)
+# (OptionInfo.category_id, docs/hosts.md §1.9)
 SETTINGS_CATEGORY = "sd"
 
 

@@ -1,34 +1,30 @@
 """WebUI Forge f2 adapter, and a hands-off adapter for Forge previous / reForge.
 
 Every host module (``backend.*``, ``modules.*``, ``modules_forge.*``) is imported lazily inside methods, so
-this module imports without Forge. Citations are Forge f2 (main, 2025-06) paths and lines.
-
-What each setting does on Forge f2 (for one ``process_images`` call, restored afterwards):
+this module imports without Forge. What each setting does on Forge f2, for one ``process_images`` call,
+restored afterwards (the host facts, with file:line, are in docs/hosts.md):
 
 attention
-    Rebinds the host's chosen function everywhere it is bound — ``backend.attention.attention_function``
-    (read at call time by ``AttentionProcessorForge``, attention.py:488, by ``KModel.memory_required`` to pick
-    its memory scaler, k_model.py:52, and by built-in extensions), the by-name copies in ``backend.nn.unet``
-    (unet.py:5, used at :154), ``backend.nn.flux`` (flux.py:11, used at :17; Chroma calls ``flux.attention``)
-    and ``backend.nn.chroma`` (chroma.py:10, unused there) — and the VAE's single-head function
-    (``backend.attention.attention_function_single_head_spatial`` and the copy in ``backend.nn.vae``,
-    vae.py:3, used at :135). All of these are module globals looked up at call time. Not switched:
-    T5 (always SDPA, t5.py:4) and SD3's MMDiT (calls SDPA directly, mmditx.py:22).
+    Rebinds the host's chosen function everywhere it is bound by name — ``backend.attention`` itself and the
+    copies in ``backend.nn.unet``, ``backend.nn.flux`` and ``backend.nn.chroma`` — and the VAE's single-head
+    function (in ``backend.attention`` and ``backend.nn.vae``): module globals read at call time (§3.4). Not
+    switched: T5 (always SDPA) and SD3's MMDiT (calls SDPA directly).
 channels_last
     Converts the 4-D (conv) weights of ``forge_objects.unet.model.diffusion_model`` in place; Flux/Chroma/SD3
     have no conv weights, so nothing changes there. LoRA loading replaces patched weights with new tensors
-    when the UNet is (re)loaded inside the sampler (patcher/lora.py:441, called from memory_management.py:518),
-    so the model's ``LoraLoader.refresh`` is wrapped to re-apply the format after it runs.
+    when the UNet is (re)loaded inside the sampler (§6.4), so the model's ``LoraLoader.refresh`` is wrapped
+    to re-apply the format after it runs.
 vae_on_cpu
     Unloads the VAE from the GPU and runs encode/decode on the CPU in float32 (slow: seconds to tens of
     seconds per image on the CPU). The built-in "Never OOM" script's ``VAE_ALWAYS_TILED`` switch is left alone
-    (it sets it in its own ``process()`` every generation, forge_never_oom.py:26-47); tiled decoding works
-    on the CPU too.
+    (it sets it in its own ``process()`` every generation, §5.4); tiled decoding works on the CPU too.
 inference_memory_mb
     Sets ``memory_management.current_inference_memory`` (bytes) for the generation, and unloads the UNet once
     when it is loaded and the new budget would change its GPU/CPU split (Forge never re-splits a loaded
-    model, memory_management.py:633-643). Not through ``opts``/``set_config``: that sets
-    ``processing.need_global_unload`` and unloads every model, this request and after restoring (HOSTS.md §6).
+    model, §4.3). Not through ``opts``/``set_config``: that sets ``processing.need_global_unload`` and
+    unloads every model, this request and after restoring (§4.4, §4.5).
+
+§ = a section of docs/hosts.md.
 """
 
 from __future__ import annotations
@@ -56,11 +52,11 @@ MB = 1024 * 1024
 
 def functions() -> dict[Attention, tuple[str, str]]:
     """Each registered backend Forge f2 has: its (UNet/DiT function, VAE single-head spatial function) in
-    ``backend.attention`` (docs/hosts.md §3.2)."""
+    ``backend.attention`` (docs/hosts.md §3.4)."""
     return {b.name: (b.forge.unet, b.forge.vae) for b in registry.algorithms() if b.forge is not None}
 
 
-# Every module global the UNet/DiT function is bound to (HOSTS.md §3.2 table; checked in the code above).
+# Every module global the UNet/DiT function is bound to (docs/hosts.md §3.4).
 _UNET_BINDINGS = (
     ("backend.attention", "attention_function"),
     ("backend.nn.unet", "attention_function"),
@@ -77,7 +73,7 @@ UNSUPPORTED_REASON = (
 )
 
 # A predicted GPU share of the UNet within this much of the current one counts as "the same split": Forge
-# splits by whole modules (memory_management.py:421-438), so the prediction is only that precise.
+# splits by whole modules (§4.3), so the prediction is only that precise.
 _SPLIT_TOLERANCE_FRACTION = 0.05
 _SPLIT_TOLERANCE_MIN = 64 * MB
 
@@ -87,10 +83,13 @@ def _dtype_name(dtype: Any) -> str | None:
 
 
 def _loaded_sd_model(modules: Callable[[str], ModuleType | None]) -> Any:
-    """The loaded model, or None — never triggers a load (A1111-style ``shared.sd_model`` would)."""
+    """The loaded model, or None — never triggers a load (A1111-style ``shared.sd_model`` would). Before the
+    first generation Forge f2 holds a placeholder there (``FakeInitialModel``, docs/hosts.md §7.1) with no
+    ``forge_objects``: that is no model."""
     sd_models = modules("modules.sd_models")
     model_data = getattr(sd_models, "model_data", None) if sd_models is not None else None
-    return getattr(model_data, "sd_model", None)  # Forge f2 modules/sd_models.py:401-405
+    model = getattr(model_data, "sd_model", None)
+    return model if getattr(model, "forge_objects", None) is not None else None
 
 
 def _diffusion_model(sd_model: Any) -> Any:
@@ -162,7 +161,7 @@ class _MemoryFormat:
             with weight_edit_mode(param):
                 param.data = param.data.contiguous(memory_format=fmt)
         self.converted.clear()
-        # LoRA backups copied to another device after our conversion keep its format (lora.py:408); put
+        # LoRA backups copied to another device after our conversion keep its format (§6.4); put
         # them back in the model's original format so removing the LoRA later restores the host's layout.
         backup = getattr(self.loader, "backup", None)
         if isinstance(backup, dict):
@@ -177,7 +176,7 @@ class _MemoryFormat:
 
 def _unload_model(mm: Any, model: Any) -> int:
     """Unload the loaded copies of ``model`` (the patcher's ``.model``), as ``free_memory`` does for one
-    model (memory_management.py:582-592): pop it from ``current_loaded_models`` and ``model_unload()`` it,
+    model (§4.4): pop it from ``current_loaded_models`` and ``model_unload()`` it,
     which moves its weights to the patcher's offload device (:537-538). There is no single-model unload
     function in memory_management; ``unload_model_clones`` keeps the weights where they are
     (``avoid_model_moving=True``, :559), so a reload would reuse the old split (:678-679).
@@ -235,7 +234,7 @@ class ForgeAdapter(HostAdapter):
             importlib.import_module("xformers.ops")
         except Exception as exc:  # noqa: BLE001 - a broken xformers build raises anything at import
             return None, f"xformers does not import ({type(exc).__name__}: {exc}); install a build matching torch"
-        if getattr(module, "_has_cpp_library", True) is False:  # memory_management.py:160-163
+        if getattr(module, "_has_cpp_library", True) is False:  # docs/hosts.md §3.3
             return None, "xformers has no compiled kernels for this torch build"
         if not self._cuda():
             return None, "xformers needs a CUDA GPU"
@@ -306,7 +305,7 @@ class ForgeAdapter(HostAdapter):
 
     def before_sampling(self, p: Any, session: Session) -> None:
         """Idempotent. Nothing of ours lives on ``forge_objects`` (module globals, the shared VAE object and
-        the UNet's weights are what we change), so the rebuild before each sampling (processing.py:937, 957,
+        the UNet's weights are what we change), so the rebuild before each sampling (§7.4)
         1373, 1518) resets nothing; only conv weights replaced meanwhile are converted again."""
         fmt = session.data.get("memory_format")
         if isinstance(fmt, _MemoryFormat) and not session.restorer.closed:
@@ -327,7 +326,7 @@ class ForgeAdapter(HostAdapter):
                 for b in self.attention_backends()
                 if b.available and b.attention not in (Attention.HOST, Attention.AUTO)
             ]
-            # Forge keeps its inference memory free for sampling (memory_management.py:544-549): attention
+            # Forge keeps its inference memory free for sampling (§4.3): attention
             # has to fit in it, whatever is free before the UNet loads
             mm = self._modules.loaded("backend.memory_management")
             memory = settings.inference_memory_mb
@@ -353,15 +352,15 @@ class ForgeAdapter(HostAdapter):
             if vars(attn).get("xformers") is not xformers:
                 restorer.enter(patched_attr(attn, "xformers", xformers), note="xformers module injected")
                 version = str(getattr(xformers, "__version__", ""))
-                broken = version.startswith("0.0.2") and not version.startswith("0.0.20")  # attention.py:17
+                broken = version.startswith("0.0.2") and not version.startswith("0.0.20")  # docs/hosts.md §3.3
                 if broken != getattr(attn, "BROKEN_XFORMERS", False):
                     restorer.enter(patched_attr(attn, "BROKEN_XFORMERS", broken))
             version = str(getattr(getattr(xformers, "version", None), "__version__", ""))
-            if version.startswith("0.0.18"):  # memory_management.py:167-170: its VAE attention is broken
+            if version.startswith("0.0.18"):  # its VAE attention is broken (§3.3)
                 vae_fn = attn.pytorch_attention_single_head_spatial
 
         # Import every binding module first: one imported later would copy the patched function by name
-        # and keep it after we restore (chroma/flux are imported lazily by backend/loader.py:119-122).
+        # and keep it after we restore (chroma/flux are imported lazily by backend/loader.py, §3.4).
         targets: list[tuple[ModuleType, str, Any]] = []
         for bindings, fn in ((_UNET_BINDINGS, unet_fn), (_VAE_BINDINGS, vae_fn)):
             for module_name, attr in bindings:
@@ -400,8 +399,8 @@ class ForgeAdapter(HostAdapter):
         session.restorer.notes.append(f"UNet {label} ({count} conv weights converted)")
         refresh = getattr(loader, "refresh", None)
         if callable(refresh):
-            # model_load → refresh_loras (memory_management.py:518) replaces LoRA-patched weights with new
-            # Parameters (lora.py:384, 441) after process_before_every_sampling has run: convert those too.
+            # model_load → refresh_loras (§6.4) replaces LoRA-patched weights with new
+            # Parameters (§6.4) after process_before_every_sampling has run: convert those too.
             def refresh_then_convert(*args: Any, **kwargs: Any) -> Any:
                 result = refresh(*args, **kwargs)
                 state.ensure()
@@ -419,7 +418,7 @@ class ForgeAdapter(HostAdapter):
 
         vae = self._vae(p)
         if settings.vae_on_cpu is Tri.OFF:
-            # Nothing to undo per generation: a CPU VAE here was chosen at load by --vae-in-cpu (vae.py:72-73).
+            # Nothing to undo per generation: a CPU VAE here was chosen at load by --vae-in-cpu (§5.3).
             if vae is not None and str(getattr(vae, "device", "")) == "cpu":
                 log.warning("vae_on_cpu=off: the VAE is on the CPU by --vae-in-cpu; it stays there")
             return
@@ -444,9 +443,9 @@ class ForgeAdapter(HostAdapter):
                         tensors[name].data = tensors[name].data.to(dtype)
 
         restorer.callback(restore_dtypes)
-        # decode/encode read these at call time (patcher/vae.py:128-197): inputs go to `device` as
+        # decode/encode read these at call time (§5.3): inputs go to `device` as
         # `vae_dtype`, outputs to `output_device`, and load_models_gpu([patcher]) puts the weights on
-        # patcher.load_device (LoadedModel.device, memory_management.py:447; model_load :467). offload_device
+        # patcher.load_device (LoadedModel.device and model_load, §4.3). offload_device
         # too, so an unload (ours or Forge's) never moves the float32 copy to the GPU (--always-gpu).
         restorer.enter(patched_attr(vae, "device", cpu))
         restorer.enter(patched_attr(vae, "vae_dtype", torch.float32))
@@ -455,7 +454,7 @@ class ForgeAdapter(HostAdapter):
         restorer.enter(patched_attr(patcher, "offload_device", cpu))
         if mm is not None:
             # At restore: drop the CPU-resident entry, or the next load_models_gpu would find the patcher
-            # "already loaded" (memory_management.py:626-643) and decode GPU inputs with CPU weights.
+            # "already loaded" (§4.3) and decode GPU inputs with CPU weights.
             restorer.callback(_unload_model, mm, fsm)
             unloaded = _unload_model(mm, fsm)  # frees its GPU memory now (weights to the CPU)
         else:
@@ -480,7 +479,7 @@ class ForgeAdapter(HostAdapter):
         restorer = session.restorer
 
         # Registered before the value so that it runs after the host's value is back. This is the second
-        # reload: Forge never re-splits a model that is already loaded (memory_management.py:633-643), so a
+        # reload: Forge never re-splits a model that is already loaded (§4.3), so a
         # UNet split under our budget would keep that split in the next generations. It is needed when the
         # split would change under the host's budget — with our smaller budget it holds more weights on the
         # GPU than the host allows, and the host's next sampling could run out of memory. It costs only the
@@ -505,7 +504,7 @@ class ForgeAdapter(HostAdapter):
     def _split_would_change(self, mm: Any, unet: Any, budget: int) -> bool:
         """Would a fresh load of the loaded UNet put a different share of it on the GPU under ``budget``?
 
-        Mirrors load_models_gpu's decision (memory_management.py:665-682) for a model that was fully
+        Mirrors load_models_gpu's decision (§4.3) for a model that was fully
         unloaded first (so ``previously_loaded`` is 0, :678-679). False when the UNet is not loaded.
         """
         entry = next((e for e in mm.current_loaded_models if getattr(e.model, "model", None) is unet.model), None)
@@ -533,7 +532,7 @@ class ForgeAdapter(HostAdapter):
 
 
 class UnsupportedForgeAdapter(HostAdapter):
-    """Forge previous and reForge (``ldm_patched``): loads, reports, changes nothing (HOSTS.md §3.3)."""
+    """Forge previous and reForge (``ldm_patched``): loads, reports, changes nothing (docs/hosts.md §3.5, §3.6)."""
 
     def __init__(self, kind: HostKind, modules: Mapping[str, ModuleType] | None = None) -> None:
         self.kind = kind

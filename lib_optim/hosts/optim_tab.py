@@ -1,14 +1,14 @@
 """Host glue for the in-WebUI benchmark (the "Optim" tab and ``POST /optim/v1/bench``).
 
 Each candidate is one txt2img generation through the host's own processing, exactly as the host's API runs
-one (A1111 v1.10.1 modules/api/api.py:478-500; Forge f2 modules/api/api.py:480-500): a
+one (its txt2img route, docs/hosts.md §1.10): a
 ``StableDiffusionProcessingTxt2Img`` with ``p.scripts = scripts_txt2img`` and ``p.script_args`` = the
 txt2img scripts' default values with the Optim slot holding the candidate's settings as one dict, so our
 script applies them in ``process`` and re-applies them before every sampling pass (Forge rebuilds
 ``forge_objects``), and restores them afterwards — the same path as every normal generation. The model is
 loaded by ``process_images`` itself (A1111 ``reload_model_weights``, Forge ``manage_model_and_prompt_cache``).
 
-Everything runs under the host's ``modules.call_queue.queue_lock`` (docs/hosts.md §1.5), which is a
+Everything runs under the host's ``modules.call_queue.queue_lock`` (docs/hosts.md §1.8), which is a
 non-reentrant FIFO lock: the functions here must be called from a thread that does not hold it (a gradio
 handler that is not wrapped in ``wrap_gradio_gpu_call``, a FastAPI route). Images are not saved.
 """
@@ -64,7 +64,7 @@ def _optim_script(runner: Any) -> Any:
 
 def script_args_for(runner: Any, settings: GenerationSettings) -> tuple[Any, ...]:
     """The txt2img scripts' arguments: every control's current default value (what the host's API does with
-    ``init_default_script_args``, A1111 v1.10.1 modules/api/api.py:316-333), index 0 = no selectable script,
+    ``init_default_script_args``, A1111 v1.10.1 docs/hosts.md §1.10), index 0 = no selectable script,
     and our slot = the candidate's settings as one dict (lib_optim.settings.from_script_args)."""
     script = _optim_script(runner)
     inputs = list(getattr(runner, "inputs", None) or [])
@@ -144,8 +144,8 @@ def _generate(mods: HostModules, job: _Job, candidate: BenchCandidate) -> Candid
     meter = GenerationMeter(_device(mods), reset_peak_stats=True)
     error: BaseException | None = None
     interrupted = False
-    with closing(p):  # p.close() restores Optim's changes whatever happens (docs/hosts.md §1.4)
-        # As the host's API does (docs/hosts.md §1.6): the built-in UI scripts (Sampler, Seed, Refiner) skip
+    with closing(p):  # p.close() restores Optim's changes whatever happens (docs/hosts.md §1.6)
+        # As the host's API does (docs/hosts.md §1.5, §1.10): the built-in UI scripts (Sampler, Seed, Refiner) skip
         # their setup() for an API request; without this the Sampler script would put its UI defaults (20
         # steps, its first sampler) over ours.
         p.is_api = True

@@ -1,6 +1,6 @@
 """What preload.py does, inside the WebUI process, before models load.
 
-Runs inside ``import modules.shared`` (HOSTS.md §1.2): ``shared.cmd_opts``/``opts`` do not exist yet, so only
+Runs inside ``import modules.shared`` (docs/hosts.md §1.2): ``shared.cmd_opts``/``opts`` do not exist yet, so only
 the parser, ``sys.argv``, ``os.environ``, ``modules.paths_internal`` and — on Forge, where they are already
 imported — ``backend.args``/``backend.memory_management`` are touched. Nothing here initialises CUDA: on A1111
 preload runs before the host's first CUDA call, and allocator settings must still be able to take effect.
@@ -50,7 +50,7 @@ _OPTION_RE = re.compile(r"""add_argument\(\s*['"](--?[A-Za-z0-9][\w-]*)['"]""")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Add ``--optim-*`` (skipping any already there: argparse raises on a duplicate, HOSTS.md §1.3)."""
+    """Add ``--optim-*`` (skipping any already there: argparse raises on a duplicate, docs/hosts.md §1.3)."""
     known = getattr(parser, "_option_string_actions", {})
     for option, kwargs in OUR_FLAGS:
         if option not in known:
@@ -241,7 +241,7 @@ def apply_startup_profile(parser: argparse.ArgumentParser, name: str, host: Host
 
 
 def _apply_a1111(parser: argparse.ArgumentParser, hp: HostProfile) -> tuple[list[str], list[str]]:
-    """A1111 reads these flags after preload (HOSTS.md §1.3), so parser defaults are enough."""
+    """A1111 reads these flags after preload (docs/hosts.md §1.3), so parser defaults are enough."""
     applied: list[str] = []
     later: list[str] = []
     actions = getattr(parser, "_option_string_actions", {})
@@ -272,7 +272,7 @@ def _apply_a1111(parser: argparse.ArgumentParser, hp: HostProfile) -> tuple[list
 
 
 def _apply_forge(hp: HostProfile) -> tuple[list[str], list[str]]:
-    """Forge decided its backend before preload; set the live state that is read later (HOSTS.md §1.3, §6)."""
+    """Forge decided its backend before preload; set the live state that is read later (docs/hosts.md §1.3, §4.3)."""
     from backend import memory_management
     from backend.args import args as backend_args
 
@@ -286,13 +286,13 @@ def _apply_forge(hp: HostProfile) -> tuple[list[str], list[str]]:
     if hp.generation.vae_on_cpu is Tri.ON:
         import torch
 
-        backend_args.vae_in_cpu = True  # vae_device() reads it when the VAE is built (memory_management.py:827-830)
+        backend_args.vae_in_cpu = True  # vae_device() reads it when the VAE is built (docs/hosts.md §5.3)
         memory_management.VAE_DTYPES = [torch.float32]
         applied.append("VAE on CPU (float32)")
     attention = hp.generation.attention
     flags = {b.name: b.forge.flag for b in registry.algorithms() if b.forge is not None and b.forge.flag}
     if attention in flags and "backend.attention" not in sys.modules:
-        # backend.attention picks its function when first imported, after preload (docs/hosts.md §3.2): the
+        # backend.attention picks its function when first imported, after preload (docs/hosts.md §3.3): the
         # flags of its exclusive group decide, with xformers off.
         for name, flag in flags.items():
             setattr(backend_args, flag.removeprefix("--").replace("-", "_"), name is attention)

@@ -123,7 +123,7 @@ def settings_for(args: Sequence[Any]) -> GenerationSettings:
 def process(p: Any, args: Sequence[Any]) -> None:
     rt = ensure_runtime()
     # A generation that ended without postprocess and without p.close() (an X/Y/Z cell that raised)
-    # is restored here at the latest; generations are serialised by the queue lock (docs/hosts.md §1.5).
+    # is restored here at the latest; generations are serialised by the queue lock (docs/hosts.md §1.8).
     rt.end_others(p)
     try:
         settings = settings_for(args)
@@ -146,7 +146,7 @@ def process(p: Any, args: Sequence[Any]) -> None:
     if settings.attention is Attention.AUTO and session.attention_used:
         p.extra_generation_params["Optim auto attention"] = session.attention_used
     if getattr(common.opts(), "optim_telemetry_infotext", False):
-        # a callable: the host calls it when it writes each image's infotext (docs/hosts.md §7.4)
+        # a callable: the host calls it when it writes each image's infotext (docs/hosts.md §7.5)
         def telemetry_text(**_kwargs: Any) -> str | None:
             now = rt.telemetry_now(p)
             return format_status(now) if now is not None else None
@@ -159,7 +159,7 @@ def on_step() -> None:
 
 
 def _wrap_close(p: Any, rt: Runtime) -> None:
-    """Restore from ``p.close()`` too: the host always calls it, even when a generation raises (§1.4)."""
+    """Restore from ``p.close()`` too: the host always calls it, even when a generation raises (docs/hosts.md §1.6)."""
     original = p.close
     if getattr(original, "_optim_wrapped", False):
         return

@@ -159,7 +159,7 @@ def test_bad_value_fails_the_request_and_changes_nothing(webui, args, field):
 def test_restored_after_an_error_in_the_generation(webui):
     before = effective(webui)
     # an unknown hires upscaler raises in p.init(), after our process() applied the settings and
-    # without postprocess (HOSTS.md §7.3): only the p.close() path can restore
+    # without postprocess (docs/hosts.md §1.6): only the p.close() path can restore
     code, _ = webui.txt2img(
         [{"attention": "sub-quad", "channels_last": True}], enable_hr=True, hr_upscaler="no-such-upscaler"
     )
