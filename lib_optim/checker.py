@@ -21,7 +21,7 @@ from typing import Any
 from lib_optim import attention as registry
 from lib_optim.attention import Attention
 from lib_optim.cmdline import ParsedArgs, parse_args
-from lib_optim.flagtables import FlagSpec
+from lib_optim.flagspec import FlagSpec
 from lib_optim.hostkinds import HostKind
 
 A1111 = HostKind.A1111

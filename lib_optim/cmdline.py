@@ -15,7 +15,8 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lib_optim.flagtables import FlagSpec, flags_for
+from lib_optim.flagspec import FlagSpec
+from lib_optim.flagtables import flags_for
 from lib_optim.hostkinds import HostKind
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from lib_optim.cmdline import environment_command_line, parse_args, split_command_line
-from lib_optim.flagtables import FLAGS, FlagSpec
+from lib_optim.flagspec import FlagSpec
+from lib_optim.flagtables import FLAGS
 from lib_optim.hostkinds import HostKind
 
 A1111, FORGE, PREVIOUS = HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS

@@ -13,7 +13,8 @@ from types import ModuleType
 
 import pytest
 
-from lib_optim.flagtables import FLAGS, HOST_REVISIONS, FlagSpec, flags_for
+from lib_optim.flagspec import FlagSpec
+from lib_optim.flagtables import FLAGS, HOST_REVISIONS, flags_for
 from lib_optim.hostkinds import CHECKED_HOSTS, HostKind
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -580,32 +580,8 @@ extensions' preload.py files can add more flags; those are not in these tables. 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
+from lib_optim.flagspec import FlagSpec
 from lib_optim.hostkinds import HostKind
-
-TakesValue = Literal["none", "one", "optional", "many"]
-ValueType = Literal["str", "int", "float", "path"]
-
-
-@dataclass(frozen=True)
-class FlagSpec:
-    option: str  # the first long option string, e.g. "--medvram" ("-f" has no long form)
-    aliases: tuple[str, ...]  # every other option string of the same argument
-    dest: str
-    # store_true/false/const, count → none; nargs None → one; "?" → optional; "*"/"+"/N → many
-    takes_value: TakesValue
-    value_type: ValueType  # "path" for normalized_filepath / pathlib.Path; "str" when untyped or no value
-    choices: tuple[str, ...] | None
-    const: str | None  # str(const) of nargs="?" flags (the value used when the flag is given bare)
-    group: str | None  # mutually exclusive group (Forge backends only), None if not in one
-    # "webui" (modules/cmd_args.py), "backend" (backend/args.py, ldm_patched/modules/args_parser.py)
-    # or "builtin-preload:<extension dir>"
-    origin: str
-    source: str  # "path:line" in the host revision of HOST_REVISIONS; the line holds the option string
-    help: str  # help text, "" when none or argparse.SUPPRESS
-
 '''
 
 FOOTER = '''

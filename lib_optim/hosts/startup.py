@@ -19,7 +19,7 @@ from typing import Any
 from lib_optim import attention as registry
 from lib_optim.attention import Attention
 from lib_optim.checker import CheckInput, Finding, RuntimeFacts, run_checks
-from lib_optim.flagtables import FlagSpec, TakesValue
+from lib_optim.flagspec import FlagSpec, TakesValue
 from lib_optim.hostkinds import CHECKED_HOSTS, HostKind
 from lib_optim.hosts import detect_running_host
 from lib_optim.log import get_logger, setup_console_logging
