@@ -102,7 +102,7 @@ class Session:
 
     settings: GenerationSettings
     restorer: Restorer
-    attention_used: str = ""  # the host's name of what ran, for infotext/status
+    attention_used: str = ""  # what ran, in our names where we know it ("sdp"), for infotext/status
     data: dict[str, Any] = field(default_factory=dict)  # adapter-private per-generation values
 
 
@@ -135,6 +135,20 @@ class HostAdapter(abc.ABC):
         every field with an ``apply_<field>`` method."""
         return ("enabled", *(spec.name for spec in SETTING_FIELDS if self._applier(spec.name) is not None))
 
+    # Fields that only move things off or around a GPU: on a CPU-only host they can change nothing.
+    gpu_only_fields: tuple[str, ...] = ()
+
+    def meaningful_fields(self) -> tuple[str, ...]:
+        """The supported fields that can change anything on the device this host generates on: the UI shows
+        these and the benchmark varies them (on the CPU, VAE placement and GPU memory budgets cannot)."""
+        on_cpu = self.generation_device_type() == "cpu"
+        return tuple(f for f in self.supported_fields() if not (on_cpu and f in self.gpu_only_fields))
+
+    def generation_device_type(self) -> str | None:
+        """``cpu``/``cuda``/… of the host's ``modules.devices.device`` (every host has it), None before it is set."""
+        device = getattr(sys.modules.get("modules.devices"), "device", None)
+        return getattr(device, "type", None) if device is not None else None
+
     def _applier(self, name: str) -> Applier | None:
         fn = getattr(self, f"apply_{name}", None)
         return fn if callable(fn) else None
@@ -142,6 +156,20 @@ class HostAdapter(abc.ABC):
     def total_memory_mb(self) -> int | None:
         """The GPU memory the host generates with, when it has one (sizes the UI's memory sliders)."""
         return None
+
+    def attention_label(self, host_name: str) -> str:
+        """Our name for what the host calls ``host_name`` (``attention_pytorch``, ``Doggettx``, ``sdp - scaled dot
+        product`` → ``sdp``/``split``), so the UI speaks one vocabulary; the host's name when we have none."""
+        low = host_name.strip().lower()
+        if not low:
+            return host_name
+        for b in self.attention_backends():
+            if b.attention in (Attention.HOST, Attention.AUTO) or not b.host_name:
+                continue
+            names = {b.host_name.lower(), b.host_name.split(" - ")[0].lower(), b.attention.value}
+            if low in names:
+                return b.attention.value
+        return host_name
 
     def available_attention(self) -> list[Attention]:
         return [b.attention for b in self.attention_backends() if b.available]
@@ -164,7 +192,7 @@ class HostAdapter(abc.ABC):
         one Restorer. On failure everything applied so far is restored and the error re-raised. A field this
         host cannot apply is reported and skipped."""
         session = Session(settings=settings, restorer=Restorer(f"{self.kind.display_name} generation"))
-        session.attention_used = self.current_attention_name()
+        session.attention_used = self.attention_label(self.current_attention_name())
         if not settings.changes_anything:
             return session
         self.validate(settings)

@@ -6,7 +6,8 @@ the JSON/CSV files and an HTML bar chart. :mod:`lib_optim.hosts.optim_tab` runs 
 A candidate is the current settings (the *baseline*, always first) or the baseline with exactly one field
 changed — for each field of :data:`lib_optim.settings.FIELDS` the host supports, by its kind: another
 available attention backend, a switch flipped, another choice, or half and double a memory budget. The
-winner is the fastest candidate that did not fail.
+winner is the fastest candidate that did not fail — if its lead over the baseline is larger than the noise
+between runs (:func:`verdict`); otherwise the baseline stays.
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ class CandidateResult:
     attention_used: str = ""  # the host's name of the attention that ran
     notes: tuple[str, ...] = field(default_factory=tuple)
     runs: int = 1  # timed generations behind ``seconds`` (their median)
+    run_seconds: tuple[float, ...] = ()  # each timed generation's seconds, when it ran more than once
 
     @property
     def ok(self) -> bool:
@@ -196,6 +198,7 @@ class CandidateResult:
             "attention_used": self.attention_used,
             "notes": list(self.notes),
             "runs": self.runs,
+            "run_seconds": list(self.run_seconds),
         }
 
     @classmethod
@@ -213,6 +216,7 @@ class CandidateResult:
             attention_used=str(data.get("attention_used", "")),
             notes=tuple(data.get("notes", ())),
             runs=int(data.get("runs", 1)),
+            run_seconds=tuple(float(x) for x in data.get("run_seconds", ())),
         )
 
 
@@ -236,27 +240,79 @@ def combine_runs(runs: Sequence[CandidateResult]) -> CandidateResult:
         peak_ram_mb=max(ram) if ram else None,
         notes=tuple(dict.fromkeys(n for r in runs for n in r.notes)),
         runs=len(runs),
+        run_seconds=tuple(r.seconds or 0.0 for r in runs) if len(runs) > 1 else (),
+    )
+
+
+# With one run per candidate nothing says how much a generation's time varies; short generations on a busy
+# machine vary by this much (a 64×64 CPU candidate won by 1.08× once and lost on the two reruns), so a lead
+# must beat it.
+SINGLE_RUN_NOISE = 0.15
+
+
+def fastest(results: Sequence[CandidateResult]) -> CandidateResult | None:
+    """The fastest candidate that succeeded (the earlier one on a tie); None if none did."""
+    best: CandidateResult | None = None
+    for result in results:
+        if result.ok and (best is None or (result.seconds or 0.0) < (best.seconds or 0.0)):
+            best = result
+    return best
+
+
+def _spread(result: CandidateResult) -> float | None:
+    return max(result.run_seconds) - min(result.run_seconds) if len(result.run_seconds) > 1 else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the run recommends: ``winner`` (None when nothing finished) and, when the fastest candidate's lead
+    over the baseline is within the noise, why the baseline is kept."""
+
+    winner: CandidateResult | None
+    note: str = ""
+
+
+def verdict(results: Sequence[CandidateResult]) -> Verdict:
+    """The baseline is replaced only by a candidate whose lead over it is larger than the run-to-run spread of
+    either (their slowest minus fastest run), or — with single runs, whose spread is unknown — larger than
+    :data:`SINGLE_RUN_NOISE` of the baseline's time. Without a baseline (an explicit list) the fastest wins."""
+    best = fastest(results)
+    baseline = next((r for r in results if r.label == BASELINE and r.ok), None)
+    if best is None or baseline is None or best is baseline:
+        return Verdict(best)
+    base_s = baseline.seconds or 0.0
+    faster = sorted((r for r in results if r.ok and (r.seconds or 0.0) < base_s), key=lambda r: r.seconds or 0.0)
+    for candidate in faster:
+        spreads = [x for x in (_spread(baseline), _spread(candidate)) if x is not None]
+        noise = max(spreads) if len(spreads) == 2 else SINGLE_RUN_NOISE * base_s
+        if base_s - (candidate.seconds or 0.0) > noise:
+            return Verdict(candidate)
+    lead = base_s - (best.seconds or 0.0)
+    how = (
+        "the spread between its runs" if best.runs > 1 and baseline.runs > 1 else "what one run per candidate can tell"
+    )
+    return Verdict(
+        baseline,
+        f"{best.label} was {lead:.2f} s faster than your current settings, which is within {how}; keeping "
+        "your current settings" + ("" if best.runs > 1 else " (run with Repeats 3 or more to tell)") + ".",
     )
 
 
 def winner(results: Sequence[CandidateResult]) -> CandidateResult | None:
-    """The fastest candidate that succeeded (the earlier one on a tie: the baseline wins ties); None if none did."""
-    best: CandidateResult | None = None
-    best_seconds = 0.0
-    for result in results:
-        if result.error is None and result.seconds is not None and (best is None or result.seconds < best_seconds):
-            best, best_seconds = result, result.seconds
-    return best
+    """The recommended candidate (see :func:`verdict`)."""
+    return verdict(results).winner
 
 
 def summarize(results: Sequence[CandidateResult]) -> list[dict[str, Any]]:
-    """Table rows in run order: ``ratio`` = seconds / the winner's seconds (1.0 for the winner, None if failed)."""
+    """Table rows in run order: ``ratio`` = seconds / the fastest's seconds (None if failed); ``winner`` marks
+    the recommended one (:func:`verdict`)."""
     best = winner(results)
+    quickest = fastest(results)
     rows = []
     for result in results:
         ratio = None
-        if result.error is None and result.seconds is not None and best is not None and best.seconds:
-            ratio = round(result.seconds / best.seconds, 3)
+        if result.ok and quickest is not None and quickest.seconds:
+            ratio = round((result.seconds or 0.0) / quickest.seconds, 3)
         rows.append(
             {
                 "label": result.label,
@@ -356,6 +412,7 @@ def bars_html(results: Sequence[CandidateResult]) -> str:
     if not results:
         return '<div class="optim-bench-bars">No results.</div>'
     best = winner(results)
+    quickest = fastest(results)
     longest = max((r.seconds or 0.0) for r in results if r.ok) if any(r.ok for r in results) else 0.0
     parts = ['<div class="optim-bench-bars" style="display:flex;flex-direction:column;gap:4px;width:100%">']
     for result in results:
@@ -364,8 +421,10 @@ def bars_html(results: Sequence[CandidateResult]) -> str:
             width = max(1.0, 100.0 * (result.seconds or 0.0) / longest)
             color = _WIN if result is best else _BAR
             text = f"{_num(result.seconds, ' s')} · {_num(result.it_per_s, ' it/s')}"
-            if result is best:
+            if result is quickest:
                 text += " · fastest"
+            if result is best:
+                text += " · recommended"
             bar = (
                 f'<div style="width:{width:.1f}%;background:{color};height:1.2em;border-radius:3px"></div>'
                 f'<span style="white-space:nowrap;margin-left:6px">{html.escape(text)}</span>'
@@ -386,7 +445,7 @@ def bars_html(results: Sequence[CandidateResult]) -> str:
 def table_html(results: Sequence[CandidateResult]) -> str:
     rows = summarize(results)
     head = (
-        "BenchCandidate",
+        "Candidate",
         "Seconds",
         "Runs",
         "Steps",
@@ -402,7 +461,7 @@ def table_html(results: Sequence[CandidateResult]) -> str:
     out += [f"<th {cell}>{html.escape(h)}</th>" for h in head]
     out.append("</tr></thead><tbody>")
     for row in rows:
-        result = "fastest" if row["winner"] else ("failed: " + row["error"]) if row["error"] else ""
+        result = "recommended" if row["winner"] else ("failed: " + row["error"]) if row["error"] else ""
         values = (
             row["label"],
             _num(row["seconds"], digits=3),
@@ -424,14 +483,17 @@ def table_html(results: Sequence[CandidateResult]) -> str:
 
 def report_html(results: Sequence[CandidateResult], files: Sequence[str | Path] = (), note: str = "") -> str:
     """Table, bars, the winner and where the files are — what the tab shows."""
-    best = winner(results)
+    decided = verdict(results)
+    best = decided.winner
     if best is None:
         head = "No candidate finished; nothing to recommend."
     elif best.label == BASELINE:
-        head = "Your current settings were the fastest."
+        head = "Keep your current settings." if decided.note else "Your current settings were the fastest."
     else:
         head = f"Fastest: {best.label}."
     parts = [f'<div class="optim-bench-report"><p><b>{html.escape(head)}</b></p>']
+    if decided.note:
+        parts.append(f'<p class="optim-bench-noise">{html.escape(decided.note)}</p>')
     if note:
         parts.append(f"<p>{html.escape(note)}</p>")
     parts += [table_html(results), '<div style="height:8px"></div>', bars_html(results)]

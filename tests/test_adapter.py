@@ -52,3 +52,20 @@ def test_gpu_device_dtype_model_family_and_budget() -> None:
     assert request["budget_mb"] == 512
     if not torch.cuda.is_available():
         assert request["free_mb"] is None  # cannot be asked: planned without a free-memory limit
+
+
+def test_gpu_only_fields_are_not_meaningful_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The UI hides, and the benchmark does not vary, what cannot change anything on a CPU-only host."""
+    import sys
+    import types
+
+    from lib_optim.hosts.forge import ForgeAdapter
+
+    adapter = ForgeAdapter(modules={})
+    devices = types.ModuleType("modules.devices")
+    monkeypatch.setitem(sys.modules, "modules.devices", devices)
+    devices.device = torch.device("cpu")
+    assert "inference_memory_mb" in adapter.supported_fields()  # still applied when asked (the API)
+    assert adapter.meaningful_fields() == ("enabled", "attention", "channels_last")
+    devices.device = torch.device("cuda", 0)
+    assert adapter.meaningful_fields() == adapter.supported_fields()

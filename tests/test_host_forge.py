@@ -361,7 +361,7 @@ def test_every_binding_switches_and_is_restored(forge: SimpleNamespace, choice: 
     forge.chroma.attention_function = forge.attn.attention_sub_quad
     before = bindings(forge)
     session = forge.adapter.begin(forge.p, on(attention=choice))
-    assert session.attention_used == unet_fn
+    assert session.attention_used == choice.value  # in our names (Forge calls it unet_fn)
     during = bindings(forge)
     for key, value in during.items():
         expected = vae_fn if "single_head" in key else unet_fn
@@ -377,17 +377,42 @@ def test_every_binding_switches_and_is_restored(forge: SimpleNamespace, choice: 
     assert all(after[k] is before[k] for k in before)
 
 
+def test_modules_the_host_has_not_imported_are_left_alone_until_it_does(
+    forge: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flux and Chroma are imported by Forge only when such a model loads (backend/loader.py:116-123): the
+    switch must not import them, and one imported during the generation copies the switched function by name
+    (``from backend.attention import attention_function``) — it gets the switch at the next sampling start
+    and the host's own function back at the end."""
+    host_fn = forge.attn.attention_function
+    monkeypatch.delitem(sys.modules, "backend.nn.flux")
+    monkeypatch.delitem(sys.modules, "backend.nn.chroma")
+    session = forge.adapter.begin(forge.p, on(attention=Attention.SPLIT))
+    assert "backend.nn.flux" not in sys.modules and "backend.nn.chroma" not in sys.modules
+    assert forge.unet_nn.attention_function is forge.attn.attention_split
+    # a Flux model loads during the generation: its module copies what backend.attention holds now
+    flux = make_module(monkeypatch, "backend.nn.flux", FLUX_SRC)
+    assert flux.attention_function is forge.attn.attention_split
+    forge.adapter.before_sampling(forge.p, session)
+    # ... and Chroma after the last sampling start: the restore finds its copy too
+    chroma = make_module(monkeypatch, "backend.nn.chroma", CHROMA_SRC)
+    session.restorer.close()
+    assert forge.attn.attention_function is host_fn
+    assert flux.attention_function is host_fn and chroma.attention_function is host_fn
+    assert forge.unet_nn.attention_function is host_fn
+
+
 def test_host_changes_nothing(forge: SimpleNamespace) -> None:
     before = bindings(forge)
     session = forge.adapter.begin(forge.p, on(attention=Attention.HOST, channels_last=Tri.INHERIT))
-    assert session.attention_used == "attention_pytorch"
+    assert session.attention_used == "sdp"
     assert session.restorer.notes == []
     assert all(bindings(forge)[k] is v for k, v in before.items())
 
 
 def test_auto_uses_planner_over_available(forge: SimpleNamespace) -> None:
     session = forge.adapter.begin(forge.p, on(attention=Attention.AUTO))
-    assert session.attention_used == "attention_pytorch"  # sdp first; xformers unavailable here
+    assert session.attention_used == "sdp"  # sdp first; xformers unavailable here
     assert "sdp" in session.data["auto_reason"]
     session.restorer.close()
 
@@ -740,3 +765,22 @@ def test_unsupported_changes_nothing(kind: HostKind, monkeypatch: pytest.MonkeyP
     assert adapter.version() == "0.0.17v1.8.0rc"
     state = adapter.effective_state()
     assert state.host is kind and state.inference_memory_mb is None and not state.model_loaded
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [({"always_cpu": True}, "--always-cpu"), ({"vae_in_cpu": True}, "--vae-in-cpu"), ({}, "Forge's own choice")],
+)
+def test_vae_off_names_the_flag_that_put_it_on_the_cpu(
+    forge: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, caplog: Any, flags: dict[str, bool], named: str
+) -> None:
+    logger = logging.getLogger("lib_optim")
+    monkeypatch.setattr(logger, "propagate", True)
+    for key, value in flags.items():
+        monkeypatch.setattr(sys.modules["backend.args"].args, key, value, raising=False)
+    forge.vae.device = CPU  # Forge chose it at load (backend/patcher/vae.py:72-73 with either flag)
+    with caplog.at_level(logging.WARNING, logger="lib_optim"):
+        forge.adapter.begin(forge.p, on(vae_on_cpu=Tri.OFF)).restorer.close()
+    (record,) = [r for r in caplog.records if "vae_on_cpu=off" in r.getMessage()]
+    assert named in record.getMessage()
+    assert forge.vae.device is CPU

@@ -253,6 +253,7 @@ class _CpuVae:
 
 class A1111Adapter(HostAdapter):
     kind = HostKind.A1111
+    gpu_only_fields = ("vae_on_cpu",)
 
     def __init__(self, modules: Mapping[str, Any] | None = None) -> None:
         """``modules``: host modules by their import name ("modules.shared", "ldm.modules.attention", ...) to use
@@ -364,7 +365,7 @@ class A1111Adapter(HostAdapter):
 
     def apply_attention(self, p: Any, settings: GenerationSettings, session: Session) -> None:
         title = self._resolve_title(p, settings, session)
-        session.attention_used = self.switch_optimizer(session.restorer, title)
+        session.attention_used = self.attention_label(self.switch_optimizer(session.restorer, title))
 
     def _resolve_title(self, p: Any, settings: GenerationSettings, session: Session) -> str:
         """The exact optimizer title for ``settings.attention`` (``auto`` resolved); NotSupportedHere if absent."""

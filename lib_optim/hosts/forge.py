@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -192,8 +192,50 @@ def _unload_model(mm: Any, model: Any) -> int:
     return count
 
 
+class _Rebinding:
+    """One function switched in every module that binds it by name (``from backend.attention import
+    attention_function``), for one generation.
+
+    Modules are looked at only once imported (never imported by us). A binding module the host imports while
+    the switch is on copies the switched function; :meth:`ensure` (at apply and at every sampling start) and
+    :meth:`restore` find such copies and give them the host's own function back at the end.
+    """
+
+    def __init__(self, modules: HostModules, bindings: Sequence[tuple[str, str]], fn: Any, host_fn: Any) -> None:
+        self.modules = modules
+        self.bindings = bindings
+        self.fn = fn
+        self.host_fn = host_fn  # what the host had chosen: a late import's copy of ``fn`` gets this back
+        self.done: list[tuple[Any, str, Any]] = []  # (module, attribute, what it held before)
+
+    def ensure(self) -> int:
+        """Switch every loaded binding module not handled yet; returns how many were switched now."""
+        handled = {(id(m), attr) for m, attr, _ in self.done}
+        switched = 0
+        for name, attr in self.bindings:
+            module = self.modules.loaded(name)
+            if module is None or (id(module), attr) in handled or attr not in vars(module):
+                continue
+            before = vars(module)[attr]
+            if before is self.fn and self.host_fn is not None and self.host_fn is not self.fn:
+                before = self.host_fn  # imported during the generation: it copied our switch
+            elif before is not self.fn:
+                setattr(module, attr, self.fn)
+                switched += 1
+            self.done.append((module, attr, before))
+        return switched
+
+    def restore(self) -> None:
+        self.ensure()  # modules imported since the last sampling start hold a copy too
+        for module, attr, before in reversed(self.done):
+            if vars(module).get(attr) is self.fn:
+                setattr(module, attr, before)
+        self.done.clear()
+
+
 class ForgeAdapter(HostAdapter):
     kind = HostKind.FORGE
+    gpu_only_fields = ("vae_on_cpu", "inference_memory_mb")
 
     def __init__(
         self,
@@ -305,8 +347,12 @@ class ForgeAdapter(HostAdapter):
 
     def before_sampling(self, p: Any, session: Session) -> None:
         """Idempotent. Nothing of ours lives on ``forge_objects`` (module globals, the shared VAE object and
-        the UNet's weights are what we change), so the rebuild before each sampling (§7.4)
-        1373, 1518) resets nothing; only conv weights replaced meanwhile are converted again."""
+        the UNet's weights are what we change), so the rebuild before each sampling (§7.4) resets nothing;
+        only conv weights replaced meanwhile are converted again, and a binding module the host imported
+        meanwhile (Flux/Chroma load lazily) gets the attention switch too."""
+        for switch in session.data.get("rebindings", ()):
+            if not session.restorer.closed:
+                switch.ensure()
         fmt = session.data.get("memory_format")
         if isinstance(fmt, _MemoryFormat) and not session.restorer.closed:
             count = fmt.ensure()
@@ -359,20 +405,21 @@ class ForgeAdapter(HostAdapter):
             if version.startswith("0.0.18"):  # its VAE attention is broken (§3.3)
                 vae_fn = attn.pytorch_attention_single_head_spatial
 
-        # Import every binding module first: one imported later would copy the patched function by name
-        # and keep it after we restore (chroma/flux are imported lazily by backend/loader.py, §3.4).
-        targets: list[tuple[ModuleType, str, Any]] = []
-        for bindings, fn in ((_UNET_BINDINGS, unet_fn), (_VAE_BINDINGS, vae_fn)):
-            for module_name, attr in bindings:
-                module = self._modules.get(module_name)
-                if module is not None and hasattr(module, attr):
-                    targets.append((module, attr, fn))
+        # Only modules the host has imported are switched (importing Flux/Chroma ourselves would change what
+        # is loaded); one imported during the generation copies the switched function by name, so every
+        # sampling start and the restore look again (_Rebinding).
+        switches = [
+            _Rebinding(self._modules, _UNET_BINDINGS, unet_fn, getattr(attn, "attention_function", None)),
+            _Rebinding(
+                self._modules, _VAE_BINDINGS, vae_fn, getattr(attn, "attention_function_single_head_spatial", None)
+            ),
+        ]
         changed = 0
-        for module, attr, fn in targets:
-            if getattr(module, attr) is not fn:
-                restorer.enter(patched_attr(module, attr, fn))
-                changed += 1
-        session.attention_used = unet_fn.__name__
+        for switch in switches:
+            restorer.callback(switch.restore)
+            changed += switch.ensure()
+        session.data["rebindings"] = switches
+        session.attention_used = self.attention_label(unet_fn.__name__)
         restorer.notes.append(f"attention {unet_fn.__name__}/{vae_fn.__name__} ({changed} bindings switched)")
 
     # channels-last -----------------------------------------------------------------------------------------
@@ -410,6 +457,15 @@ class ForgeAdapter(HostAdapter):
 
     # VAE on CPU --------------------------------------------------------------------------------------------
 
+    def _why_vae_on_cpu(self) -> str:
+        """Which launch flag put Forge's VAE on the CPU (docs/hosts.md §5.3)."""
+        args = getattr(self._modules.loaded("backend.args"), "args", None)
+        if getattr(args, "always_cpu", False):
+            return "--always-cpu (everything runs on the CPU)"
+        if getattr(args, "vae_in_cpu", False):
+            return "--vae-in-cpu"
+        return "Forge's own choice at load"
+
     def _vae(self, p: Any) -> Any:
         return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "vae", None)
 
@@ -418,9 +474,9 @@ class ForgeAdapter(HostAdapter):
 
         vae = self._vae(p)
         if settings.vae_on_cpu is Tri.OFF:
-            # Nothing to undo per generation: a CPU VAE here was chosen at load by --vae-in-cpu (§5.3).
+            # Nothing to undo per generation: a CPU VAE here was chosen at load (§5.3), by one of two flags.
             if vae is not None and str(getattr(vae, "device", "")) == "cpu":
-                log.warning("vae_on_cpu=off: the VAE is on the CPU by --vae-in-cpu; it stays there")
+                log.warning("vae_on_cpu=off: the VAE is on the CPU by %s; it stays there", self._why_vae_on_cpu())
             return
         patcher = getattr(vae, "patcher", None)
         fsm = getattr(vae, "first_stage_model", None)

@@ -94,7 +94,9 @@ def _free_memory(mods: HostModules) -> None:
 def _host_attention(rt: Any) -> str:
     """What the host runs when Optim leaves attention to it (the baseline's "attention used")."""
     try:
-        return str(rt.adapter.effective_state().attention or "") if rt.adapter is not None else ""
+        if rt.adapter is None:
+            return ""
+        return rt.adapter.attention_label(str(rt.adapter.effective_state().attention or ""))
     except Exception:  # only a label
         log.debug("effective state unavailable", exc_info=True)
         return ""
@@ -377,7 +379,7 @@ def _context() -> TabContext:
         host=rt.host,
         base=defaults_from_options(),
         available=tuple(b.attention for b in backends if b.available),
-        supported_fields=adapter.supported_fields(),
+        supported_fields=adapter.meaningful_fields(),
         current=current,
         validate=adapter.validate,
     )
@@ -418,11 +420,13 @@ def bench(payload: Mapping[str, Any], progress: Progress | None = None) -> dict[
         "baseline": replace(ctx.base, enabled=True).to_dict(),
     }
     json_path, csv_path = generation_bench.write_results(results, bench_directory(), meta=meta)
-    best = generation_bench.winner(results)
+    decided = generation_bench.verdict(results)
+    best = decided.winner
     get_runtime().last_bench_winner = best
     return {
         "rows": generation_bench.summarize(results),
         "winner": None if best is None else {"label": best.label, "settings": best.settings.to_dict()},
+        "winner_note": decided.note,
         "files": {"json": str(json_path), "csv": str(csv_path)},
         "meta": meta,
         "results": results,

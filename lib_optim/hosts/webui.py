@@ -73,7 +73,8 @@ def status_text(rt: Runtime) -> str:
     adapter = rt.adapter
     try:
         state = adapter.effective_state() if adapter is not None else None
-        attention = (state.attention if state.model_loaded else "chosen when a model loads") if state else "unknown"
+        running = adapter.attention_label(state.attention) if adapter is not None and state else "unknown"
+        attention = (running if state.model_loaded else "chosen when a model loads") if state else "unknown"
         text = f"{rt.host.display_name if rt.host else 'host'} · attention: {attention or 'unknown'}"
     except Exception as exc:  # before the first model load some hosts have no state to read
         log.debug("effective state unavailable", exc_info=True)
@@ -106,7 +107,7 @@ def build_ui(script: Any, is_img2img: bool) -> list[Any]:
         input_accordion=InputAccordion,
         status=lambda: status_text(rt),
         total_vram_mb=adapter.total_memory_mb(),
-        supported_fields=adapter.supported_fields(),
+        supported_fields=adapter.meaningful_fields(),
     )
     script.infotext_fields = parts.infotext_fields
     script.paste_field_names = parts.paste_field_names

@@ -54,7 +54,9 @@ def test_bench_runs_saves_and_makes_the_winner_the_default(webui):
         winner = body["winner"]
         assert winner is not None
         [winning_row] = [r for r in rows if r["winner"]]
-        assert winning_row["label"] == winner["label"] and winning_row["ratio"] == 1.0
+        assert winning_row["label"] == winner["label"]
+        # the fastest wins unless its lead over the baseline is within the runs' spread (then it says so)
+        assert winning_row["ratio"] == 1.0 or (winner["label"] == "baseline" and body["winner_note"]), body
         assert len({r["label"] for r in rows}) == len(rows)
 
         json_path, csv_path = Path(body["files"]["json"]), Path(body["files"]["csv"])
