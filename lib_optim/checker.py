@@ -19,6 +19,7 @@ from functools import cached_property
 from typing import Any
 
 from lib_optim import attention as registry
+from lib_optim import env_notes
 from lib_optim.attention import Attention
 from lib_optim.cmdline import ParsedArgs, parse_args
 from lib_optim.flagspec import FlagSpec
@@ -967,34 +968,31 @@ def _module_loading(ctx: CheckContext) -> Iterator[Finding]:
         )
 
 
-# Variables people set from forum posts that no code of the host reads.
-_NO_EFFECT_VARS: tuple[tuple[str, tuple[HostKind, ...], str, str], ...] = (
-    (
-        "inference_memory",
-        ALL_HOSTS,
-        "No code reads an environment variable of that name: Forge's inference memory is a Python setting "
-        "(backend/memory_management.py:544-549, printed as 'Environment vars changed' but not an environment "
-        "variable).",
-        "Use the 'GPU Weights' slider, the forge_inference_memory option, or this extension's inference memory.",
-    ),
-    (
-        "ATTN_PRECISION",
-        (FORGE,),
-        "Read only by the original ldm attention code, which Forge f2 does not use; Forge upcasts attention "
-        "by its own flags.",
-        "Use --force-upcast-attention or --disable-attention-upcast.",
-    ),
-)
+# Variables that optimisation notes recommend, against what really reads them (lib_optim/env_notes.py).
+_ENV_RULE_TITLES = {
+    "no-effect-env": "Environment variables that nothing in this WebUI reads (or not at these values).",
+    "redundant-env": "Environment variables set to what is already the default, or that the host replaces.",
+    "costly-env": "Environment variables that slow generation down (debugging switches, malloc tuning, …).",
+    "obsolete-env": "Environment variables read only by older versions of PyTorch, safetensors or glibc.",
+}
 
 
-@rule("no-effect-env", Severity.WARNING, ALL_HOSTS, "Environment variables that no code of the host reads.")
-def _no_effect_env(ctx: CheckContext) -> Iterator[Finding]:
-    for name, hosts, effect, fix in _NO_EFFECT_VARS:
-        if ctx.host not in hosts:
-            continue
-        for var in ctx.env:
-            if var.lower() in (name.lower(), f"forge_{name.lower()}"):
-                yield Finding("no-effect-env", Severity.WARNING, var, effect, fix)
+def _env_note_rule(rule_id: str) -> RuleCheck:
+    def check(ctx: CheckContext) -> Iterator[Finding]:
+        for note, item in env_notes.applicable(rule_id, ctx):
+            message = note.explain(item.shown, item.value, ctx)
+            yield Finding(rule_id, Severity(note.severity), item.subject, message, note.fix)
+
+    return check
+
+
+for _rule_id in env_notes.RULE_IDS:
+    rule(
+        _rule_id,
+        Severity(env_notes.rule_severity(_rule_id)),
+        env_notes.rule_hosts(_rule_id),
+        _ENV_RULE_TITLES[_rule_id],
+    )(_env_note_rule(_rule_id))
 
 
 # --- runtime facts --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from lib_optim import __version__
 from lib_optim.checker import RULES, CheckInput, Finding, RuntimeFacts, exit_code, rules_markdown, run_checks
+from lib_optim.env_notes import env_notes_json, env_notes_markdown
 from lib_optim.hostdetect import detect_kind, extension_dir, find_webui_root
 from lib_optim.hostkinds import CHECKED_HOSTS, HostKind, parse_host
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rules = sub.add_parser("rules", help="list the checker's rules")
     rules.add_argument("--json", action="store_true")
+    rules.add_argument("--env", action="store_true", help="the environment variables the checker knows instead")
 
     bench = sub.add_parser("bench", help="time the attention backends side by side and check the planner")
     bench.add_argument("--json", action="store_true")
@@ -303,6 +305,9 @@ def _report_edit(edit: Any, dry_run: bool, what: str) -> None:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
+    if args.env:
+        _out(env_notes_json() if args.json else env_notes_markdown())
+        return 0
     if args.json:
         rows = [
             {"id": r.id, "severity": r.severity.value, "hosts": [h.value for h in r.hosts], "title": r.title}

@@ -550,6 +550,38 @@ FIRES: list[Case] = [
         mentions=("No code reads an environment variable", "memory_management.py"),
         fix_mentions=("GPU Weights",),
     ),
+    fires(
+        "no-effect-env",
+        A1111,
+        env={"TORCH_CUDNN_BENCHMARK": "1"},
+        severity=WARNING,
+        subject="TORCH_CUDNN_BENCHMARK",
+        mentions=("torch.backends.cudnn.benchmark",),
+    ),
+    fires(
+        "redundant-env",
+        A1111,
+        env={"TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"},
+        severity=INFO,
+        subject="TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+        mentions=("modules/devices.py",),
+    ),
+    fires(
+        "costly-env",
+        FORGE,
+        env={"MALLOC_MMAP_THRESHOLD_": "0"},
+        severity=WARNING,
+        subject="MALLOC_MMAP_THRESHOLD_",
+        mentions=("mmap",),
+    ),
+    fires(
+        "obsolete-env",
+        A1111,
+        env={"SAFETENSORS_FAST_GPU": "1"},
+        severity=INFO,
+        subject="SAFETENSORS_FAST_GPU",
+        mentions=("safetensors 0.4.2",),
+    ),
     # --- runtime facts
     fires(
         "xformers-mismatch",
@@ -696,6 +728,9 @@ NEAR_MISSES: list[Case] = [
     Case("cuda-module-loading", A1111, env={"CUDA_MODULE_LOADING": "LAZY"}),
     Case("no-effect-env", A1111, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
     Case("no-effect-env", A1111, env={"ATTN_PRECISION": "fp16"}, name="attn-precision-read-by-a1111"),
+    Case("redundant-env", FORGE, env={"TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"}, name="tf32-override-forge"),
+    Case("costly-env", A1111, env={"MALLOC_MMAP_THRESHOLD_": "65536"}),
+    Case("obsolete-env", A1111, env={"TORCH_CUDNN_V8_API_DISABLED": "1"}),
     Case("xformers-mismatch", A1111, ("--xformers",), facts=NVIDIA_86, name="xformers-matches-torch"),
     Case(
         "xformers-mismatch",

@@ -20,6 +20,7 @@ import pytest
 
 import lib_optim
 from lib_optim.checker import RULES
+from lib_optim.env_notes import ENV_NOTES, env_notes_markdown
 from lib_optim.profiles import PROFILES
 from lib_optim.webui_user import BACKUP_INFIX
 
@@ -607,3 +608,13 @@ def test_rules(ext: Path) -> None:
     for row in rows:
         assert row["severity"] in ("info", "warning", "error")
         assert row["hosts"]
+
+
+def test_rules_env(ext: Path) -> None:
+    result = run_cli("rules", "--env", cwd=ext)
+    assert result.rc == 0, result
+    assert result.out.strip() == env_notes_markdown().strip()
+    as_json = run_cli("rules", "--env", "--json", cwd=ext)
+    assert as_json.rc == 0, as_json
+    keys = [row["key"] for row in as_json.json() if row["rule"]]
+    assert keys == [n.key for n in ENV_NOTES]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lib_optim.checker import RULES, rules_markdown
 from lib_optim.cli import build_parser
+from lib_optim.env_notes import ENV_NOTES, QUIET_NOTES, env_notes_markdown
 from lib_optim.profiles import PROFILES
 from lib_optim.settings import FIELDS, Attention
 
@@ -19,6 +20,15 @@ def test_rules_table_is_the_generated_one():
     assert match.group(1).strip() == rules_markdown().strip(), "run `python -m lib_optim rules` and paste the table"
     for rule_id in RULES:
         assert f"`{rule_id}`" in README
+
+
+def test_env_table_is_the_generated_one():
+    match = re.search(r"<!-- env-table:[^>]*-->\n(.*?)\n<!-- /env-table -->", README, re.S)
+    assert match, "README lost its env-table markers"
+    assert match.group(1).strip() == env_notes_markdown().strip(), "run `python -m lib_optim rules --env` and paste"
+    for note in (*ENV_NOTES, *QUIET_NOTES):
+        for name in note.names:
+            assert f"`{name}`" in match.group(1), name
 
 
 def test_every_api_field_and_attention_name_is_documented():
