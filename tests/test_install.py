@@ -85,3 +85,16 @@ def test_runs_as_a_separate_process_like_the_host_does(tmp_path):
     )
     missing = [r for m, r in RUNTIME_REQUIREMENTS.items() if importlib.util.find_spec(m) is None]
     assert result.stdout.count("PIP") == len(missing)
+
+
+def test_skip_install_is_honoured_from_the_extensions_tab_too():
+    """The tab runs install.py in a subprocess (through a shell) with only COMMANDLINE_ARGS, not the WebUI's
+    own command line (A1111 v1.10.1 modules/launch_utils.py:228-241): the flag is found in an ancestor."""
+    install = load_install()
+    args = types.SimpleNamespace(skip_install=False)
+    webui = [["/bin/sh", "-c", '"python" "install.py"'], ["python", "launch.py", "--skip-install", "--api"]]
+    assert install.skip_install_requested(args, webui) is True
+    assert install.skip_install_requested(args, [["python", "launch.py", "--api"]]) is False
+    assert install.skip_install_requested(types.SimpleNamespace(skip_install=True), []) is True
+    # the real ancestors of this test process are readable and carry no such flag
+    assert install.skip_install_requested(args) is ("--skip-install" in " ".join(sys.argv))
