@@ -430,3 +430,14 @@ Attention.NONE = register(
 )
 
 A1111_NONE_TITLE = "None"
+
+DIRECTML_UNSAFE = (
+    "not known to run well under DirectML: torch-directml has no fused attention kernels, so SDPA runs its "
+    "math path (the whole score matrix) or falls back to the CPU; use split or sub-quad (docs/hosts.md §4.8)"
+)
+
+
+def directml_reason(name: Attention) -> str:
+    """"" when ``name`` is known to run under torch-directml, else why (for the adapters' availability)."""
+    entry = _REGISTRY.get(name)
+    return "" if entry.is_choice or entry.directml_safe else DIRECTML_UNSAFE

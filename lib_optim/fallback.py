@@ -42,6 +42,7 @@ MIN_RETRY_INFERENCE_MEMORY_MB = 2048
 _OOM_MESSAGES = (
     "out of memory",  # "CUDA out of memory", "HIP out of memory", "MPS backend out of memory", "XPU out of memory"
     "not enough gpu video memory",  # DirectML: "There is not enough GPU video memory available!"
+    "could not allocate tensor with",  # DirectML: "Could not allocate tensor with 1073741824 bytes. ..."
     # torch's CPU allocator: "DefaultCPUAllocator: can't allocate memory" (older: "not enough memory")
     "defaultcpuallocator:",
     "cublas_status_alloc_failed",  # cuBLAS cannot allocate its workspace: an OOM under another name

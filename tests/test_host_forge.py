@@ -784,3 +784,17 @@ def test_vae_off_names_the_flag_that_put_it_on_the_cpu(
     (record,) = [r for r in caplog.records if "vae_on_cpu=off" in r.getMessage()]
     assert named in record.getMessage()
     assert forge.vae.device is CPU
+
+
+def test_directml_offers_only_what_runs_there(forge: SimpleNamespace) -> None:
+    """Forge with --directml (backend/memory_management.py:46-56): auto and the accordion may only pick the
+    attention that torch-directml runs well — split and sub-quad (sub-quad is Forge's own default there)."""
+    forge.mm.directml_enabled = True
+    backends = {b.attention: b for b in forge.adapter.attention_backends()}
+    assert backends[Attention.SPLIT].available and backends[Attention.SUB_QUAD].available
+    assert not backends[Attention.SDP].available and "DirectML" in backends[Attention.SDP].reason
+    with pytest.raises(NotSupportedHere, match="DirectML"):
+        forge.adapter.validate(on(attention=Attention.SDP))
+    session = forge.adapter.begin(forge.p, on(attention=Attention.AUTO))
+    assert session.attention_used in ("split", "sub-quad")
+    session.restorer.close()

@@ -289,11 +289,14 @@ class ForgeAdapter(HostAdapter):
             BackendInfo(Attention.HOST, True, current, "as Forge chose at startup"),
             BackendInfo(Attention.AUTO, attn is not None, "", "" if attn is not None else "backend.attention missing"),
         ]
+        directml = bool(getattr(self._modules.loaded("backend.memory_management"), "directml_enabled", False))
         for name, (fn_name, _vae) in functions().items():
             if attn is None or not callable(getattr(attn, fn_name, None)):
                 out.append(BackendInfo(name, False, fn_name, "backend.attention does not have it"))
                 continue
-            if name is Attention.XFORMERS:
+            if directml and registry.directml_reason(name):
+                out.append(BackendInfo(name, False, fn_name, registry.directml_reason(name)))
+            elif name is Attention.XFORMERS:
                 module, why = self._xformers()
                 out.append(BackendInfo(name, module is not None, fn_name, why))
             elif name is Attention.SDP:
