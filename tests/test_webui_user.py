@@ -617,7 +617,7 @@ def test_backup_never_overwritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
             return _Now()
 
-    monkeypatch.setattr(wu, "datetime", FixedDatetime)
+    monkeypatch.setattr(wu.block, "datetime", FixedDatetime)
     result = apply_block(path, SH_BLOCK)
     assert taken.read_text() == "old backup"
     assert result.backup_path is not None and result.backup_path != taken
