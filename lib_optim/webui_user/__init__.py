@@ -21,8 +21,12 @@ What the hosts do with these files (A1111 v1.10.1 and Forge ``main`` ship the sa
   Windows), so the tokens reported here are ``shlex.split`` of the final value.
 
 The readers are small interpreters for the subset of bash / cmd that such files use; they never run
-anything. Control flow (``if``/``fi``, ``if exist ... (``) cannot be evaluated without running
-commands, so assignments inside conditional branches are applied in file order.
+anything. Control flow (``if``/``fi``, ``case``, loops, ``&&``/``||``; ``if ... (`` blocks in cmd) cannot be
+evaluated without running commands, so assignments inside conditional branches are applied in file order
+and reported as conditional (``LaunchConfig.conditional_flags`` / ``conditional_vars``). What the readers
+cannot see through, or what probably does not do what the user meant, becomes a ``FileNote``. Faithful
+details that matter: bash keeps a CR as an ordinary character (a CRLF ``webui-user.sh`` puts it at the end
+of every value), cmd drops every CR; cmd expands ``!VAR!`` after ``setlocal enabledelayedexpansion``.
 
 Parts: :mod:`.bash` reads ``webui-user.sh``, :mod:`.cmd` reads ``webui-user.bat``, :mod:`.block` writes
 and removes our marked block, :mod:`.model` holds the types they share.
@@ -38,22 +42,30 @@ from lib_optim.webui_user.bash import ShInterpreter
 from lib_optim.webui_user.block import (
     BACKUP_INFIX,
     EDIT_HINT,
+    LOCK_SUFFIX,
     apply_block,
+    block_body,
+    edit_lock,
     find_block,
+    read_block,
     remove_block,
     render_block,
 )
-from lib_optim.webui_user.cmd import BatInterpreter
+from lib_optim.webui_user.cmd import BatInterpreter, hands_over
 from lib_optim.webui_user.model import (
     EXTENSION_NAME,
+    MAX_FILE_BYTES,
     Assignment,
     BlockInfo,
     EditResult,
+    FileNote,
     Kind,
     LaunchConfig,
     WebuiUserError,
+    WriteRefused,
     decode_text,
     kind_for_path,
+    read_launcher_bytes,
 )
 
 
@@ -72,8 +84,8 @@ def read_launch_config(
     p = Path(path)
     k = kind or kind_for_path(p)
     try:
-        data = p.read_bytes()
-    except OSError as exc:
+        data = read_launcher_bytes(p)
+    except FileNotFoundError as exc:
         raise WebuiUserError(str(p), None, f"cannot read launcher config: {exc}") from exc
     text = decode_text(data)
     return parse_launch_config(text, k, base_env=base_env, source=str(p), path=p)
@@ -103,16 +115,24 @@ __all__ = [
     "BACKUP_INFIX",
     "EDIT_HINT",
     "EXTENSION_NAME",
+    "LOCK_SUFFIX",
+    "MAX_FILE_BYTES",
     "Assignment",
     "BlockInfo",
     "EditResult",
+    "FileNote",
     "Kind",
     "LaunchConfig",
     "WebuiUserError",
+    "WriteRefused",
     "apply_block",
+    "block_body",
+    "edit_lock",
     "find_block",
+    "hands_over",
     "kind_for_path",
     "parse_launch_config",
+    "read_block",
     "read_launch_config",
     "remove_block",
     "render_block",

@@ -5,10 +5,19 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Literal
 
 from lib_optim.log import get_logger
-from lib_optim.webui_user.model import ENV_NAME_RE, Assignment, LaunchConfig, WebuiUserError, tokenise_args
+from lib_optim.webui_user.model import (
+    ENV_NAME_RE,
+    Assignment,
+    LaunchConfig,
+    NoteTaker,
+    WebuiUserError,
+    added_tokens,
+    tokenise_args,
+)
 
 logger = get_logger(__name__)
 
@@ -29,9 +38,20 @@ class _Word:
     line_no: int
 
 
+@dataclass
+class _Command:
+    words: list[_Word]
+    after_and_or: bool  # follows && or ||, so it runs only if the command before it succeeded (or failed)
+
+
 _SH_SEPARATORS = frozenset(";&|()<>")
 _SH_SPECIAL_PARAMS = frozenset("@*#?$!-0123456789")
-_SH_LEADING_KEYWORDS = frozenset({"then", "do", "else", "{", "!", "time"})
+_SH_LEADING_KEYWORDS = frozenset({"then", "do", "else", "elif", "{", "!", "time"})
+# Compound commands whose bodies may or may not run: `if`/`while`/`until` are followed by their condition
+# (a command), `case`/`for`/`select` by words that are not a command; `fi`/`done`/`esac` close them.
+_SH_CONDITION_OPENERS = frozenset({"if", "while", "until"})
+_SH_HEADER_OPENERS = frozenset({"case", "for", "select"})
+_SH_CLOSERS = frozenset({"fi", "done", "esac"})
 _SH_ANSI_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"', "e": "\x1b", "a": "\a"}
 
 
@@ -54,12 +74,14 @@ class _ShLexer:
         self.pos += n
         return chunk
 
-    def commands(self) -> list[list[_Word]]:
-        commands: list[list[_Word]] = []
+    def commands(self) -> list[_Command]:
+        commands: list[_Command] = []
         current: list[_Word] = []
+        separator = ""  # what ended the previous command
         while self.pos < len(self.text):
             ch = self._peek()
-            if ch in " \t\r":
+            # A carriage return is an ordinary character to bash (CRLF files leave it in every value).
+            if ch in " \t":
                 self._advance()
             elif ch == "\\" and self._peek(1) == "\n":
                 self._advance(2)
@@ -68,14 +90,16 @@ class _ShLexer:
                 while self.pos < len(self.text) and self._peek() != "\n":
                     self._advance()
             elif ch == "\n" or ch in _SH_SEPARATORS:
-                self._advance()
+                doubled = ch in "&|" and self._peek(1) == ch
+                self._advance(2 if doubled else 1)
                 if current:
-                    commands.append(current)
+                    commands.append(_Command(current, separator in ("&&", "||")))
                     current = []
+                separator = ch * 2 if doubled else ch
             else:
                 current.append(self._word())
         if current:
-            commands.append(current)
+            commands.append(_Command(current, separator in ("&&", "||")))
         return commands
 
     def _word(self) -> _Word:
@@ -83,7 +107,7 @@ class _ShLexer:
         parts: list[_Part] = []
         while self.pos < len(self.text):
             ch = self._peek()
-            if ch in " \t\r\n" or ch in _SH_SEPARATORS:
+            if ch in " \t\n" or ch in _SH_SEPARATORS:
                 break
             if ch == "\\":
                 nxt = self._peek(1)
@@ -107,7 +131,7 @@ class _ShLexer:
                 parts.append(self._backtick(quoted=False))
             else:
                 start = self.pos
-                while self.pos < len(self.text) and self._peek() not in " \t\r\n\\'\"$`" + "".join(_SH_SEPARATORS):
+                while self.pos < len(self.text) and self._peek() not in " \t\n\\'\"$`" + "".join(_SH_SEPARATORS):
                     self.pos += 1
                 parts.append(_Part("lit", self.text[start : self.pos]))
         return _Word(parts, start_line)
@@ -272,20 +296,18 @@ class _ShVar:
     exported: bool
 
 
-class ShInterpreter:
+class ShInterpreter(NoteTaker):
     def __init__(self, text: str, source: str, base_env: Mapping[str, str]) -> None:
+        super().__init__(source)
         self.text = text
-        self.source = source
         self.vars: dict[str, _ShVar] = {k: _ShVar(v, True) for k, v in base_env.items()}
         self.touched: set[str] = set()
         self.assignments: list[Assignment] = []
-        self.warnings: list[str] = []
         self.last_args_line: int | None = None
-
-    def _warn(self, line_no: int, what: str) -> None:
-        msg = f"{self.source}:{line_no}: {what}"
-        self.warnings.append(msg)
-        logger.debug("%s", msg)
+        self.open_blocks: list[int] = []  # lines of the enclosing if/case/loop keywords
+        self.condition_line: int | None = None  # the condition the current command depends on, if any
+        self.conditional_flags: dict[str, int] = {}
+        self.conditional_vars: dict[str, int] = {}
 
     def _lookup(self, name: str) -> str | None:
         var = self.vars.get(name)
@@ -298,7 +320,13 @@ class ShInterpreter:
                 out.append(part.text)
             elif part.kind == "cmdsub":
                 # Running commands is out of scope; keep the text so the user recognises it.
-                self._warn(part.line_no, f"{part.text} is not evaluated; kept literally")
+                self.note(
+                    part.line_no,
+                    "info",
+                    part.text,
+                    f"{part.text} is not run by the checker; its text is kept as it is",
+                    "If it adds launch flags or values, check those directly: python -m lib_optim check -- FLAGS",
+                )
                 out.append(part.text)
             else:
                 out.append(self._expand_var(part))
@@ -328,12 +356,24 @@ class ShInterpreter:
         var = self.vars.get(name)
         if var is None:
             var = self.vars[name] = _ShVar(None, False)
+        before = var.value
         var.value = value
         var.exported = var.exported or export
         self.touched.add(name)
-        self.assignments.append(Assignment(name, value, line_no, var.exported))
+        condition = self.condition_line
+        self.assignments.append(Assignment(name, value, line_no, var.exported, condition is not None))
         if name == "COMMANDLINE_ARGS":
             self.last_args_line = line_no
+            added = added_tokens(before or "", value)
+            for token in added:
+                if condition is not None:
+                    self.conditional_flags[token] = condition
+                else:
+                    self.conditional_flags.pop(token, None)
+        elif condition is not None:
+            self.conditional_vars[name] = condition
+        else:
+            self.conditional_vars.pop(name, None)
 
     def _assignment(self, word: _Word) -> tuple[str, bool, list[_Part]] | None:
         """``NAME=value`` / ``NAME+=value`` with an unquoted name, else None."""
@@ -360,8 +400,8 @@ class ShInterpreter:
         return value
 
     def run(self) -> LaunchConfig:
-        for words in _ShLexer(self.text, self.source).commands():
-            self._command(words)
+        for command in _ShLexer(self.text, self.source).commands():
+            self._command(command)
         env = {n: v.value for n, v in self.vars.items() if n in self.touched and v.value is not None}
         exported = {n for n in env if self.vars[n].exported}
         unset = {n for n in self.touched if n not in env}
@@ -369,13 +409,23 @@ class ShInterpreter:
         args: list[str] = []
         if args_var is not None and args_var.value is not None:
             if args_var.exported:
-                args = tokenise_args(args_var.value, self.source, self.last_args_line, self.warnings)
+                args = tokenise_args(args_var.value, self.source, self.last_args_line, self)
             else:
-                self._warn(
+                self.note(
                     self.last_args_line or 0,
+                    "warning",
+                    "COMMANDLINE_ARGS",
                     "COMMANDLINE_ARGS is set but not exported, so launch.py does not see it "
-                    "(webui.sh only passes exported variables); use `export COMMANDLINE_ARGS=...`",
+                    "(webui.sh only passes exported variables)",
+                    "Write `export COMMANDLINE_ARGS=...`.",
                 )
+        self._note_line_endings(env)
+        conditional_flags = {t: line for t, line in self.conditional_flags.items() if t in args}
+        conditional_vars = {n: line for n, line in self.conditional_vars.items() if n in env}
+        for name, line in sorted(conditional_vars.items(), key=lambda item: item[1]):
+            self.note_conditional(name, line)
+        if conditional_flags:
+            self.note_conditional(" ".join(conditional_flags), min(conditional_flags.values()))
         return LaunchConfig(
             kind="sh",
             commandline_args=args,
@@ -384,13 +434,62 @@ class ShInterpreter:
             exported=exported,
             unset=unset,
             warnings=self.warnings,
+            notes=self.notes,
+            conditional_flags=conditional_flags,
+            conditional_vars=conditional_vars,
         )
 
-    def _command(self, words: list[_Word]) -> None:
-        while words and self._plain(words[0]) in _SH_LEADING_KEYWORDS:
-            words = words[1:]
+    def _note_line_endings(self, env: dict[str, str]) -> None:
+        if "\r\n" not in self.text:
+            return
+        name = PurePath(self.source).name
+        spoiled = sorted(n for n, v in env.items() if "\r" in v)
+        example = f" ({', '.join(spoiled)} end with it)" if spoiled else ""
+        self.note(
+            None,
+            "warning",
+            "line endings",
+            "the file has Windows (CRLF) line endings: bash keeps the carriage return of each line in the "
+            f"values it sets{example}, so a path or a setting in it is not what you wrote",
+            f"Convert it to Unix line endings: dos2unix {name} (or: sed -i 's/\\r$//' {name}).",
+        )
+
+    def _command(self, command: _Command) -> None:
+        words = command.words
         if not words:
             return
+        and_or_line = words[0].line_no if command.after_and_or else None
+        while words:
+            keyword = self._keyword(words[0])
+            if keyword in _SH_LEADING_KEYWORDS:
+                words = words[1:]
+            elif keyword in _SH_CONDITION_OPENERS:
+                self.open_blocks.append(words[0].line_no)
+                words = words[1:]
+            elif keyword in _SH_HEADER_OPENERS:
+                self.open_blocks.append(words[0].line_no)
+                return
+            elif keyword in _SH_CLOSERS:
+                if self.open_blocks:
+                    self.open_blocks.pop()
+                words = words[1:]
+            else:
+                break
+        if not words:
+            return
+        self.condition_line = and_or_line or (self.open_blocks[-1] if self.open_blocks else None)
+        try:
+            self._simple_command(words)
+        finally:
+            self.condition_line = None
+
+    def _keyword(self, word: _Word) -> str | None:
+        plain = self._plain(word)
+        # CRLF files: `then\r` is not a keyword to bash either (it fails there), but block nesting still
+        # reads better with it recognised.
+        return plain.rstrip("\r") if plain is not None else None
+
+    def _simple_command(self, words: list[_Word]) -> None:
         line_no = words[0].line_no
         head = self._plain(words[0])
         if head == "export":
@@ -448,4 +547,5 @@ class ShInterpreter:
                 elif export:
                     var.exported = True
                     if var.value is not None:
-                        self.assignments.append(Assignment(plain, var.value, w.line_no, True))
+                        conditional = self.condition_line is not None
+                        self.assignments.append(Assignment(plain, var.value, w.line_no, True, conditional))

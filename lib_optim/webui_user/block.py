@@ -7,22 +7,29 @@ import difflib
 import os
 import re
 import shlex
+import stat
+import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
 from lib_optim.log import get_logger
+from lib_optim.webui_user.cmd import hands_over
 from lib_optim.webui_user.model import (
-    CALL_WEBUI_RE,
     ENV_NAME_RE,
     EXTENSION_NAME,
     BlockInfo,
     EditResult,
     Kind,
     WebuiUserError,
+    WriteRefused,
     decode_text,
     encode_text,
     kind_for_path,
+    read_launcher_bytes,
 )
 
 logger = get_logger(__name__)
@@ -101,7 +108,14 @@ def render_block(kind: Kind, profile_name: str, add_args: list[str], env: dict[s
             f"render_block: profile name {profile_name!r} is not allowed "
             "(letters, digits, '.', '_', '+', '-' and single inner spaces)"
         )
-    lines = [_begin_marker(kind, profile_name)]
+    return "\n".join([_begin_marker(kind, profile_name), *block_body(kind, add_args, env), _end_marker(kind)]) + "\n"
+
+
+def block_body(kind: Kind, add_args: list[str], env: Mapping[str, str]) -> list[str]:
+    """The lines between our markers (what a user can paste by hand): see :func:`render_block`."""
+    if kind not in ("sh", "bat"):
+        raise ValueError(f"render_block: unknown launcher kind {kind!r} (expected 'sh' or 'bat')")
+    lines: list[str] = []
     if add_args:
         for i, arg in enumerate(add_args):
             _check_value(kind, f"add_args[{i}]", arg)
@@ -121,8 +135,7 @@ def render_block(kind: Kind, profile_name: str, add_args: list[str], env: dict[s
         else:
             # Note: in cmd an empty value undefines the variable.
             lines.append(f"set {name}={_bat_escape(value)}")
-    lines.append(_end_marker(kind))
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,8 +182,19 @@ def find_block(path_or_text: str | os.PathLike[str]) -> BlockInfo | None:
     if isinstance(path_or_text, str):
         return _find_block_in_lines(_lines_with_ends(path_or_text), "<text>")
     p = Path(path_or_text)
-    text = decode_text(p.read_bytes()) if p.exists() else ""
+    _data, text = _read_existing(p)
     return _find_block_in_lines(_lines_with_ends(text), str(p))
+
+
+def read_block(path: str | os.PathLike[str]) -> tuple[BlockInfo, list[str]] | None:
+    """Our block in the file at ``path`` and the lines between its markers (line ends removed)."""
+    p = _target(path)
+    _data, text = _read_existing(p)
+    lines = _lines_with_ends(text)
+    info = _find_block_in_lines(lines, str(p))
+    if info is None:
+        return None
+    return info, [line.rstrip("\r\n") for line in lines[info.start_line : info.end_line - 1]]
 
 
 def _newline_of(text: str) -> str:
@@ -188,14 +212,14 @@ def _lines_with_ends(text: str) -> list[str]:
     return out
 
 
-def _remove_block_lines(lines: list[str], block: BlockInfo) -> list[str]:
+def _remove_block_lines(lines: list[str], block: BlockInfo, kind: Kind) -> list[str]:
     before = lines[: block.start_line - 1]
     after = lines[block.end_line :]
     block_last = lines[block.end_line - 1]
     if not after and not block_last.endswith("\n") and before:
         # We added the line break in front of the block when the file had no trailing newline.
         last = before[-1]
-        before[-1] = last[:-2] if last.endswith("\r\n") else last[:-1]
+        before[-1] = last[:-2] if kind == "bat" and last.endswith("\r\n") else last[:-1]
     return before + after
 
 
@@ -212,7 +236,7 @@ def _insert_block_lines(lines: list[str], index: int, block_lines: list[str], ne
 
 def _call_webui_index(lines: list[str]) -> int | None:
     for idx, line in enumerate(lines):
-        if CALL_WEBUI_RE.match(line):
+        if hands_over(line):
             return idx
     return None
 
@@ -233,7 +257,22 @@ def _backup_path(path: Path) -> Path:
     return candidate
 
 
-def _write_backup(path: Path, data: bytes) -> Path:
+def _keep_owner(target: str | Path, original: os.stat_result) -> bool:
+    """Give ``target`` the owner and group of ``original``; False if this user may not (not root)."""
+    if not hasattr(os, "chown"):
+        return True  # Windows: files have no POSIX owner to keep
+    now = os.stat(target)
+    if (now.st_uid, now.st_gid) == (original.st_uid, original.st_gid):
+        return True
+    try:
+        os.chown(target, original.st_uid, original.st_gid)
+    except PermissionError:
+        logger.debug("cannot give %s the owner %d:%d", target, original.st_uid, original.st_gid, exc_info=True)
+        return False
+    return True
+
+
+def _write_backup(path: Path, data: bytes, original: os.stat_result) -> Path:
     while True:
         backup = _backup_path(path)
         try:
@@ -243,32 +282,155 @@ def _write_backup(path: Path, data: bytes) -> Path:
             continue
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        with contextlib.suppress(OSError):
-            os.chmod(backup, os.stat(path).st_mode & 0o7777)
+        # Same owner, group and mode as the file: it holds the same text, and its owner must be able to
+        # restore or delete it. Where this user may not give it away, it stays theirs, unreadable to others.
+        if _keep_owner(backup, original):
+            os.chmod(backup, original.st_mode & 0o7777)
         return backup
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    mode: int | None = None
-    with contextlib.suppress(FileNotFoundError):
-        mode = os.stat(path).st_mode & 0o7777
+def _write_in_place(path: Path, data: bytes) -> None:
+    # Not atomic, but keeps the inode: its hard links, owner, group, mode and ACLs. The backup is written first.
+    with path.open("r+b") as fh:
+        fh.write(data)
+        fh.truncate()
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Replace the file's contents atomically, keeping its mode, owner and group (and its hard links)."""
+    try:
+        original: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        original = None
+    if original is not None and original.st_nlink > 1:
+        # A new file renamed into place would leave the other names with the old text.
+        _write_in_place(path, data)
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        elif path.suffix == ".sh":
-            os.chmod(tmp, 0o755)
+        if original is None:
+            os.chmod(tmp, 0o755 if path.suffix == ".sh" else 0o644)
         else:
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, original.st_mode & 0o7777)
+            if not _keep_owner(tmp, original):
+                # Renaming our file into place would change the file's owner: rewrite it instead.
+                os.unlink(tmp)
+                _write_in_place(path, data)
+                return
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One edit of a file at a time
+
+
+LOCK_SUFFIX = ".optim-lock"
+LOCK_TIMEOUT_S = 30.0
+_LOCK_POLL_S = 0.05
+_held_locks = threading.local()
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by another process (BlockingIOError / PermissionError on Windows)
+        return False
+    return True
+
+
+def _unlock(fd: int) -> None:
+    if sys.platform == "win32":
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _is_current(fd: int, lock_path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``lock_path`` (the holder before us removes it on release)."""
+    try:
+        now = os.stat(lock_path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
+
+
+@contextlib.contextmanager
+def edit_lock(
+    path: Path,
+    *,
+    timeout: float = LOCK_TIMEOUT_S,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[None]:
+    """Hold the edit lock of ``path`` (a ``<name>.optim-lock`` file beside it, removed afterwards).
+
+    Another process (or thread) editing the same file waits, saying so once, up to ``timeout`` seconds, then
+    gets :class:`WriteRefused`. The OS releases the lock if the holder dies, so a stale lock file is harmless.
+    Re-entrant within a thread.
+    """
+    path = _target(path)
+    key = os.path.abspath(path)
+    held: set[str] = getattr(_held_locks, "paths", set())
+    _held_locks.paths = held
+    if key in held:
+        yield
+        return
+    lock_path = path.with_name(path.name + LOCK_SUFFIX)
+    deadline = clock() + timeout
+    said = False
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise WebuiUserError(str(path), None, f"cannot create the lock file {lock_path.name}: {exc}") from exc
+        if _try_lock(fd):
+            if _is_current(fd, lock_path):
+                break
+            _unlock(fd)
+        os.close(fd)
+        if clock() >= deadline:
+            raise WriteRefused(
+                str(path),
+                None,
+                f"another edit of this file is still running (lock: {lock_path}); nothing written — "
+                "try again when it has finished",
+            )
+        if not said:
+            logger.warning("waiting for another edit of %s to finish (lock: %s)", path, lock_path)
+            said = True
+        sleep(_LOCK_POLL_S)
+    held.add(key)
+    try:
+        yield
+    finally:
+        held.discard(key)
+        # Remove the file before unlocking: whoever waits on this one then sees it is stale and retries.
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        _unlock(fd)
+        os.close(fd)
 
 
 def _unified_diff(path: Path, old: str, new: str) -> str:
@@ -281,23 +443,46 @@ def _unified_diff(path: Path, old: str, new: str) -> str:
 
 def _read_existing(path: Path) -> tuple[bytes | None, str]:
     try:
-        data = path.read_bytes()
+        data = read_launcher_bytes(path)
     except FileNotFoundError:
         return None, ""
-    except OSError as exc:
-        raise WebuiUserError(str(path), None, f"cannot read launcher config: {exc}") from exc
     return data, decode_text(data)
 
 
-def _commit(path: Path, old_data: bytes | None, old_text: str, new_text: str, dry_run: bool) -> EditResult:
+def _check_writable(path: Path, force: bool) -> None:
+    info = os.stat(path)
+    if not info.st_mode & 0o222:
+        if force:
+            logger.debug("%s is read-only; written anyway (force)", path)
+            return
+        raise WriteRefused(
+            str(path),
+            None,
+            f"is read-only (mode {stat.filemode(info.st_mode)}); nothing written — make it writable "
+            f"(chmod u+w {path}) or pass --force to write it anyway (it stays read-only)",
+        )
+    if not os.access(path, os.W_OK):
+        owner = f"uid {info.st_uid}" if hasattr(os, "getuid") else "another user"
+        raise WriteRefused(
+            str(path),
+            None,
+            f"this user may not write it (owner {owner}, mode {stat.filemode(info.st_mode)}); nothing written — "
+            "run the command as its owner",
+        )
+
+
+def _commit(path: Path, old_data: bytes | None, old_text: str, new_text: str, dry_run: bool, force: bool) -> EditResult:
     if new_text == old_text and old_data is not None:
         return EditResult(changed=False, diff="", backup_path=None, new_text=new_text)
     diff = _unified_diff(path, old_text, new_text)
     if dry_run:
         return EditResult(changed=True, diff=diff, backup_path=None, new_text=new_text)
     try:
-        backup = _write_backup(path, old_data) if old_data is not None else None
-        _atomic_write(path, encode_text(new_text))
+        backup = None
+        if old_data is not None:
+            _check_writable(path, force)
+            backup = _write_backup(path, old_data, os.stat(path))
+        _write_file(path, encode_text(new_text))
     except OSError as exc:
         raise WebuiUserError(str(path), None, f"cannot write launcher config: {exc}") from exc
     logger.info("updated %s%s", path, f" (backup: {backup.name})" if backup else "")
@@ -310,10 +495,21 @@ def _target(path: str | os.PathLike[str]) -> Path:
     return p.resolve() if p.is_symlink() else p
 
 
-def apply_block(path: str | os.PathLike[str], block_text: str, *, dry_run: bool = False) -> EditResult:
+def apply_block(
+    path: str | os.PathLike[str],
+    block_text: str,
+    *,
+    dry_run: bool = False,
+    create: bool = True,
+    force: bool = False,
+    lock_timeout: float = LOCK_TIMEOUT_S,
+) -> EditResult:
     """Insert our block or replace the existing one; the package docstring says what the hosts run.
 
-    In a .bat file the block goes before ``call webui.bat``; elsewhere at the end of the file.
+    In a .bat file the block goes before the line that starts webui.bat; elsewhere at the end of the file.
+    In a .sh file the block always has LF line ends, even in a CRLF file: bash would keep a CR in every value.
+    ``create``: make the file when it is missing (else WebuiUserError). ``force``: write a read-only file.
+    Raises :class:`WriteRefused` (nothing written) for a read-only file or when another edit holds the lock.
     """
     p = _target(path)
     kind = kind_for_path(p)
@@ -324,14 +520,22 @@ def apply_block(path: str | os.PathLike[str], block_text: str, *, dry_run: bool 
     expected_prefix = "#" if kind == "sh" else "@REM"
     if not block_lines_lf[0].lstrip().upper().startswith(expected_prefix.upper()):
         raise ValueError(f"apply_block: block_text was rendered for another launcher kind than {p.name}")
+    lock = contextlib.nullcontext() if dry_run else edit_lock(p, timeout=lock_timeout)
+    with lock:
+        old_data, old_text = _read_existing(p)
+        if old_data is None and not create:
+            raise WebuiUserError(str(p), None, "does not exist (nothing written)")
+        new_text = _with_block(p, kind, old_data, old_text, block_lines_lf)
+        return _commit(p, old_data, old_text, new_text, dry_run, force)
 
-    old_data, old_text = _read_existing(p)
+
+def _with_block(p: Path, kind: Kind, old_data: bytes | None, old_text: str, block_lines_lf: list[str]) -> str:
     if old_data is None:
         newline = "\r\n" if kind == "bat" else "\n"
-        new_text = _new_file_text(kind, newline.join(block_lines_lf) + newline, newline)
-        return _commit(p, old_data, old_text, new_text, dry_run)
+        return _new_file_text(kind, newline.join(block_lines_lf) + newline, newline)
 
-    newline = _newline_of(old_text)
+    # bash reads LF lines right in a CRLF file; a CRLF line would leave a CR at the end of our values.
+    newline = _newline_of(old_text) if kind == "bat" else "\n"
     block_lines = [line + newline for line in block_lines_lf]
     lines = _lines_with_ends(old_text)
     existing = _find_block_in_lines(lines, str(p))
@@ -340,32 +544,34 @@ def apply_block(path: str | os.PathLike[str], block_text: str, *, dry_run: bool 
         if kind == "bat" and call_idx is not None and call_idx < existing.start_line - 1:
             # A block after `call webui.bat` has no effect on the launch: move it in front of the call.
             logger.info("%s:%d: moving the %s block before `call webui.bat`", p, existing.start_line, EXTENSION_NAME)
-            lines = _remove_block_lines(lines, existing)
+            lines = _remove_block_lines(lines, existing, kind)
         else:
             was_last = existing.end_line == len(lines) and not lines[-1].endswith("\n")
             if was_last:
                 block_lines[-1] = block_lines[-1].rstrip("\r\n")
-            new_lines = lines[: existing.start_line - 1] + block_lines + lines[existing.end_line :]
-            return _commit(p, old_data, old_text, "".join(new_lines), dry_run)
+            return "".join(lines[: existing.start_line - 1] + block_lines + lines[existing.end_line :])
 
     index = len(lines)
     if kind == "bat":
         call_idx = _call_webui_index(lines)
         if call_idx is not None:
             index = call_idx
-    new_text = "".join(_insert_block_lines(lines, index, block_lines, newline))
-    return _commit(p, old_data, old_text, new_text, dry_run)
+    return "".join(_insert_block_lines(lines, index, block_lines, newline))
 
 
-def remove_block(path: str | os.PathLike[str], *, dry_run: bool = False) -> EditResult:
-    """Remove our block (and nothing else). No block: nothing is written and ``changed`` is False."""
+def remove_block(
+    path: str | os.PathLike[str], *, dry_run: bool = False, force: bool = False, lock_timeout: float = LOCK_TIMEOUT_S
+) -> EditResult:
+    """Remove our block (and nothing else). No block or no file: nothing is written, ``changed`` is False."""
     p = _target(path)
-    old_data, old_text = _read_existing(p)
-    if old_data is None:
-        return EditResult(changed=False, diff="", backup_path=None, new_text="")
-    lines = _lines_with_ends(old_text)
-    block = _find_block_in_lines(lines, str(p))
-    if block is None:
-        return EditResult(changed=False, diff="", backup_path=None, new_text=old_text)
-    new_text = "".join(_remove_block_lines(lines, block))
-    return _commit(p, old_data, old_text, new_text, dry_run)
+    kind = kind_for_path(p)
+    with contextlib.nullcontext() if dry_run else edit_lock(p, timeout=lock_timeout):
+        old_data, old_text = _read_existing(p)
+        if old_data is None:
+            return EditResult(changed=False, diff="", backup_path=None, new_text="")
+        lines = _lines_with_ends(old_text)
+        block = _find_block_in_lines(lines, str(p))
+        if block is None:
+            return EditResult(changed=False, diff="", backup_path=None, new_text=old_text)
+        new_text = "".join(_remove_block_lines(lines, block, kind))
+        return _commit(p, old_data, old_text, new_text, dry_run, force)
