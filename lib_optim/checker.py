@@ -70,6 +70,9 @@ class RuntimeFacts:
     torch_has_cuda: bool | None = None  # torch build with CUDA (or ROCm) support
     cuda_available: bool | None = None
     nvidia_driver: str | None = None
+    # The driver was asked (NVML, nvidia-smi, the kernel module) and did not answer: why. With nvidia_driver
+    # None and no error, nothing here could ask it (no pynvml, no nvidia-smi): unknown, not broken.
+    nvidia_driver_error: str | None = None
     nvidia_gpu_expected: bool | None = None  # an NVIDIA card is present (e.g. seen on the PCI bus)
     gpu_total_mb: int | None = None
     compute_capability: tuple[int, int] | None = None
@@ -1029,6 +1032,9 @@ def _torch_without_cuda(ctx: CheckContext) -> Iterator[Finding]:
     # --use-cpu/--always-cpu/--directml do not switch the launcher's CUDA test off; only --skip-torch-cuda-test
     # and --use-ipex do (A1111 modules/launch_utils.py:384-390, Forge f2 :431-439, Forge previous :428-434).
     intended = ctx.cpu_only or ctx.has("--directml") or bool(f.mps_available) or ctx.has("--use-ipex")
+    # No NVIDIA card on the bus and no driver: a CPU-only machine, where a CUDA torch is not the problem.
+    no_gpu = f.nvidia_gpu_expected is False and not f.nvidia_driver
+    cpu_flags = "--use-cpu all --no-half" if ctx.host is A1111 else "--always-cpu"
     if ctx.has("--skip-torch-cuda-test") or ctx.has("--use-ipex"):
         if intended:
             return
@@ -1038,8 +1044,9 @@ def _torch_without_cuda(ctx: CheckContext) -> Iterator[Finding]:
             "torch",
             "torch cannot use a CUDA GPU here, and --skip-torch-cuda-test hides that: generation will run "
             "on the CPU, very slowly.",
-            "Install a CUDA build of torch (TORCH_COMMAND) or, for CPU on purpose, use "
-            + ("--use-cpu all --no-half." if ctx.host is A1111 else "--always-cpu."),
+            f"This machine has no NVIDIA GPU: add {cpu_flags} to run on the CPU on purpose (the cpu profile)."
+            if no_gpu
+            else f"Install a CUDA build of torch (TORCH_COMMAND) or, for CPU on purpose, use {cpu_flags}.",
         )
         return
     if f.mps_available:
@@ -1061,27 +1068,56 @@ def _torch_without_cuda(ctx: CheckContext) -> Iterator[Finding]:
             "Add --skip-torch-cuda-test.",
         )
         return
+    cpu_profile = (
+        "run on the CPU with the cpu profile (python -m lib_optim profile apply cpu --file <webui-user file>), "
+        f"which adds {cpu_flags} --skip-torch-cuda-test"
+    )
+    if no_gpu:
+        fix = f"This machine has no NVIDIA GPU, so a CUDA torch cannot help: {cpu_profile}."
+    elif f.torch_has_cuda is False:
+        fix = (
+            "Install a CUDA build of torch matching your driver; for AMD on Windows use Forge with --directml "
+            f"(and --skip-torch-cuda-test). Without a GPU: {cpu_profile}."
+        )
+    else:
+        fix = (
+            "torch is a CUDA build: check that the NVIDIA driver works (nvidia-smi) and is new enough for torch's "
+            f"CUDA. Without a GPU: {cpu_profile}."
+        )
     yield Finding(
         "torch-without-cuda",
         Severity.ERROR,
         "torch",
         f"{why}: the launcher's CUDA test stops start-up with {says} (modules/launch_utils.py, prepare_environment).",
-        "Install a CUDA build of torch matching your driver; for AMD on Windows use Forge with --directml "
-        "(and --skip-torch-cuda-test).",
+        fix,
     )
 
 
 @rule("no-nvidia-driver", Severity.ERROR, ALL_HOSTS, "An NVIDIA GPU is present but its driver does not answer.")
 def _no_driver(ctx: CheckContext) -> Iterator[Finding]:
     f = ctx.facts
-    if f.nvidia_gpu_expected and f.nvidia_driver is None and not ctx.cpu_only:
+    if not f.nvidia_gpu_expected or f.nvidia_driver is not None or ctx.cpu_only:
+        return
+    if f.nvidia_driver_error is None:
+        # Nothing here could ask the driver (no pynvml, no CUDA torch, no nvidia-smi): that says nothing about it.
         yield Finding(
             "no-nvidia-driver",
-            Severity.ERROR,
+            Severity.INFO,
             "NVIDIA driver",
-            "An NVIDIA GPU is present but NVML does not answer: the driver is missing or broken, so CUDA cannot start.",
-            "Install or repair the NVIDIA driver (nvidia-smi must work), then restart.",
+            "An NVIDIA GPU is present, but this Python cannot ask its driver (no pynvml, no nvidia-smi on the "
+            "PATH): its memory and driver version are unknown here.",
+            "Run the command with the WebUI's Python (<WebUI folder>/venv/bin/python, on Windows "
+            "<WebUI folder>\\venv\\Scripts\\python) for exact figures.",
         )
+        return
+    yield Finding(
+        "no-nvidia-driver",
+        Severity.ERROR,
+        "NVIDIA driver",
+        f"An NVIDIA GPU is present but its driver does not answer ({f.nvidia_driver_error}): the driver is "
+        "missing or broken, so CUDA cannot start.",
+        "Install or repair the NVIDIA driver (nvidia-smi must work; after a driver update, reboot), then restart.",
+    )
 
 
 def rules_markdown() -> str:

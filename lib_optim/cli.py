@@ -1,36 +1,63 @@
 """``python -m lib_optim``: the checker, the doctor and launch profiles, with no WebUI needed.
 
 Exit status: ``check`` and ``doctor`` return 0 when nothing is above info, 1 for warnings, 2 for errors;
-64 for a usage error (a bad option or value); ``profile`` returns 0 on success and 1 when it refused.
+64 for every usage error (a bad option, value or combination); ``profile`` returns 0 on success and 1 when
+it refused (the result would not start, the file is read-only, another edit holds it). With ``--json`` the
+output is JSON whatever happens; an error is ``{"error": "...", "exit_code": N}``.
+
+Without ``--host``, ``auto`` looks for the WebUI checkout around ``--file``, the current folder and this
+extension's folder. When there is none (a clone of this repository), ``check``, ``doctor`` and ``profile show``
+cover both main hosts, A1111 and Forge f2, and say so; ``profile apply`` needs to know which WebUI the file
+starts and asks for ``--host``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import difflib
+import importlib.util
 import json
+import logging
 import os
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal
 
 from lib_optim import __version__
-from lib_optim.checker import RULES, CheckInput, Finding, RuntimeFacts, exit_code, rules_markdown, run_checks
+from lib_optim.checker import RULES, CheckInput, Finding, RuntimeFacts, Severity, exit_code, rules_markdown, run_checks
 from lib_optim.env_notes import env_notes_json, env_notes_markdown
 from lib_optim.hostdetect import detect_kind, extension_dir, find_webui_root
 from lib_optim.hostkinds import CHECKED_HOSTS, HostKind, parse_host
 
 EX_USAGE = 64
+EX_REFUSED = 1
+# Covered when no WebUI checkout is found: the two hosts the extension is made for.
+FALLBACK_HOSTS = (HostKind.A1111, HostKind.FORGE)
+# The rule id of findings about the webui-user file itself (what bash/cmd do with it, not the flags).
+FILE_RULE = "launcher-file"
+_HOST_CHOICES = "a1111, forge, forge-previous, reforge"
 
 
 class UsageError(Exception):
     pass
 
 
+class _ArgumentError(Exception):
+    """argparse found a bad command line; raised instead of exiting so that --json can answer in JSON."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> Any:  # NoReturn, but argparse's stub types the override loosely
+        raise _ArgumentError(self, message)
 
 
 def _out(text: str = "") -> None:
@@ -49,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sd-webui-optim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    host_help = "a1111, forge, forge-previous, or auto (find the WebUI checkout around the file or this folder)"
+    host_help = (
+        f"{_HOST_CHOICES}, or auto: the WebUI checkout around the file or this folder "
+        "(none found: check, doctor and profile show cover A1111 and Forge f2)"
+    )
 
     check = sub.add_parser("check", help="check launch flags and environment variables for a host")
     check.add_argument("--host", default="auto", help=host_help)
@@ -86,12 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     apply = psub.add_parser("apply", help="write a profile's block into webui-user.sh/.bat (backup first)")
     apply.add_argument("name")
     apply.add_argument("--file", type=Path, required=True)
-    apply.add_argument("--host", default="auto", help=host_help)
+    apply.add_argument("--host", default="auto", help=f"{_HOST_CHOICES}, or auto: the WebUI around the file")
     apply.add_argument("--directml", action="store_true", help="AMD/Intel card through DirectML")
     apply.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
+    apply.add_argument("--create", action="store_true", help="make the file if it does not exist")
+    apply.add_argument("--force", action="store_true", help="write the file even if it is read-only")
     remove = psub.add_parser("remove", help="remove the profile block from webui-user.sh/.bat")
     remove.add_argument("--file", type=Path, required=True)
     remove.add_argument("--dry-run", action="store_true")
+    remove.add_argument("--force", action="store_true", help="write the file even if it is read-only")
 
     rules = sub.add_parser("rules", help="list the checker's rules")
     rules.add_argument("--json", action="store_true")
@@ -118,21 +151,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_host(value: str, near: Path | None = None) -> HostKind:
+# --------------------------------------------------------------------------------------------------- hosts
+
+
+@dataclasses.dataclass(frozen=True)
+class HostChoice:
+    """The host to check for: given, detected, or (``kind`` None) none found where ``searched`` says."""
+
+    kind: HostKind | None
+    root: Path | None = None
+    searched: tuple[Path, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[HostKind, ...]:
+        return (self.kind,) if self.kind is not None else FALLBACK_HOSTS
+
+    def not_found_note(self) -> str:
+        where = ", ".join(str(p) for p in self.searched)
+        names = " and ".join(h.display_name for h in FALLBACK_HOSTS)
+        return (
+            f"No WebUI checkout found around {where}: showing {names}. "
+            "Pass --host a1111, --host forge or --host forge-previous for yours only."
+        )
+
+
+def _unique_dirs(*paths: Path | None) -> tuple[Path, ...]:
+    seen: dict[Path, None] = {}
+    for p in paths:
+        if p is not None:
+            seen.setdefault(p.resolve(), None)
+    return tuple(seen)
+
+
+def resolve_host(value: str, near: Path | None = None) -> HostChoice:
+    """``--host``: a name, or auto (the checkout around ``near``, the current folder or this extension)."""
     if value.strip().lower() != "auto":
         try:
-            return parse_host(value)
+            return HostChoice(parse_host(value))
         except ValueError as exc:
-            raise UsageError(f"--host: {exc}; or auto") from None
-    starts = [p for p in (near, Path.cwd(), extension_dir()) if p is not None]
-    root = find_webui_root(*starts)
+            # parse_host says "host: 'x' is not ..."; the option name is said once, here.
+            raise UsageError(f"--host: {str(exc).removeprefix('host: ')}; or auto") from None
+    searched = _unique_dirs(near, Path.cwd(), extension_dir())
+    root = find_webui_root(*searched)
     if root is None:
-        raise UsageError(
-            "--host: auto found no WebUI checkout around "
-            + ", ".join(str(p) for p in starts)
-            + "; pass --host a1111, --host forge or --host forge-previous"
-        )
-    return detect_kind(root).kind
+        return HostChoice(None, None, searched)
+    return HostChoice(detect_kind(root).kind, root, searched)
+
+
+# ------------------------------------------------------------------------------------------------ findings
 
 
 def format_findings(findings: Sequence[Finding], host: HostKind) -> str:
@@ -146,32 +212,71 @@ def format_findings(findings: Sequence[Finding], host: HostKind) -> str:
     return "\n".join(lines)
 
 
-def _launch_input(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+@dataclasses.dataclass
+class LaunchInput:
+    argv: list[str]
+    env: dict[str, str]
+    file_findings: list[Finding] = dataclasses.field(default_factory=list)
+    # flag or variable -> "file:line" of the condition it was set under
+    conditional: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _check_file_arg(path: Path, *, create: bool = False) -> None:
+    """A usage error for a --file that is missing (unless ``create``) or a directory."""
+    if path.is_dir():
+        raise UsageError(f"--file: {str(path)!r} is a directory; give the webui-user.sh or webui-user.bat in it")
+    if path.exists() or create:
+        return
+    near = ""
+    if path.parent.is_dir():
+        candidates = [p.name for p in path.parent.iterdir() if p.suffix.lower() in (".sh", ".bat", ".cmd")]
+        close = difflib.get_close_matches(path.name, candidates, n=1)
+        if close:
+            near = f" (did you mean {str(path.parent / close[0])!r}?)"
+    else:
+        near = f" (the folder {str(path.parent)!r} does not exist either)"
+    raise UsageError(f"--file: {str(path)!r} does not exist{near}; give the path of webui-user.sh or webui-user.bat")
+
+
+def _launch_input(args: argparse.Namespace) -> LaunchInput:
     env: dict[str, str] = {} if getattr(args, "no_env", False) else dict(os.environ)
+    result = LaunchInput([], env)
     if args.file is not None:
         from lib_optim.webui_user import read_launch_config
 
-        if not args.file.is_file():
-            raise UsageError(
-                f"--file: {str(args.file)!r} does not exist; give the path of webui-user.sh or webui-user.bat"
-            )
+        _check_file_arg(args.file)
         config = read_launch_config(args.file, base_env=env)
         for name in config.unset:
             env.pop(name, None)
         env.update(config.process_env())
-        env["COMMANDLINE_ARGS"] = " ".join(_quote(t) for t in config.commandline_args)
+        env["COMMANDLINE_ARGS"] = " ".join(shlex.quote(t) for t in config.commandline_args)
+        for note in config.notes:
+            where = f"{args.file}:{note.line_no}" if note.line_no is not None else str(args.file)
+            result.file_findings.append(
+                Finding(FILE_RULE, Severity(note.severity), note.subject, f"{where}: {note.message}", note.fix)
+            )
+        for name, line in [*config.conditional_flags.items(), *config.conditional_vars.items()]:
+            result.conditional[name] = f"{args.file}:{line}"
     extra = list(getattr(args, "args", []) or [])
     if extra and extra[0] == "--":
         extra = extra[1:]
     from lib_optim.doctor import effective_argv
 
-    return effective_argv(extra, env), env
+    result.argv = effective_argv(extra, env)
+    return result
 
 
-def _quote(token: str) -> str:
-    import shlex
-
-    return shlex.quote(token)
+def _with_file_findings(findings: list[Finding], launch: LaunchInput) -> list[Finding]:
+    """The file's own findings added, and findings about flags set under a condition marked "may apply"."""
+    marked = [
+        dataclasses.replace(f, message=f"{f.message} (This may apply: it is set inside a condition at {where}.)")
+        if (where := launch.conditional.get(f.subject)) is not None
+        else f
+        for f in findings
+    ]
+    combined = [*launch.file_findings, *marked]
+    combined.sort(key=lambda f: -f.severity.rank)  # stable: the file's findings first within a severity
+    return combined
 
 
 def _probe_facts() -> RuntimeFacts:
@@ -181,37 +286,139 @@ def _probe_facts() -> RuntimeFacts:
     return runtime_facts(probe_system(), nvidia_present=nvidia_on_pci_bus())
 
 
+def _host_dict(finding: Finding, host: HostKind) -> dict[str, Any]:
+    return {**finding.to_dict(), "host": host.value}
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    host = resolve_host(args.host, args.file.parent if args.file else None)
-    argv, env = _launch_input(args)
+    choice = resolve_host(args.host, args.file.parent if args.file else None)
+    launch = _launch_input(args)
     facts = _probe_facts() if args.probe else RuntimeFacts()
-    findings = run_checks(CheckInput(host, argv, env, facts))
+    results = [
+        (host, _with_file_findings(run_checks(CheckInput(host, launch.argv, launch.env, facts)), launch))
+        for host in choice.hosts
+    ]
+    worst = max(exit_code(findings) for _, findings in results)
     if args.json:
-        _out(json.dumps({"host": host.value, "argv": argv, "findings": [f.to_dict() for f in findings]}, indent=2))
-    else:
-        _out(format_findings(findings, host))
-    return exit_code(findings)
+        if choice.kind is not None:
+            data: dict[str, Any] = {
+                "host": choice.kind.value,
+                "argv": launch.argv,
+                "findings": [f.to_dict() for f in results[0][1]],
+            }
+        else:
+            data = {
+                "host": None,
+                "hosts": [h.value for h in choice.hosts],
+                "note": choice.not_found_note(),
+                "argv": launch.argv,
+                "findings": [_host_dict(f, host) for host, findings in results for f in findings],
+            }
+        _out(json.dumps(data, indent=2))
+        return worst
+    if choice.kind is None:
+        _out(choice.not_found_note())
+        _out("")
+    _out("\n\n".join(format_findings(findings, host) for host, findings in results))
+    return worst
+
+
+# -------------------------------------------------------------------------------------------------- doctor
+
+
+def _script_kind() -> Literal["sh", "bat"]:
+    return "bat" if sys.platform == "win32" else "sh"
+
+
+def _webui_user_path(root: Path | None) -> str:
+    name = f"webui-user.{_script_kind()}"
+    return str(root / name) if root is not None else "<webui-user file>"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from lib_optim.doctor import doctor
+    from lib_optim.doctor import doctor, nvidia_on_pci_bus
     from lib_optim.probe import probe_system
 
-    host = resolve_host(args.host, args.file.parent if args.file else None)
-    argv, env = _launch_input(args)
+    choice = resolve_host(args.host, args.file.parent if args.file else None)
+    launch = _launch_input(args)
+    env = dict(launch.env)
     env.pop("COMMANDLINE_ARGS", None)
-    report = doctor(host, probe_system(), args=argv, env=env)
+    system = probe_system()
+    nvidia_present = nvidia_on_pci_bus()
+    reports = [
+        doctor(host, system, args=launch.argv, env=env, pci=lambda: nvidia_present, webui_root=choice.root)
+        for host in choice.hosts
+    ]
+    findings = {r.host: _with_file_findings(r.findings, launch) for r in reports}
+    worst = max(exit_code(f) for f in findings.values())
+    first = reports[0]
     if args.json:
-        _out(json.dumps(report.to_dict(), indent=2))
-    else:
-        _out(report.system.format_text())
+        if choice.kind is not None:
+            data = {**first.to_dict(), "findings": [f.to_dict() for f in findings[first.host]]}
+        else:
+            data = {
+                "host": None,
+                "hosts": [h.value for h in choice.hosts],
+                "note": choice.not_found_note(),
+                "system": system.to_dict(),
+                "findings": [_host_dict(f, r.host) for r in reports for f in findings[r.host]],
+                "recommended_profile": {
+                    "name": first.profile,
+                    "reason": first.profile_reason,
+                    "by_host": {
+                        r.host.value: {
+                            "flags": list(r.profile_flags),
+                            "env": dict(r.profile_env),
+                            "commandline": r.commandline,
+                        }
+                        for r in reports
+                    },
+                },
+                "hint": first.hint,
+            }
+        _out(json.dumps(data, indent=2))
+        return worst
+    _out(system.format_text())
+    _out("")
+    if choice.kind is None:
+        _out(choice.not_found_note())
         _out("")
-        _out(format_findings(report.findings, host))
+    for r in reports:
+        _out(format_findings(findings[r.host], r.host))
         _out("")
-        _out(f"Recommended profile: {report.profile}")
-        _out(report.commandline)
-        _out(f"Write it with: python -m lib_optim profile apply {report.profile} --file <webui-user file>")
-    return exit_code(report.findings)
+    _out(f"Recommended profile: {first.profile} ({first.profile_reason})")
+    for r in reports:
+        if choice.kind is None:
+            _out(f"On {r.host.display_name}:")
+        if r.commandline:
+            _out(r.commandline)
+        else:
+            _out(
+                f"(nothing to put in webui-user on {r.host.display_name}: this profile only sets per-generation "
+                "defaults there)"
+            )
+    if any(r.commandline for r in reports):
+        host_opt = "" if choice.kind is not None else " --host a1111|forge"
+        _out(
+            f"Write it with: python -m lib_optim profile apply {first.profile} --file {_webui_user_path(choice.root)}"
+            + host_opt
+        )
+    if first.hint:
+        _out("")
+        _out(first.hint)
+    return worst
+
+
+# ------------------------------------------------------------------------------------------------- profile
+
+
+def _auto_profile_name() -> str:
+    from lib_optim.doctor import nvidia_on_pci_bus, recommend_profile
+    from lib_optim.probe import probe_system
+
+    name, reason = recommend_profile(probe_system(), nvidia_on_pci_bus())
+    _err(f"auto: {name} ({reason})")
+    return name
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -222,62 +429,92 @@ def cmd_profile(args: argparse.Namespace) -> int:
         file_kind,
         get_profile,
         launch_line,
+        nothing_to_write,
         remove_profile,
         resolve,
     )
 
-    try:
-        if args.action == "list":
-            rows = [(p.name, p.title, p.description) for p in PROFILES.values()]
-            rows.append(("auto", "Auto", "Chosen from the detected GPU memory."))
-            if args.json:
-                _out(json.dumps([{"name": n, "title": t, "description": d} for n, t, d in rows], indent=2))
-            else:
-                for name, title, description in rows:
-                    _out(f"{name:<11} {title:<14} {description}")
-            return 0
-        try:  # a misspelt profile name or a wrong --file is a usage error (64), not a refusal (1)
-            if getattr(args, "file", None) is not None:
-                file_kind(args.file)
-            if args.action != "remove":
-                get_profile(args.name)
-        except ProfileError as exc:
-            raise UsageError(str(exc).removeprefix("[Optim] ")) from None
-        if args.action == "remove":
-            edit = remove_profile(args.file, dry_run=args.dry_run)
-            _report_edit(edit, args.dry_run, "removed")
-            return 0
+    if args.action == "list":
+        rows = [(p.name, p.title, p.description) for p in PROFILES.values()]
+        rows.append(("auto", "Auto", "Chosen from the detected GPU memory."))
+        if args.json:
+            _out(json.dumps([{"name": n, "title": t, "description": d} for n, t, d in rows], indent=2))
+        else:
+            for name, title, description in rows:
+                _out(f"{name:<11} {title:<14} {description}")
+        return 0
+    try:  # a misspelt profile name or a wrong --file is a usage error (64), not a refusal (1)
+        if getattr(args, "file", None) is not None:
+            if args.file.is_dir():  # said as such, before "not a webui-user file" for its missing suffix
+                _check_file_arg(args.file)
+            file_kind(args.file)
+            _check_file_arg(args.file, create=getattr(args, "create", False))
+        if args.action != "remove":
+            get_profile(args.name)
+    except ProfileError as exc:
+        raise UsageError(str(exc).removeprefix("[Optim] ")) from None
+    if args.action == "remove":
+        edit = remove_profile(args.file, dry_run=args.dry_run, force=args.force)
+        _report_edit(edit, args.dry_run, "removed")
+        return 0
 
-        gpu_mb = None
-        if args.name.strip().lower() == "auto":
-            from lib_optim.probe import probe_system
-
-            gpu_mb = probe_system().best_gpu_memory_mb()
-        profile = get_profile(args.name, gpu_mb)
-        near = args.file.resolve().parent if getattr(args, "file", None) else None
-        host = resolve_host(args.host, near)
+    near = args.file.resolve().parent if getattr(args, "file", None) else None
+    choice = resolve_host(args.host, near)
+    if choice.kind is None and args.action == "apply":
+        raise UsageError(
+            f"--host: no WebUI checkout around {near}, so which WebUI this file starts is unknown; "
+            "pass --host a1111, --host forge or --host forge-previous"
+        )
+    for host in choice.hosts:
         if host not in CHECKED_HOSTS:
             raise UsageError(f"--host: {host.value!r} has no profiles; allowed: a1111, forge, forge-previous")
-        if args.action == "show":
-            hp = resolve(profile, host, directml=args.directml)
-            if args.json:
-                _out(json.dumps(_profile_dict(profile.name, host, hp), indent=2))
-            else:
-                _out(f"{profile.title} ({profile.name}) on {host.display_name}: {profile.description}")
-                _out(launch_line(hp, "bat" if sys.platform == "win32" else "sh"))
-                defaults = hp.generation.non_default()
-                _out("Per-generation defaults: " + (json.dumps(defaults) if defaults else "none"))
-                if hp.note:
-                    _out(hp.note)
-            return 0
-        outcome = apply_profile(args.file, profile, host, directml=args.directml, dry_run=args.dry_run)
-        _report_edit(outcome.edit, args.dry_run, f"profile {profile.name} written")
-        if outcome.findings:
-            _out(format_findings(outcome.findings, host))
-        return 0
+    profile = get_profile(_auto_profile_name() if args.name.strip().lower() == "auto" else args.name)
+    try:  # --directml with a host or a profile that has no DirectML variant: a bad combination of options
+        resolved = [(host, resolve(profile, host, directml=args.directml)) for host in choice.hosts]
     except ProfileError as exc:
-        _err(str(exc))
-        return 1
+        raise UsageError(str(exc).removeprefix("[Optim] ")) from None
+
+    if args.action == "show":
+        if args.json:
+            if choice.kind is not None:
+                _out(json.dumps(_profile_dict(profile.name, *resolved[0]), indent=2))
+            else:
+                by_host = {host.value: _profile_dict(profile.name, host, hp) for host, hp in resolved}
+                data = {"name": profile.name, "host": None, "note": choice.not_found_note(), "by_host": by_host}
+                _out(json.dumps(data, indent=2))
+            return 0
+        if choice.kind is None:
+            _out(choice.not_found_note())
+            _out("")
+        blocks = []
+        for host, hp in resolved:
+            lines = [f"{profile.title} ({profile.name}) on {host.display_name}: {profile.description}"]
+            pasted = launch_line(hp, _script_kind())
+            lines.append(pasted or nothing_to_write(profile, host, hp))
+            defaults = hp.generation.non_default()
+            lines.append("Per-generation defaults: " + (json.dumps(defaults) if defaults else "none"))
+            if hp.note:
+                lines.append(hp.note)
+            blocks.append("\n".join(lines))
+        _out("\n\n".join(blocks))
+        return 0
+
+    host = resolved[0][0]
+    outcome = apply_profile(
+        args.file,
+        profile,
+        host,
+        directml=args.directml,
+        dry_run=args.dry_run,
+        create=args.create,
+        force=args.force,
+    )
+    for note in outcome.notes:
+        _out(note)
+    _report_edit(outcome.edit, args.dry_run, f"profile {profile.name} written")
+    if outcome.findings:
+        _out(format_findings(outcome.findings, host))
+    return 0
 
 
 def _profile_dict(name: str, host: HostKind, hp: Any) -> dict[str, Any]:
@@ -304,6 +541,9 @@ def _report_edit(edit: Any, dry_run: bool, what: str) -> None:
     _out(f"{what}{backup}")
 
 
+# --------------------------------------------------------------------------------------------- rules, bench
+
+
 def cmd_rules(args: argparse.Namespace) -> int:
     if args.env:
         _out(env_notes_json() if args.json else env_notes_markdown())
@@ -319,12 +559,40 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from lib_optim.attention_bench import format_table, run_bench, to_json, write_plot
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a None entry in sys.modules, or a broken parent package
+        return False
 
+
+def cmd_bench(args: argparse.Namespace) -> int:
     specs = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if not specs:
+        raise UsageError(f"--shapes: no shape in {args.shapes!r}; allowed: sd15-512, sd15-768, sdxl-1024")
     if args.repeats is not None and args.repeats < 1:
         raise UsageError("--repeats: must be 1 or more")
+    if args.plot:
+        # Checked before the run: finding out after minutes of timing is no way to learn it.
+        if not _importable("matplotlib"):
+            raise UsageError(
+                f"--plot: matplotlib is not installed in this Python ({sys.executable}); "
+                "pip install matplotlib, or leave --plot out"
+            )
+        folder = Path(args.plot).parent
+        if not folder.is_dir():
+            raise UsageError(f"--plot: the folder {str(folder)!r} does not exist")
+    if not _importable("torch"):
+        raise UsageError(
+            f"bench needs torch, which this Python ({sys.executable}) does not have: run it with the WebUI's "
+            "Python (<WebUI folder>/venv/bin/python -m lib_optim bench, on Windows "
+            "<WebUI folder>\\venv\\Scripts\\python), or pip install torch"
+        )
+    try:
+        from lib_optim.attention_bench import format_table, run_bench, to_json, write_plot
+    except (ImportError, OSError) as exc:  # torch is there but does not load (a DLL, a half-installed wheel)
+        raise UsageError(f"bench cannot load torch in this Python ({sys.executable}): {exc}") from None
+
     result = run_bench(specs, device=args.device, repeats=args.repeats, quick=args.quick, dtype=args.dtype)
     _out(to_json(result) if args.json else format_table(result))
     if args.plot:
@@ -332,9 +600,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    own = list(argv[: argv.index("--")]) if "--" in argv else list(argv)
+    return "--json" in own
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """Show the library's warnings (e.g. waiting for another edit of the same file) while a command runs."""
+    logger = logging.getLogger("lib_optim")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("[Optim] %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    _err(message)
+    if as_json:
+        _out(json.dumps({"error": message, "exit_code": code}, indent=2))
+    return code
+
+
+def _unrecognized(args: argparse.Namespace, extra: list[str]) -> str:
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    if getattr(args, "command", None) == "check":
+        host = f" --host {args.host}" if args.host != "auto" else ""
+        flags = " ".join(map(shlex.quote, extra))
+        message += f"\nWebUI launch flags go after `--`: python -m lib_optim check{host} -- {flags}"
+    elif any(a.startswith("--") for a in extra) and getattr(args, "command", None) == "doctor":
+        message += "\ndoctor reads launch flags from --file, COMMANDLINE_ARGS or `python -m lib_optim check -- FLAGS`"
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = _wants_json(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    command = ""
     handlers = {
         "check": cmd_check,
         "doctor": cmd_doctor,
@@ -342,11 +652,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rules": cmd_rules,
         "bench": cmd_bench,
     }
+    from lib_optim.profiles import ProfileError
+    from lib_optim.webui_user import WriteRefused
+
     try:
-        return handlers[args.command](args)
+        args, extra = parser.parse_known_args(argv)
+        command = args.command
+        if extra:
+            raise _ArgumentError(parser, _unrecognized(args, extra))
+        with _warnings_to_stderr():
+            return handlers[command](args)
+    except _ArgumentError as exc:
+        exc.parser.print_usage(sys.stderr)
+        return _fail(f"{exc.parser.prog}: error: {exc.message}", EX_USAGE, as_json)
     except UsageError as exc:
-        _err(f"python -m lib_optim {args.command}: error: {exc}")
-        return EX_USAGE
+        return _fail(f"python -m lib_optim {command}: error: {exc}", EX_USAGE, as_json)
+    except (ProfileError, WriteRefused) as exc:  # refused on purpose, nothing written
+        return _fail(str(exc), EX_REFUSED, as_json)
     except ValueError as exc:  # bad file contents (webui_user) name file, line and problem
-        _err(str(exc))
-        return EX_USAGE
+        return _fail(str(exc), EX_USAGE, as_json)

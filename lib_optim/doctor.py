@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lib_optim.checker import CheckInput, Finding, RuntimeFacts, run_checks
 from lib_optim.cmdline import environment_command_line
 from lib_optim.hostkinds import HostKind
 from lib_optim.probe import SystemFacts
-from lib_optim.profiles import choose_auto, get_profile, launch_line, resolve
+from lib_optim.profiles import ProfileError, choose_auto, get_profile, launch_line, resolve
+
+# Where the GPU's size is unknown (this Python cannot ask the driver), a middle profile: it starts on any card
+# the WebUI supports and costs little speed; the exact one needs the WebUI's own Python (see exact_figures_hint).
+UNKNOWN_SIZE_PROFILE = "8gb-medium"
 
 _NVIDIA_PCI_VENDOR = "0x10de"
 
@@ -44,6 +48,7 @@ def runtime_facts(system: SystemFacts, *, nvidia_present: bool | None = None) ->
         torch_has_cuda=(torch.cuda is not None or torch.hip is not None) if torch_ok and torch else None,
         cuda_available=torch.cuda_available if torch_ok and torch else None,
         nvidia_driver=system.nvidia_driver,
+        nvidia_driver_error=system.nvidia_driver_error,
         nvidia_gpu_expected=nvidia_present,
         gpu_total_mb=best.total_mb if best else None,
         compute_capability=best.compute_capability if best else None,
@@ -61,6 +66,61 @@ def effective_argv(args: Sequence[str], env: Mapping[str, str]) -> list[str]:
     return [*args, *environment_command_line(env)]
 
 
+def gpu_present(system: SystemFacts, nvidia_present: bool | None) -> bool:
+    """A GPU is here: listed by a probe, an NVIDIA driver answered, or one is on the PCI bus.
+
+    A driver that does not answer proves nothing on its own: pynvml fails the same way on a machine without
+    any NVIDIA card.
+    """
+    return bool(system.gpus or system.nvidia_driver or nvidia_present)
+
+
+def recommend_profile(system: SystemFacts, nvidia_present: bool | None) -> tuple[str, str]:
+    """The profile for this machine and why. Never ``cpu`` while a GPU is present, even of unknown size."""
+    sized = [g for g in system.gpus if g.total_mb is not None]
+    if sized:
+        best = max(sized, key=lambda g: g.total_mb or 0)
+        return choose_auto(best.total_mb), f"for the {best.name} ({best.total_mb} MB)"
+    if gpu_present(system, nvidia_present):
+        return (
+            UNKNOWN_SIZE_PROFILE,
+            "a GPU is present, but this Python cannot read its memory: a middle profile that starts on any card; "
+            "run doctor with the WebUI's Python for the one sized to your card",
+        )
+    if system.directml:
+        return UNKNOWN_SIZE_PROFILE, "torch-directml is installed (AMD/Intel GPU through DirectML)"
+    return "cpu", "no GPU found"
+
+
+def webui_python(webui_root: Path | None, *, windows: bool | None = None) -> str:
+    """The Python the WebUI runs (its venv, webui.sh / webui.bat default ``venv_dir``/``VENV_DIR``)."""
+    windows = sys.platform == "win32" if windows is None else windows
+    root = str(webui_root) if webui_root is not None else "<WebUI folder>"
+    return f"{root}\\venv\\Scripts\\python" if windows else f"{root}/venv/bin/python"
+
+
+def exact_figures_hint(
+    system: SystemFacts, nvidia_present: bool | None, webui_root: Path | None, extension: Path
+) -> str | None:
+    """Which Python to run for exact figures, when this one cannot give them (no torch, or CPU torch on a GPU)."""
+    torch = system.torch
+    no_torch = torch is None or torch.error is not None
+    cpu_torch_on_gpu = (
+        torch is not None and not no_torch and not (torch.cuda or torch.hip) and gpu_present(system, nvidia_present)
+    )
+    if not (no_torch or cpu_torch_on_gpu):
+        return None
+    what = "has no working torch" if no_torch else "has a CPU-only torch"
+    here = sys.executable or "python"
+    windows = sys.platform == "win32"
+    cd = f'cd /d "{extension}"' if windows else f'cd "{extension}"'
+    return (
+        f"This Python ({here}) {what}, so torch, CUDA and xFormers are not those the WebUI uses. For exact "
+        f'figures run doctor with the WebUI\'s Python: {cd} && "{webui_python(webui_root, windows=windows)}" '
+        "-m lib_optim doctor"
+    )
+
+
 @dataclass(frozen=True)
 class DoctorReport:
     host: HostKind
@@ -69,7 +129,9 @@ class DoctorReport:
     profile: str
     profile_flags: tuple[str, ...]
     profile_env: Mapping[str, str]
-    commandline: str
+    commandline: str  # what to paste into webui-user; empty when the profile sets nothing before start-up
+    profile_reason: str = ""
+    hint: str | None = None  # which Python to run for exact figures, when this one cannot give them
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,10 +140,12 @@ class DoctorReport:
             "findings": [f.to_dict() for f in self.findings],
             "recommended_profile": {
                 "name": self.profile,
+                "reason": self.profile_reason,
                 "flags": list(self.profile_flags),
                 "env": dict(self.profile_env),
                 "commandline": self.commandline,
             },
+            "hint": self.hint,
         }
 
 
@@ -91,12 +155,24 @@ def doctor(
     *,
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    pci: Callable[[], bool | None] = nvidia_on_pci_bus,
+    webui_root: Path | None = None,
+    extension: Path | None = None,
 ) -> DoctorReport:
+    """Check this environment for ``host`` and recommend a profile. ``pci`` says whether an NVIDIA card is on
+    the bus (tests replace it); ``webui_root``/``extension`` only shape the hint about which Python to run."""
     env = dict(os.environ if env is None else env)
-    facts = runtime_facts(system, nvidia_present=nvidia_on_pci_bus())
+    nvidia_present = pci()
+    facts = runtime_facts(system, nvidia_present=nvidia_present)
     findings = run_checks(CheckInput(host, effective_argv(args, env), env, facts))
-    name = choose_auto(system.best_gpu_memory_mb())
+    name, reason = recommend_profile(system, nvidia_present)
     checked_host = host if host is not HostKind.REFORGE else HostKind.FORGE_PREVIOUS
-    hp = resolve(get_profile(name), checked_host, directml=system.directml and not system.gpus)
-    kind = "bat" if sys.platform == "win32" else "sh"
-    return DoctorReport(host, system, findings, name, hp.flags, hp.env, launch_line(hp, kind))
+    profile = get_profile(name)
+    try:
+        hp = resolve(profile, checked_host, directml=system.directml and not system.gpus)
+    except ProfileError:  # no DirectML on this host (A1111): the plain variant is the honest answer
+        hp = resolve(profile, checked_host)
+    kind: Literal["sh", "bat"] = "bat" if sys.platform == "win32" else "sh"
+    extension = extension or Path(__file__).resolve().parent.parent
+    hint = exact_figures_hint(system, nvidia_present, webui_root, extension)
+    return DoctorReport(host, system, findings, name, hp.flags, hp.env, launch_line(hp, kind), reason, hint)

@@ -7,10 +7,13 @@ install, so a failure becomes a readable note in the result instead of an except
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import platform
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +23,7 @@ from lib_optim.log import get_logger
 log = get_logger(__name__)
 
 Vendor = Literal["nvidia", "amd", "intel", "apple", "unknown"]
-GpuSource = Literal["nvml", "torch"]
+GpuSource = Literal["nvml", "nvidia-smi", "torch"]
 
 _MB = 1024 * 1024
 
@@ -81,8 +84,12 @@ class SystemFacts:
     gradio: str | None
     nvidia_driver: str | None
     gpus: tuple[GpuInfo, ...]
-    gpu_source: Literal["nvml", "torch", "none"]
+    gpu_source: Literal["nvml", "nvidia-smi", "torch", "none"]
     notes: tuple[str, ...]
+    # The driver was asked (NVML, nvidia-smi, the kernel module) and did not answer: why. None when it answered
+    # or when nothing here could ask it (no pynvml, no nvidia-smi, not Linux).
+    nvidia_driver_error: str | None = None
+    nvidia_driver_source: Literal["nvml", "nvidia-smi", "proc"] | None = None
 
     def best_gpu_memory_mb(self) -> int | None:
         """Total MB of the GPU with the most memory, or ``None`` when no GPU reports its size."""
@@ -102,7 +109,10 @@ class SystemFacts:
             lines.append("DirectML torch-directml installed")
         lines.append(f"gradio   {self.gradio or 'not installed'}")
         if self.nvidia_driver:
-            lines.append(f"Driver   NVIDIA {self.nvidia_driver}")
+            via = f" (via {self.nvidia_driver_source})" if self.nvidia_driver_source else ""
+            lines.append(f"Driver   NVIDIA {self.nvidia_driver}{via}")
+        elif self.nvidia_driver_error:
+            lines.append(f"Driver   no NVIDIA driver answered ({self.nvidia_driver_error})")
         if self.gpus:
             for gpu in self.gpus:
                 lines.append(f"GPU {gpu.index}    {_format_gpu(gpu)}")
@@ -387,12 +397,29 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class DriverReply:
+    """What one way of asking the NVIDIA driver got: an answer (``driver``, ``gpus``) or an ``error``."""
+
+    driver: str | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    error: str | None = None
+
+
 def probe_nvml(notes: list[str]) -> tuple[str | None, list[GpuInfo]] | None:
     """``(driver version, GPUs)`` from NVML, or ``None`` (with a note) when NVML cannot be used.
 
     NVML reads the driver directly, so it neither initialises CUDA nor depends on which torch build
     is installed — which is why it is asked first.
     """
+    reply = _ask_nvml(notes)
+    if reply is None or reply.error is not None:
+        return None
+    return reply.driver, list(reply.gpus)
+
+
+def _ask_nvml(notes: list[str]) -> DriverReply | None:
+    """NVML through pynvml: ``None`` when pynvml is not importable (nothing to ask with)."""
     import warnings
 
     try:
@@ -411,7 +438,7 @@ def probe_nvml(notes: list[str]) -> tuple[str | None, list[GpuInfo]] | None:
     except Exception as exc:
         notes.append(f"NVML unavailable: {_describe(exc)}")
         log.debug("nvmlInit failed", exc_info=True)
-        return None
+        return DriverReply(error=f"NVML: {_describe(exc)}")
 
     try:
         driver: str | None = None
@@ -421,12 +448,13 @@ def probe_nvml(notes: list[str]) -> tuple[str | None, list[GpuInfo]] | None:
             notes.append(f"NVML could not read the driver version: {_describe(exc)}")
             log.debug("nvmlSystemGetDriverVersion failed", exc_info=True)
         gpus = [_nvml_gpu(pynvml, index, notes) for index in range(int(pynvml.nvmlDeviceGetCount()))]
-        return driver, gpus
-    # Count and handle lookups are required; if they fail the NVML view is unusable, so fall back.
+        return DriverReply(driver, tuple(gpus))
+    # Count and handle lookups are required; if they fail the NVML view is unusable, so fall back. The driver
+    # did answer nvmlInit, so this is not "no driver".
     except Exception as exc:
         notes.append(f"NVML query failed: {_describe(exc)}")
         log.debug("NVML query failed", exc_info=True)
-        return None
+        return DriverReply(driver=driver)
     finally:
         try:
             pynvml.nvmlShutdown()
@@ -467,6 +495,131 @@ def _nvml_gpu(pynvml: Any, index: int, notes: list[str]) -> GpuInfo:
         compute_capability=capability,
         source="nvml",
     )
+
+
+# ------------------------------------------------------------- the driver without a Python binding
+
+
+@dataclass(frozen=True)
+class DriverAccess:
+    """Where to ask the NVIDIA driver when this Python has no pynvml (tests point these at fakes).
+
+    ``path``: the PATH to find ``nvidia-smi`` in (None: this process's PATH). ``nvidia-smi`` comes with the
+    driver on Linux and Windows. ``proc_version``: the kernel module's version file (Linux).
+    """
+
+    path: str | None = None
+    proc_version: Path = Path("/proc/driver/nvidia/version")
+    timeout_s: float = 20.0
+
+
+DEFAULT_DRIVER_ACCESS = DriverAccess()
+
+# compute_cap exists since driver 510; older ones refuse the whole query, so it is asked for separately.
+_SMI_FIELDS = ("index", "name", "memory.total", "memory.free", "driver_version")
+_SMI_NA = ("[N/A]", "[Not Supported]", "N/A", "")
+
+
+def _smi_int(value: str) -> int | None:
+    value = value.strip()
+    if value in _SMI_NA:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+def _smi_capability(value: str) -> tuple[int, int] | None:
+    match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", value)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _run_smi(exe: str, fields: tuple[str, ...], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [exe, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def _first_line(*texts: str) -> str:
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                return line.strip()
+    return ""
+
+
+def probe_nvidia_smi(notes: list[str], access: DriverAccess | None = None) -> DriverReply | None:
+    """GPUs and driver version from ``nvidia-smi``; ``None`` when it is not on the PATH (nothing to ask with)."""
+    access = access or DEFAULT_DRIVER_ACCESS
+    exe = shutil.which("nvidia-smi", path=access.path)
+    if exe is None:
+        notes.append("nvidia-smi not found on the PATH")
+        return None
+    try:
+        proc = _run_smi(exe, (*_SMI_FIELDS, "compute_cap"), access.timeout_s)
+        with_capability = proc.returncode == 0
+        if not with_capability and "compute_cap" in proc.stdout + proc.stderr:
+            proc = _run_smi(exe, _SMI_FIELDS, access.timeout_s)  # a driver older than 510
+    # A hung nvidia-smi is itself a sign of a driver in trouble; one that cannot start says why.
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("nvidia-smi failed", exc_info=True)
+        timed_out = isinstance(exc, subprocess.TimeoutExpired)
+        reason = f"timed out after {access.timeout_s:g} s" if timed_out else _describe(exc)
+        notes.append(f"nvidia-smi failed: {reason}")
+        return DriverReply(error=f"nvidia-smi {reason}")
+    if proc.returncode != 0:
+        reason = _first_line(proc.stdout, proc.stderr) or f"exit status {proc.returncode}"
+        notes.append(f"nvidia-smi failed: {reason}")
+        return DriverReply(error=f"nvidia-smi: {reason}")
+    gpus: list[GpuInfo] = []
+    driver: str | None = None
+    for row in csv.reader(proc.stdout.splitlines(), skipinitialspace=True):
+        if len(row) < len(_SMI_FIELDS):
+            continue
+        index, name, total, free, version = (cell.strip() for cell in row[: len(_SMI_FIELDS)])
+        capability = row[len(_SMI_FIELDS)] if with_capability and len(row) > len(_SMI_FIELDS) else ""
+        driver = driver or (version if version not in _SMI_NA else None)
+        position = _smi_int(index)
+        gpus.append(
+            GpuInfo(
+                index=position if position is not None else len(gpus),
+                name=name or f"NVIDIA GPU {len(gpus)}",
+                vendor=_vendor_from_name(name, "nvidia"),
+                total_mb=_smi_int(total),
+                free_mb=_smi_int(free),
+                compute_capability=_smi_capability(capability),
+                source="nvidia-smi",
+            )
+        )
+    if not gpus:
+        notes.append("nvidia-smi listed no GPU")
+    return DriverReply(driver, tuple(gpus))
+
+
+def read_proc_driver_version(access: DriverAccess | None = None) -> DriverReply | None:
+    """The loaded kernel module's version (Linux). No ``/proc/driver`` at all: ``None`` (cannot tell)."""
+    path = (access or DEFAULT_DRIVER_ACCESS).proc_version
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        if path.parent.parent.is_dir():
+            return DriverReply(error=f"the nvidia kernel module is not loaded (no {path})")
+        return None
+    except OSError:  # unreadable: cannot tell, like no /proc
+        log.debug("cannot read %s", path, exc_info=True)
+        return None
+    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  ..." (or "... Open Kernel Module for x86_64 ...")
+    match = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+(?:\.\d+)+)", text) or re.search(
+        r"\b(\d{3}\.\d+(?:\.\d+)?)\b", text
+    )
+    return DriverReply(driver=match.group(1) if match else _first_line(text) or "unknown version")
 
 
 # ------------------------------------------------------------------------------------------- xFormers
@@ -636,13 +789,22 @@ def probe_xformers(
 # ------------------------------------------------------------------------------------------- together
 
 
-def probe_system(*, use_nvml: bool = True, use_torch: bool = True, allow_cuda_init: bool = True) -> SystemFacts:
+def probe_system(
+    *,
+    use_nvml: bool = True,
+    use_torch: bool = True,
+    allow_cuda_init: bool = True,
+    driver_access: DriverAccess | None = None,
+) -> SystemFacts:
     """Gather everything; never raises for a missing or broken component.
 
-    GPUs come from NVML first (no CUDA initialisation, exact driver view), then torch, then none.
-    ``allow_cuda_init=False`` keeps torch from initialising CUDA (A1111's preload runs before the host
-    does); torch then reports only availability and device count.
+    GPUs come from NVML first (no CUDA initialisation, exact driver view), then ``nvidia-smi`` (the same
+    driver, for a Python without pynvml), then torch, then none. The driver version also comes from the
+    kernel module (``/proc``) when nothing else can ask. ``allow_cuda_init=False`` keeps torch from
+    initialising CUDA (A1111's preload runs before the host does); torch then reports only availability
+    and device count. ``driver_access``: where nvidia-smi and /proc are (default :data:`DEFAULT_DRIVER_ACCESS`).
     """
+    access = driver_access or DEFAULT_DRIVER_ACCESS
     notes: list[str] = []
     torch_info: TorchInfo | None = None
     if use_torch:
@@ -650,17 +812,32 @@ def probe_system(*, use_nvml: bool = True, use_torch: bool = True, allow_cuda_in
     else:
         notes.append("torch not probed (use_torch=False)")
 
-    nvidia_driver: str | None = None
     gpus: list[GpuInfo] = []
-    gpu_source: Literal["nvml", "torch", "none"] = "none"
+    gpu_source: Literal["nvml", "nvidia-smi", "torch", "none"] = "none"
+    replies: list[tuple[Literal["nvml", "nvidia-smi", "proc"], DriverReply]] = []
     if use_nvml:
-        nvml = probe_nvml(notes)
+        nvml = _ask_nvml(notes)
         if nvml is not None:
-            nvidia_driver, gpus = nvml
-            if gpus:
-                gpu_source = "nvml"
-            else:
+            replies.append(("nvml", nvml))
+            if nvml.gpus:
+                gpus, gpu_source = list(nvml.gpus), "nvml"
+            elif nvml.error is None:
                 notes.append("NVML found no GPU")
+        if not gpus:
+            smi = probe_nvidia_smi(notes, access)
+            if smi is not None:
+                replies.append(("nvidia-smi", smi))
+                if smi.gpus:
+                    gpus, gpu_source = list(smi.gpus), "nvidia-smi"
+        if not any(reply.driver for _, reply in replies) and not any(reply.error for _, reply in replies):
+            # Nothing could ask the driver itself: the kernel module at least says whether it is loaded.
+            proc = read_proc_driver_version(access)
+            if proc is not None:
+                replies.append(("proc", proc))
+    answered = next(((source, reply) for source, reply in replies if reply.driver), None)
+    nvidia_driver = answered[1].driver if answered else None
+    driver_source = answered[0] if answered else None
+    driver_error = None if answered else next((reply.error for _, reply in replies if reply.error), None)
     if not gpus and use_torch:
         gpus = _torch_gpus(torch_info, notes, allow_cuda_init=allow_cuda_init)
         if gpus:
@@ -686,17 +863,24 @@ def probe_system(*, use_nvml: bool = True, use_torch: bool = True, allow_cuda_in
         gpus=tuple(gpus),
         gpu_source=gpu_source,
         notes=tuple(notes),
+        nvidia_driver_error=driver_error,
+        nvidia_driver_source=driver_source,
     )
 
 
 __all__ = [
+    "DEFAULT_DRIVER_ACCESS",
+    "DriverAccess",
+    "DriverReply",
     "GpuInfo",
     "SystemFacts",
     "TorchInfo",
     "XformersInfo",
+    "probe_nvidia_smi",
     "probe_nvml",
     "probe_system",
     "probe_torch",
     "probe_xformers",
+    "read_proc_driver_version",
     "torch_build_matches",
 ]

@@ -8,6 +8,7 @@ defaults fill the Optim accordion.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,17 @@ from typing import Literal
 from lib_optim.checker import CheckInput, Finding, RuntimeFacts, Severity, run_checks
 from lib_optim.hostkinds import HostKind
 from lib_optim.settings import Attention, GenerationSettings, Tri
-from lib_optim.webui_user import EditResult, apply_block, parse_launch_config, remove_block, render_block
+from lib_optim.webui_user import (
+    EXTENSION_NAME,
+    EditResult,
+    apply_block,
+    block_body,
+    edit_lock,
+    parse_launch_config,
+    read_block,
+    remove_block,
+    render_block,
+)
 
 A1111 = HostKind.A1111
 FORGE = HostKind.FORGE
@@ -261,20 +272,34 @@ def resolve(profile: Profile, host: HostKind, *, directml: bool = False, windows
     return HostProfile(tuple(flags), {}, generation, "DirectML (AMD/Intel on Windows).")
 
 
-def launch_line(hp: HostProfile, kind: str = "sh") -> str:
-    """The exact COMMANDLINE_ARGS line (and variables) a user can paste into webui-user."""
-    args = " ".join(hp.flags)
-    if kind == "bat":
-        lines = [f"set COMMANDLINE_ARGS={args}"] + [f"set {k}={v}" for k, v in hp.env.items()]
-    else:
-        lines = [f'export COMMANDLINE_ARGS="{args}"'] + [f'export {k}="{v}"' for k, v in hp.env.items()]
-    return "\n".join(lines)
+def launch_line(hp: HostProfile, kind: Literal["sh", "bat"] = "sh") -> str:
+    """The lines a user can paste into webui-user: exactly what ``profile apply`` writes between its markers.
+
+    The flags are appended to the file's own COMMANDLINE_ARGS (``"$COMMANDLINE_ARGS ..."``), so pasting
+    them keeps the user's arguments. Empty when the profile sets nothing before start-up on this host.
+    """
+    return "\n".join(block_body(kind, list(hp.flags), dict(hp.env)))
+
+
+def nothing_to_write(profile: Profile, host: HostKind, hp: HostProfile) -> str:
+    """What to say when ``hp`` has no launch flags and no variables (e.g. Forge: all per generation)."""
+    defaults = ", ".join(f"{k}={v}" for k, v in hp.generation.non_default().items())
+    return (
+        f"Profile {profile.name} sets no launch flags or environment variables on {host.display_name}: "
+        "nothing to put in webui-user. Its per-generation defaults"
+        + (f" ({defaults})" if defaults else "")
+        + " apply through the Optim accordion, or at start-up with --optim-profile "
+        + profile.name
+        + "."
+    )
 
 
 @dataclass(frozen=True)
 class ApplyOutcome:
     edit: EditResult
     findings: list[Finding]  # the checker's findings for the resulting launch configuration
+    # Things the user should know: hand edits the new block replaces, nothing to write for this host, ...
+    notes: tuple[str, ...] = ()
 
 
 def file_kind(path: Path) -> Literal["sh", "bat"]:
@@ -294,30 +319,87 @@ def apply_profile(
     directml: bool = False,
     dry_run: bool = False,
     facts: RuntimeFacts | None = None,
+    create: bool = False,
+    force: bool = False,
 ) -> ApplyOutcome:
     """Write ``profile``'s block into the webui-user file at ``path`` (backup first; idempotent).
 
     Refuses — writing nothing — when the resulting launch configuration would stop the WebUI from
     starting (e.g. the user's own COMMANDLINE_ARGS already has another flag of a Forge exclusive group).
+    A profile that sets nothing before start-up on ``host`` writes no block (and removes an old one).
+    ``create``: make the file if it is missing (else WebuiUserError); ``force``: write a read-only file.
+    The whole read-check-write holds the file's edit lock, so two applies never interleave.
     """
     kind = file_kind(path)
     hp = resolve(profile, host, directml=directml, windows=kind == "bat")
-    block = render_block(kind, profile.name, list(hp.flags), dict(hp.env))
-    preview = apply_block(path, block, dry_run=True)
-    findings = _check_text(preview.new_text, kind, host, facts, path)
-    errors = [f for f in findings if f.severity is Severity.ERROR]
-    if errors:
-        listed = "; ".join(f"{f.subject}: {f.message}" for f in errors)
+    if not path.exists() and not create:
         raise ProfileError(
-            f"[Optim] profile {profile.name!r} was not written to {path}: the result would not start — {listed}"
+            f"[Optim] --file: {str(path)!r} does not exist; nothing written (pass --create to make a new file)"
         )
-    edit = preview if dry_run else apply_block(path, block, dry_run=False)
-    return ApplyOutcome(edit, findings)
+    with contextlib.nullcontext() if dry_run else edit_lock(path):
+        notes = _hand_edits(path, kind)
+        if not hp.flags and not hp.env:
+            edit = remove_block(path, dry_run=dry_run, force=force)
+            notes.append(nothing_to_write(profile, host, hp))
+            if edit.changed:
+                notes.append("The old block is removed: none of it applies to this profile.")
+            return ApplyOutcome(edit, _check_text(edit.new_text, kind, host, facts, path), tuple(notes))
+        block = render_block(kind, profile.name, list(hp.flags), dict(hp.env))
+        preview = apply_block(path, block, dry_run=True, create=create)
+        findings = _check_text(preview.new_text, kind, host, facts, path)
+        errors = [f for f in findings if f.severity is Severity.ERROR]
+        if errors:
+            listed = "; ".join(f"{f.subject}: {f.message}" for f in errors)
+            raise ProfileError(
+                f"[Optim] profile {profile.name!r} was not written to {path}: the result would not start — {listed}"
+            )
+        edit = preview if dry_run else apply_block(path, block, dry_run=False, create=create, force=force)
+        return ApplyOutcome(edit, findings, tuple(notes))
 
 
-def remove_profile(path: Path, *, dry_run: bool = False) -> EditResult:
+def remove_profile(path: Path, *, dry_run: bool = False, force: bool = False) -> EditResult:
     file_kind(path)
-    return remove_block(path, dry_run=dry_run)
+    return remove_block(path, dry_run=dry_run, force=force)
+
+
+def _renderings(kind: Literal["sh", "bat"], name: str) -> list[list[str]]:
+    """Every body this version could have written for the profile ``name`` (all hosts, with DirectML or not)."""
+    profile = PROFILES.get(name)
+    if profile is None:
+        return []
+    bodies: list[list[str]] = []
+    for host in profile.hosts:
+        for directml in (False, True):
+            try:
+                hp = resolve(profile, host, directml=directml, windows=kind == "bat")
+            except ProfileError:
+                continue  # no DirectML variant of this profile, or none on this host
+            bodies.append(block_body(kind, list(hp.flags), dict(hp.env)))
+    return bodies
+
+
+def _hand_edits(path: Path, kind: Literal["sh", "bat"]) -> list[str]:
+    """A warning naming the lines of our block that no profile writes (edited by hand), if any."""
+    found = read_block(path) if path.exists() else None
+    if found is None:
+        return []
+    info, body = found
+    bodies = _renderings(kind, info.profile_name)
+    if body in bodies:
+        return []
+    ours = {line for b in bodies for line in b}
+    foreign = [line for line in body if line not in ours]
+    where = f"{path}:{info.start_line}-{info.end_line}"
+    if not foreign:
+        return [
+            f"Warning: the {EXTENSION_NAME} block ({where}) was changed by hand (lines removed or reordered); "
+            "it is replaced as a whole (the backup keeps it)."
+        ]
+    listed = "; ".join(repr(line) for line in foreign)
+    return [
+        f"Warning: the {EXTENSION_NAME} block ({where}) has lines no profile writes, edited by hand: {listed}. "
+        "They are replaced (the backup keeps them); put your own lines outside the block."
+    ]
 
 
 def _check_text(

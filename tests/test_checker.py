@@ -648,10 +648,55 @@ FIRES: list[Case] = [
     fires(
         "no-nvidia-driver",
         FORGE,
-        facts=RuntimeFacts(nvidia_gpu_expected=True, nvidia_driver=None),
+        facts=RuntimeFacts(
+            nvidia_gpu_expected=True,
+            nvidia_driver_error="nvidia-smi: NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
+            "driver.",
+        ),
         severity=ERROR,
         subject="NVIDIA driver",
-        mentions=("NVML does not answer",),
+        mentions=("its driver does not answer (nvidia-smi: NVIDIA-SMI has failed", "missing or broken"),
+    ),
+    # Issue 9 row 2: a Python without pynvml, CUDA torch or nvidia-smi cannot ask; that says nothing of the driver.
+    fires(
+        "no-nvidia-driver",
+        A1111,
+        facts=RuntimeFacts(nvidia_gpu_expected=True),
+        severity=INFO,
+        subject="NVIDIA driver",
+        mentions=("this Python cannot ask its driver",),
+        fix_mentions=("venv/bin/python", "venv\\Scripts\\python"),
+        name="no-nvidia-driver-cannot-ask",
+    ),
+    # Issue 9 row 17: a CUDA torch on a machine without an NVIDIA GPU needs the CPU flags, not another torch.
+    fires(
+        "torch-without-cuda",
+        FORGE,
+        facts=RuntimeFacts(torch_has_cuda=True, cuda_available=False, nvidia_gpu_expected=False),
+        severity=ERROR,
+        subject="torch",
+        mentions=("torch cannot reach a CUDA GPU",),
+        fix_mentions=("no NVIDIA GPU", "profile apply cpu", "--always-cpu --skip-torch-cuda-test"),
+        name="torch-without-cuda-cpu-only-box",
+    ),
+    fires(
+        "torch-without-cuda",
+        A1111,
+        "--skip-torch-cuda-test",
+        facts=RuntimeFacts(torch_has_cuda=True, cuda_available=False, nvidia_gpu_expected=False),
+        severity=WARNING,
+        subject="torch",
+        fix_mentions=("no NVIDIA GPU", "--use-cpu all --no-half"),
+        name="torch-without-cuda-cpu-only-box-skipped-test",
+    ),
+    fires(
+        "torch-without-cuda",
+        FORGE,
+        facts=RuntimeFacts(torch_has_cuda=True, cuda_available=False, nvidia_gpu_expected=True, nvidia_driver="550.54"),
+        severity=ERROR,
+        subject="torch",
+        fix_mentions=("check that the NVIDIA driver works",),
+        name="torch-without-cuda-gpu-present",
     ),
 ]
 
@@ -756,6 +801,19 @@ NEAR_MISSES: list[Case] = [
     ),
     Case("no-nvidia-driver", A1111, facts=NVIDIA_86),
     Case("no-nvidia-driver", A1111, facts=RuntimeFacts(nvidia_gpu_expected=False), name="no-nvidia-gpu"),
+    Case(
+        "no-nvidia-driver",
+        A1111,
+        facts=RuntimeFacts(nvidia_gpu_expected=True, nvidia_driver="550.54"),
+        name="driver-answered-without-pynvml",  # e.g. through nvidia-smi or the kernel module
+    ),
+    Case(
+        "no-nvidia-driver",
+        FORGE,
+        ("--always-cpu",),
+        facts=RuntimeFacts(nvidia_gpu_expected=True, nvidia_driver_error="NVML: Driver Not Loaded"),
+        name="cpu-on-purpose-with-a-broken-driver",
+    ),
 ]
 
 

@@ -162,10 +162,14 @@ def test_check_clean(ext: Path) -> None:
 
 
 def test_check_without_double_dash_is_a_usage_error(ext: Path) -> None:
-    # Launch flags go after "--"; without it they are the CLI's own (unknown) options.
+    # Launch flags go after "--"; without it they are the CLI's own (unknown) options. Issue 9 row 18: say so.
     result = run_cli("check", "--host", "a1111", "--no-env", "--medvram", "--use-cuda-dsa", cwd=ext)
     assert result.rc == EX_USAGE, result
     assert "unrecognized arguments: --medvram --use-cuda-dsa" in result.err
+    assert "WebUI launch flags go after `--`: python -m lib_optim check --host a1111 -- --medvram --use-cuda-dsa" in (
+        result.err
+    )
+    assert result.out == ""
 
 
 def test_check_json(ext: Path) -> None:
@@ -297,19 +301,61 @@ def test_check_file_sees_the_shell_environment(ext: Path, work: Path) -> None:
 def test_bad_host_is_a_usage_error(ext: Path) -> None:
     result = run_cli("check", "--host", "bogus", "--", "--medvram", cwd=ext)
     assert result.rc == EX_USAGE, result
-    assert "--host" in result.err
-    assert "'bogus'" in result.err
-    for allowed in ("a1111", "forge", "forge-previous", "auto"):
-        assert allowed in result.err
+    # Issue 9 row 21: the option is named once ("--host: host: 'bogus'" before).
+    assert "error: --host: 'bogus' is not a known WebUI; allowed: a1111, forge, forge-previous, reforge; or auto" in (
+        result.err
+    )
+    assert result.err.count("host:") == 1
     assert result.out == ""
 
 
-def test_auto_host_outside_a_webui_is_a_usage_error(ext: Path) -> None:
-    result = run_cli("check", "--", "--medvram", cwd=ext)
+def test_auto_host_outside_a_webui_covers_both_hosts(ext: Path) -> None:
+    # Issue 9 row 1: a clone of this repository has no WebUI around it; check still answers, for both hosts.
+    result = run_cli("check", "--no-env", "--", "--medvram", cwd=ext)
+    assert result.rc == 1, result  # Forge ignores --medvram: a warning
+    note = result.out.splitlines()[0]
+    assert note.startswith("No WebUI checkout found around ")
+    assert note.count(str(ext.resolve())) == 1  # the folder is named once (it was printed twice)
+    assert "showing AUTOMATIC1111 WebUI v1.10 and WebUI Forge f2" in note
+    assert "Pass --host a1111, --host forge or --host forge-previous for yours only." in note
+    assert "for AUTOMATIC1111 WebUI v1.10" in result.out
+    assert "1 finding(s) for WebUI Forge f2:" in result.out
+    assert "[warning] --medvram  (ignored-by-host)" in result.out
+
+    as_json = run_cli("check", "--no-env", "--json", "--", "--medvram", cwd=ext)
+    data = as_json.json()
+    assert data["host"] is None
+    assert data["hosts"] == ["a1111", "forge"]
+    assert data["note"] == note
+    assert data["argv"] == ["--medvram"]
+    assert {(f["host"], f["rule"], f["subject"]) for f in data["findings"]} >= {
+        ("forge", "ignored-by-host", "--medvram")
+    }
+    assert all(f["rule"] in RULES for f in data["findings"])
+    assert as_json.rc == _expected_exit(data["findings"]) == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("check", "--host", "bogus", "--json"),  # our own usage error
+        ("check", "--json", "--no-such-option"),  # argparse's
+        ("check", "--json", "--medvram"),  # launch flag without --
+        ("profile", "show", "9gb", "--json"),
+        ("profile", "show", "24gb", "--host", "forge", "--directml", "--json"),  # a bad combination
+        ("doctor", "--json", "--file", "missing-webui-user.sh"),
+        ("bench", "--json", "--shapes", ","),
+    ],
+    ids=["bad-host", "bad-option", "no-double-dash", "bad-profile", "directml-24gb", "missing-file", "no-shapes"],
+)
+def test_json_errors_are_json_and_exit_64(ext: Path, argv: tuple[str, ...]) -> None:
+    # Issue 9 rows 1 and 20: --json always prints JSON, errors too, and every usage error exits 64.
+    result = run_cli(*argv, cwd=ext)
     assert result.rc == EX_USAGE, result
-    assert "--host" in result.err
-    assert "auto found no WebUI checkout" in result.err
-    assert "pass --host a1111, --host forge or --host forge-previous" in result.err
+    data = result.json()
+    assert set(data) == {"error", "exit_code"}
+    assert data["exit_code"] == EX_USAGE
+    assert data["error"] in result.err  # the same message, for people, on stderr
 
 
 @pytest.mark.parametrize(
@@ -398,18 +444,38 @@ def test_doctor(ext: Path) -> None:
 
     text = run_cli("doctor", "--host", "forge", cwd=ext)
     assert text.rc == as_json.rc, text
-    assert f"Recommended profile: {recommended['name']}" in text.out
+    assert f"Recommended profile: {recommended['name']} ({recommended['reason']})" in text.out
     assert recommended["commandline"] in text.out
     assert f"python -m lib_optim profile apply {recommended['name']} --file" in text.out
     if recommended["name"] == "cpu":
-        expected = "set COMMANDLINE_ARGS=" if sys.platform == "win32" else 'export COMMANDLINE_ARGS="'
+        # Appended to the user's own arguments, never replacing them (issue 9 row 13).
+        expected = (
+            "set COMMANDLINE_ARGS=%COMMANDLINE_ARGS% "
+            if sys.platform == "win32"
+            else ('export COMMANDLINE_ARGS="$COMMANDLINE_ARGS ')
+        )
         assert f"{expected}--always-cpu --skip-torch-cuda-test" in text.out
 
 
-def test_doctor_outside_a_webui_needs_a_host(ext: Path) -> None:
+def test_doctor_outside_a_webui_covers_both_hosts(ext: Path) -> None:
+    # Issue 9 row 1: the README's first command, from a clone with no WebUI around it.
     result = run_cli("doctor", cwd=ext)
-    assert result.rc == EX_USAGE, result
-    assert "--host" in result.err
+    assert result.rc in (0, 1, 2), result
+    assert "No WebUI checkout found around" in result.out
+    assert "for AUTOMATIC1111 WebUI v1.10" in result.out
+    assert "for WebUI Forge f2" in result.out
+    assert "Recommended profile: " in result.out
+    assert "On AUTOMATIC1111 WebUI v1.10:" in result.out
+    assert "On WebUI Forge f2:" in result.out
+
+    as_json = run_cli("doctor", "--json", cwd=ext)
+    data = as_json.json()
+    assert data["host"] is None
+    assert data["hosts"] == ["a1111", "forge"]
+    assert set(data["recommended_profile"]["by_host"]) == {"a1111", "forge"}
+    assert data["recommended_profile"]["name"] in PROFILES
+    assert {f["host"] for f in data["findings"]} <= {"a1111", "forge"}
+    assert as_json.rc == _expected_exit(data["findings"]) == result.rc
 
 
 # --- profile list / show ---------------------------------------------------------------------------------
@@ -463,8 +529,9 @@ def test_profile_show_directml_on_forge(ext: Path) -> None:
 
 
 def test_profile_show_directml_on_a1111_is_refused(ext: Path) -> None:
+    # A bad combination of options is a usage error (issue 9 row 20).
     result = run_cli("profile", "show", "8gb-low", "--host", "a1111", "--directml", cwd=ext)
-    assert result.rc == 1, result
+    assert result.rc == EX_USAGE, result
     assert "A1111" in result.err
     assert "no DirectML" in result.err
     assert result.out == ""
@@ -472,7 +539,7 @@ def test_profile_show_directml_on_a1111_is_refused(ext: Path) -> None:
 
 def test_profile_show_directml_for_a_big_card_is_refused(ext: Path) -> None:
     result = run_cli("profile", "show", "24gb", "--host", "forge", "--directml", cwd=ext)
-    assert result.rc == 1, result
+    assert result.rc == EX_USAGE, result
     assert "'24gb'" in result.err
     assert "8gb-low" in result.err
 

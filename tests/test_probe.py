@@ -12,9 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_nvidia_smi import FAILED_DRIVER, skip_reason, write_fake_nvidia_smi
 from fake_nvml import FakeMemory, FakeNVMLError, fake_pynvml, names, names_missing_from
 
-from lib_optim.probe import GpuInfo, SystemFacts, probe_system, probe_xformers, torch_build_matches
+from lib_optim import probe
+from lib_optim.probe import (
+    DriverAccess,
+    DriverReply,
+    GpuInfo,
+    SystemFacts,
+    probe_nvidia_smi,
+    probe_system,
+    probe_xformers,
+    read_proc_driver_version,
+    torch_build_matches,
+)
 
 MB = 1024 * 1024
 
@@ -100,6 +112,14 @@ def cpp_lib_for(torch_version: str, cuda: int | None = 1201, python: str | None 
         },
         "env": {"TORCH_CUDA_ARCH_LIST": "6.0+PTX 7.0 7.5 8.0+PTX 9.0a"},
     }
+
+
+@pytest.fixture(autouse=True)
+def no_driver_tools(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DriverAccess:
+    """No nvidia-smi and no /proc/driver unless a test brings fakes: the machine's own must not leak in."""
+    access = DriverAccess(path="", proc_version=tmp_path / "no-proc" / "driver" / "nvidia" / "version")
+    monkeypatch.setattr(probe, "DEFAULT_DRIVER_ACCESS", access)
+    return access
 
 
 @pytest.fixture
@@ -460,3 +480,120 @@ def test_best_gpu_memory_and_serialisation() -> None:
     assert "gradio   3.41.2" in text
     assert "note     a note" in text
     assert text.count("\nGPU ") == 3
+
+
+# ------------------------------------------------------------- the driver without pynvml (issue 9 row 2)
+
+needs_fake_smi = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+
+
+@needs_fake_smi
+def test_nvidia_smi_reads_gpus_and_driver(tmp_path: Path) -> None:
+    write_fake_nvidia_smi(
+        tmp_path / "bin",
+        [
+            ("NVIDIA GeForce RTX 3060", 12288, 11893, "550.54.14", "8.6"),
+            ("NVIDIA A100-SXM4-80GB", 81920, 81000, "550.54.14", "8.0"),
+        ],
+    )
+    notes: list[str] = []
+    reply = probe_nvidia_smi(notes, DriverAccess(path=str(tmp_path / "bin")))
+    assert reply == DriverReply(
+        "550.54.14",
+        (
+            GpuInfo(0, "NVIDIA GeForce RTX 3060", "nvidia", 12288, 11893, (8, 6), "nvidia-smi"),
+            GpuInfo(1, "NVIDIA A100-SXM4-80GB", "nvidia", 81920, 81000, (8, 0), "nvidia-smi"),
+        ),
+    )
+    assert notes == []
+
+
+@needs_fake_smi
+def test_nvidia_smi_of_an_old_driver_without_compute_cap(tmp_path: Path) -> None:
+    write_fake_nvidia_smi(tmp_path, [("Tesla P40", 24576, 24000, "470.82.01", "6.1")], old_driver=True)
+    reply = probe_nvidia_smi([], DriverAccess(path=str(tmp_path)))
+    assert reply is not None
+    assert reply.driver == "470.82.01"
+    assert [(g.name, g.total_mb, g.compute_capability) for g in reply.gpus] == [("Tesla P40", 24576, None)]
+
+
+@needs_fake_smi
+def test_nvidia_smi_that_cannot_reach_the_driver(tmp_path: Path) -> None:
+    write_fake_nvidia_smi(tmp_path, fail=FAILED_DRIVER)
+    notes: list[str] = []
+    reply = probe_nvidia_smi(notes, DriverAccess(path=str(tmp_path)))
+    assert reply == DriverReply(error=f"nvidia-smi: {FAILED_DRIVER}")
+    assert notes == [f"nvidia-smi failed: {FAILED_DRIVER}"]
+
+
+def test_no_nvidia_smi_is_not_an_answer(tmp_path: Path) -> None:
+    notes: list[str] = []
+    assert probe_nvidia_smi(notes, DriverAccess(path=str(tmp_path))) is None
+    assert notes == ["nvidia-smi not found on the PATH"]
+
+
+@needs_fake_smi
+def test_system_without_pynvml_and_torch_asks_nvidia_smi(
+    tmp_path: Path, no_nvml: None, no_torch: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_fake_nvidia_smi(tmp_path / "bin")
+    access = DriverAccess(path=str(tmp_path / "bin"), proc_version=tmp_path / "none" / "driver" / "nvidia" / "version")
+    facts = probe_system(driver_access=access)
+    assert facts.gpu_source == "nvidia-smi"
+    assert facts.best_gpu_memory_mb() == 12288
+    assert (facts.nvidia_driver, facts.nvidia_driver_source, facts.nvidia_driver_error) == (
+        "550.54.14",
+        "nvidia-smi",
+        None,
+    )
+    text = facts.format_text()
+    assert "NVIDIA GeForce RTX 3060 [nvidia], 12288 MB (11893 MB free), sm 8.6, via nvidia-smi" in text
+    assert "Driver   NVIDIA 550.54.14 (via nvidia-smi)" in text
+
+
+PROC_PROPRIETARY = (
+    "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n"
+    "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n"
+)
+PROC_OPEN = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  560.35.03  Release Build  (dvs-builder@U16)\n"
+
+
+@pytest.mark.parametrize(("text", "version"), [(PROC_PROPRIETARY, "550.54.14"), (PROC_OPEN, "560.35.03")])
+def test_proc_driver_version(tmp_path: Path, text: str, version: str) -> None:
+    path = tmp_path / "proc" / "driver" / "nvidia" / "version"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    assert read_proc_driver_version(DriverAccess(proc_version=path)) == DriverReply(driver=version)
+
+
+def test_proc_without_the_nvidia_module(tmp_path: Path) -> None:
+    (tmp_path / "proc" / "driver").mkdir(parents=True)  # Linux, but the nvidia module is not loaded
+    path = tmp_path / "proc" / "driver" / "nvidia" / "version"
+    reply = read_proc_driver_version(DriverAccess(proc_version=path))
+    assert reply is not None and reply.driver is None
+    assert reply.error == f"the nvidia kernel module is not loaded (no {path})"
+    # No /proc/driver at all (not Linux): nothing to tell.
+    assert read_proc_driver_version(DriverAccess(proc_version=tmp_path / "x" / "driver" / "nvidia" / "version")) is None
+
+
+def test_system_asks_the_kernel_module_when_nothing_else_can(tmp_path: Path, no_nvml: None) -> None:
+    path = tmp_path / "proc" / "driver" / "nvidia" / "version"
+    path.parent.mkdir(parents=True)
+    path.write_text(PROC_PROPRIETARY)
+    facts = probe_system(use_torch=False, driver_access=DriverAccess(path="", proc_version=path))
+    assert (facts.nvidia_driver, facts.nvidia_driver_source, facts.nvidia_driver_error) == ("550.54.14", "proc", None)
+    assert facts.gpus == ()
+
+
+def test_nvml_failure_is_the_driver_not_answering(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, _ = make_fake_pynvml(fail={"nvmlInit": FakeNVMLError("Driver Not Loaded")})
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    facts = probe_system(use_torch=False)
+    assert facts.nvidia_driver is None
+    assert facts.nvidia_driver_error == "NVML: Driver Not Loaded"
+    assert "Driver   no NVIDIA driver answered (NVML: Driver Not Loaded)" in facts.format_text()
+
+
+def test_nothing_to_ask_with_is_no_error(no_nvml: None) -> None:
+    facts = probe_system(use_torch=False)
+    assert (facts.nvidia_driver, facts.nvidia_driver_error) == (None, None)

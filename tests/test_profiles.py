@@ -21,7 +21,7 @@ from lib_optim.profiles import (
     remove_profile,
     resolve,
 )
-from lib_optim.webui_user import BACKUP_INFIX, find_block, read_launch_config
+from lib_optim.webui_user import BACKUP_INFIX, find_block, parse_launch_config, read_launch_config
 
 A1111 = HostKind.A1111
 FORGE = HostKind.FORGE
@@ -88,9 +88,15 @@ def test_resolved_flags_are_known_to_the_host_and_start(case: tuple[str, HostKin
     findings = run_checks(CheckInput(host, list(hp.flags), dict(hp.env)))
     errors = [f for f in findings if f.severity is Severity.ERROR]
     assert errors == []
-    # The same through the text a user would paste (COMMANDLINE_ARGS goes through shlex.split).
-    line = launch_line(hp, "sh")
-    assert line.splitlines()[0] == f'export COMMANDLINE_ARGS="{" ".join(hp.flags)}"'
+    # The same through the text a user would paste: appended to their own COMMANDLINE_ARGS, never replacing it.
+    for kind in ("sh", "bat"):
+        pasted = launch_line(hp, kind)
+        if not hp.flags and not hp.env:
+            assert pasted == ""
+            continue
+        config = parse_launch_config(pasted + "\n", kind, base_env={"COMMANDLINE_ARGS": "--api"})
+        assert config.commandline_args == ["--api", *hp.flags]
+        assert {k: config.process_env()[k.upper() if kind == "bat" else k] for k in hp.env} == dict(hp.env)
 
 
 @pytest.mark.parametrize("case", _resolved_cases(), ids=_case_id)
@@ -367,9 +373,14 @@ def test_switching_profiles_replaces_the_block(tmp_path: Path) -> None:
     assert path.read_bytes() == SH_ORIGINAL
 
 
-def test_apply_creates_a_missing_file(tmp_path: Path) -> None:
+def test_apply_creates_a_missing_file_only_when_asked(tmp_path: Path) -> None:
     path = tmp_path / "webui-user.sh"
-    outcome = apply_profile(path, PROFILES["cpu"], FORGE)
+    with pytest.raises(ProfileError, match=r"does not exist.*--create"):
+        apply_profile(path, PROFILES["cpu"], FORGE)
+    with pytest.raises(ProfileError, match=r"does not exist.*--create"):
+        apply_profile(path, PROFILES["cpu"], FORGE, dry_run=True)
+    assert list(tmp_path.iterdir()) == []
+    outcome = apply_profile(path, PROFILES["cpu"], FORGE, create=True)
     assert outcome.edit.changed
     assert outcome.edit.backup_path is None
     assert read_launch_config(path).commandline_args == ["--always-cpu", "--skip-torch-cuda-test"]
@@ -418,7 +429,7 @@ def test_dry_run_writes_nothing(tmp_path: Path, name: str, original: bytes) -> N
 
 def test_dry_run_does_not_create_a_file(tmp_path: Path) -> None:
     path = tmp_path / "webui-user.bat"
-    outcome = apply_profile(path, PROFILES["8gb-medium"], FORGE, dry_run=True)
+    outcome = apply_profile(path, PROFILES["8gb-medium"], FORGE, dry_run=True, create=True)
     assert outcome.edit.changed
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
@@ -486,11 +497,68 @@ def test_cmd_files_count_as_bat(tmp_path: Path) -> None:
 def test_launch_line() -> None:
     hp = resolve(PROFILES["8gb-low"], FORGE)
     alloc = hp.env["PYTORCH_CUDA_ALLOC_CONF"]
+    # What a user pastes keeps their own COMMANDLINE_ARGS (issue 9 row 13: it used to replace them).
     assert launch_line(hp, "sh").splitlines() == [
-        'export COMMANDLINE_ARGS="--attention-quad --disable-xformers"',
+        'export COMMANDLINE_ARGS="$COMMANDLINE_ARGS --attention-quad --disable-xformers"',
         f'export PYTORCH_CUDA_ALLOC_CONF="{alloc}"',
     ]
     assert launch_line(hp, "bat").splitlines() == [
-        "set COMMANDLINE_ARGS=--attention-quad --disable-xformers",
+        "set COMMANDLINE_ARGS=%COMMANDLINE_ARGS% --attention-quad --disable-xformers",
         f"set PYTORCH_CUDA_ALLOC_CONF={alloc}",
     ]
+    # Nothing before start-up on this host: nothing to paste at all, not an empty COMMANDLINE_ARGS.
+    assert launch_line(resolve(PROFILES["8gb-medium"], FORGE), "sh") == 'export PYTORCH_CUDA_ALLOC_CONF="' + (
+        resolve(PROFILES["8gb-medium"], FORGE).env["PYTORCH_CUDA_ALLOC_CONF"] + '"'
+    )
+    assert launch_line(resolve(PROFILES["12gb"], FORGE), "sh") == ""
+    assert launch_line(resolve(PROFILES["12gb"], FORGE), "bat") == ""
+
+
+# --- issue 9: nothing to write, hand edits ------------------------------------------------------------------
+
+
+def test_profile_with_nothing_for_the_host_writes_no_block(tmp_path: Path) -> None:
+    # 12gb on Forge sets only per-generation defaults: no empty block (row 13).
+    path = _write(tmp_path, "webui-user.sh", SH_ORIGINAL)
+    outcome = apply_profile(path, PROFILES["12gb"], FORGE)
+    assert not outcome.edit.changed
+    assert path.read_bytes() == SH_ORIGINAL
+    assert _backups(path) == []
+    assert outcome.notes == (
+        "Profile 12gb sets no launch flags or environment variables on WebUI Forge f2: nothing to put in "
+        "webui-user. Its per-generation defaults (attention=sdp, inference_memory_mb=1024) apply through the "
+        "Optim accordion, or at start-up with --optim-profile 12gb.",
+    )
+    # Switching to it from a profile that wrote a block: that block no longer applies and goes.
+    apply_profile(path, PROFILES["8gb-low"], FORGE)
+    switched = apply_profile(path, PROFILES["12gb"], FORGE)
+    assert switched.edit.changed
+    assert find_block(path) is None
+    assert path.read_bytes() == SH_ORIGINAL
+    assert "The old block is removed: none of it applies to this profile." in switched.notes
+
+
+def test_hand_edits_inside_the_block_are_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, "webui-user.sh", SH_ORIGINAL)
+    apply_profile(path, PROFILES["8gb-low"], FORGE)
+    # Switching profiles replaces a block as written: nothing to warn about.
+    assert apply_profile(path, PROFILES["8gb-medium"], A1111).notes == ()
+    edited = path.read_text().replace("# <<< sd-webui-optim", 'export MY_CKPT_DIR="/data/models"\n# <<< sd-webui-optim')
+    path.write_text(edited)
+    outcome = apply_profile(path, PROFILES["12gb"], A1111)
+    (note,) = outcome.notes
+    assert note.startswith(f"Warning: the sd-webui-optim block ({path}:8-12) has lines no profile writes")
+    assert "'export MY_CKPT_DIR=\"/data/models\"'" in note
+    assert "put your own lines outside the block" in note
+    assert outcome.edit.backup_path is not None
+    assert 'MY_CKPT_DIR="/data/models"' in outcome.edit.backup_path.read_text()  # the backup keeps them
+    assert "MY_CKPT_DIR" not in path.read_text()
+
+
+def test_lines_removed_from_the_block_are_noticed(tmp_path: Path) -> None:
+    path = _write(tmp_path, "webui-user.sh", SH_ORIGINAL)
+    apply_profile(path, PROFILES["8gb-low"], FORGE)
+    text = path.read_text()
+    path.write_text("\n".join(line for line in text.splitlines() if "ALLOC_CONF" not in line) + "\n")
+    (note,) = apply_profile(path, PROFILES["8gb-low"], FORGE).notes
+    assert "was changed by hand (lines removed or reordered)" in note

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -617,7 +619,7 @@ def test_backup_never_overwritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
             return _Now()
 
-    monkeypatch.setattr(wu, "datetime", FixedDatetime)
+    monkeypatch.setattr(wu.block, "datetime", FixedDatetime)
     result = apply_block(path, SH_BLOCK)
     assert taken.read_text() == "old backup"
     assert result.backup_path is not None and result.backup_path != taken
@@ -706,3 +708,274 @@ def test_tokens_as_host_sees_them() -> None:
     value = "--a \"b c\" 'd e' f\\ g"
     cfg = parse_launch_config(f"export COMMANDLINE_ARGS={shlex.quote(value)}\n", "sh")
     assert cfg.commandline_args == shlex.split(value) == ["--a", "b c", "d e", "f g"]
+
+
+# --- Issue 9: what bash and cmd really do with the file, and editing it safely ---------------------------
+
+CRLF_SH = (
+    '#!/bin/bash\r\nexport COMMANDLINE_ARGS="--xformers"\r\n'
+    'python_cmd="python3"\r\nexport PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128\r\n'
+)
+
+
+def test_crlf_sh_keeps_the_carriage_return_like_bash_and_warns() -> None:
+    cfg = parse_launch_config(CRLF_SH, "sh", source="/x/webui-user.sh")
+    # bash keeps the CR in every value; shlex (the host's split) treats it as whitespace in the arguments.
+    assert cfg.env["python_cmd"] == "python3\r"
+    assert cfg.env["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128\r"
+    assert cfg.commandline_args == ["--xformers"]
+    (note,) = [n for n in cfg.notes if n.subject == "line endings"]
+    assert note.severity == "warning"
+    assert "CRLF" in note.message
+    assert "COMMANDLINE_ARGS, PYTORCH_CUDA_ALLOC_CONF, python_cmd end with it" in note.message
+    assert "dos2unix webui-user.sh" in note.fix
+    assert "sed -i 's/\\r$//' webui-user.sh" in note.fix
+    assert not [n for n in parse_launch_config(CRLF_SH.replace("\r\n", "\n"), "sh").notes]
+
+
+@pytest.mark.skipif(_bash() is None, reason="needs bash")
+def test_crlf_sh_reader_and_block_match_real_bash(tmp_path: Path) -> None:
+    path = tmp_path / "webui-user.sh"
+    path.write_bytes(CRLF_SH.encode())
+    cfg = read_launch_config(path)
+    args, seen = _bash_truth(path, ["PYTORCH_CUDA_ALLOC_CONF"])
+    assert cfg.commandline_args == args
+    assert seen["PYTORCH_CUDA_ALLOC_CONF"] == cfg.process_env()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128\r"
+
+    block = render_block(
+        "sh", "8gb-low", ["--medvram"], {"PYTORCH_CUDA_ALLOC_CONF": "garbage_collection_threshold:0.6"}
+    )
+    apply_block(path, block)
+    data = path.read_bytes()
+    assert data.startswith(CRLF_SH.encode())  # the user's lines are untouched
+    assert b"\r" not in data[len(CRLF_SH) :]  # our block has LF ends, which bash reads right in any file
+    args, seen = _bash_truth(path, ["PYTORCH_CUDA_ALLOC_CONF"])
+    assert args == ["--xformers", "--medvram"]
+    assert seen["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.6"
+    assert read_launch_config(path).process_env()["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.6"
+    remove_block(path)
+    assert path.read_bytes() == CRLF_SH.encode()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        'call "%~dp0webui.bat"',
+        "call %~dp0webui.bat",
+        'call "%~dp0\\webui.bat" %*',
+        "CALL .\\webui.bat %*",
+        "@call webui",
+        "webui.bat",
+        "cd /d %~dp0 && call webui.bat",
+        'start "" webui.bat',
+    ],
+)
+def test_bat_hand_over_forms(tmp_path: Path, call: str) -> None:
+    assert wu.hands_over(call)
+    text = f"@echo off\r\nset COMMANDLINE_ARGS=--api\r\n{call}\r\nset COMMANDLINE_ARGS=--after-the-webui-exits\r\n"
+    path = tmp_path / "webui-user.bat"
+    path.write_bytes(text.encode())
+    assert read_launch_config(path).commandline_args == ["--api"]  # the line after the call does not count
+    apply_block(path, BAT_BLOCK)
+    lines = path.read_bytes().decode().split("\r\n")
+    assert lines[lines.index(call) - 1] == "@REM <<< sd-webui-optim <<<"
+    assert read_launch_config(path).commandline_args == ["--api", "--medvram", "--opt-sdp-attention"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["rem call webui.bat", "echo call webui.bat", "call webui-user.bat", "call my-webui.bat", "set X=webui.bat"],
+)
+def test_bat_hand_over_near_misses(line: str) -> None:
+    assert not wu.hands_over(line)
+
+
+def test_bat_delayed_expansion() -> None:
+    text = (
+        "@echo off\r\nsetlocal enabledelayedexpansion\r\nset ATT=--attention-pytorch\r\n"
+        'set COMMANDLINE_ARGS=!ATT! --api !UNDEFINED!\r\nset "BANG=x^!"\r\ncall webui.bat\r\n'
+    )
+    cfg = parse_launch_config(text, "bat")
+    assert cfg.commandline_args == ["--attention-pytorch", "--api"]
+    assert cfg.env["BANG"] == "x!"
+    # Without setlocal enabledelayedexpansion cmd leaves !ATT! as it is.
+    plain = parse_launch_config(text.replace("setlocal enabledelayedexpansion", "setlocal"), "bat")
+    assert plain.commandline_args == ["!ATT!", "--api", "!UNDEFINED!"]
+    # endlocal throws away what was set since setlocal.
+    scoped = parse_launch_config("setlocal\r\nset A=1\r\nendlocal\r\nset B=2\r\n", "bat")
+    assert scoped.process_env() == {"B": "2"}
+
+
+def test_sh_conditions_and_command_substitution_are_noted() -> None:
+    text = (
+        'export COMMANDLINE_ARGS="--api"\n'
+        'export USER_DIR="/home/$(whoami)"\n'
+        "if [ -d /opt/cuda ]; then\n"
+        '    export COMMANDLINE_ARGS="$COMMANDLINE_ARGS --xformers"\n'
+        "    export CUDA_HOME=/opt/cuda\n"
+        "fi\n"
+        '[ -f ~/.lowvram ] && export COMMANDLINE_ARGS="$COMMANDLINE_ARGS --lowvram"\n'
+        "export A=1\n"
+    )
+    cfg = parse_launch_config(text, "sh", source="webui-user.sh")
+    assert cfg.commandline_args == ["--api", "--xformers", "--lowvram"]  # counted, in file order
+    assert cfg.conditional_flags == {"--xformers": 3, "--lowvram": 7}
+    assert cfg.conditional_vars == {"CUDA_HOME": 3}
+    by_subject = {n.subject: n for n in cfg.notes}
+    assert by_subject["$(whoami)"].severity == "info"
+    assert by_subject["$(whoami)"].line_no == 2
+    assert "is not run by the checker" in by_subject["$(whoami)"].message
+    assert "inside a condition (line 3)" in by_subject["CUDA_HOME"].message
+    assert by_subject["--xformers --lowvram"].severity == "info"
+    assert [a.conditional for a in cfg.assignments if a.name == "A"] == [False]
+
+
+def test_bat_conditions_are_noted() -> None:
+    text = (
+        "@echo off\r\nset COMMANDLINE_ARGS=--api\r\nif exist C:\\cuda (\r\n"
+        "  set COMMANDLINE_ARGS=%COMMANDLINE_ARGS% --xformers\r\n) else (\r\n  set B=2\r\n)\r\n"
+        'if "%X%"=="" set C=3\r\nset D=4\r\ncall webui.bat\r\n'
+    )
+    cfg = parse_launch_config(text, "bat")
+    assert cfg.commandline_args == ["--api", "--xformers"]
+    assert cfg.conditional_flags == {"--xformers": 3}
+    assert cfg.conditional_vars == {"B": 5, "C": 8}
+    assert cfg.env["D"] == "4" and "D" not in cfg.conditional_vars
+
+
+def test_read_only_file_is_refused_unless_forced(tmp_path: Path) -> None:
+    path = tmp_path / "webui-user.sh"
+    path.write_text(A1111_SH)
+    path.chmod(0o444)
+    with pytest.raises(wu.WriteRefused, match=r"is read-only \(mode -r--r--r--\).*--force"):
+        apply_block(path, SH_BLOCK)
+    assert path.read_text() == A1111_SH
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["webui-user.sh"]  # no backup, no lock left
+    result = apply_block(path, SH_BLOCK, force=True)
+    assert result.changed
+    assert path.stat().st_mode & 0o777 == 0o444
+    assert find_block(path) is not None
+    with pytest.raises(wu.WriteRefused, match="read-only"):
+        remove_block(path)
+    assert find_block(path) is not None
+    remove_block(path, force=True)
+    assert path.read_text() == A1111_SH
+
+
+def test_hard_links_keep_sharing_the_text(tmp_path: Path) -> None:
+    path = tmp_path / "webui-user.sh"
+    path.write_text(A1111_SH)
+    other = tmp_path / "shared-webui-user.sh"
+    os.link(path, other)
+    inode = path.stat().st_ino
+    apply_block(path, SH_BLOCK)
+    assert path.stat().st_ino == inode
+    assert other.read_text() == path.read_text() == A1111_SH + SH_BLOCK
+
+
+def test_owner_kept_when_it_cannot_be_given_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a user who may not chown, a renamed new file would change the owner: the file is rewritten in place.
+    if not hasattr(os, "chown"):
+        pytest.skip("POSIX owners")
+    path = tmp_path / "webui-user.sh"
+    path.write_text(A1111_SH)
+    inode = path.stat().st_ino
+
+    def refuse(*_args: object) -> None:
+        raise PermissionError("not permitted")
+
+    real_stat = os.stat
+
+    def other_owner(target: object, *args: object, **kwargs: object) -> os.stat_result:
+        st = real_stat(target, *args, **kwargs)  # type: ignore[arg-type]
+        if str(target) == str(path):
+            fields = list(st)
+            fields[4] += 1  # st_uid: someone else's file
+            return os.stat_result(fields)
+        return st
+
+    monkeypatch.setattr(os, "chown", refuse)
+    monkeypatch.setattr(os, "stat", other_owner)
+    apply_block(path, SH_BLOCK)
+    monkeypatch.undo()
+    assert path.stat().st_ino == inode
+    assert path.read_text() == A1111_SH + SH_BLOCK
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to own files as others")
+def test_root_keeps_owner_group_and_mode(tmp_path: Path) -> None:
+    path = tmp_path / "webui-user.sh"
+    path.write_text(A1111_SH)
+    os.chown(path, 4321, 4322)
+    path.chmod(0o640)
+    result = apply_block(path, SH_BLOCK)
+    for written in (path, result.backup_path):
+        assert written is not None
+        st = written.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (4321, 4322, 0o640), written
+    removed = remove_block(path)
+    assert removed.backup_path is not None
+    assert (path.stat().st_uid, removed.backup_path.stat().st_uid) == (4321, 4321)
+
+
+def test_a_second_edit_refuses_while_the_first_holds_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "webui-user.sh"
+    path.write_text(A1111_SH)
+    outcome: list[object] = []
+    with wu.edit_lock(path):
+        assert (tmp_path / ("webui-user.sh" + wu.LOCK_SUFFIX)).exists()
+        # Another thread is another edit: it may not go ahead while this one holds the file.
+        worker = threading.Thread(target=lambda: outcome.append(_try_apply(path, timeout=0)))
+        worker.start()
+        worker.join()
+        # The holder itself may edit (the lock is re-entrant in its thread).
+        apply_block(path, SH_BLOCK)
+    assert isinstance(outcome[0], wu.WriteRefused)
+    assert "another edit of this file is still running" in str(outcome[0])
+    assert path.read_text() == A1111_SH + SH_BLOCK
+    assert not (tmp_path / ("webui-user.sh" + wu.LOCK_SUFFIX)).exists()
+
+
+def test_a_second_edit_waits_for_the_first(tmp_path: Path) -> None:
+    path = tmp_path / "webui-user.sh"
+    path.write_text(A1111_SH)
+    waiting = threading.Event()
+
+    class Signal(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for another edit" in record.getMessage():
+                waiting.set()
+
+    handler = Signal()
+    logging.getLogger("lib_optim").addHandler(handler)
+    outcome: list[object] = []
+    try:
+        with wu.edit_lock(path):
+            worker = threading.Thread(target=lambda: outcome.append(_try_apply(path, timeout=60)))
+            worker.start()
+            assert waiting.wait(60)  # it has seen the lock and waits: release it now
+        worker.join(60)
+    finally:
+        logging.getLogger("lib_optim").removeHandler(handler)
+    assert outcome and not isinstance(outcome[0], Exception), outcome
+    assert path.read_text() == A1111_SH + SH_BLOCK
+
+
+def _try_apply(path: Path, *, timeout: float) -> object:
+    try:
+        return apply_block(path, SH_BLOCK, lock_timeout=timeout)
+    except wu.WriteRefused as exc:
+        return exc
+
+
+def test_huge_or_wrong_files_are_refused_without_reading_them(tmp_path: Path) -> None:
+    path = tmp_path / "webui-user.sh"
+    with path.open("wb") as fh:
+        fh.truncate(50 * 1024 * 1024)  # sparse: 50 MB that cost nothing to make
+    for call in (lambda: read_launch_config(path), lambda: apply_block(path, SH_BLOCK), lambda: find_block(path)):
+        with pytest.raises(WebuiUserError, match=r"is 50\.0 MB, but a webui-user file is a few KB"):
+            call()
+    folder = tmp_path / "folder.sh"
+    folder.mkdir()
+    with pytest.raises(WebuiUserError, match="is a directory"):
+        read_launch_config(folder)

@@ -1,0 +1,267 @@
+"""``python -m lib_optim`` with real webui-user files and a new user's mistakes (issue 9), in subprocesses.
+
+Same setting as test_cli.py: a copy of the package alone, outside any WebUI unless a test makes one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import EX_USAGE, _backups, _base_env, _fake_webui, _install, run_cli
+
+from lib_optim.webui_user import LOCK_SUFFIX, edit_lock, find_block
+
+SH = b'#!/bin/bash\nexport COMMANDLINE_ARGS="--api"\n'
+
+
+@pytest.fixture(scope="module")
+def ext(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _install(tmp_path_factory.mktemp("clone") / "sd-webui-optim")
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work"
+
+
+# --- what bash / cmd really do with the file ---------------------------------------------------------------
+
+
+def test_crlf_sh_is_a_warning_and_apply_writes_lf(ext: Path, work: Path) -> None:
+    path = work / "webui-user.sh"
+    original = b'#!/bin/bash\r\nexport COMMANDLINE_ARGS="--xformers"\r\n'
+    path.write_bytes(original)
+    result = run_cli("check", "--host", "a1111", "--no-env", "--json", "--file", path, cwd=ext)
+    assert result.rc == 1, result  # it was "No problems found"
+    (finding,) = result.json()["findings"]
+    assert (finding["rule"], finding["severity"], finding["subject"]) == ("launcher-file", "warning", "line endings")
+    assert "CRLF" in finding["message"]
+    assert "dos2unix webui-user.sh" in finding["fix"]
+
+    applied = run_cli("profile", "apply", "8gb-high", "--host", "a1111", "--file", path, cwd=ext)
+    assert applied.rc == 0, applied
+    data = path.read_bytes()
+    assert data.startswith(original)
+    assert b"\r" not in data[len(original) :]
+
+
+def test_bat_call_with_dp0_gets_the_block_before_it(ext: Path, work: Path) -> None:
+    path = work / "webui-user.bat"
+    path.write_bytes(
+        b'@echo off\r\nset COMMANDLINE_ARGS=--api\r\ncall "%~dp0webui.bat"\r\nset COMMANDLINE_ARGS=--use-cuda-dsa\r\n'
+    )
+    check = run_cli("check", "--host", "a1111", "--no-env", "--json", "--file", path, cwd=ext)
+    assert check.rc == 0, check  # the line after the call runs only after the WebUI exits
+    assert check.json()["argv"] == ["--api"]
+    assert run_cli("profile", "apply", "8gb-high", "--host", "a1111", "--file", path, cwd=ext).rc == 0
+    lines = path.read_bytes().decode().split("\r\n")
+    assert lines[lines.index('call "%~dp0webui.bat"') - 1] == "@REM <<< sd-webui-optim <<<"
+    again = run_cli("check", "--host", "a1111", "--no-env", "--json", "--file", path, cwd=ext)
+    assert again.json()["argv"] == ["--api", "--opt-sdp-attention"]
+
+
+def test_bat_delayed_expansion_is_no_false_error(ext: Path, work: Path) -> None:
+    path = work / "webui-user.bat"
+    path.write_bytes(
+        b"@echo off\r\nsetlocal enabledelayedexpansion\r\nset ATT=--attention-pytorch\r\n"
+        b"set COMMANDLINE_ARGS=!ATT!\r\ncall webui.bat\r\n"
+    )
+    result = run_cli("check", "--host", "forge", "--no-env", "--json", "--file", path, cwd=ext)
+    assert result.rc == 0, result  # it was a false bad-flag-value error, exit 2
+    assert result.json()["argv"] == ["--attention-pytorch"]
+
+
+def test_conditions_and_command_substitutions_are_shown(ext: Path, work: Path) -> None:
+    path = work / "webui-user.sh"
+    path.write_text(
+        'export COMMANDLINE_ARGS="--api"\nexport HF_HOME="/home/$(whoami)/hf"\n'
+        'if [ -d /opt/cuda ]; then\n    export COMMANDLINE_ARGS="$COMMANDLINE_ARGS --medvram"\nfi\n'
+    )
+    result = run_cli("check", "--host", "forge", "--no-env", "--json", "--file", path, cwd=ext)
+    assert result.rc == 1, result
+    findings = {(f["rule"], f["subject"]): f for f in result.json()["findings"]}
+    whoami = findings[("launcher-file", "$(whoami)")]
+    assert whoami["severity"] == "info"
+    assert whoami["message"].startswith(f"{path}:2: ")
+    condition = findings[("launcher-file", "--medvram")]
+    assert condition["severity"] == "info"
+    assert condition["message"].startswith(f"{path}:3: --medvram is set inside a condition (line 3)")
+    medvram = findings[("ignored-by-host", "--medvram")]
+    assert f"This may apply: it is set inside a condition at {path}:3." in medvram["message"]
+
+
+# --- files that are not there, not files, too big, read-only, busy -----------------------------------------
+
+
+def test_apply_to_a_misspelt_file_is_refused_unless_create(ext: Path, work: Path) -> None:
+    (work / "webui-user.sh").write_bytes(SH)
+    typo = work / "webui-users.sh"
+    result = run_cli("profile", "apply", "12gb", "--host", "a1111", "--file", typo, cwd=ext)
+    assert result.rc == EX_USAGE, result
+    assert f"--file: {str(typo)!r} does not exist (did you mean {str(work / 'webui-user.sh')!r}?)" in result.err
+    assert not typo.exists()
+    created = run_cli("profile", "apply", "12gb", "--host", "a1111", "--file", typo, "--create", cwd=ext)
+    assert created.rc == 0, created
+    assert find_block(typo) is not None
+
+    removed = run_cli("profile", "remove", "--file", work / "nope.sh", cwd=ext)
+    assert removed.rc == EX_USAGE, removed
+    assert "does not exist" in removed.err
+
+
+def test_a_directory_is_named_as_one(ext: Path, work: Path) -> None:
+    folder = work / "some-directory"
+    folder.mkdir()
+    for argv in (("check", "--host", "forge"), ("doctor", "--host", "forge"), ("profile", "remove")):
+        result = run_cli(*argv, "--file", folder, cwd=ext)
+        assert result.rc == EX_USAGE, result
+        assert "is a directory" in result.err
+        assert "does not exist" not in result.err
+
+
+def test_a_huge_file_is_refused_at_once(ext: Path, work: Path) -> None:
+    path = work / "webui-user.sh"
+    with path.open("wb") as fh:
+        fh.truncate(50 * 1024 * 1024)
+    result = run_cli("check", "--host", "forge", "--file", path, cwd=ext)
+    assert result.rc == EX_USAGE, result
+    assert "is 50.0 MB, but a webui-user file is a few KB" in result.err
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_read_only_file_needs_force(ext: Path, work: Path) -> None:
+    path = work / "webui-user.sh"
+    path.write_bytes(SH)
+    path.chmod(0o444)
+    refused = run_cli("profile", "apply", "12gb", "--host", "a1111", "--file", path, cwd=ext)
+    assert refused.rc == 1, refused
+    assert "is read-only" in refused.err
+    assert "--force" in refused.err
+    assert path.read_bytes() == SH
+    assert _backups(path) == []
+    forced = run_cli("profile", "apply", "12gb", "--host", "a1111", "--file", path, "--force", cwd=ext)
+    assert forced.rc == 0, forced
+    assert find_block(path) is not None
+    assert path.stat().st_mode & 0o777 == 0o444
+
+
+def test_a_second_apply_waits_for_the_first(ext: Path, work: Path) -> None:
+    # Two real processes: this one holds the file's edit lock as a running apply would; the CLI must wait
+    # (and say so) rather than write over it, then do its work once the lock is free.
+    path = work / "webui-user.sh"
+    path.write_bytes(SH)
+    with edit_lock(path):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lib_optim", "profile", "apply", "12gb", "--host", "a1111", "--file", str(path)],
+            cwd=ext,
+            env=_base_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # blocks until the CLI has seen the lock
+        assert line.startswith("[Optim] waiting for another edit of"), line
+        assert path.read_bytes() == SH  # nothing written while we hold it
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (out, err)
+    assert "profile 12gb written" in out
+    assert find_block(path) is not None
+    assert not (work / f"webui-user.sh{LOCK_SUFFIX}").exists()
+
+
+# --- profile show / apply: what to paste, nothing to write, hand edits, no host -----------------------------
+
+
+def test_profile_show_never_wipes_the_users_arguments(ext: Path) -> None:
+    result = run_cli("profile", "show", "8gb-medium", "--host", "forge", cwd=ext)
+    assert result.rc == 0, result
+    assert 'COMMANDLINE_ARGS=""' not in result.out
+    assert "COMMANDLINE_ARGS" not in result.out  # 8gb-medium has no Forge flags, only the allocator setting
+    assert "PYTORCH_CUDA_ALLOC_CONF" in result.out
+    nothing = run_cli("profile", "show", "12gb", "--host", "forge", cwd=ext)
+    assert "sets no launch flags or environment variables on WebUI Forge f2: nothing to put in webui-user" in (
+        nothing.out
+    )
+    flags = run_cli("profile", "show", "12gb", "--host", "a1111", cwd=ext)
+    assert 'export COMMANDLINE_ARGS="$COMMANDLINE_ARGS --opt-sdp-attention"' in flags.out or sys.platform == "win32"
+
+
+def test_apply_with_nothing_for_the_host_writes_no_block(ext: Path, work: Path) -> None:
+    path = work / "webui-user.sh"
+    path.write_bytes(SH)
+    result = run_cli("profile", "apply", "12gb", "--host", "forge", "--file", path, cwd=ext)
+    assert result.rc == 0, result
+    assert "nothing to put in webui-user" in result.out
+    assert "Nothing to change." in result.out
+    assert path.read_bytes() == SH
+
+
+def test_hand_edits_are_named_before_they_are_replaced(ext: Path, work: Path) -> None:
+    path = work / "webui-user.sh"
+    path.write_bytes(SH)
+    assert run_cli("profile", "apply", "8gb-high", "--host", "a1111", "--file", path, cwd=ext).rc == 0
+    path.write_text(path.read_text().replace("# <<< sd-webui-optim", "export MINE=1\n# <<< sd-webui-optim"))
+    result = run_cli("profile", "apply", "12gb", "--host", "a1111", "--file", path, cwd=ext)
+    assert result.rc == 0, result
+    assert "has lines no profile writes, edited by hand: 'export MINE=1'" in result.out
+
+
+def test_profile_show_outside_a_webui_covers_both_hosts(ext: Path) -> None:
+    result = run_cli("profile", "show", "8gb-low", cwd=ext)
+    assert result.rc == 0, result
+    assert result.out.startswith("No WebUI checkout found around")
+    assert "on AUTOMATIC1111 WebUI v1.10" in result.out
+    assert "on WebUI Forge f2" in result.out
+    data = run_cli("profile", "show", "8gb-low", "--json", cwd=ext).json()
+    assert data["host"] is None
+    assert data["by_host"]["a1111"]["flags"] == ["--medvram", "--opt-sub-quad-attention"]
+    assert data["by_host"]["forge"]["flags"] == ["--attention-quad", "--disable-xformers"]
+
+
+def test_profile_apply_outside_a_webui_asks_for_the_host(ext: Path, work: Path) -> None:
+    path = work / "webui-user.sh"
+    path.write_bytes(SH)
+    result = run_cli("profile", "apply", "8gb-low", "--file", path, cwd=ext)
+    assert result.rc == EX_USAGE, result
+    assert f"--host: no WebUI checkout around {work.resolve()}" in result.err
+    assert "pass --host a1111, --host forge or --host forge-previous" in result.err
+    assert path.read_bytes() == SH
+    # Inside a WebUI the file's folder says which host it is (test_cli covers that); reForge has no profiles.
+    root = _fake_webui(work / "webui", "a1111")
+    inside = root / "webui-user.sh"
+    inside.write_bytes(SH)
+    assert run_cli("profile", "apply", "8gb-low", "--file", inside, "--dry-run", cwd=ext).rc == 0
+
+
+# --- bench: usage errors before any work --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("bench", "--shapes", ","), "--shapes: no shape in ','; allowed: sd15-512, sd15-768, sdxl-1024"),
+        (("bench", "--plot", "chart.png"), "--plot: matplotlib is not installed in this Python"),
+        (("bench",), "bench needs torch, which this Python"),
+    ],
+    ids=["no-shapes", "plot-without-matplotlib", "no-torch"],
+)
+def test_bench_usage_errors(ext: Path, argv: tuple[str, ...], message: str) -> None:
+    # -S: this interpreter without its site-packages, so without torch and matplotlib.
+    proc = subprocess.run(
+        [sys.executable, "-S", "-m", "lib_optim", *argv],
+        cwd=ext,
+        env=_base_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == EX_USAGE, proc
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

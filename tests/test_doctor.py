@@ -1,0 +1,115 @@
+"""lib_optim.doctor on machines with a GPU this Python cannot fully see (issue 9 row 2): never "broken", never cpu."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from fake_nvidia_smi import FAILED_DRIVER, skip_reason, write_fake_nvidia_smi
+
+from lib_optim.checker import Finding
+from lib_optim.doctor import UNKNOWN_SIZE_PROFILE, doctor, exact_figures_hint, recommend_profile, webui_python
+from lib_optim.hostkinds import HostKind
+from lib_optim.probe import DriverAccess, GpuInfo, SystemFacts, TorchInfo, probe_system
+
+needs_fake_smi = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+CPU_TORCH = TorchInfo("2.3.1+cpu", None, None, False, False, 0)
+CUDA_TORCH = TorchInfo("2.3.1+cu121", "12.1", None, True, False, 1)
+
+
+def facts(
+    *,
+    torch: TorchInfo | None = None,
+    gpus: tuple[GpuInfo, ...] = (),
+    driver: str | None = None,
+    error: str | None = None,
+) -> SystemFacts:
+    return SystemFacts(
+        python="3.10.14",
+        platform="Linux",
+        torch=torch,
+        xformers=None,
+        directml=False,
+        gradio=None,
+        nvidia_driver=driver,
+        gpus=gpus,
+        gpu_source="nvidia-smi" if gpus else "none",
+        notes=(),
+        nvidia_driver_error=error,
+    )
+
+
+@pytest.fixture
+def bare_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This Python has neither pynvml nor torch (the system Python most people type first)."""
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setitem(sys.modules, "torch", None)
+
+
+def _rules(findings: list[Finding]) -> dict[str, str]:
+    return {f.rule: f.severity.value for f in findings}
+
+
+@needs_fake_smi
+def test_gpu_seen_through_nvidia_smi(tmp_path: Path, bare_python: None) -> None:
+    write_fake_nvidia_smi(tmp_path / "bin")
+    system = probe_system(driver_access=DriverAccess(path=str(tmp_path / "bin"), proc_version=tmp_path / "p" / "v"))
+    report = doctor(HostKind.FORGE, system, env={}, pci=lambda: True)
+    assert report.profile == "12gb"
+    assert report.profile_reason == "for the NVIDIA GeForce RTX 3060 (12288 MB)"
+    assert "no-nvidia-driver" not in _rules(report.findings)
+
+
+def test_gpu_on_the_bus_that_this_python_cannot_ask(tmp_path: Path, bare_python: None) -> None:
+    nothing = DriverAccess(path="", proc_version=tmp_path / "p" / "driver" / "nvidia" / "version")
+    report = doctor(HostKind.A1111, probe_system(driver_access=nothing), env={}, pci=lambda: True)
+    assert report.profile == UNKNOWN_SIZE_PROFILE != "cpu"
+    assert "cannot read its memory" in report.profile_reason
+    assert _rules(report.findings)["no-nvidia-driver"] == "info"  # unknown, not "missing or broken"
+    assert report.hint is not None and "-m lib_optim doctor" in report.hint
+    assert "--use-cpu" not in report.commandline
+
+
+@needs_fake_smi
+def test_a_driver_that_does_not_answer_is_an_error_but_still_no_cpu_profile(tmp_path: Path, bare_python: None) -> None:
+    write_fake_nvidia_smi(tmp_path, fail=FAILED_DRIVER)
+    system = probe_system(driver_access=DriverAccess(path=str(tmp_path), proc_version=tmp_path / "p" / "v"))
+    report = doctor(HostKind.FORGE, system, env={}, pci=lambda: True)
+    (finding,) = [f for f in report.findings if f.rule == "no-nvidia-driver"]
+    assert finding.severity.value == "error"
+    assert FAILED_DRIVER in finding.message
+    assert report.profile != "cpu"
+
+
+@pytest.mark.parametrize(
+    ("system", "pci", "expected"),
+    [
+        (facts(), False, "cpu"),
+        (facts(), None, "cpu"),  # not Linux and nothing seen: nothing says there is a GPU
+        (facts(error="NVML: NVML Shared Library Not Found"), False, "cpu"),  # pynvml on a CPU-only box
+        (facts(), True, UNKNOWN_SIZE_PROFILE),
+        (facts(driver="550.54.14"), None, UNKNOWN_SIZE_PROFILE),  # /proc or nvidia-smi answered, size unknown
+        (facts(gpus=(GpuInfo(0, "RTX 4090", "nvidia", 24564, None, (8, 9), "nvidia-smi"),)), None, "24gb"),
+        (facts(gpus=(GpuInfo(0, "RTX 3070", "nvidia", 8192, None, None, "nvidia-smi"),)), True, "8gb-medium"),
+    ],
+)
+def test_recommendation(system: SystemFacts, pci: bool | None, expected: str) -> None:
+    assert recommend_profile(system, pci)[0] == expected
+
+
+def test_which_python_to_run(tmp_path: Path) -> None:
+    root = tmp_path / "stable-diffusion-webui"
+    assert webui_python(root, windows=False) == f"{root}/venv/bin/python"
+    assert webui_python(root, windows=True) == f"{root}\\venv\\Scripts\\python"
+    assert webui_python(None, windows=False) == "<WebUI folder>/venv/bin/python"
+    extension = root / "extensions" / "sd-webui-optim"
+    hint = exact_figures_hint(facts(), None, root, extension)
+    assert hint is not None
+    assert "has no working torch" in hint
+    if sys.platform != "win32":
+        assert f'cd "{extension}" && "{root}/venv/bin/python" -m lib_optim doctor' in hint
+    # A CPU torch where a GPU is present is not what the WebUI runs either; a CUDA torch is.
+    assert exact_figures_hint(facts(torch=CPU_TORCH), True, root, extension) is not None
+    assert exact_figures_hint(facts(torch=CPU_TORCH), False, root, extension) is None
+    assert exact_figures_hint(facts(torch=CUDA_TORCH), True, root, extension) is None
