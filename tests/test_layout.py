@@ -109,3 +109,15 @@ def test_python_310_compatible():
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_one_logger_naming_convention():
+    """Every module logs through ``log = get_logger(__name__)`` (lib_optim.log): one tree, one prefix."""
+    import re
+
+    for path in lib_files():
+        text = path.read_text(encoding="utf-8")
+        if "get_logger(" not in text or path.name == "log.py":
+            continue
+        assert re.search(r"^log = get_logger\(__name__\)$", text, re.M), path
+        assert not re.search(r"^\w+ = (get_logger|logging\.getLogger)\((?!__name__\))", text, re.M), path

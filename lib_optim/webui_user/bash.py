@@ -19,7 +19,7 @@ from lib_optim.webui_user.model import (
     tokenise_args,
 )
 
-logger = get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass
@@ -513,7 +513,7 @@ class ShInterpreter(NoteTaker):
                 self._set(name, self._assignment_value(name, append, parts), word.line_no)
             return
         # `VAR=x cmd` only sets VAR for that one command; if/fi, function calls, source: not assignments.
-        logger.debug("%s:%d: not an assignment, ignored: %s", self.source, line_no, head)
+        log.debug("%s:%d: not an assignment, ignored: %s", self.source, line_no, head)
 
     def _plain(self, word: _Word) -> str | None:
         """The word's text if it is pure literal (keywords, option flags, names)."""

@@ -32,7 +32,7 @@ from lib_optim.webui_user.model import (
     read_launcher_bytes,
 )
 
-logger = get_logger(__name__)
+log = get_logger(__name__)
 
 EDIT_HINT = "edit with: python -m lib_optim profile ..."
 BACKUP_INFIX = ".optim-backup-"
@@ -91,7 +91,7 @@ def _check_value(kind: Kind, what: str, value: str) -> None:
         raise ValueError(f"render_block: {what} contains a line break, which a .bat `set` line cannot hold")
     if kind == "bat" and "!" in value:
         # Harmless unless delayed expansion is on, but then it would be eaten silently; keep it out.
-        logger.debug("render_block: %s contains '!', which cmd drops under delayed expansion", what)
+        log.debug("render_block: %s contains '!', which cmd drops under delayed expansion", what)
 
 
 def render_block(kind: Kind, profile_name: str, add_args: list[str], env: dict[str, str]) -> str:
@@ -267,7 +267,7 @@ def _keep_owner(target: str | Path, original: os.stat_result) -> bool:
     try:
         os.chown(target, original.st_uid, original.st_gid)
     except PermissionError:
-        logger.debug("cannot give %s the owner %d:%d", target, original.st_uid, original.st_gid, exc_info=True)
+        log.debug("cannot give %s the owner %d:%d", target, original.st_uid, original.st_gid, exc_info=True)
         return False
     return True
 
@@ -418,7 +418,7 @@ def edit_lock(
                 "try again when it has finished",
             )
         if not said:
-            logger.warning("waiting for another edit of %s to finish (lock: %s)", path, lock_path)
+            log.warning("waiting for another edit of %s to finish (lock: %s)", path, lock_path)
             said = True
         sleep(_LOCK_POLL_S)
     held.add(key)
@@ -453,7 +453,7 @@ def _check_writable(path: Path, force: bool) -> None:
     info = os.stat(path)
     if not info.st_mode & 0o222:
         if force:
-            logger.debug("%s is read-only; written anyway (force)", path)
+            log.debug("%s is read-only; written anyway (force)", path)
             return
         raise WriteRefused(
             str(path),
@@ -485,7 +485,7 @@ def _commit(path: Path, old_data: bytes | None, old_text: str, new_text: str, dr
         _write_file(path, encode_text(new_text))
     except OSError as exc:
         raise WebuiUserError(str(path), None, f"cannot write launcher config: {exc}") from exc
-    logger.info("updated %s%s", path, f" (backup: {backup.name})" if backup else "")
+    log.info("updated %s%s", path, f" (backup: {backup.name})" if backup else "")
     return EditResult(changed=True, diff=diff, backup_path=backup, new_text=new_text)
 
 
@@ -543,7 +543,7 @@ def _with_block(p: Path, kind: Kind, old_data: bytes | None, old_text: str, bloc
         call_idx = _call_webui_index(lines)
         if kind == "bat" and call_idx is not None and call_idx < existing.start_line - 1:
             # A block after `call webui.bat` has no effect on the launch: move it in front of the call.
-            logger.info("%s:%d: moving the %s block before `call webui.bat`", p, existing.start_line, EXTENSION_NAME)
+            log.info("%s:%d: moving the %s block before `call webui.bat`", p, existing.start_line, EXTENSION_NAME)
             lines = _remove_block_lines(lines, existing, kind)
         else:
             was_last = existing.end_line == len(lines) and not lines[-1].endswith("\n")

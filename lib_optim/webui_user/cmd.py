@@ -10,7 +10,7 @@ from pathlib import Path
 from lib_optim.log import get_logger
 from lib_optim.webui_user.model import Assignment, LaunchConfig, NoteTaker, added_tokens, tokenise_args
 
-logger = get_logger(__name__)
+log = get_logger(__name__)
 
 
 _BAT_REM_RE = re.compile(r"^[ \t]*@?[ \t]*rem(?=$|[\s,;=(./\\:+\[\]])", re.IGNORECASE)
@@ -304,7 +304,7 @@ class BatInterpreter(NoteTaker):
         if first == "if":
             body = _if_body(stripped, words)
             if body is None:
-                logger.debug("%s:%d: if-condition not understood, ignored: %s", self.source, line_no, stripped)
+                log.debug("%s:%d: if-condition not understood, ignored: %s", self.source, line_no, stripped)
                 return
             if body.startswith("("):
                 self.open_blocks.append(line_no)
@@ -318,7 +318,7 @@ class BatInterpreter(NoteTaker):
             if stripped.endswith("("):
                 self.open_blocks.append(line_no)
             else:
-                logger.debug("%s:%d: for-loop not interpreted: %s", self.source, line_no, stripped)
+                log.debug("%s:%d: for-loop not interpreted: %s", self.source, line_no, stripped)
             return
         if stripped.endswith(")") and self.open_blocks and stripped.count("(") < stripped.count(")"):
             # `set X=1)`: the closing parenthesis ends the block
@@ -360,12 +360,12 @@ class BatInterpreter(NoteTaker):
         m = _BAT_SET_RE.match(text)
         if not m:
             if text.strip() and not text.strip().lower().startswith(("@echo", "echo")):
-                logger.debug("%s:%d: not a set command, ignored: %s", self.source, line_no, text.strip())
+                log.debug("%s:%d: not a set command, ignored: %s", self.source, line_no, text.strip())
             return
         rest = m.group("rest")
         if rest[:1] == "/" or "=" not in rest:
             # set /a, set /p and bare `set X` (which lists variables) do not assign a literal value.
-            logger.debug("%s:%d: set form not interpreted: %s", self.source, line_no, text.strip())
+            log.debug("%s:%d: set form not interpreted: %s", self.source, line_no, text.strip())
             return
         if rest.startswith('"'):
             # set "NAME=value" ...: the value ends at the last quote, anything after it is ignored.

@@ -13,7 +13,7 @@ from typing import Literal
 
 from lib_optim.log import get_logger
 
-logger = get_logger(__name__)
+log = get_logger(__name__)
 
 Kind = Literal["sh", "bat"]
 NoteSeverity = Literal["info", "warning"]
@@ -145,7 +145,7 @@ class NoteTaker:
         self.notes.append(FileNote(line_no, severity, subject, message, fix))
         where = f"{self.source}:{line_no}" if line_no is not None else self.source
         self.warnings.append(f"{where}: {message}")
-        logger.debug("%s: %s", where, message)
+        log.debug("%s: %s", where, message)
 
     def note_conditional(self, subject: str, line: int) -> None:
         self.note(
