@@ -206,7 +206,7 @@ PROFILES: dict[str, Profile] = {
 }
 
 AUTO = "auto"
-_DIRECTML_PROFILES = ("8gb-low", "8gb-medium", "8gb-high", "8gb-xl")
+_DIRECTML_PROFILES = ("8gb-low", "8gb-medium", "8gb-high", "8gb-xl")  # the keys of _DIRECTML below
 
 
 def choose_auto(gpu_total_mb: int | None) -> str:
@@ -259,17 +259,36 @@ def resolve(profile: Profile, host: HostKind, *, directml: bool = False, windows
             "[Optim] --directml: stock A1111 v1.10 has no DirectML support; use Forge (host forge) or the "
             "DirectML fork of A1111"
         )
-    # DirectML: no CUDA allocator settings, no xformers; sub-quadratic attention is the frugal choice there.
-    flags = ["--directml", "--attention-quad"]
-    if profile.name in ("8gb-low", "8gb-xl"):
-        flags.append("--always-low-vram")
-    generation = GenerationSettings(
-        enabled=True,
-        attention=Attention.SUB_QUAD,
-        vae_on_cpu=base.generation.vae_on_cpu,
-        inference_memory_mb=base.generation.inference_memory_mb if host is FORGE else None,
-    )
-    return HostProfile(tuple(flags), {}, generation, "DirectML (AMD/Intel on Windows).")
+    flags, attention, budget = _DIRECTML[profile.name]
+    generation = GenerationSettings(enabled=True, attention=attention, inference_memory_mb=budget)
+    return HostProfile(flags, {}, generation, _DIRECTML_NOTE)
+
+
+# DirectML (AMD/Intel on Windows): the setup known to work on an RX 6600 XT 8 GB (Forge
+# "f2.0.1v1.10.1-previous-669" — that is Forge f2 at dfdcbab6, docs/hosts.md §8.3 — torch 2.4.1 with
+# torch-directml): weights offloaded (--always-low-vram, plus --always-offload-from-vram for Low), the VAE on the
+# CPU, split attention for Low/Medium and sub-quadratic for High/XL — the two attention implementations that run
+# well there (docs/hosts.md §4.8) — and a computation budget (Forge's inference memory) of about 1.8 / 2 GB, which
+# the per-generation defaults carry. No CUDA allocator settings, no xformers. --skip-torch-cuda-test: the CUDA
+# test of the launcher fails on a torch without CUDA (docs/hosts.md §2.5). That setup also passed
+# --precision full --no-half; Forge parses them and reads neither (the checker says so) — it never uses fp16 with
+# DirectML anyway (§4.8) — so they are left out.
+_DIRECTML_BASE = ("--directml", "0", "--always-low-vram")
+_DIRECTML_TAIL = ("--vae-in-cpu", "--skip-torch-cuda-test")
+_DIRECTML: dict[str, tuple[tuple[str, ...], Attention, int]] = {
+    "8gb-low": (
+        (*_DIRECTML_BASE, "--always-offload-from-vram", "--attention-split", *_DIRECTML_TAIL),
+        Attention.SPLIT,
+        1792,
+    ),
+    "8gb-medium": ((*_DIRECTML_BASE, "--attention-split", *_DIRECTML_TAIL), Attention.SPLIT, 2048),
+    "8gb-high": ((*_DIRECTML_BASE, "--attention-quad", *_DIRECTML_TAIL), Attention.SUB_QUAD, 2048),
+    "8gb-xl": ((*_DIRECTML_BASE, "--attention-quad", *_DIRECTML_TAIL), Attention.SUB_QUAD, 2048),
+}
+_DIRECTML_NOTE = (
+    "DirectML (AMD/Intel on Windows): weights offloaded, VAE on the CPU, split or sub-quadratic attention, "
+    "a computation budget as inference memory. Untested here on a real DirectML card."
+)
 
 
 def launch_line(hp: HostProfile, kind: Literal["sh", "bat"] = "sh") -> str:

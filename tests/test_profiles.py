@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lib_optim.attention import Attention
 from lib_optim.checker import CheckInput, Severity, parse_alloc_conf, run_checks
 from lib_optim.cmdline import parse_args
 from lib_optim.hostkinds import CHECKED_HOSTS, HostKind
@@ -180,6 +181,32 @@ def test_get_profile_normalises_the_name() -> None:
 # --- DirectML --------------------------------------------------------------------------------------------
 
 
+KNOWN_GOOD_LOW = "--directml 0 --always-low-vram --always-offload-from-vram --vae-in-cpu --attention-split"
+
+
+@pytest.mark.parametrize("host", FORGE_HOSTS, ids=lambda h: h.value)
+def test_directml_profiles_reproduce_the_known_good_rx6600xt_setup(host: HostKind) -> None:
+    """Issue 11: Low = the known-good launch line (~1792 MB for computation), Medium = the same without
+    --always-offload-from-vram (~2048 MB), High/XL = sub-quadratic with --always-low-vram --vae-in-cpu."""
+    low = resolve(PROFILES["8gb-low"], host, directml=True)
+    assert " ".join(low.flags).startswith("--directml 0") and set(KNOWN_GOOD_LOW.split()) <= set(low.flags)
+    assert "--skip-torch-cuda-test" in low.flags
+    assert (low.generation.attention, low.generation.inference_memory_mb) == (Attention.SPLIT, 1792)
+    medium = resolve(PROFILES["8gb-medium"], host, directml=True)
+    assert set(medium.flags) == set(low.flags) - {"--always-offload-from-vram"}
+    assert (medium.generation.attention, medium.generation.inference_memory_mb) == (Attention.SPLIT, 2048)
+    for name in ("8gb-high", "8gb-xl"):
+        hp = resolve(PROFILES[name], host, directml=True)
+        assert {"--attention-quad", "--always-low-vram", "--vae-in-cpu"} <= set(hp.flags)
+        assert "--attention-split" not in hp.flags and hp.generation.attention is Attention.SUB_QUAD
+    # the known-good line also had --precision full --no-half: Forge f2 parses and ignores them, the checker
+    # says so; neither host refuses them (no error), so a user who keeps them still starts
+    findings = run_checks(CheckInput(host, [*KNOWN_GOOD_LOW.split(), "--precision", "full", "--no-half"], {}))
+    assert not [f for f in findings if f.severity is Severity.ERROR]
+    if host is HostKind.FORGE:
+        assert {f.subject for f in findings if f.rule == "ignored-by-host"} >= {"--no-half", "--precision"}
+
+
 @pytest.mark.parametrize("host", FORGE_HOSTS, ids=lambda h: h.value)
 @pytest.mark.parametrize("name", DIRECTML_PROFILES)
 def test_directml_variant_on_forge(name: str, host: HostKind) -> None:
@@ -189,8 +216,8 @@ def test_directml_variant_on_forge(name: str, host: HostKind) -> None:
     assert hp.env == {}  # no CUDA allocator settings with DirectML
     assert not any(k.startswith(("PYTORCH_CUDA", "CUDA_")) for k in hp.env)
     assert "DirectML" in hp.note
-    if host is FORGE_PREVIOUS:
-        assert hp.generation.inference_memory_mb is None
+    # the computation budget travels as the per-generation inference memory
+    assert hp.generation.inference_memory_mb in (1792, 2048)
     # The plain (CUDA) variant is unchanged by asking for DirectML elsewhere.
     assert "--directml" not in resolve(PROFILES[name], host).flags
 
