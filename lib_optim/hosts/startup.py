@@ -207,12 +207,14 @@ def apply_startup_profile(parser: argparse.ArgumentParser, name: str, host: Host
         raise ProfileError(
             f"[Optim] --optim-profile: not supported on {host.display_name}; allowed hosts: a1111, forge"
         )
-    gpu_mb = None
     if name.strip().lower() == "auto":
+        # the doctor's choice: never `cpu` while a GPU is present, even one whose size cannot be read here
+        from lib_optim.doctor import nvidia_on_pci_bus, recommend_profile
         from lib_optim.probe import probe_system
 
-        gpu_mb = probe_system(use_torch=False).best_gpu_memory_mb()
-    profile = get_profile(name, gpu_mb)
+        name, why = recommend_profile(probe_system(use_torch=False), nvidia_on_pci_bus())
+        log.info("--optim-profile auto: %s (%s)", name, why)
+    profile = get_profile(name)
     hp = resolve(profile, host)
     rt = get_runtime()
     rt.startup_profile = profile.name
