@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib_optim.log import get_logger
-from lib_optim.regional_compile import CompileStats, RegionalCompiler, default_block_names
+from lib_optim.regional_compile import RegionalCompiler, default_block_names
 
 log = get_logger(__name__)
 
@@ -456,11 +456,3 @@ def format_compile_table(result: CompileBenchResult | Sequence[CompileBenchResul
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
-
-
-def block_stats_line(stats: CompileStats) -> str:
-    """One human line for a compile application's stats (used by the bench's callers and the log)."""
-    return (
-        f"{stats.blocks} blocks, {stats.compiles} compiles ({stats.graphs} graphs) in {stats.compile_seconds:.1f} s, "
-        f"{stats.calls} compiled calls"
-    )

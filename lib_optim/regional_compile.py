@@ -500,6 +500,12 @@ class _Slot:
         self.state: _KeyState | None = None
         self.wrapper: Callable[..., Any] | None = None
 
+    def call_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.bound:
+            return self.eager(*args, **kwargs)
+        # looked up now, as the compiled path does: a host may swap the class's forward between calls
+        return type(self.block).forward(self.block, *args, **kwargs)
+
 
 class _LimitWatcher(logging.Handler):
     """Counts dynamo's "hit config.cache_size_limit / recompile_limit" warnings about our functions."""
@@ -627,13 +633,13 @@ class Application:
     def _call(self, slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.failed or self.closed or slot.eager_only:
             self.stats.eager_calls += 1
-            return slot.eager(*args, **kwargs)
+            return slot.call_eager(args, kwargs)
         slot.calls += 1
         if slot.calls == 1:
             self.compiler._check_weights(self, slot)
             if self.compiler.eager_first_call:
                 self.stats.eager_calls += 1
-                return slot.eager(*args, **kwargs)
+                return slot.call_eager(args, kwargs)
         compiled = slot.compiled
         state = slot.state
         assert compiled is not None and state is not None
@@ -699,7 +705,7 @@ class Application:
         self.stats.fell_back = True
         self.stats.fallback_reason = reason
         try:
-            out = slot.eager(*args, **kwargs)
+            out = slot.call_eager(args, kwargs)
         except Exception:
             # The eager forward fails the same way: the model's error, not the compiler's. Remember nothing.
             log.debug("compiled call failed and the eager rerun failed too; not a compile error", exc_info=exc)
