@@ -1,0 +1,1040 @@
+"""Per-generation regional ``torch.compile`` of a diffusion model's repeated blocks.
+
+Values of the lever: ``off`` (default), ``on`` (inductor, default mode) and ``max-autotune`` (inductor
+mode ``max-autotune-no-cudagraphs``). CUDA graphs (``reduce-overhead``, plain ``max-autotune``) are
+never used: a CUDA graph replays fixed memory addresses, and the hosts move and patch weights between
+calls (Forge's patcher replaces parameters, its memory manager moves them between devices; A1111's
+LoRA writes into them) — a replay would read freed or stale memory.
+
+Why regional
+    Compiling the whole UNet makes the first compile long (one huge graph), breaks on the hosts' Python
+    around the blocks (ControlNet residuals, Forge's ``transformer_options`` patches, per-block hooks),
+    and recompiles whenever any of that changes. Compiling only the repeated blocks keeps each graph
+    small, lets same-shaped blocks share compiled code, and leaves everything between the blocks —
+    where the hosts hook in — eager. Module hooks on a block still run: ``nn.Module.__call__`` runs
+    them around the block's ``forward``, and only ``forward`` (an instance attribute) is replaced.
+
+Which blocks (:func:`default_block_names`)
+    SD1.x/SD2.x/SDXL UNets (ldm ``openaimodel.py`` in A1111, sgm for SDXL, Forge ``backend/nn/unet.py``,
+    ldm_patched in Forge previous/reForge) all build from ``ResBlock`` and ``SpatialTransformer`` (which
+    holds ``BasicTransformerBlock`` s), grouped into ``TimestepEmbedSequential`` input/middle/output
+    blocks. We compile ``ResBlock`` and ``SpatialTransformer``: they are where the time goes, they repeat
+    with few distinct shapes (same class + same shapes share code), and GroupNorm + projections +
+    attention + feed-forward fuse inside one SpatialTransformer graph. The ``TimestepEmbedSequential``
+    containers are a bad unit: each of SD1.5's 25 is a different mix (conv / ResBlock+transformer /
+    Downsample / Upsample), so none share code, and Forge's version iterates ``block_inner_modifiers``
+    callables and counts ``transformer_index`` in the options dict (a new guard value per block).
+    ``Downsample``/``Upsample`` are one convolution each: nothing to fuse. Flux and Chroma (Forge
+    ``backend/nn/flux.py``, ``chroma.py``) repeat ``DoubleStreamBlock``/``SingleStreamBlock``; SD3
+    (``backend/nn/mmditx.py``) repeats ``JointBlock``. :func:`select_blocks` keeps only the outermost
+    matches, so a selected block never contains another (a compiled block would trace into the inner
+    block's wrapper).
+
+Sharing, weights and the cache-size limit — what differs between torch versions
+    Since torch 2.5 dynamo inlines ``nn.Module`` s (``inline_inbuilt_nn_modules``): parameters are
+    graph *inputs* read at every call, so instances of one class with the same shapes share one graph,
+    and replaced parameters are picked up. We then give all instances of a class one compiled function
+    ("shared" mode). Before 2.5 (A1111 v1.10.1 ships 2.1.2, Forge f2 2.3.1) every module instance is
+    guarded by identity (one graph per instance anyway) and its parameters are captured when it is
+    compiled: a parameter replaced afterwards by a new tensor (Forge ``backend/patcher/lora.py:441``)
+    would be silently ignored — verified on 2.1.2 and 2.3.1. There we give each block its own compiled
+    function ("per-instance" mode) and fingerprint its parameters/buffers/submodules (identity, device,
+    dtype) on the first call of each application; a changed fingerprint rebuilds that block's compiled
+    function. Changes *in place* (A1111's LoRA ``copy_`` into weights, ``.data`` swaps that keep the
+    Parameter) need nothing: compiled code reads the live tensors.
+
+    Dynamo keeps at most ``cache_size_limit``/``recompile_limit`` compiled entries per function (8 in
+    2.3 and in 2.5+, where it counts all entries of a function whose guards match no object identity,
+    i.e. our shared functions; 64 in 2.1) and falls back to eager for that function *silently* beyond
+    it. SD1.5 has 22 ResBlocks, and Forge's options dict adds a guard per block position, so a shared
+    function can need more. During an application we raise the limits (never lower them) to
+    ``entries_per_block`` × the number of blocks sharing one function, and restore the exact previous
+    values afterwards. If dynamo still reports the limit for one of our functions, the stats count it,
+    one ``[Optim]`` line says so, that block runs eagerly for the rest of the generation and the next
+    application allows twice as many.
+
+Every compiled function has its own code object (a fresh copy of a two-line trampoline): dynamo caches
+per code object, so our entries never mix with another user's ``torch.compile`` of the same forward,
+with each other's modes/backends, or across keys, and its automatic-dynamic bookkeeping is per block
+class (or per block).
+
+Dynamic shapes
+    ``dynamic=None`` (dynamo's automatic dynamic shapes, torch >= 2.1): the first size compiles static
+    graphs; the first *change* of a dimension recompiles once with that dimension symbolic, and later
+    sizes reuse it. So a new size or batch costs at most one recompile per distinct block setting, once.
+    (Sizes 0 and 1 are always specialised: batch 1 after batch 2 is one more graph.)
+
+Cache keys and lifetime
+    A compiled function is keyed by the caller's ``key`` (which MUST identify the attention
+    implementation — see below), the mode, backend, ``dynamic``, the blocks' dtype and device, and the
+    sharing mode; it is stored under a weak reference to the root module (shared mode) or to the block
+    (per-instance mode), so unloading the model frees it (and dynamo's cache on its code object).
+    Failures are remembered under the same key for the life of the root module.
+
+    The key must change whenever the attention implementation changes. Dynamo does not notice a
+    rebound class attribute (A1111 switches attention by assigning ``CrossAttention.forward``) on any
+    torch we tried (2.1.2, 2.3.1, 2.13), nor a rebound module global (Forge's ``attention_function``)
+    on 2.1.2/2.3.1: the old compiled attention would keep running. A new key gets new compiled
+    functions; switching back reuses the old ones (both variants stay cached).
+
+First call of each block per application is eager
+    Hosts apply some weight changes lazily in the first forward of a layer (A1111
+    ``extensions-builtin/Lora/networks.py:578-590`` applies the selected LoRAs in place on the first
+    forward after the selection changed, and may make a new bias Parameter). Running each block's first
+    call of an application eagerly lets such one-time edits finish outside the compiled code (so a trace
+    never captures the edit itself), and is the point where the weight fingerprint is checked. It costs
+    one eager UNet step per generation; ``eager_first_call=False`` turns it off.
+
+Failure policy
+    A compile error surfaces at the first *call* of a compiled function (no C++ compiler for inductor's
+    CPU backend, no triton for CUDA, an unsupported op...). The wrapper catches it, restores the eager
+    forwards of the whole application, reruns that call eagerly and logs ONE ``[Optim]`` line naming the
+    fix; the failure is remembered for that model and key, so it is not retried in this process. If the
+    eager rerun fails too, the error was not the compiler's: the eager error propagates and nothing is
+    remembered. An out-of-memory error (:func:`lib_optim.fallback.is_out_of_memory`) is never treated
+    as a compile failure: it propagates unchanged for the extension's OOM retry. ``BaseException`` s
+    that are not ``Exception`` s (interrupts) propagate untouched. :func:`compile_availability` checks
+    the usual causes up front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import itertools
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lib_optim.fallback import is_out_of_memory
+from lib_optim.log import get_logger
+
+log = get_logger(__name__)
+
+MODES = ("off", "on", "max-autotune")
+# Our value → inductor's mode. No CUDA graphs: see the module docstring.
+_INDUCTOR_MODES: dict[str, str | None] = {"on": None, "max-autotune": "max-autotune-no-cudagraphs"}
+
+MIN_TORCH = (2, 1)
+# Compiled entries one block (or one shared function per block using it) may need: a static graph, the
+# dynamic one after the first size change, a batch-1 specialisation, and one spare.
+DEFAULT_ENTRIES_PER_BLOCK = 4
+# Names our compiled functions' code objects start with, so dynamo's log lines about them can be told apart.
+TRAMPOLINE_PREFIX = "optim_regional_"
+
+FAMILY_BLOCKS: dict[str, tuple[str, ...]] = {
+    # ldm/sgm openaimodel.py (A1111), Forge backend/nn/unet.py, ldm_patched (Forge previous, reForge)
+    "sd": ("ResBlock", "SpatialTransformer"),
+    # Forge backend/nn/flux.py and chroma.py
+    "flux": ("DoubleStreamBlock", "SingleStreamBlock"),
+    # Forge backend/nn/mmditx.py
+    "sd3": ("JointBlock",),
+}
+_FAMILY_ALIASES = {
+    "sd1": "sd",
+    "sd15": "sd",
+    "sd2": "sd",
+    "sdxl": "sd",
+    "unet": "sd",
+    "chroma": "flux",
+}
+
+_MISSING = object()
+_name_counter = itertools.count(1)
+
+
+def default_block_names(family: str) -> tuple[str, ...]:
+    """Class names of the blocks to compile for a model family (``sd``/``sd1``/``sd2``/``sdxl``,
+    ``flux``/``chroma``, ``sd3``)."""
+    name = _FAMILY_ALIASES.get(family.lower(), family.lower())
+    if name not in FAMILY_BLOCKS:
+        allowed = ", ".join(sorted({*FAMILY_BLOCKS, *_FAMILY_ALIASES}))
+        raise ValueError(f"[Optim] regional compile: family={family!r} is unknown; allowed: {allowed}")
+    return FAMILY_BLOCKS[name]
+
+
+def select_blocks(root: Any, selector: Iterable[str] | Callable[[Any], bool]) -> list[Any]:
+    """The outermost submodules of ``root`` (not ``root`` itself) that the selector picks, in module order.
+
+    ``selector``: class names (matched against ``type(m).__name__``) or a predicate on a module. A match
+    inside another match is skipped: the outer one's compiled code covers it.
+    """
+    if callable(selector) and not isinstance(selector, (str, bytes)):
+        picks: Callable[[Any], bool] = selector
+    else:
+        names = frozenset([selector] if isinstance(selector, str) else selector)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"[Optim] regional compile: blocks={selector!r} must be class names or a predicate")
+
+        def picks(module: Any) -> bool:
+            return type(module).__name__ in names
+
+    chosen: list[Any] = []
+    covered: set[int] = set()
+    for module in root.modules():
+        if module is root or id(module) in covered:
+            continue
+        if picks(module):
+            chosen.append(module)
+            covered.update(id(sub) for sub in module.modules())
+    return chosen
+
+
+def inductor_mode(mode: str) -> str | None:
+    """The ``torch.compile`` mode for one of our values (None = inductor's default)."""
+    _check_mode(mode)
+    if mode == "off":
+        raise ValueError("[Optim] regional compile: mode='off' has no torch.compile mode")
+    return _INDUCTOR_MODES[mode]
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"[Optim] regional compile: mode={mode!r} is not allowed; allowed: {', '.join(MODES)}")
+
+
+def torch_version(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of ``version`` or of the installed torch ((0, 0) when unknown)."""
+    if version is None:
+        try:
+            import torch
+        except ImportError:
+            return (0, 0)
+        version = str(torch.__version__)
+    parts = version.split("+")[0].split(".")
+    try:
+        return (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+# ----------------------------------------------------------------------------------------- availability
+
+_COMPILERS_POSIX = ("g++", "c++", "clang++")
+_SMOKE_RESULTS: dict[tuple[str, str, str], tuple[bool, str]] = {}
+
+
+def compile_availability(
+    device: Any,
+    *,
+    mode: str = "on",
+    backend: str = "inductor",
+    smoke_test: bool = False,
+    which: Callable[[str], str | None] = shutil.which,
+    environ: Mapping[str, str] | None = None,
+    platform: str | None = None,
+) -> tuple[bool, str]:
+    """Whether regional compile can work for ``device``; when not, a reason that names the fix.
+
+    Cheap checks only (torch version, platform, device type, compiler/triton present), unless
+    ``smoke_test``: then a tiny function is really compiled and run on the device (a few seconds, once
+    per process per device/backend/mode). ``which``/``environ``/``platform`` are injectable for tests.
+    """
+    _check_mode(mode)
+    env = os.environ if environ is None else environ
+    plat = sys.platform if platform is None else platform
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    version = torch_version(str(torch.__version__))
+    if version < MIN_TORCH or not hasattr(torch, "compile"):
+        return False, f"torch >= 2.1 needed for torch.compile (found {torch.__version__}); upgrade torch"
+    try:
+        from torch._dynamo import eval_frame
+
+        check = getattr(eval_frame, "check_if_dynamo_supported", None)
+        if check is not None:
+            check()
+    except Exception as exc:  # the message is torch's own reason (Windows on 2.1, Python 3.12 before 2.4)
+        log.debug("dynamo unsupported here", exc_info=True)
+        return False, f"torch.compile is not supported here by torch {torch.__version__}: {exc}; upgrade torch"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        return False, f"unknown device {device!r}: {exc}"
+    if backend != "inductor":
+        return True, ""  # the test backends (eager, aot_eager) generate no code
+    kind = dev.type
+    if kind in ("mps", "privateuseone"):
+        return False, "not supported on DirectML/MPS: torch.compile's inductor has no code generator for this device"
+    if kind == "cpu":
+        if plat == "win32" and version < (2, 5):
+            return False, "inductor's CPU backend on Windows needs torch >= 2.5 and the MSVC Build Tools (cl.exe)"
+        if not _cxx_compiler(env, plat, which):
+            if plat == "win32":
+                return False, "install the MSVC Build Tools (cl.exe) and start from a Developer prompt, or set CXX"
+            return False, "install a C++ compiler (gcc/clang) or set CXX"
+    elif kind in ("cuda", "xpu"):
+        if importlib.util.find_spec("triton") is None:
+            hint = "pip install triton-windows" if plat == "win32" else "pip install triton"
+            return False, f"install triton ({hint}); inductor generates its {kind.upper()} kernels with it"
+        if kind == "cuda" and getattr(torch.version, "hip", None) is None and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(dev)
+            if major < 7:
+                return False, (
+                    f"this GPU (compute capability {major}.{minor}) is too old for triton, which needs 7.0 or newer"
+                )
+    else:
+        return False, f"torch.compile's inductor has no code generator for device type {kind!r}"
+    if smoke_test:
+        return _smoke_test(dev, mode, backend)
+    return True, ""
+
+
+def _cxx_compiler(env: Mapping[str, str], plat: str, which: Callable[[str], str | None]) -> str | None:
+    configured = env.get("CXX")
+    if configured:
+        return which(configured) or (configured if os.path.isfile(configured) else None)
+    names = ("cl",) if plat == "win32" else _COMPILERS_POSIX
+    for name in names:
+        found = which(name)
+        if found:
+            return found
+    return None
+
+
+def _smoke_test(dev: Any, mode: str, backend: str) -> tuple[bool, str]:
+    cache_key = (str(dev), mode, backend)
+    if cache_key in _SMOKE_RESULTS:
+        return _SMOKE_RESULTS[cache_key]
+    import torch
+
+    def probe(x: Any) -> Any:
+        return torch.nn.functional.silu(x) * 2 + 1
+
+    kwargs: dict[str, Any] = {"backend": backend}
+    if backend == "inductor" and _INDUCTOR_MODES.get(mode):
+        kwargs["mode"] = _INDUCTOR_MODES[mode]
+    try:
+        compiled = torch.compile(_fresh_function(probe, TRAMPOLINE_PREFIX + "probe"), **kwargs)
+        x = torch.linspace(-2, 2, 16, device=dev)
+        ok = bool(torch.allclose(compiled(x), probe(x), atol=1e-5))
+        result = (True, "") if ok else (False, "a compiled test function gave wrong results")
+    except Exception as exc:  # any failure here is the answer the probe exists to give
+        log.debug("torch.compile smoke test failed", exc_info=True)
+        result = (False, describe_compile_error(exc))
+    _SMOKE_RESULTS[cache_key] = result
+    return result
+
+
+def describe_compile_error(exc: BaseException) -> str:
+    """A one-line reason for a compile failure, naming the fix when it is a known cause."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 16:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain).lower()
+    if "InvalidCxxCompiler" in names or "no working c++ compiler" in text or ("cxx" in text and "not found" in text):
+        return "no working C++ compiler: install a C++ compiler (gcc/clang) or set CXX"
+    if "python.h" in text:
+        return "the Python development headers are missing: install python3-dev (or your distribution's equivalent)"
+    if "CppCompileError" in names or "c++ compile error" in text:
+        return "the C++ compiler failed on inductor's code: update gcc/clang or set CXX to a working one"
+    if "triton" in text and ("cannot find" in text or "no module" in text or "install" in text or "not found" in text):
+        return "install triton (pip install triton; on Windows triton-windows)"
+    if "compute capability" in text and "triton" in text:
+        return "this GPU is too old for triton (needs compute capability 7.0 or newer)"
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------- stats
+
+
+@dataclass
+class CompileStats:
+    """What one application did. Seconds are from the compiler's clock.
+
+    ``compiles``: dynamo frames compiled during this application (a graph break adds frames);
+    ``graphs``: graphs dynamo produced; ``process_compiles``: frames compiled by this compiler in this
+    process, this application included. ``compile_seconds``: wall time of the calls that triggered a
+    compile (compile plus that run); ``run_seconds``: the other compiled calls.
+    """
+
+    mode: str = "off"
+    key: str = ""
+    blocks: int = 0
+    shared: bool = False
+    calls: int = 0
+    eager_calls: int = 0
+    compiles: int = 0
+    graphs: int = 0
+    process_compiles: int = 0
+    compile_seconds: float = 0.0
+    run_seconds: float = 0.0
+    eager_frames: int = 0
+    limit_hits: int = 0
+    rebuilt_for_weights: int = 0
+    fell_back: bool = False
+    fallback_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["compile_seconds"] = round(self.compile_seconds, 3)
+        data["run_seconds"] = round(self.run_seconds, 3)
+        return data
+
+
+# ------------------------------------------------------------------------------------------ internals
+
+
+def _call_unbound(fn: Any, module: Any, *args: Any, **kwargs: Any) -> Any:
+    return fn(module, *args, **kwargs)
+
+
+def _call_bound(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+def _fresh_function(template: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """A copy of ``template`` with its own code object: dynamo keeps its compiled entries on the code object."""
+    code = template.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):  # Python 3.11+; the name dynamo's logs and profiles show
+        replace: Any = code.replace  # co_qualname is unknown to the 3.10 stubs
+        code = replace(co_qualname=name)
+    fn = types.FunctionType(code, template.__globals__, name, template.__defaults__, template.__closure__)
+    return fn
+
+
+@functools.cache
+def _quiet_backend_change_warning() -> None:
+    """torch < 2.2 warns at every call that switches between differently configured ``torch.compile``
+    wrappers ("changing options to `torch.compile()` may require calling `torch._dynamo.reset()`"): its
+    cache was per code object, shared by all wrappers of one function. Ours each have their own code
+    object, so the warning never applies to them; without the filter every generation would print it."""
+    warnings.filterwarnings("ignore", message=r"changing options to `torch\.compile\(\)`", category=UserWarning)
+
+
+def _dynamo_counts() -> tuple[int, int, int]:
+    """(frames compiled, frames attempted, unique graphs) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return (int(counters["frames"]["ok"]), int(counters["frames"]["total"]), int(counters["stats"]["unique_graphs"]))
+
+
+def _shares_across_instances() -> bool:
+    """Whether dynamo treats module parameters as graph inputs (torch >= 2.5 by default)."""
+    from torch._dynamo import config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated (always True) in recent torch
+        return bool(getattr(config, "inline_inbuilt_nn_modules", False))
+
+
+def _limit_names() -> tuple[str | None, str | None]:
+    from torch._dynamo import config
+
+    per_function = next((n for n in ("recompile_limit", "cache_size_limit") if hasattr(config, n)), None)
+    total = next(
+        (n for n in ("accumulated_recompile_limit", "accumulated_cache_size_limit") if hasattr(config, n)), None
+    )
+    return per_function, total
+
+
+def _reset_code(code: types.CodeType) -> None:
+    """Drop dynamo's compiled entries on ``code`` (frees their graphs now rather than at garbage collection)."""
+    try:
+        import torch._dynamo
+
+        reset = getattr(torch._dynamo, "reset_code", None)
+        if reset is not None:
+            reset(code)
+    except Exception:  # best effort: the entries also go when the code object is collected
+        log.debug("reset_code failed", exc_info=True)
+
+
+def _fingerprint(block: Any) -> tuple[Any, ...]:
+    """Identity, device and dtype of a block's submodules, parameters and buffers."""
+    modules = tuple(id(m) for m in block.modules())
+    tensors = tuple((id(t), t.device, t.dtype) for t in itertools.chain(block.parameters(), block.buffers()))
+    return (modules, tensors)
+
+
+class _Compiled:
+    """One compiled trampoline (its code object holds dynamo's cache) plus what it was built against."""
+
+    def __init__(self, fn: Callable[..., Any], code: types.CodeType, label: str):
+        self.fn = fn
+        self.code = code
+        self.label = label
+        self.fingerprint: tuple[Any, ...] | None = None
+
+    def discard(self) -> None:
+        _reset_code(self.code)
+
+
+class _KeyState:
+    """Everything cached for one full key under one owner (root module in shared mode, block otherwise)."""
+
+    def __init__(self) -> None:
+        self.compiled: dict[Any, _Compiled] = {}
+        self.announced = False
+        self.budget = DEFAULT_ENTRIES_PER_BLOCK
+
+
+class _Slot:
+    """One block inside one application."""
+
+    def __init__(self, block: Any, original: Any, eager: Callable[..., Any], bound: bool):
+        self.block = block
+        self.original = original  # the instance attribute that was there, or _MISSING
+        self.eager = eager
+        self.bound = bound  # the instance had its own forward: call it as is
+        self.calls = 0
+        self.compiled_calls = 0
+        self.eager_only = False
+        self.compiled: _Compiled | None = None
+        self.state: _KeyState | None = None
+        self.wrapper: Callable[..., Any] | None = None
+
+    def call_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.bound:
+            return self.eager(*args, **kwargs)
+        # looked up now, as the compiled path does: a host may swap the class's forward between calls
+        return type(self.block).forward(self.block, *args, **kwargs)
+
+
+class _LimitWatcher(logging.Handler):
+    """Counts dynamo's "hit config.cache_size_limit / recompile_limit" warnings about our functions."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.hits = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed record from someone else's code: not ours to count
+            return
+        if "hit config." in message and TRAMPOLINE_PREFIX in message:
+            self.hits += 1
+
+
+_DYNAMO_LOGGERS = ("torch._dynamo.convert_frame",)
+
+
+class Application:
+    """One generation's compiled blocks. Use as a context manager; :meth:`close` restores the forwards."""
+
+    def __init__(
+        self,
+        compiler: RegionalCompiler,
+        root: Any,
+        blocks: list[Any],
+        *,
+        key: Hashable,
+        mode: str,
+        dynamic: bool | None,
+    ):
+        self.compiler = compiler
+        self.root: Any = root
+        self.blocks = blocks
+        self.key = key
+        self.mode = mode
+        self.dynamic = dynamic
+        self.stats = CompileStats(mode=mode, key=_short(key), blocks=len(blocks))
+        self.failed = False
+        self.closed = False
+        self.entered = False
+        self.installed = False
+        self._slots: list[_Slot] = []
+        self._full_key: tuple[Any, ...] | None = None
+        self._limits: list[tuple[str, int]] = []
+        self._watcher: _LimitWatcher | None = None
+        self._warned_limit = False
+
+    # -- context manager
+    def __enter__(self) -> Application:
+        self.compiler._install(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def active(self) -> bool:
+        """Whether compiled forwards are in place right now."""
+        return self.installed and not self.failed and not self.closed
+
+    def close(self) -> None:
+        """Restore every block's forward exactly and the dynamo limits (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._restore_forwards()
+        self._restore_limits()
+        self.compiler._closed(self)
+        if self.stats.compiles:
+            log.info(
+                "[Optim] torch.compile: %d compiles (%d graphs) took %.1f s this generation",
+                self.stats.compiles,
+                self.stats.graphs,
+                self.stats.compile_seconds,
+            )
+        self._slots = []
+        self.root = None
+        self.blocks = []
+
+    # -- installation helpers (called by the compiler)
+    def _restore_forwards(self) -> None:
+        if not self.installed:
+            return
+        for slot in self._slots:
+            current = vars(slot.block).get("forward", _MISSING)
+            if current is not slot.wrapper:
+                log.debug("%s.forward was replaced by someone else while compiled; restoring the original", slot.block)
+            if slot.original is _MISSING:
+                vars(slot.block).pop("forward", None)
+            else:
+                slot.block.forward = slot.original
+        self.installed = False
+
+    def _raise_limits(self, needed: int) -> None:
+        from torch._dynamo import config
+
+        for name in _limit_names():
+            if name is None:
+                continue
+            old = int(getattr(config, name))
+            if old < needed:
+                setattr(config, name, needed)
+                self._limits.append((name, old))
+        self._watcher = _LimitWatcher()
+        for logger_name in _DYNAMO_LOGGERS:
+            logging.getLogger(logger_name).addHandler(self._watcher)
+
+    def _restore_limits(self) -> None:
+        from_torch = self._limits
+        self._limits = []
+        if from_torch:
+            from torch._dynamo import config
+
+            for name, old in reversed(from_torch):
+                setattr(config, name, old)
+        if self._watcher is not None:
+            for logger_name in _DYNAMO_LOGGERS:
+                logging.getLogger(logger_name).removeHandler(self._watcher)
+            self._watcher = None
+
+    # -- the call path
+    def _call(self, slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.failed or self.closed or slot.eager_only:
+            self.stats.eager_calls += 1
+            return slot.call_eager(args, kwargs)
+        slot.calls += 1
+        if slot.calls == 1:
+            self.compiler._check_weights(self, slot)
+            if self.compiler.eager_first_call:
+                self.stats.eager_calls += 1
+                return slot.call_eager(args, kwargs)
+        compiled = slot.compiled
+        state = slot.state
+        assert compiled is not None and state is not None
+        if not state.announced:
+            state.announced = True
+            self.compiler._announce(self)
+        clock = self.compiler.clock
+        hits_before = self._watcher.hits if self._watcher else 0
+        ok0, total0, graphs0 = _dynamo_counts()
+        start = clock()
+        try:
+            if slot.bound:
+                out = compiled.fn(slot.eager, *args, **kwargs)
+            else:
+                out = compiled.fn(type(slot.block).forward, slot.block, *args, **kwargs)
+        except Exception as exc:
+            self._account(start, ok0, total0, graphs0)
+            if is_out_of_memory(exc):
+                raise  # not a compile problem: the extension's OOM retry handles it
+            return self._fall_back(slot, exc, args, kwargs)
+        self._account(start, ok0, total0, graphs0)
+        self.stats.calls += 1
+        slot.compiled_calls += 1
+        if self._watcher is not None and self._watcher.hits > hits_before:
+            self._limit_hit(slot, state)
+        return out
+
+    def _account(self, start: float, ok0: int, total0: int, graphs0: int) -> None:
+        elapsed = self.compiler.clock() - start
+        ok1, total1, graphs1 = _dynamo_counts()
+        compiled = ok1 - ok0
+        if compiled > 0:
+            self.stats.compiles += compiled
+            self.stats.graphs += graphs1 - graphs0
+            self.stats.compile_seconds += elapsed
+            self.compiler._add_process_compiles(compiled, elapsed)
+        else:
+            self.stats.run_seconds += elapsed
+        self.stats.eager_frames += max(0, (total1 - total0) - compiled)
+        self.stats.process_compiles = self.compiler.total_compiles
+
+    def _limit_hit(self, slot: _Slot, state: _KeyState) -> None:
+        self.stats.limit_hits += 1
+        slot.eager_only = True
+        # Dynamo compiles nothing more for that function now: the blocks sharing it that have not run
+        # compiled yet would each meet the limit again (dynamo logs only the first time).
+        for other in self._slots:
+            if other.compiled is slot.compiled and other.compiled_calls == 0:
+                other.eager_only = True
+        state.budget *= 2
+        if not self._warned_limit:
+            self._warned_limit = True
+            log.warning(
+                "[Optim] torch.compile reached dynamo's recompile limit for the %s blocks; they run uncompiled "
+                "for the rest of this generation (the next one allows more)",
+                type(slot.block).__name__,
+            )
+
+    def _fall_back(self, slot: _Slot, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.failed = True
+        self._restore_forwards()
+        reason = describe_compile_error(exc)
+        self.stats.fell_back = True
+        self.stats.fallback_reason = reason
+        try:
+            out = slot.call_eager(args, kwargs)
+        except Exception:
+            # The eager forward fails the same way: the model's error, not the compiler's. Remember nothing.
+            log.debug("compiled call failed and the eager rerun failed too; not a compile error", exc_info=exc)
+            self.stats.fallback_reason = f"the block failed eagerly too ({reason})"
+            raise
+        self.stats.eager_calls += 1
+        self.compiler._remember_failure(self, reason)
+        log.warning(
+            "[Optim] torch.compile failed, this generation continues without it (not retried for this model "
+            "and attention until restart): %s",
+            reason,
+        )
+        log.debug("torch.compile failure", exc_info=exc)
+        return out
+
+
+def _short(key: Hashable) -> str:
+    text = getattr(key, "__qualname__", None) or str(key)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+class _RootState:
+    def __init__(self) -> None:
+        self.keys: dict[tuple[Any, ...], _KeyState] = {}  # shared mode
+        self.failures: dict[tuple[Any, ...], str] = {}
+
+
+class RegionalCompiler:
+    """Applies compiled forwards to a model's blocks per generation and keeps the compiled code.
+
+    ``backend``: ``"inductor"`` for real use; tests pass ``"eager"``/``"aot_eager"`` or a callable.
+    ``clock``: seconds, for the compile/run accounting. ``on_compile(message)``: called once per model and
+    key, just before its first compile (default: an ``[Optim]`` info line). ``entries_per_block``: the
+    dynamo cache budget per block (see the module docstring). ``eager_first_call``: run each block's first
+    call of an application eagerly.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: str | Callable[..., Any] = "inductor",
+        clock: Callable[[], float] = time.perf_counter,
+        on_compile: Callable[[str], None] | None = None,
+        entries_per_block: int = DEFAULT_ENTRIES_PER_BLOCK,
+        eager_first_call: bool = True,
+    ):
+        if entries_per_block < 1:
+            raise ValueError(f"[Optim] regional compile: entries_per_block={entries_per_block!r} must be >= 1")
+        self.backend = backend
+        self.clock = clock
+        self.on_compile = on_compile
+        self.entries_per_block = entries_per_block
+        self.eager_first_call = eager_first_call
+        self.total_compiles = 0
+        self.total_compile_seconds = 0.0
+        self._lock = threading.RLock()
+        self._roots: weakref.WeakKeyDictionary[Any, _RootState] = weakref.WeakKeyDictionary()
+        self._per_block: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _KeyState]] = weakref.WeakKeyDictionary()
+        self._active_by_block: weakref.WeakKeyDictionary[Any, Application] = weakref.WeakKeyDictionary()
+        self._active_by_root: weakref.WeakKeyDictionary[Any, Application] = weakref.WeakKeyDictionary()
+
+    # -- public API
+    def apply(
+        self,
+        root: Any,
+        blocks: Sequence[Any] | Iterable[str] | Callable[[Any], bool],
+        *,
+        key: Hashable = None,
+        mode: str = "on",
+        dynamic: bool | None = None,
+    ) -> Application:
+        """An :class:`Application` (context manager) compiling ``blocks`` of ``root`` for one generation.
+
+        ``blocks``: modules, class names, or a predicate (names and predicates go through
+        :func:`select_blocks`). ``key``: must identify the attention implementation (and anything else the
+        blocks read that dynamo does not guard, see the module docstring). ``mode``: one of :data:`MODES`;
+        ``off`` changes nothing. Entering it first closes any application still active on ``root`` or on
+        one of these blocks.
+        """
+        _check_mode(mode)
+        if dynamic not in (None, True, False):
+            raise ValueError(f"[Optim] regional compile: dynamic={dynamic!r} must be None, True or False")
+        if isinstance(blocks, str) or callable(blocks) or not _is_module_list(blocks):
+            chosen = select_blocks(root, blocks)
+        else:
+            chosen = _outermost(list(blocks))
+        return Application(self, root, chosen, key=key, mode=mode, dynamic=dynamic)
+
+    def failure(self, root: Any, key: Hashable = None, mode: str = "on", dynamic: bool | None = None) -> str | None:
+        """The remembered compile failure for ``root`` and this key (None if none)."""
+        state = self._roots.get(root)
+        if state is None:
+            return None
+        prefix = (key, mode, self._backend_key(), dynamic)
+        for full_key, reason in state.failures.items():
+            if full_key[:4] == prefix:
+                return reason
+        return None
+
+    def forget(self, root: Any) -> None:
+        """Drop everything cached for ``root`` and its blocks (compiled code and remembered failures)."""
+        with self._lock:
+            state = self._roots.pop(root, None)
+            if state is not None:
+                for key_state in state.keys.values():
+                    for compiled in key_state.compiled.values():
+                        compiled.discard()
+            for block in list(root.modules()):
+                for key_state in self._per_block.pop(block, {}).values():
+                    for compiled in key_state.compiled.values():
+                        compiled.discard()
+
+    def clear(self) -> None:
+        """Drop everything this compiler cached."""
+        with self._lock:
+            for root in list(self._roots.keys()):
+                self.forget(root)
+            for states in list(self._per_block.values()):
+                for key_state in states.values():
+                    for compiled in key_state.compiled.values():
+                        compiled.discard()
+            self._per_block.clear()
+
+    # -- internals used by Application
+    def _backend_key(self) -> Any:
+        return self.backend
+
+    def _install(self, app: Application) -> None:
+        with self._lock:
+            if app.closed or app.entered:
+                raise RuntimeError("[Optim] regional compile: an application can be entered once")
+            app.entered = True
+            self._close_previous(app)
+            if app.mode == "off" or not app.blocks:
+                return
+            import torch
+
+            if torch_version(str(torch.__version__)) < MIN_TORCH or not hasattr(torch, "compile"):
+                app.failed = True
+                app.stats.fell_back = True
+                app.stats.fallback_reason = f"torch >= 2.1 needed (found {torch.__version__})"
+                log.warning("[Optim] torch.compile is off: %s", app.stats.fallback_reason)
+                return
+            shared = _shares_across_instances()
+            app.stats.shared = shared
+            dtype, device = _dtype_device(app.blocks)
+            full_key = (app.key, app.mode, self._backend_key(), app.dynamic, dtype, device, shared)
+            app._full_key = full_key
+            root_state = self._roots.get(app.root)
+            if root_state is None:
+                root_state = self._roots[app.root] = _RootState()
+            reason = root_state.failures.get(full_key)
+            if reason is not None:
+                app.failed = True
+                app.stats.fell_back = True
+                app.stats.fallback_reason = f"failed before: {reason}"
+                log.debug("regional compile skipped: it failed before for this model and key: %s", reason)
+                return
+            needed = self._prepare_slots(app, root_state, full_key, shared)
+            app._raise_limits(needed)
+            for slot in app._slots:
+                self._active_by_block[slot.block] = app
+                slot.wrapper = self._make_wrapper(app, slot)
+                slot.block.forward = slot.wrapper
+            self._active_by_root[app.root] = app
+            app.installed = True
+
+    def _close_previous(self, app: Application) -> None:
+        previous = {id(a): a for a in [self._active_by_root.get(app.root)] if a is not None}
+        for block in app.blocks:
+            other = self._active_by_block.get(block)
+            if other is not None:
+                previous[id(other)] = other
+        for other in previous.values():
+            if other is not app and not other.closed:
+                log.debug("closing the previous regional compile application first")
+                other.close()
+
+    def _prepare_slots(self, app: Application, root_state: _RootState, full_key: tuple[Any, ...], shared: bool) -> int:
+        per_class: dict[type, int] = {}
+        for block in app.blocks:
+            per_class[type(block)] = per_class.get(type(block), 0) + 1
+        needed = 0
+        for block in app.blocks:
+            original = vars(block).get("forward", _MISSING)
+            owner = _owner_of(original)
+            if owner is not None:  # a wrapper of ours that was left behind: look through it
+                original = owner.original
+            bound = original is not _MISSING
+            eager = original if bound else types.MethodType(type(block).forward, block)
+            slot = _Slot(block, original, eager, bound)
+            if shared:
+                state = root_state.keys.get(full_key)
+                if state is None:
+                    state = root_state.keys[full_key] = _KeyState()
+                    state.budget = self.entries_per_block
+                function_key: Any = (type(block), bound)
+                needed = max(needed, state.budget * per_class[type(block)])
+            else:
+                states = self._per_block.get(block)
+                if states is None:
+                    states = self._per_block[block] = {}
+                state = states.get(full_key)
+                if state is None:
+                    state = states[full_key] = _KeyState()
+                    state.budget = self.entries_per_block
+                function_key = bound
+                needed = max(needed, state.budget)
+            compiled = state.compiled.get(function_key)
+            if compiled is None:
+                compiled = state.compiled[function_key] = self._compile(app, type(block), bound)
+            slot.state = state
+            slot.compiled = compiled
+            app._slots.append(slot)
+        return needed
+
+    def _compile(self, app: Application, cls: type, bound: bool) -> _Compiled:
+        import torch
+
+        name = f"{TRAMPOLINE_PREFIX}{cls.__name__}_{next(_name_counter)}"
+        fn = _fresh_function(_call_bound if bound else _call_unbound, name)
+        kwargs: dict[str, Any] = {"backend": self.backend, "dynamic": app.dynamic}
+        if self.backend == "inductor" and _INDUCTOR_MODES[app.mode] is not None:
+            kwargs["mode"] = _INDUCTOR_MODES[app.mode]
+        _quiet_backend_change_warning()
+        compiled = torch.compile(fn, **kwargs)
+        return _Compiled(compiled, fn.__code__, name)
+
+    def _check_weights(self, app: Application, slot: _Slot) -> None:
+        """Per-instance mode: rebuild a block's compiled function if its weights were replaced."""
+        if app.stats.shared or slot.compiled is None or slot.state is None:
+            return
+        fingerprint = _fingerprint(slot.block)
+        compiled = slot.compiled
+        if compiled.fingerprint is None:
+            compiled.fingerprint = fingerprint
+            return
+        if compiled.fingerprint == fingerprint:
+            return
+        log.debug("%s: parameters were replaced since it was compiled; compiling it again", type(slot.block).__name__)
+        function_key = slot.bound
+        compiled.discard()
+        fresh = self._compile(app, type(slot.block), slot.bound)
+        fresh.fingerprint = fingerprint
+        slot.state.compiled[function_key] = fresh
+        slot.compiled = fresh
+        app.stats.rebuilt_for_weights += 1
+
+    def _make_wrapper(self, app: Application, slot: _Slot) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return app._call(slot, args, kwargs)
+
+        with contextlib.suppress(AttributeError, TypeError):
+            functools.update_wrapper(forward, slot.eager)  # signature introspection sees the real forward
+        forward.__optim_slot__ = slot  # type: ignore[attr-defined]
+        return forward
+
+    def _announce(self, app: Application) -> None:
+        for slot in app._slots:
+            if slot.state is not None:
+                slot.state.announced = True
+        message = (
+            f"[Optim] compiling the UNet blocks (torch.compile, mode {app.mode}), first run only "
+            "— this can take a minute or two"
+        )
+        if self.on_compile is not None:
+            self.on_compile(message)
+        else:
+            log.info("%s", message)
+
+    def _remember_failure(self, app: Application, reason: str) -> None:
+        if app._full_key is None or app.root is None:
+            return
+        with self._lock:
+            state = self._roots.get(app.root)
+            if state is None:
+                state = self._roots[app.root] = _RootState()
+            state.failures[app._full_key] = reason
+
+    def _add_process_compiles(self, count: int, seconds: float) -> None:
+        self.total_compiles += count
+        self.total_compile_seconds += seconds
+
+    def _closed(self, app: Application) -> None:
+        with self._lock:
+            if app.root is not None and self._active_by_root.get(app.root) is app:
+                del self._active_by_root[app.root]
+            for slot in app._slots:
+                if self._active_by_block.get(slot.block) is app:
+                    del self._active_by_block[slot.block]
+
+
+def _owner_of(forward: Any) -> _Slot | None:
+    slot = getattr(forward, "__optim_slot__", None) if forward is not _MISSING else None
+    return slot if isinstance(slot, _Slot) else None
+
+
+def _is_module_list(blocks: Any) -> bool:
+    try:
+        import torch
+
+        items = list(blocks) if isinstance(blocks, Sequence) else None
+        return items is not None and all(isinstance(b, torch.nn.Module) for b in items)
+    except TypeError:
+        return False
+
+
+def _outermost(blocks: list[Any]) -> list[Any]:
+    inner: set[int] = set()
+    for block in blocks:
+        inner.update(id(sub) for sub in block.modules() if sub is not block)
+    seen: set[int] = set()
+    result = []
+    for block in blocks:
+        if id(block) in inner or id(block) in seen:
+            continue
+        seen.add(id(block))
+        result.append(block)
+    return result
+
+
+def _dtype_device(blocks: list[Any]) -> tuple[str, str]:
+    for block in blocks:
+        for tensor in itertools.chain(block.parameters(), block.buffers()):
+            return str(tensor.dtype), str(tensor.device)
+    return "none", "none"
+
+
+@functools.cache
+def get_compiler() -> RegionalCompiler:
+    """The process-wide compiler the host adapters share (its caches live as long as the process)."""
+    return RegionalCompiler()
