@@ -211,6 +211,32 @@ class HostAdapter(abc.ABC):
             raise
         return session
 
+    def compile_blocks(
+        self, session: Session, root: Any, *, key: Any, device: Any, blocks: Any = None, label: str = "UNet"
+    ) -> None:
+        """Regional ``torch.compile`` of ``root``'s repeated blocks for this generation (lib_optim.regional_compile),
+        shared by every adapter: ``key`` must identify what the blocks read that torch does not guard — the
+        attention implementation above all. Cannot compile here (no C++ compiler, no triton, DirectML…): one
+        line naming the fix, the generation runs eagerly, and the reason goes to ``session.data``."""
+        from lib_optim import regional_compile as rc
+
+        mode = session.settings.compile.value
+        compiler = rc.get_compiler()
+        ok, why = compiler.availability(device, mode)
+        if not ok:
+            session.data["compile_unavailable"] = why
+            log.warning("compile: not available here, this generation runs without it: %s", why)
+            return
+        known = compiler.failure(root, key, mode)
+        if known:
+            session.data["compile_unavailable"] = f"failed before for this model and attention: {known}"
+            log.info("compile: skipped (it %s)", session.data["compile_unavailable"])
+            return
+        names = blocks if blocks is not None else (*rc.default_block_names("sd"), *rc.default_block_names("flux"))
+        application = session.restorer.enter(compiler.apply(root, names, key=key, mode=mode))
+        session.data["compile"] = application
+        session.restorer.notes.append(f"{label} blocks compiled ({mode}, {application.stats.blocks} blocks)")
+
     def before_sampling(self, p: Any, session: Session) -> None:  # noqa: B027 - optional hook
         """Re-apply per-sampling changes; default: nothing to do."""
 

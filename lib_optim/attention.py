@@ -438,6 +438,6 @@ DIRECTML_UNSAFE = (
 
 
 def directml_reason(name: Attention) -> str:
-    """"" when ``name`` is known to run under torch-directml, else why (for the adapters' availability)."""
+    """ "" when ``name`` is known to run under torch-directml, else why (for the adapters' availability)."""
     entry = _REGISTRY.get(name)
     return "" if entry.is_choice or entry.directml_safe else DIRECTML_UNSAFE

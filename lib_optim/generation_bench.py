@@ -97,7 +97,10 @@ def _megabyte_values(kind: MegabytesKind, current: int) -> list[int]:
 
 def _variants(name: str, value: Any, available_attention: Sequence[Attention], current: Any, running: Any) -> list[Any]:
     """The other values of one field worth a candidate, by the field's kind."""
-    kind = FIELDS_BY_NAME[name].kind
+    spec = FIELDS_BY_NAME[name]
+    kind = spec.kind
+    if spec.bench_values is not None:
+        return [v for v in spec.bench_values if v != value]
     if isinstance(kind, AttentionKind):
         return [a for a in available_attention if a not in _NOT_CANDIDATES and a != running]
     if isinstance(kind, TriKind):

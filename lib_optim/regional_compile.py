@@ -762,6 +762,7 @@ class RegionalCompiler:
         self.total_compiles = 0
         self.total_compile_seconds = 0.0
         self._lock = threading.RLock()
+        self._availability: dict[tuple[str, str], tuple[bool, str]] = {}
         self._roots: weakref.WeakKeyDictionary[Any, _RootState] = weakref.WeakKeyDictionary()
         self._per_block: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _KeyState]] = weakref.WeakKeyDictionary()
         self._active_by_block: weakref.WeakKeyDictionary[Any, Application] = weakref.WeakKeyDictionary()
@@ -793,6 +794,17 @@ class RegionalCompiler:
         else:
             chosen = _outermost(list(blocks))
         return Application(self, root, chosen, key=key, mode=mode, dynamic=dynamic)
+
+    def availability(self, device: Any, mode: str = "on") -> tuple[bool, str]:
+        """:func:`compile_availability` for the real backend, checked once per device and mode in this process
+        (tests with another backend: always available)."""
+        if self.backend != "inductor":
+            return True, ""
+        key = (str(device), mode)
+        with self._lock:
+            if key not in self._availability:
+                self._availability[key] = compile_availability(device, mode=mode)
+            return self._availability[key]
 
     def failure(self, root: Any, key: Hashable = None, mode: str = "on", dynamic: bool | None = None) -> str | None:
         """The remembered compile failure for ``root`` and this key (None if none)."""

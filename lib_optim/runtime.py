@@ -225,6 +225,12 @@ class Runtime:
                 if record is not None:
                     record.telemetry = result.to_dict()
                     record.telemetry_text = format_status(result)
+            if record is not None:
+                compiled = compile_summary(session)
+                if compiled is not None:
+                    record.telemetry = {**(record.telemetry or {}), "compile": compiled}
+                    text = compiled_text(compiled)
+                    record.telemetry_text = f"{record.telemetry_text} · {text}" if record.telemetry_text else text
 
     def active_sessions(self) -> int:
         with self._lock:
@@ -272,8 +278,44 @@ class Runtime:
             "findings": [f.to_dict() for f in self.startup_findings],
             "findings_summary": self.findings_summary(),
             "last_generations": [r.to_dict() for r in self.history],
+            "compile": compiler_totals(),
             "system": system() if system else None,
         }
+
+
+def compile_summary(session: Session) -> dict[str, Any] | None:
+    """What regional compile did in ``session`` (its stats), or why it did not run; None when not asked for."""
+    if session.settings.compile.value == "off":
+        return None
+    application = session.data.get("compile")
+    if application is not None:
+        stats: dict[str, Any] = application.stats.to_dict()
+        return stats
+    return {"fell_back": True, "fallback_reason": session.data.get("compile_unavailable", "not applied")}
+
+
+def compiled_text(summary: dict[str, Any]) -> str:
+    """``compiled: 14 graphs in 52.0 s`` / ``compiled (cached)`` / ``compile failed, ran eagerly: …`` —
+    compile seconds apart from sampling, as telemetry and infotext show them."""
+    if summary.get("fell_back"):
+        return f"compile failed, ran eagerly ({summary.get('fallback_reason') or 'see the console'})"
+    if summary.get("compiles"):
+        return f"compiled: {summary.get('graphs', 0)} graphs in {summary.get('compile_seconds', 0.0):.1f} s"
+    return "compiled (reused)"
+
+
+def compiler_totals() -> dict[str, Any] | None:
+    """The process's compile counters for ``/optim/v1/status`` (None before anything was compiled)."""
+    import sys
+
+    module = sys.modules.get("lib_optim.regional_compile")
+    if module is None:
+        return None
+    compiler = module.get_compiler()
+    return {
+        "total_compiles": compiler.total_compiles,
+        "total_compile_seconds": round(compiler.total_compile_seconds, 3),
+    }
 
 
 _runtime = Runtime()

@@ -32,6 +32,23 @@ class Tri(str, Enum):
     OFF = "off"
 
 
+class Compile(str, Enum):
+    """Regional torch.compile of the UNet's repeated blocks (lib_optim.regional_compile)."""
+
+    OFF = "off"
+    ON = "on"  # inductor, default mode
+    MAX_AUTOTUNE = "max-autotune"  # inductor "max-autotune-no-cudagraphs": longer compile, tuned GPU kernels
+
+
+class VaeTiling(str, Enum):
+    """Decode (and encode) the VAE in tiles."""
+
+    INHERIT = "inherit"  # as the host does it (Forge tiles after an out-of-memory error, or always with Never OOM)
+    ON = "on"
+    OFF = "off"
+    AUTO = "auto"  # tile exactly when the full decode/encode is predicted not to fit (lib_optim.vae_planner)
+
+
 INFERENCE_MEMORY_MIN_MB = 64
 INFERENCE_MEMORY_MAX_MB = 262_144
 INFOTEXT_KEY = "Optim"
@@ -252,6 +269,8 @@ class GenerationSettings:
     channels_last: Tri = Tri.INHERIT
     vae_on_cpu: Tri = Tri.INHERIT
     inference_memory_mb: int | None = None  # None = as the host has it
+    compile: Compile = Compile.OFF
+    vae_tiling: VaeTiling = VaeTiling.INHERIT
 
     def non_default(self) -> dict[str, Any]:
         """The fields (besides ``enabled``) that differ from their default, in their UI/infotext form."""
@@ -291,6 +310,7 @@ class FieldSpec:
     label: str  # UI label (the API's /sdapi/v1/script-info shows it too)
     help: str
     kind: FieldKind
+    bench_values: tuple[Any, ...] | None = None  # the values the Optim tab tries (None: every other one)
 
     @property
     def default(self) -> Any:
@@ -331,6 +351,22 @@ FIELDS: tuple[FieldSpec, ...] = (
         "Inference memory (MB)",
         "Forge only: GPU memory kept free for computation while the model loads; 0 = as Forge has it.",
         MegabytesKind(INFERENCE_MEMORY_MIN_MB, INFERENCE_MEMORY_MAX_MB),
+    ),
+    FieldSpec(
+        "compile",
+        "Compile UNet blocks",
+        "torch.compile the UNet's repeated blocks for this generation: the first generation compiles (tens of "
+        "seconds to minutes), later ones with the same model, attention and dtype reuse it and run faster. "
+        "max-autotune compiles longer for tuned GPU kernels.",
+        ChoiceKind(Compile),
+        bench_values=(Compile.ON,),  # max-autotune's compile alone can outlast the whole benchmark
+    ),
+    FieldSpec(
+        "vae_tiling",
+        "Tiled VAE",
+        "Decode (and, in img2img, encode) the image in tiles, so a large image's VAE fits in memory: on, off, "
+        "auto = only when the full decode is predicted not to fit, inherit = as the host does it.",
+        ChoiceKind(VaeTiling),
     ),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)

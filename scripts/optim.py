@@ -34,6 +34,7 @@ class OptimScript(scripts.Script):
 
 webui.ensure_runtime()
 webui.install_fallback()
+webui.install_compile_announcer()
 script_callbacks.on_cfg_after_cfg(lambda _params: webui.on_step())
 script_callbacks.on_ui_settings(webui.register_settings)
 script_callbacks.on_before_ui(webui.register_xyz_axes)

@@ -466,6 +466,33 @@ class A1111Adapter(HostAdapter):
         session.restorer.callback(convert_back, note=f"UNet {label}")
         unet.to(memory_format=want)
 
+    # compile -----------------------------------------------------------------------------------------------
+
+    def apply_compile(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        """The UNet's ResBlock/SpatialTransformer blocks, compiled per generation (docs/hosts.md §6.1). The key
+        names what torch's guards do not see (lib_optim.regional_compile): the attention A1111 bound as the
+        ``CrossAttention.forward`` class attribute of ldm and sgm (applied just before, §3.2), and with the
+        "functional" LoRA setting the loaded LoRAs, which that mode reads on every forward (§6.2)."""
+        unet = _diffusion_model(getattr(p, "sd_model", None))
+        if unet is None:
+            log.warning("compile: no UNet loaded; nothing compiled")
+            return
+        forwards = []
+        for name in ("ldm.modules.attention", "sgm.modules.attention"):
+            cross = getattr(self._modules.loaded(name), "CrossAttention", None)
+            forwards.append(vars(cross).get("forward") if cross is not None else None)
+        key: tuple[Any, ...] = tuple(forwards)
+        opts = getattr(self._modules.loaded("modules.shared"), "opts", None)
+        if getattr(opts, "lora_functional", False):
+            networks = self._modules.loaded("networks")
+            loaded = getattr(networks, "loaded_networks", None) or []
+            key += tuple(
+                (getattr(n, "name", ""), getattr(n, "te_multiplier", None), getattr(n, "unet_multiplier", None))
+                for n in loaded
+            )
+        device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
+        self.compile_blocks(session, unet, key=key, device=device)
+
     # VAE on CPU --------------------------------------------------------------------------------------------
 
     def apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:

@@ -522,6 +522,25 @@ class ForgeAdapter(HostAdapter):
             fsm.to(device=cpu, dtype=torch.float32)
         restorer.notes.append(f"VAE on CPU in float32 (unloaded from GPU: {bool(unloaded)})")
 
+    # compile -----------------------------------------------------------------------------------------------
+
+    def apply_compile(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        """The diffusion model's repeated blocks (SD1.x/SDXL ResBlock/SpatialTransformer, Flux/Chroma double and
+        single stream blocks; docs/hosts.md §6.3), compiled per generation. The key is the attention function
+        the blocks look up by name (switched just before, §3.4): on the torch Forge ships, dynamo does not
+        notice a rebound module global (lib_optim.regional_compile)."""
+        model = _diffusion_model(getattr(p, "sd_model", None))
+        if model is None:
+            log.warning("compile: no diffusion model loaded; nothing compiled")
+            return
+        key = tuple(
+            getattr(self._modules.loaded(name), attr, None)
+            for name, attr in _UNET_BINDINGS
+            if name != "backend.nn.chroma"
+        )
+        device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
+        self.compile_blocks(session, model, key=key, device=device)
+
     # inference memory ------------------------------------------------------------------------------------
 
     def apply_inference_memory_mb(self, p: Any, settings: GenerationSettings, session: Session) -> None:

@@ -17,7 +17,7 @@ from lib_optim.hostkinds import HostKind
 from lib_optim.hosts import common, optim_tab
 from lib_optim.hosts.common import SECTION, SETTINGS_CATEGORY, defaults_from_options, ensure_runtime, optim_script
 from lib_optim.log import get_logger, setup_console_logging
-from lib_optim.runtime import Runtime, get_runtime
+from lib_optim.runtime import Runtime, compile_summary, compiled_text, get_runtime
 from lib_optim.settings import (
     FIELDS_BY_NAME,
     INFOTEXT_KEY,
@@ -146,6 +146,13 @@ def process(p: Any, args: Sequence[Any]) -> None:
         p.extra_generation_params[INFOTEXT_KEY] = text
     if settings.attention is Attention.AUTO and session.attention_used:
         p.extra_generation_params["Optim auto attention"] = session.attention_used
+    if settings.compile.value != "off":
+        # a callable, filled in when the image's infotext is written (after sampling, docs/hosts.md §7.5)
+        def compile_text(**_kwargs: Any) -> str | None:
+            summary = compile_summary(session)
+            return compiled_text(summary) if summary is not None else None
+
+        p.extra_generation_params["Optim compile"] = compile_text
     if getattr(common.opts(), "optim_telemetry_infotext", False):
         # a callable: the host calls it when it writes each image's infotext (docs/hosts.md §7.5)
         def telemetry_text(**_kwargs: Any) -> str | None:
@@ -153,6 +160,23 @@ def process(p: Any, args: Sequence[Any]) -> None:
             return format_status(now) if now is not None else None
 
         p.extra_generation_params["Optim telemetry"] = telemetry_text
+
+
+def announce_compile(message: str) -> None:
+    """The first compile of a model says so in the console and in the WebUI's progress text (docs/hosts.md
+    §1.8: ``shared.state.textinfo`` is what the progress bar shows under the image)."""
+    log.info("%s", message.removeprefix("[Optim] "))
+    import sys
+
+    state = getattr(sys.modules.get("modules.shared"), "state", None)
+    if state is not None:
+        state.textinfo = message
+
+
+def install_compile_announcer() -> None:
+    from lib_optim.regional_compile import get_compiler
+
+    get_compiler().on_compile = announce_compile
 
 
 def on_step() -> None:
