@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--quick", action="store_true", help="host backends and the largest self/cross attention per shape only"
     )
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="instead: an SD1.5-like UNet eager vs with its blocks torch.compiled (steady state, compile time)",
+    )
     return parser
 
 
@@ -593,10 +598,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except (ImportError, OSError) as exc:  # torch is there but does not load (a DLL, a half-installed wheel)
         raise UsageError(f"bench cannot load torch in this Python ({sys.executable}): {exc}") from None
 
+    if args.compile:
+        return _bench_compile(args)
     result = run_bench(specs, device=args.device, repeats=args.repeats, quick=args.quick, dtype=args.dtype)
     _out(to_json(result) if args.json else format_table(result))
     if args.plot:
         _err(write_plot(result, args.plot))
+    return 0
+
+
+def _bench_compile(args: argparse.Namespace) -> int:
+    """``bench --compile``: eager vs regional compile at two latent sizes (a size change included, as in use)."""
+    import torch
+
+    from lib_optim.compile_bench import format_compile_table, run_compile_bench
+    from lib_optim.regional_compile import compile_availability
+
+    device = args.device
+    ok, why = compile_availability(device)
+    if not ok:
+        raise UsageError(f"--compile: torch.compile cannot run here: {why}")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("fp16" if device == "cuda" else "fp32")
+    ]
+    rounds = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    sizes = ((32, 32),) if args.quick else ((32, 32), (48, 48))
+    results = [run_compile_bench(latent=size, rounds=rounds, device=device, dtype=dtype) for size in sizes]
+    _out(json.dumps([r.to_dict() for r in results], indent=2) if args.json else format_compile_table(results))
     return 0
 
 

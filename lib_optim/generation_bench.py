@@ -182,6 +182,7 @@ class CandidateResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
     runs: int = 1  # timed generations behind ``seconds`` (their median)
     run_seconds: tuple[float, ...] = ()  # each timed generation's seconds, when it ran more than once
+    compile_seconds: float | None = None  # a compiled candidate: its first (uncounted) run's compile time
 
     @property
     def ok(self) -> bool:
@@ -202,6 +203,7 @@ class CandidateResult:
             "notes": list(self.notes),
             "runs": self.runs,
             "run_seconds": list(self.run_seconds),
+            "compile_seconds": self.compile_seconds,
         }
 
     @classmethod
@@ -220,6 +222,7 @@ class CandidateResult:
             notes=tuple(data.get("notes", ())),
             runs=int(data.get("runs", 1)),
             run_seconds=tuple(float(x) for x in data.get("run_seconds", ())),
+            compile_seconds=data.get("compile_seconds"),
         )
 
 
@@ -325,6 +328,7 @@ def summarize(results: Sequence[CandidateResult]) -> list[dict[str, Any]]:
                 "it_per_s": None if result.it_per_s is None else round(result.it_per_s, 3),
                 "steps": result.steps,
                 "runs": result.runs,
+                "compile_seconds": result.compile_seconds,
                 "peak_vram_mb": None if result.peak_vram_mb is None else round(result.peak_vram_mb, 1),
                 "peak_ram_mb": None if result.peak_ram_mb is None else round(result.peak_ram_mb, 1),
                 "ratio": ratio,
@@ -343,6 +347,7 @@ CSV_COLUMNS = (
     "it_per_s",
     "steps",
     "runs",
+    "compile_seconds",
     "peak_vram_mb",
     "peak_ram_mb",
     "ratio",
@@ -453,6 +458,7 @@ def table_html(results: Sequence[CandidateResult]) -> str:
         "Runs",
         "Steps",
         "it/s",
+        "Compile s",
         "Peak GPU MB",
         "Peak RAM MB",
         "× best",
@@ -471,6 +477,7 @@ def table_html(results: Sequence[CandidateResult]) -> str:
             row["runs"],
             "—" if row["steps"] is None else row["steps"],
             _num(row["it_per_s"]),
+            _num(row["compile_seconds"], digits=1),
             _num(row["peak_vram_mb"], digits=0),
             _num(row["peak_ram_mb"], digits=0),
             _num(row["ratio"]),

@@ -406,7 +406,7 @@ def on(**kw: Any) -> GenerationSettings:
 def test_module_imports_without_a_webui() -> None:
     a = A1111Adapter()
     assert a.kind is HostKind.A1111
-    assert a.supported_fields() == ("enabled", "attention", "channels_last", "vae_on_cpu")
+    assert a.supported_fields() == ("enabled", "attention", "channels_last", "vae_on_cpu", "compile")
 
 
 def test_attention_backends_titles_and_reasons(adapter: A1111Adapter) -> None:
@@ -828,3 +828,71 @@ def test_auto_plans_for_the_model_device_and_dtype(
     [seen] = calls
     assert (seen["family"], seen["device"], seen["dtype_bytes"], seen["batch"]) == ("sdxl", "cuda", 2, 2)
     assert seen["free_mb"] is None if not torch.cuda.is_available() else seen["free_mb"] > 0
+
+
+# --- compile -------------------------------------------------------------------------------------------------
+
+
+class ResBlock(torch.nn.Module):
+    """Named like ldm's openaimodel.ResBlock (stablediffusion ldm/modules/diffusionmodules/openaimodel.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+@pytest.fixture
+def eager_compiler(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The process compiler with dynamo's eager backend: the glue runs for real, nothing waits for a C++ build."""
+    from lib_optim import regional_compile as rc
+
+    compiler = rc.RegionalCompiler(backend="eager")
+    monkeypatch.setattr(rc, "get_compiler", lambda: compiler)
+    return compiler
+
+
+def test_compile_applies_per_generation_keyed_by_the_attention(
+    world: FakeA1111, adapter: A1111Adapter, eager_compiler: Any
+) -> None:
+    from lib_optim.settings import Compile
+
+    world.sd_model.model.diffusion_model = torch.nn.Sequential(ResBlock(), ResBlock())
+    blocks = list(world.sd_model.model.diffusion_model)
+    session = adapter.begin(make_p(world), on(attention=Attention.SDP, compile=Compile.ON))
+    assert all("forward" in vars(b) for b in blocks)  # compiled forwards for the generation
+    x = torch.zeros(1, 4, 8, 8)
+    world.sd_model.model.diffusion_model(x)
+    world.sd_model.model.diffusion_model(x)
+    stats = session.data["compile"].stats
+    assert stats.blocks == 2 and stats.compiles >= 1
+    # the key is the attention A1111 bound for this generation: switching it is another cache entry
+    assert str(vars(world.ldm_attention.CrossAttention)["forward"]) in stats.key
+    session.restorer.close()
+    assert all("forward" not in vars(b) for b in blocks)  # exactly as before
+    sdp_key = stats.key
+    session = adapter.begin(make_p(world), on(attention=Attention.SPLIT, compile=Compile.ON))
+    assert session.data["compile"].stats.key != sdp_key
+    session.restorer.close()
+
+
+def test_compile_unavailable_runs_eagerly_with_one_line(
+    world: FakeA1111, adapter: A1111Adapter, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    import logging
+
+    from lib_optim import regional_compile as rc
+    from lib_optim.settings import Compile
+
+    compiler = rc.RegionalCompiler()  # the real backend, without a C++ compiler on this "machine"
+    monkeypatch.setattr(rc, "get_compiler", lambda: compiler)
+    monkeypatch.setattr(rc, "compile_availability", lambda device, mode="on": (False, "install a C++ compiler"))
+    monkeypatch.setattr(logging.getLogger("lib_optim"), "propagate", True)
+    world.sd_model.model.diffusion_model = torch.nn.Sequential(ResBlock())
+    with caplog.at_level(logging.WARNING, logger="lib_optim"):
+        session = adapter.begin(make_p(world), on(compile=Compile.ON))
+    assert "compile" not in session.data and "C++ compiler" in session.data["compile_unavailable"]
+    assert [r for r in caplog.records if "compile: not available" in r.getMessage()]
+    session.restorer.close()

@@ -14,9 +14,11 @@ from lib_optim.settings import (
     FIELD_NAMES,
     FIELDS,
     INFOTEXT_KEY,
+    Compile,
     GenerationSettings,
     SettingsError,
     Tri,
+    VaeTiling,
     format_infotext,
     from_dict,
     from_positional,
@@ -28,7 +30,13 @@ from lib_optim.settings import (
 
 def all_settings() -> list[GenerationSettings]:
     memories = [None, 64, 2048, 262_144]
-    return [GenerationSettings(True, a, c, v, m) for a, c, v, m in itertools.product(Attention, Tri, Tri, memories)]
+    out = [GenerationSettings(True, a, c, v, m) for a, c, v, m in itertools.product(Attention, Tri, Tri, memories)]
+    # the two choice fields, every value, beside a few of the others
+    out += [
+        GenerationSettings(True, a, Tri.ON, Tri.INHERIT, 1024, compile=c, vae_tiling=t)
+        for a, c, t in itertools.product((Attention.HOST, Attention.SPLIT), Compile, VaeTiling)
+    ]
+    return out
 
 
 def test_defaults_change_nothing():
@@ -43,7 +51,7 @@ def test_defaults_change_nothing():
 
 def test_positional_order_is_the_fields_order():
     s = GenerationSettings(True, Attention.SPLIT, Tri.ON, Tri.OFF, 2048)
-    assert s.to_positional() == [True, "split", "on", "off", 2048]
+    assert s.to_positional() == [True, "split", "on", "off", 2048, "off", "inherit"]
     assert len(s.to_positional()) == len(FIELDS)
     assert all(f.label and f.help for f in FIELDS)
 
@@ -149,8 +157,8 @@ def test_attention_allowed_per_host():
 
 
 def test_too_many_positional_values():
-    with pytest.raises(SettingsError, match="at most 5 values"):
-        from_positional([True, "sdp", "on", "on", 0, "extra"])
+    with pytest.raises(SettingsError, match="at most 7 values"):
+        from_positional([True, "sdp", "on", "on", 0, "off", "inherit", "extra"])
 
 
 def test_not_a_dict_in_dict_form():
