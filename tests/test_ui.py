@@ -65,12 +65,13 @@ def build(
 def test_components_follow_the_settings_fields():
     parts, _ = build()
     assert len(parts.components) == len(FIELDS)
-    enabled, attention, channels_last, vae_on_cpu, memory = parts.components
+    enabled, attention, channels_last, vae_on_cpu, memory, compile_, tiling = parts.components
     assert enabled.value is False
     assert attention.value == "host"
     assert channels_last.value == "inherit"
     assert vae_on_cpu.value == "inherit"
     assert memory.value == 0
+    assert (compile_.value, tiling.value) == ("off", "inherit")
     # the values ui() returns are exactly the positional defaults the API builds from them
     assert [c.value for c in parts.components] == GenerationSettings().to_positional()
     assert attention.label == FIELDS[1].label
@@ -101,7 +102,7 @@ def test_inference_memory_only_on_forge():
 def test_defaults_from_settings_page_fill_the_controls():
     defaults = GenerationSettings(False, Attention.SPLIT, Tri.ON, Tri.OFF, 2048)
     parts, _ = build(HostKind.FORGE, defaults)
-    assert [c.value for c in parts.components] == [False, "split", "on", "off", 2048]
+    assert [c.value for c in parts.components] == [False, "split", "on", "off", 2048, "off", "inherit"]
     # a default this install cannot do falls back to "host"
     parts, _ = build(defaults=GenerationSettings(attention=Attention.XFORMERS))
     assert parts.components[1].value == "host"
@@ -115,18 +116,19 @@ def test_infotext_paste_restores_the_controls():
     assert pasted == settings.to_positional()
     assert [c for c, _ in parts.infotext_fields] == parts.components
     # without our entry: the accordion turns off and the other controls are left alone
-    assert [fn({"Steps": "20"}) for _, fn in parts.infotext_fields] == [False, None, None, None, None]
+    assert [fn({"Steps": "20"}) for _, fn in parts.infotext_fields] == [False] + [None] * (len(FIELDS) - 1)
     # someone else's broken entry does not break the paste
     assert parts.infotext_fields[1][1]({"Optim": "attention=warp"}) is None
     assert parts.paste_field_names == ["Optim"]
 
 
 def test_profile_picker_fills_controls():
-    updates = ui.profile_values("8gb-low", HostKind.FORGE, BACKENDS, [None] * 4)
-    assert [u["value"] for u in updates] == ["sub-quad", "inherit", "on", 2048]
-    updates = ui.profile_values("24gb", HostKind.A1111, BACKENDS, [None] * 4)
+    controls = [None] * (len(FIELDS) - 1)
+    updates = ui.profile_values("8gb-low", HostKind.FORGE, BACKENDS, controls)
+    assert [u["value"] for u in updates] == ["sub-quad", "inherit", "on", 2048, "off", "inherit"]
+    updates = ui.profile_values("24gb", HostKind.A1111, BACKENDS, controls)
     assert updates[0]["value"] == "host"  # sdp-no-mem is not available in this install
-    kept = ui.profile_values(ui.NO_PROFILE, HostKind.A1111, BACKENDS, [None] * 4)
+    kept = ui.profile_values(ui.NO_PROFILE, HostKind.A1111, BACKENDS, controls)
     assert all("value" not in u for u in kept)
 
 
