@@ -343,21 +343,6 @@ ENV_NOTES: tuple[EnvNote, ...] = (
         "no init_process_group in A1111 v1.10.1, Forge f2 or Forge previous",
     ),
     EnvNote(
-        "TORCHINDUCTOR_*",
-        ("TORCHINDUCTOR_*",),
-        ALL_HOSTS,
-        "no-effect-env",
-        "info",
-        _any,
-        "any value",
-        "Read only by torch.compile, which the hosts do not use for generation.",
-        "{name} configures TorchInductor, which runs only when code calls torch.compile. The WebUI does not "
-        "compile the model (A1111 compiles only SwinIR upscaling, when its 'Use torch.compile' option is on), "
-        "so this does nothing unless an extension compiles.",
-        "Remove it unless an extension you use calls torch.compile.",
-        "torch/_inductor/config.py; no torch.compile in the generation code of the three hosts",
-    ),
-    EnvNote(
         "build-only",
         ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST"),
         ALL_HOSTS,
@@ -753,6 +738,13 @@ ENV_NOTES: tuple[EnvNote, ...] = (
 
 
 QUIET_NOTES: tuple[QuietNote, ...] = (
+    QuietNote(
+        ("TORCHINDUCTOR_*",),
+        "Configures TorchInductor, the code generator behind torch.compile (e.g. TORCHINDUCTOR_CACHE_DIR).",
+        "This extension's 'Compile UNet blocks' uses torch.compile, so these apply whenever it is on (torch "
+        "itself also sets TORCHINDUCTOR_CACHE_DIR in the process once it compiles).",
+        "torch/_inductor/config.py; lib_optim/regional_compile.py",
+    ),
     QuietNote(
         ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_LAUNCH_BLOCKING", "CUDA_MODULE_LOADING"),
         "The caching allocator's options; synchronous launches; lazy kernel loading.",

@@ -45,7 +45,6 @@ FIRES: list[EnvCase] = [
     EnvCase("TORCH_USE_CUDA_DSA", FORGE, {"TORCH_USE_CUDA_DSA": "1"}),
     EnvCase("NCCL_*", A1111, {"NCCL_P2P_DISABLE": "1"}),
     EnvCase("NCCL_*", PREVIOUS, {"TORCH_NCCL_BLOCKING_WAIT": "1"}),
-    EnvCase("TORCHINDUCTOR_*", FORGE, {"TORCHINDUCTOR_MAX_AUTOTUNE": "1"}),
     EnvCase("build-only", A1111, {"TORCH_CUDA_ARCH_LIST": "8.6"}),
     EnvCase("build-only", FORGE, {"FORCE_CUDA": "1"}),
     EnvCase("XFORMERS_*:a1111", A1111, {"XFORMERS_FORCE_DISABLE_TRITON": "1"}, ("--opt-sdp-attention",)),
@@ -121,7 +120,6 @@ NEAR_MISSES: list[EnvCase] = [
     EnvCase("TORCH_CUDNN_BENCHMARK", A1111, {"TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT": "10000"}),
     EnvCase("TORCH_USE_CUDA_DSA", FORGE, {"CUDA_LAUNCH_BLOCKING": "0"}),
     EnvCase("NCCL_*", A1111, {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}),
-    EnvCase("TORCHINDUCTOR_*", FORGE, {"TORCH_HOME": "/models/torch"}),
     EnvCase("build-only", A1111, {"TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu121"}),
     EnvCase("XFORMERS_*:a1111", A1111, {"XFORMERS_FORCE_DISABLE_TRITON": "1"}, ("--xformers",)),
     EnvCase("XFORMERS_*:forge", FORGE, {"XFORMERS_FORCE_DISABLE_TRITON": "1"}),
@@ -280,6 +278,7 @@ def test_forge_gpu_device_id_message_names_both_values() -> None:
 
 # Examples for QUIET_NOTES: variables that were researched and must never produce an environment finding.
 QUIET_EXAMPLES: list[tuple[HostKind, tuple[str, ...], dict[str, str]]] = [
+    (FORGE, (), {"TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_root", "TORCHINDUCTOR_MAX_AUTOTUNE": "1"}),
     (A1111, (), {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_LAUNCH_BLOCKING": "0"}),
     (FORGE, (), {"CUDA_MODULE_LOADING": "LAZY"}),
     (A1111, (), {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}),
