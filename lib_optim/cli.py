@@ -18,7 +18,7 @@ from lib_optim import __version__
 from lib_optim.checker import RULES, CheckInput, Finding, RuntimeFacts, exit_code, rules_markdown, run_checks
 from lib_optim.env_notes import env_notes_json, env_notes_markdown
 from lib_optim.hostdetect import detect_kind, extension_dir, find_webui_root
-from lib_optim.hostkinds import CHECKED_HOSTS, HostKind, parse_host
+from lib_optim.hostkinds import PROFILED_HOSTS, HostKind, parse_host
 
 EX_USAGE = 64
 
@@ -256,7 +256,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         profile = get_profile(args.name, gpu_mb)
         near = args.file.resolve().parent if getattr(args, "file", None) else None
         host = resolve_host(args.host, near)
-        if host not in CHECKED_HOSTS:
+        if host not in PROFILED_HOSTS:
             raise UsageError(f"--host: {host.value!r} has no profiles; allowed: a1111, forge, forge-previous")
         if args.action == "show":
             hp = resolve(profile, host, directml=args.directml)
