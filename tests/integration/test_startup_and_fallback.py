@@ -6,19 +6,22 @@ import json
 from typing import Any
 
 import pytest
-from conftest import configured_hosts, start_webui, stop_webui
+from conftest import NO_HOST_REASON, configured_hosts, start_webui, stop_webui
 
 pytestmark = pytest.mark.host
 
-PROFILE = {"a1111": "8gb-high", "forge": "8gb-low"}
+# reForge has no launch profiles (lib_optim/profiles.py): it starts without one, for the telemetry test
+PROFILE = {"a1111": "8gb-high", "forge": "8gb-low", "forge-previous": "8gb-low"}
+NO_PROFILE = "reForge has no launch profiles (lib_optim/profiles.py PROFILED_HOSTS)"
 
 
-_NO_HOST = pytest.param(None, marks=pytest.mark.skip(reason="set OPTIM_A1111_DIR or OPTIM_FORGE_DIR"))
+_NO_HOST = pytest.param(None, marks=pytest.mark.skip(reason=NO_HOST_REASON))
 
 
 @pytest.fixture(scope="module", params=configured_hosts() or [_NO_HOST])
 def profiled(request):
-    instance = start_webui(request.param, ["--optim-profile", PROFILE[request.param]])
+    profile = PROFILE.get(request.param)
+    instance = start_webui(request.param, ["--optim-profile", profile] if profile else [])
     try:
         code, body = instance.txt2img()  # load the model
         assert code == 200, body
@@ -27,7 +30,16 @@ def profiled(request):
         stop_webui(instance)
 
 
+def _profile_generation(webui) -> dict[str, Any]:
+    """The profile's per-generation values for this host, as the extension's own route reports them."""
+    profiles = webui.get("/optim/v1/profiles")
+    [profile] = [p for p in profiles if p["name"] == PROFILE[webui.host]]
+    return profile["hosts"][webui.host]["generation"]
+
+
 def test_startup_profile_is_applied(profiled):
+    if profiled.host not in PROFILE:
+        pytest.skip(NO_PROFILE)
     status = profiled.get("/optim/v1/status")
     assert status["startup_profile"] == PROFILE[profiled.host]
     log = profiled.log()
@@ -36,17 +48,33 @@ def test_startup_profile_is_applied(profiled):
         # --opt-sdp-attention, injected as a parser default, makes A1111's "Automatic" pick sdp
         # (modules/sd_hijack.py:81) instead of InvokeAI, its choice on a CPU
         assert status["effective"]["attention"] == "sdp"
-    else:
+    elif profiled.host == "forge":
         assert status["effective"]["inference_memory_mb"] == 2048
         assert "python -m lib_optim profile apply 8gb-low" in log  # --attention-quad etc. need a restart
         assert status["effective"]["vae_device"] == "cpu"
+    else:
+        # Forge previous: attention is chosen when ldm_patched.ldm.modules.attention is imported, after preload
+        # (docs/hosts.md §1.2, §3.5), so the profile's attention takes effect at start-up; its reserve replaces
+        # minimum_inference_memory() (1024 MB, §4.6) when it has one
+        generation = _profile_generation(profiled)
+        assert "python -m lib_optim profile apply 8gb-low" in log  # its flags need a restart
+        assert status["effective"]["vae_device"] == "cpu"
+        assert status["effective"]["inference_memory_mb"] == (generation.get("inference_memory_mb") or 1024)
+        backends = [b for b in status["attention_backends"] if b["host_name"] and b["attention"] != "host"]
+        label = {b["host_name"]: b["attention"] for b in backends}
+        assert label.get(status["effective"]["attention"]) == generation["attention"]
 
 
 def test_profile_defaults_fill_the_accordion_fields(profiled):
+    if profiled.host not in PROFILE:
+        pytest.skip(NO_PROFILE)
     code, body = profiled.txt2img([{"channels_last": True}])
     assert code == 200, body
     text = json.loads(body["info"])["infotexts"][0]
-    expected = "attention=sdp" if profiled.host == "a1111" else "attention=sub-quad"
+    if profiled.host == "forge-previous":
+        expected = f"attention={_profile_generation(profiled)['attention']}"
+    else:
+        expected = "attention=sdp" if profiled.host == "a1111" else "attention=sub-quad"
     assert expected in text
 
 
