@@ -23,7 +23,7 @@ import torch
 from lib_optim.adapter import NotSupportedHere
 from lib_optim.hostkinds import HostKind
 from lib_optim.hosts import create_adapter
-from lib_optim.hosts.ldm_patched import LdmPatchedAdapter
+from lib_optim.hosts.ldm_patched import VAE_FUNCTIONS, LdmPatchedAdapter
 from lib_optim.settings import Attention, GenerationSettings, Tri
 
 MB = 1024 * 1024
@@ -906,3 +906,46 @@ def test_adapter_without_a_host() -> None:
     assert not backends[Attention.SDP].available and "not loaded" in backends[Attention.SDP].reason
     with pytest.raises(NotSupportedHere, match="attention"):
         adapter.apply_attention(None, on(attention=Attention.SDP), None)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- the registry
+
+
+MIRRORS = {
+    FP: ("/work/.mirror/lllyasviel+stable-diffusion-webui-forge/repo", "previous"),
+    RF: ("/work/.mirror/Panchovix+stable-diffusion-webui-reForge/repo", "main"),
+}
+
+
+@pytest.mark.parametrize("kind", [FP, RF], ids=["forge-previous", "reforge"])
+def test_registry_bindings_exist_in_the_hosts_code(kind: HostKind) -> None:
+    """Every ldm_patched binding of the attention registry names a function the host defines at module level,
+    and its flag is one the host's parser has (read from the host mirrors at the pinned commits)."""
+    import subprocess
+    from pathlib import Path
+
+    from lib_optim import attention as registry
+    from lib_optim.flagtables import flags_for
+
+    git_dir, rev = MIRRORS[kind]
+    if not Path(git_dir).is_dir():
+        pytest.skip(f"host mirror {git_dir} not present")
+
+    def source(path: str) -> str:
+        return subprocess.run(
+            ["git", f"--git-dir={git_dir}", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
+        ).stdout
+
+    unet = source("ldm_patched/ldm/modules/attention.py")
+    vae = source("ldm_patched/ldm/modules/diffusionmodules/model.py")
+    flags = flags_for(kind)
+    bindings = [b.ldm_patched for b in registry.algorithms() if b.ldm_patched is not None]
+    assert len(bindings) == 5
+    for binding in bindings:
+        assert f"\ndef {binding.unet}(" in unet, binding
+        assert f"\ndef {binding.vae}(" in vae, binding
+        assert binding.flag is None or binding.flag in flags, binding
+    for name in ("optimized_attention", "optimized_attention_masked"):
+        assert f"\n{name} = " in unet
+    for name in VAE_FUNCTIONS:
+        assert f"\ndef {name}(" in vae
