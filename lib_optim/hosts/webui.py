@@ -147,12 +147,31 @@ def process(p: Any, args: Sequence[Any]) -> None:
     if settings.attention is Attention.AUTO and session.attention_used:
         p.extra_generation_params["Optim auto attention"] = session.attention_used
     if getattr(common.opts(), "optim_telemetry_infotext", False):
+        if rt.host is HostKind.FORGE_PREVIOUS:
+            # no callables in its infotext (they fail every API request, docs/hosts.md §7.5): text, written
+            # after each batch by postprocess_batch
+            setattr(p, _TELEMETRY_AS_TEXT, True)
+            return
+
         # a callable: the host calls it when it writes each image's infotext (docs/hosts.md §7.5)
         def telemetry_text(**_kwargs: Any) -> str | None:
             now = rt.telemetry_now(p)
             return format_status(now) if now is not None else None
 
         p.extra_generation_params["Optim telemetry"] = telemetry_text
+
+
+_TELEMETRY_AS_TEXT = "_optim_telemetry_as_text"
+
+
+def after_batch(p: Any) -> None:
+    """From ``postprocess_batch`` (after decoding, before the batch's infotexts, docs/hosts.md §7.5): the telemetry
+    so far as text, on hosts that do not evaluate callables in infotext."""
+    if not getattr(p, _TELEMETRY_AS_TEXT, False):
+        return
+    now = get_runtime().telemetry_now(p)
+    if now is not None:
+        p.extra_generation_params["Optim telemetry"] = format_status(now)
 
 
 def on_step() -> None:
