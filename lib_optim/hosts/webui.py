@@ -8,7 +8,7 @@ functions: this module is imported at script load, after ``modules.shared`` exis
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lib_optim.adapter import NotSupportedHere
@@ -147,31 +147,42 @@ def process(p: Any, args: Sequence[Any]) -> None:
     if settings.attention is Attention.AUTO and session.attention_used:
         p.extra_generation_params["Optim auto attention"] = session.attention_used
     if getattr(common.opts(), "optim_telemetry_infotext", False):
-        if rt.host is HostKind.FORGE_PREVIOUS:
-            # no callables in its infotext (they fail every API request, docs/hosts.md §7.5): text, written
-            # after each batch by postprocess_batch
-            setattr(p, _TELEMETRY_AS_TEXT, True)
-            return
 
-        # a callable: the host calls it when it writes each image's infotext (docs/hosts.md §7.5)
-        def telemetry_text(**_kwargs: Any) -> str | None:
+        def telemetry_text() -> str | None:
             now = rt.telemetry_now(p)
             return format_status(now) if now is not None else None
 
-        p.extra_generation_params["Optim telemetry"] = telemetry_text
+        add_late_infotext(p, "Optim telemetry", telemetry_text, rt.host)
 
 
-_TELEMETRY_AS_TEXT = "_optim_telemetry_as_text"
+_LATE_INFOTEXT = "_optim_late_infotext"
+
+
+def add_late_infotext(p: Any, key: str, compute: Callable[[], str | None], host: HostKind | None) -> None:
+    """An infotext entry known only after sampling. A1111, Forge f2 and reForge call a callable in
+    ``extra_generation_params`` when each image's infotext is written; Forge previous does not and fails every API
+    request with one there (docs/hosts.md §7.5), so there the text is written by :func:`after_batch`
+    (``postprocess_batch``: after decoding, before the batch's infotexts)."""
+    if host is HostKind.FORGE_PREVIOUS:
+        pending = getattr(p, _LATE_INFOTEXT, None)
+        if pending is None:
+            pending = {}
+            setattr(p, _LATE_INFOTEXT, pending)
+        pending[key] = compute
+        return
+
+    def call(**_kwargs: Any) -> str | None:
+        return compute()
+
+    p.extra_generation_params[key] = call
 
 
 def after_batch(p: Any) -> None:
-    """From ``postprocess_batch`` (after decoding, before the batch's infotexts, docs/hosts.md §7.5): the telemetry
-    so far as text, on hosts that do not evaluate callables in infotext."""
-    if not getattr(p, _TELEMETRY_AS_TEXT, False):
-        return
-    now = get_runtime().telemetry_now(p)
-    if now is not None:
-        p.extra_generation_params["Optim telemetry"] = format_status(now)
+    """From ``postprocess_batch``: the late infotext entries of :func:`add_late_infotext`, as text so far."""
+    for key, compute in (getattr(p, _LATE_INFOTEXT, None) or {}).items():
+        text = compute()
+        if text is not None:
+            p.extra_generation_params[key] = text
 
 
 def on_step() -> None:
