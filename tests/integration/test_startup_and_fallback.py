@@ -96,8 +96,11 @@ def test_telemetry_in_status_and_infotext(profiled):
 
 
 # The hosts whose 'none' attention builds the full score matrix: A1111's (no optimization) and the ldm_patched
-# hosts' attention_basic (docs/hosts.md §3.5, §3.6). Forge f2 has no 'none'.
-FULL_MATRIX_HOSTS = ("a1111", "forge-previous", "reforge")
+# hosts' attention_basic (docs/hosts.md §3.5, §3.6). Forge f2 has no 'none'. Per host: the address space the WebUI
+# gets and the image side. 10 GiB: the WebUI runs, but 'none' attention at 640x640 needs two 2.6 GB score matrices
+# at once and fails to allocate; sub-quadratic attention fits. reForge maps more while it loads a checkpoint (its
+# VmPeak was 11.7 GB here, VmSize 6.1 GB after the load): 14 GiB, and at 768x768 'none' needs two 5.4 GB matrices.
+FULL_MATRIX_HOSTS = {"a1111": (10, 640), "forge-previous": (10, 640), "reforge": (14, 768)}
 _NO_FULL_MATRIX_HOST = pytest.param(
     None, marks=pytest.mark.skip(reason="needs OPTIM_A1111_DIR, OPTIM_FORGE_PREVIOUS_DIR or OPTIM_REFORGE_DIR")
 )
@@ -105,13 +108,12 @@ _NO_FULL_MATRIX_HOST = pytest.param(
 
 @pytest.mark.parametrize("host", [h for h in configured_hosts() if h in FULL_MATRIX_HOSTS] or [_NO_FULL_MATRIX_HOST])
 def test_real_out_of_memory_is_retried_once_with_frugal_settings(host):
-    # 10 GiB of address space: the WebUI runs, but 'none' attention at 640x640 needs two 2.6 GB score
-    # matrices at once and fails to allocate; sub-quadratic attention fits.
-    webui = start_webui(host, address_space_limit=10 * 1024**3)
+    gib, side = FULL_MATRIX_HOSTS[host]
+    webui = start_webui(host, address_space_limit=gib * 1024**3)
     try:
         assert webui.txt2img()[0] == 200  # load the model first
         before = webui.get("/optim/v1/status")["effective"]
-        code, body = webui.txt2img([{"attention": "none"}], width=640, height=640, steps=1)
+        code, body = webui.txt2img([{"attention": "none"}], width=side, height=side, steps=1)
         assert code == 200, body
         text = json.loads(body["info"])["infotexts"][0]
         assert "Optim fallback:" in text and "retried after out of memory" in text
