@@ -28,8 +28,13 @@ from lib_optim.hostkinds import HostKind
 A1111 = HostKind.A1111
 FORGE = HostKind.FORGE
 FORGE_PREVIOUS = HostKind.FORGE_PREVIOUS
-FORGE_HOSTS = (FORGE, FORGE_PREVIOUS)
-ALL_HOSTS = (A1111, FORGE, FORGE_PREVIOUS)
+REFORGE = HostKind.REFORGE
+FORGE_HOSTS = (FORGE, FORGE_PREVIOUS, REFORGE)
+ALL_HOSTS = (A1111, FORGE, FORGE_PREVIOUS, REFORGE)
+# reForge keeps A1111's xformers import hook and checks it (reForge modules/import_hook.py:4-5,
+# ldm_patched/modules/model_management.py:1095-1111): an installed xformers is used only with --xformers, so the
+# notes that say Forge uses xformers whenever it is installed are not true there.
+XFORMERS_WHEN_INSTALLED = (FORGE, FORGE_PREVIOUS)
 
 
 class Severity(str, Enum):
@@ -373,6 +378,7 @@ FLAG_NOTES: tuple[FlagNote, ...] = (
         "--opt-sdp-attention",
         f"{_FORGE_DOES_NOT_READ}; Forge already uses PyTorch SDPA on NVIDIA with torch 2 unless xformers is installed.",
         "Use --attention-pytorch (it also stops xformers from being used).",
+        XFORMERS_WHEN_INSTALLED,
     ),
     _forge_ignored(
         "--opt-sdp-no-mem-attention",
@@ -395,6 +401,7 @@ FLAG_NOTES: tuple[FlagNote, ...] = (
             "automatically (modules_forge/initialization.py).",
             "Remove it. To keep more free for computation lower 'GPU Weights' (or this extension's inference "
             "memory); to force offloading use --always-offload-from-vram or --always-low-vram.",
+            (FORGE, FORGE_PREVIOUS),  # reForge prints another message (modules_forge/initialization.py:28-35)
         )
         for option in ("--medvram", "--medvram-sdxl", "--lowvram")
     ),
@@ -402,6 +409,7 @@ FLAG_NOTES: tuple[FlagNote, ...] = (
         "--opt-channelslast",
         f"{_FORGE_DOES_NOT_READ}; Forge never converts the UNet to channels-last.",
         "Remove it; use this extension's per-generation 'Channels-last UNet'.",
+        (FORGE, FORGE_PREVIOUS),  # reForge does not define it (unknown-flag)
     ),
     _forge_ignored(
         "--disable-nan-check",
@@ -438,7 +446,7 @@ FLAG_NOTES: tuple[FlagNote, ...] = (
     ),
     FlagNote(
         "--xformers",
-        FORGE_HOSTS,
+        XFORMERS_WHEN_INSTALLED,
         "xformers-flag-semantics",
         Severity.INFO,
         "On Forge --xformers only makes the launcher install xformers; the backend uses xformers whenever it "
@@ -458,7 +466,7 @@ FLAG_NOTES: tuple[FlagNote, ...] = (
     ),
     FlagNote(
         "--force-enable-xformers",
-        FORGE_HOSTS,
+        XFORMERS_WHEN_INSTALLED,
         "obsolete-flag",
         Severity.INFO,
         f"Obsolete: {_FORGE_DOES_NOT_READ}.",
@@ -700,7 +708,7 @@ def _forge_attention_flags(host: HostKind) -> list[str]:
 @rule(
     "attention-flag-overridden",
     Severity.WARNING,
-    FORGE_HOSTS,
+    XFORMERS_WHEN_INSTALLED,
     "A Forge attention flag that an installed xformers overrides.",
 )
 def _attention_flag_overridden(ctx: CheckContext) -> Iterator[Finding]:

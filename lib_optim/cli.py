@@ -31,7 +31,7 @@ from lib_optim import __version__
 from lib_optim.checker import RULES, CheckInput, Finding, RuntimeFacts, Severity, exit_code, rules_markdown, run_checks
 from lib_optim.env_notes import env_notes_json, env_notes_markdown
 from lib_optim.hostdetect import detect_kind, extension_dir, find_webui_root
-from lib_optim.hostkinds import CHECKED_HOSTS, HostKind, parse_host
+from lib_optim.hostkinds import PROFILED_HOSTS, HostKind, parse_host
 
 EX_USAGE = 64
 EX_REFUSED = 1
@@ -471,7 +471,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             "pass --host a1111, --host forge or --host forge-previous"
         )
     for host in choice.hosts:
-        if host not in CHECKED_HOSTS:
+        if host not in PROFILED_HOSTS:
             raise UsageError(f"--host: {host.value!r} has no profiles; allowed: a1111, forge, forge-previous")
     profile = get_profile(_auto_profile_name() if args.name.strip().lower() == "auto" else args.name)
     try:  # --directml with a host or a profile that has no DirectML variant: a bad combination of options

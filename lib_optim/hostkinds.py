@@ -9,7 +9,7 @@ class HostKind(str, Enum):
     A1111 = "a1111"  # AUTOMATIC1111 stable-diffusion-webui v1.10.x
     FORGE = "forge"  # WebUI Forge f2 (main; backend/ package, gradio 4)
     FORGE_PREVIOUS = "forge-previous"  # Forge tag `previous` (ldm_patched/, gradio 3)
-    REFORGE = "reforge"  # Panchovix reForge: detected, extension stays harmless; not covered by the checker
+    REFORGE = "reforge"  # Panchovix reForge (ldm_patched/, gradio 3)
 
     @property
     def display_name(self) -> str:
@@ -28,7 +28,9 @@ _TITLES = {
 }
 
 # Hosts whose flag tables the checker carries (docs/hosts.md §2.1).
-CHECKED_HOSTS = (HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS)
+CHECKED_HOSTS = (HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS, HostKind.REFORGE)
+# Hosts with launch profiles (lib_optim/profiles.py).
+PROFILED_HOSTS = (HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS)
 
 
 def parse_host(value: str) -> HostKind:

@@ -28,6 +28,9 @@ class OptimScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         webui.before_sampling(p)
 
+    def postprocess_batch(self, p, *args, **kwargs):
+        webui.after_batch(p)
+
     def postprocess(self, p, processed, *args):
         webui.postprocess(p)
 

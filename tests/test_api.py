@@ -125,13 +125,23 @@ def test_optim_routes():
 
 @pytest.mark.parametrize(
     ("payload", "text"),
-    [({"host": "comfy"}, "'comfy'"), ({"host": "reforge"}, "'reforge'"), ({"commandline": 'a "b'}, "cannot be split")],
+    [({"host": "comfy"}, "'comfy'"), ({"host": "sdnext"}, "'sdnext'"), ({"commandline": 'a "b'}, "cannot be split")],
 )
 def test_check_route_errors_name_the_field(payload, text):
     app, _ = make_app()
     response = TestClient(app).post("/optim/v1/check", json=payload)
     assert response.status_code == 422
     assert text in response.json()["detail"]
+
+
+def test_check_route_knows_reforge_flags():
+    app, _ = make_app()
+    body = TestClient(app).post(
+        "/optim/v1/check", json={"host": "reforge", "args": ["--reserve-vram", "1", "--vae-in-cpu"]}
+    )
+    assert body.status_code == 200 and body.json()["findings"] == []
+    body = TestClient(app).post("/optim/v1/check", json={"host": "reforge", "args": ["--gpu-device-id", "0"]})
+    assert [f["key"] for f in body.json()["findings"]][:1] == ["unknown-flag:--gpu-device-id"]
 
 
 def test_api_auth_is_honoured_on_our_routes_and_kept_on_the_host_route():

@@ -991,12 +991,39 @@ def test_finding_to_dict_is_json() -> None:
         assert item["key"] == f"{finding.rule}:{finding.subject}"
 
 
-def test_reforge_is_not_covered() -> None:
+def test_reforge_is_covered_by_its_own_table() -> None:
+    """reForge's own parser (generated from reForge ldm_patched/modules/args_parser.py and modules/cmd_args.py)."""
     findings = check(HostKind.REFORGE, ["--all-in-fp32", "--use-cuda-dsa"], env={"CUDA_LAUNCH_BLOCKING": "1"})
-    assert len(findings) == 1
-    (finding,) = findings
-    assert (finding.rule, finding.severity, finding.subject) == ("host-not-covered", INFO, "reforge")
-    assert exit_code(findings) == 0
+    assert {f.key for f in findings} == {
+        "unknown-flag:--use-cuda-dsa",
+        "costly-flag:--all-in-fp32",
+        "cuda-launch-blocking:CUDA_LAUNCH_BLOCKING",
+    }
+    # its own flags are known (reForge args_parser.py:54, :58, :127, :147, :162); Forge previous's are not
+    own = ["--reserve-vram", "1.5", "--use-sage-attention", "--force-channels-last", "--cuda-device", "0"]
+    assert check(HostKind.REFORGE, [*own, "--fast", "fp16_accumulation"], facts=NVIDIA_86) == []
+    unknown = {f.key for f in check(HostKind.REFORGE, ["--gpu-device-id", "--opt-channelslast"])}
+    assert unknown == {"unknown-flag:--gpu-device-id", "unknown-flag:--opt-channelslast"}
+    assert {f.key for f in check(PREVIOUS, ["--reserve-vram"])} == {"unknown-flag:--reserve-vram"}
+    [bad] = check(HostKind.REFORGE, ["--fast", "turbo"])
+    assert (bad.rule, bad.severity) == ("bad-flag-value", ERROR)
+
+
+def test_reforge_attention_group_has_sage_and_flash() -> None:
+    # reForge args_parser.py:123-129: one mutually exclusive group
+    [finding] = check(HostKind.REFORGE, ["--attention-split", "--use-sage-attention"])
+    assert (finding.rule, finding.severity) == ("exclusive-flags", ERROR)
+
+
+def test_reforge_uses_xformers_only_with_the_flag() -> None:
+    """reForge keeps A1111's import hook (modules/import_hook.py:4-5) and xformers_enabled() is false when the
+    hook blocked the import (ldm_patched/modules/model_management.py:1095-1098): the notes saying Forge uses an
+    installed xformers regardless do not apply there."""
+    installed = check(HostKind.REFORGE, ["--attention-split", "--xformers"], facts=NVIDIA_86)
+    assert not [f for f in installed if f.rule in ("attention-flag-overridden", "xformers-flag-semantics")]
+    assert [f.rule for f in check(PREVIOUS, ["--attention-split"], facts=NVIDIA_86)] == ["attention-flag-overridden"]
+    # the memory flags: reForge prints its own hint, not Forge's "removed" (modules_forge/initialization.py:28-35)
+    assert check(HostKind.REFORGE, ["--medvram"]) == []
 
 
 def test_clean_command_lines_are_clean() -> None:

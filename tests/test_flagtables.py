@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "tools" / "gen_flagtables.py"
 MODULE = ROOT / "lib_optim" / "flagtables.py"
 
-A1111, FORGE, PREVIOUS = HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS
+A1111, FORGE, PREVIOUS, REFORGE = HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS, HostKind.REFORGE
 FORGE_HOSTS = (FORGE, PREVIOUS)
 
 
@@ -63,11 +63,24 @@ def _group(host: HostKind, name: str) -> set[str]:
 # --------------------------------------------------------------------------------------------- shape
 
 
-def test_tables_exist_for_checked_hosts_only() -> None:
-    assert set(FLAGS) == set(CHECKED_HOSTS)
+def test_tables_exist_for_every_host() -> None:
+    assert set(FLAGS) == set(CHECKED_HOSTS) == set(HostKind)
     assert set(HOST_REVISIONS) == set(CHECKED_HOSTS)
-    with pytest.raises(KeyError, match="reforge"):
-        flags_for(HostKind.REFORGE)
+
+
+def test_reforge_table_is_its_own() -> None:
+    """reForge ldm_patched/modules/args_parser.py: --reserve-vram (:147, a float in GB), --cuda-device (:54),
+    sage/flash in the attention group (:123-129), --cuda-malloc/--disable-cuda-malloc exclusive (:167-169), --fast's
+    choices from its Enum (:157-162); modules/cmd_args.py has no --opt-channelslast."""
+    table = flags_for(REFORGE)
+    assert table["--reserve-vram"].value_type == "float"
+    assert "--cuda-device" in table and "--gpu-device-id" not in table and "--opt-channelslast" not in table
+    attention = {s.option for s in FLAGS[REFORGE] if s.group == "attention"}
+    assert {"--attention-split", "--use-sage-attention", "--use-sage-attention3", "--use-flash-attention"} <= attention
+    assert table["--disable-cuda-malloc"].group == table["--cuda-malloc"].group == "cuda_malloc"
+    assert table["--fast"].choices == ("fp16_accumulation", "fp8_matrix_mult", "cublas_ops")
+    assert table["--fast"].takes_value == "many"
+    assert "--reserve-vram" not in flags_for(PREVIOUS)
 
 
 @pytest.mark.parametrize("host", CHECKED_HOSTS)
@@ -265,31 +278,27 @@ def test_checkout_directory_extraction(host: HostKind, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- real checkouts
 
 
-def _checkout_kind(root: Path) -> HostKind | None:
-    if (root / "backend" / "args.py").is_file():
-        return FORGE
-    if (root / "ldm_patched" / "modules" / "args_parser.py").is_file():
-        return PREVIOUS
-    if (root / "modules" / "cmd_args.py").is_file():
-        return A1111
-    return None
+REAL_CHECKOUTS = {
+    "OPTIM_A1111_DIR": A1111,
+    "OPTIM_FORGE_DIR": FORGE,
+    "OPTIM_FORGE_PREVIOUS_DIR": PREVIOUS,
+    "OPTIM_REFORGE_DIR": REFORGE,
+}
 
 
 @pytest.mark.host
-@pytest.mark.parametrize("variable", ["OPTIM_A1111_DIR", "OPTIM_FORGE_DIR"])
+@pytest.mark.parametrize("variable", list(REAL_CHECKOUTS))
 def test_real_checkout_matches_table(variable: str) -> None:
+    from lib_optim.hostdetect import detect_kind
+
     value = os.environ.get(variable)
     if not value:
         pytest.skip(f"{variable} is not set (point it at a WebUI checkout to compare its flags)")
     root = Path(value)
     if not (root / "modules" / "cmd_args.py").is_file():
         pytest.skip(f"{variable}={value} is not a WebUI checkout (no modules/cmd_args.py)")
-    kind = _checkout_kind(root)
-    assert kind is not None
-    if variable == "OPTIM_A1111_DIR":
-        assert kind is A1111, f"{variable} points at a {kind.value} checkout"
-    else:
-        assert kind in FORGE_HOSTS, f"{variable} points at a {kind.value} checkout"
+    kind = detect_kind(root).kind
+    assert kind is REAL_CHECKOUTS[variable], f"{variable} points at a {kind.value} checkout"
     flags = gen.extract_host(gen.DirSource(root))
     assert [f.astuple() for f in flags] == _rows(FLAGS[kind]), (
         f"{root} ({gen.DirSource(root).revision()}) differs from the {kind.value} table "

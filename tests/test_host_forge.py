@@ -1,4 +1,4 @@
-"""ForgeAdapter / UnsupportedForgeAdapter against fake Forge f2 modules.
+"""ForgeAdapter against fake Forge f2 modules.
 
 The fakes are module objects put in ``sys.modules`` whose code is executed in their own namespace, so
 by-name imports (``from backend.attention import attention_function``) and call-time global lookups behave
@@ -19,8 +19,7 @@ import pytest
 import torch
 
 from lib_optim.adapter import NotSupportedHere
-from lib_optim.hostkinds import HostKind
-from lib_optim.hosts.forge import UNSUPPORTED_REASON, ForgeAdapter, UnsupportedForgeAdapter
+from lib_optim.hosts.forge import ForgeAdapter
 from lib_optim.settings import Attention, GenerationSettings, Tri
 
 MB = 1024 * 1024
@@ -731,40 +730,6 @@ def test_adapter_without_forge() -> None:
     backends = {b.attention: b for b in adapter.attention_backends()}
     assert not backends[Attention.SDP].available and not backends[Attention.AUTO].available
     assert adapter.version() == "unknown"
-
-
-# --------------------------------------------------------------------------------------------- unsupported
-
-
-@pytest.mark.parametrize("kind", [HostKind.FORGE_PREVIOUS, HostKind.REFORGE])
-def test_unsupported_changes_nothing(kind: HostKind, monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
-    logger = logging.getLogger("lib_optim")
-    monkeypatch.setattr(logger, "propagate", True)  # setup_console_logging turns it off in a WebUI
-    fn = object()
-    attention = make_module(monkeypatch, "ldm_patched.ldm.modules.attention", "")
-    attention.optimized_attention = fn
-    make_module(monkeypatch, "modules_forge", package=True)
-    make_module(monkeypatch, "modules_forge.forge_version", "version = '0.0.17v1.8.0rc'")
-    adapter = UnsupportedForgeAdapter(kind)
-    assert adapter.kind is kind
-    backends = adapter.attention_backends()
-    assert backends[0].attention is Attention.HOST and backends[0].available
-    assert all(not b.available and b.reason == UNSUPPORTED_REASON for b in backends[1:])
-    with pytest.raises(NotSupportedHere, match="per-generation switching is not supported"):
-        adapter.validate(on(attention=Attention.SDP))
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lib_optim"):
-        session = adapter.begin(None, on(channels_last=Tri.ON, vae_on_cpu=Tri.ON))
-        adapter.before_sampling(None, session)
-        assert session.restorer.close() is True
-        adapter.begin(None, GenerationSettings(enabled=True))
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and UNSUPPORTED_REASON in warnings[0].getMessage()
-    assert session.restorer.notes == []
-    assert attention.optimized_attention is fn
-    assert adapter.version() == "0.0.17v1.8.0rc"
-    state = adapter.effective_state()
-    assert state.host is kind and state.inference_memory_mb is None and not state.model_loaded
 
 
 @pytest.mark.parametrize(

@@ -210,3 +210,26 @@ def test_close_wrapper_restores_after_an_error_without_postprocess(host, rt):
     p.close()  # postprocess was skipped (an exception); p.close() still restores (docs/hosts.md §1.6)
     assert rt.adapter.current == "Doggettx"
     assert p.closed == 1
+
+
+@pytest.mark.parametrize("kind", [HostKind.A1111, HostKind.FORGE_PREVIOUS])
+def test_telemetry_infotext_is_json_safe_on_every_host(host, rt, kind):
+    """Forge previous quotes infotext values as they are and serialises extra_generation_params with a plain
+    json.dumps (modules/processing.py:606, :616, :717): a callable there fails the API request, so it gets the text
+    from postprocess_batch (:950, before the batch's infotexts :959-1021). A1111 calls callables (:722-812)."""
+    import json
+
+    rt.host = kind
+    sys.modules["modules.shared"].opts.optim_telemetry_infotext = True
+    p = make_p([True, "split"], fail=lambda attention: False)
+    webui.process(p, p.script_args[1:6])
+    rt.step()
+    if kind is HostKind.A1111:
+        assert callable(p.extra_generation_params["Optim telemetry"])
+    else:
+        assert "Optim telemetry" not in p.extra_generation_params
+        webui.after_batch(p)  # postprocess_batch
+        assert "peak RSS" in p.extra_generation_params["Optim telemetry"]  # one step: no rate yet
+        json.dumps(p.extra_generation_params)
+    webui.after_batch(make_p([True], fail=lambda attention: False))  # another p: nothing to do
+    p.close()

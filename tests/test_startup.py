@@ -161,3 +161,78 @@ def test_format_block_names_every_finding():
     block = startup.format_block(findings, HostKind.FORGE)
     for f in findings:
         assert f.subject in block
+
+
+def ldm_backend(monkeypatch, attention_imported: bool, **args):
+    """What exists at preload in Forge previous / reForge (docs/hosts.md §1.2): the re-parsed back-end flags
+    (modules_forge/initialization.py FP :38-39, RF :37-38) and model_management, imported right after."""
+    flags = {"vae_in_cpu": False, "vae_in_fp16": False, "vae_in_bf16": False, "vae_in_fp32": False}
+    flags |= {"attention_split": False, "attention_quad": False, "attention_pytorch": False, **args}
+    parser_module = types.ModuleType("ldm_patched.modules.args_parser")
+    parser_module.args = types.SimpleNamespace(**flags)
+    mm = types.ModuleType("ldm_patched.modules.model_management")
+    mm.ENABLE_PYTORCH_ATTENTION = True  # NVIDIA + torch 2 (FP model_management.py:180-184)
+    mm.XFORMERS_IS_AVAILABLE = True
+    mm.VAE_DTYPE = "bf16"  # FP :177-205
+
+    def minimum_inference_memory():
+        return 1024 * 1024 * 1024
+
+    mm.minimum_inference_memory = minimum_inference_memory
+    package = types.ModuleType("ldm_patched.modules")
+    package.args_parser, package.model_management = parser_module, mm
+    modules = {
+        "ldm_patched": types.ModuleType("ldm_patched"),
+        "ldm_patched.modules": package,
+        "ldm_patched.modules.args_parser": parser_module,
+        "ldm_patched.modules.model_management": mm,
+    }
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    if attention_imported:
+        monkeypatch.setitem(sys.modules, "ldm_patched.ldm.modules.attention", types.ModuleType("attention"))
+    else:
+        monkeypatch.delitem(sys.modules, "ldm_patched.ldm.modules.attention", raising=False)
+    runtime = Runtime()
+    monkeypatch.setattr(startup, "get_runtime", lambda: runtime)
+    return parser_module.args, mm, runtime
+
+
+def test_forge_previous_profile_sets_what_is_read_after_preload(monkeypatch, capsys):
+    """The attention module chooses at its import, after preload (FP ldm_patched/ldm/modules/attention.py:339-355,
+    from args.attention_* and ENABLE_PYTORCH_ATTENTION, model_management.py:172-190); vae_device() reads
+    args.vae_in_cpu when a VAE is built (:622-625) and vae_dtype() the import-time VAE_DTYPE (:633-635)."""
+    import torch
+
+    args, mm, runtime = ldm_backend(monkeypatch, attention_imported=False, use_sage_attention=False)
+    startup.apply_startup_profile(host_parser(), "8gb-low", HostKind.FORGE_PREVIOUS)
+    assert (args.attention_quad, args.attention_split, args.attention_pytorch) == (True, False, False)
+    assert mm.ENABLE_PYTORCH_ATTENTION is False and mm.XFORMERS_IS_AVAILABLE is False
+    assert args.vae_in_cpu is True and mm.VAE_DTYPE is torch.float32
+    assert runtime.startup_profile == "8gb-low" and runtime.defaults.attention is Attention.SUB_QUAD
+    err = capsys.readouterr().err
+    assert "attention sub-quad" in err and "VAE on CPU (float32)" in err
+    assert "--attention-quad --disable-xformers" in err  # its flags only take effect from the launch line
+
+
+def test_ldm_patched_profile_leaves_attention_once_chosen_and_sets_the_reserve(monkeypatch):
+    from lib_optim import profiles
+    from lib_optim.settings import GenerationSettings
+
+    args, mm, runtime = ldm_backend(monkeypatch, attention_imported=True, vae_in_fp16=True)
+    hp = profiles.HostProfile(
+        (), {}, GenerationSettings(enabled=True, attention=Attention.SPLIT, inference_memory_mb=1792)
+    )
+    monkeypatch.setattr(startup, "resolve", lambda profile, host: hp)
+    startup.apply_startup_profile(host_parser(), "8gb-low", HostKind.FORGE_PREVIOUS)
+    assert args.attention_split is False and mm.ENABLE_PYTORCH_ATTENTION is True  # chosen already: per generation
+    assert mm.minimum_inference_memory() == 1792 * 1024 * 1024  # load_models_gpu looks it up by name (FP :426, :478)
+    assert runtime.defaults.inference_memory_mb == 1792
+
+
+def test_reforge_has_no_profiles_yet(monkeypatch):
+    args, _mm, runtime = ldm_backend(monkeypatch, attention_imported=False)
+    monkeypatch.setattr(sys, "argv", ["launch.py", "--optim-profile", "8gb-low", "--optim-no-check"])
+    with pytest.raises(startup.ProfileError, match="'reforge' has no profiles"):
+        startup.apply_startup_profile(host_parser(), "8gb-low", HostKind.REFORGE)
+    assert args.attention_quad is False and runtime.startup_profile is None

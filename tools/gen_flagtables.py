@@ -8,6 +8,7 @@ The host code is never imported or executed: every ``add_argument`` call is read
   ``modules/cmd_args.py`` (``from backend.args import parser``),
 * Forge previous: ``ldm_patched/modules/args_parser.py`` extended by ``modules/cmd_args.py``
   (``parser = args_parser.parser``),
+* reForge (main): the same structure as Forge previous, with its own back-end flags,
 
 plus ``modules/shared_cmd_options.py`` and every ``extensions-builtin/<ext>/preload.py`` (built-in preloads
 always run: ``preload_extensions(extensions_builtin_dir, parser)`` has no extension list).  How cmd_args.py
@@ -21,6 +22,7 @@ checkout directory.  Usage::
     python tools/gen_flagtables.py              # default mirrors under /work/.mirror, writes the module
     python tools/gen_flagtables.py --check      # exit 1 when the committed module differs
     python tools/gen_flagtables.py --a1111 /path/to/stable-diffusion-webui --forge /path/to/forge@main
+    python tools/gen_flagtables.py --forge-previous /path/to/forge@previous --reforge /path/to/reforge@main
     python tools/gen_flagtables.py --dump a1111 --a1111 /path/to/checkout   # print one table, no writing
 """
 
@@ -47,14 +49,16 @@ DEFAULT_OUTPUT = REPO_ROOT / "lib_optim" / "flagtables.py"
 MIRROR_ROOT = Path("/work/.mirror")
 A1111_MIRROR = MIRROR_ROOT / "kklouzal+stable-diffusion-webui" / "repo"
 FORGE_MIRROR = MIRROR_ROOT / "lllyasviel+stable-diffusion-webui-forge" / "repo"
+REFORGE_MIRROR = MIRROR_ROOT / "Panchovix+stable-diffusion-webui-reForge" / "repo"
 
 # host key (HostKind member name) → (default git dir, default revision)
 DEFAULT_SOURCES: dict[str, tuple[Path, str]] = {
     "A1111": (A1111_MIRROR, "v1.10.1"),
     "FORGE": (FORGE_MIRROR, "main"),
     "FORGE_PREVIOUS": (FORGE_MIRROR, "previous"),
+    "REFORGE": (REFORGE_MIRROR, "main"),
 }
-HOST_ORDER = ("A1111", "FORGE", "FORGE_PREVIOUS")
+HOST_ORDER = ("A1111", "FORGE", "FORGE_PREVIOUS", "REFORGE")
 
 CMD_ARGS = "modules/cmd_args.py"
 SHARED_CMD_OPTIONS = "modules/shared_cmd_options.py"
@@ -69,6 +73,8 @@ GROUP_NAMES = {
     "attn_group": "attention",
     "upcast": "upcast",
     "vram_group": "vram",
+    "cache_group": "cache",  # reForge
+    "cm_group": "cuda_malloc",  # reForge: --cuda-malloc / --disable-cuda-malloc
 }
 
 NO_VALUE_ACTIONS = {"store_true", "store_false", "store_const", "count", "append_const", "help", "version"}
@@ -340,13 +346,10 @@ def _flag_from_call(mod: _Module, call: ast.Call, group: str | None, origin: str
 
     action_node = kw.get("action")
     action: str | None = None
-    custom_action = False
     if action_node is not None:
         if isinstance(action_node, ast.Constant) and isinstance(action_node.value, str):
             action = action_node.value
-        elif isinstance(action_node, ast.Name) and action_node.id in mod.actions:
-            custom_action = True
-        else:
+        elif not (isinstance(action_node, ast.Name) and action_node.id in mod.actions):  # the module's own Action
             raise ExtractError(f"{where}: unknown action {ast.unparse(action_node)}")
     if action is not None and action not in NO_VALUE_ACTIONS | VALUE_ACTIONS:
         raise ExtractError(f"{where}: unknown action {action!r}")
@@ -368,9 +371,9 @@ def _flag_from_call(mod: _Module, call: ast.Call, group: str | None, origin: str
     type_name = _dotted(type_node) if type_node is not None else None
     if type_node is not None and type_name is None:
         raise ExtractError(f"{where}: unknown type {ast.unparse(type_node)}")
-    if type_name in mod.enums:  # ldm_patched EnumAction: choices are the Enum's values
-        if not custom_action:
-            raise ExtractError(f"{where}: Enum type without the module's Enum action")
+    if type_name in mod.enums:
+        # ldm_patched's EnumAction makes the Enum's values the choices; without it (reForge's --fast) argparse
+        # calls the Enum on each value, which accepts only its values too
         choices = mod.enums[type_name]
         value_type = "str"
     elif type_name in TYPE_NAMES:
@@ -640,6 +643,7 @@ _LABELS = {
     "A1111": "AUTOMATIC1111 stable-diffusion-webui",
     "FORGE": "stable-diffusion-webui-forge",
     "FORGE_PREVIOUS": "stable-diffusion-webui-forge",
+    "REFORGE": "stable-diffusion-webui-reForge",
 }
 
 
@@ -673,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH[@REV]",
         help=f"Forge `previous` checkout or git dir (default {FORGE_MIRROR}@previous)",
     )
+    ap.add_argument(
+        "--reforge", metavar="PATH[@REV]", help=f"reForge checkout or git dir (default {REFORGE_MIRROR}@main)"
+    )
     ap.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="module to write (default %(default)s)")
     ap.add_argument(
         "--check", action="store_true", help="compare with --output instead of writing; exit 1 on difference"
@@ -686,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
 
-    given = {"A1111": args.a1111, "FORGE": args.forge, "FORGE_PREVIOUS": args.forge_previous}
+    given = {"A1111": args.a1111, "FORGE": args.forge, "FORGE_PREVIOUS": args.forge_previous, "REFORGE": args.reforge}
     try:
         sources: dict[str, Source] = {}
         for key in HOST_ORDER:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from lib_optim.adapter import HostAdapter
 from lib_optim.hostdetect import HostCheckout, detect_kind
 from lib_optim.hostkinds import HostKind
+from lib_optim.log import get_logger
+
+log = get_logger(__name__)
 
 
 def running_webui_root() -> Path | None:
@@ -25,11 +30,44 @@ def running_webui_root() -> Path | None:
     return Path(paths_internal.script_path)
 
 
+def running_kind(modules: Mapping[str, Any] | None = None) -> HostKind | None:
+    """Which host this process runs, from the code it has loaded (docs/hosts.md §8.2); None when nothing
+    loaded tells yet.
+
+    - Forge f2 imports ``backend.memory_management`` in ``initialize_forge()``, before preload (§1.2).
+    - Forge previous and reForge re-parse their back end's flags into ``ldm_patched.modules.args_parser.args``
+      there: reForge's namespace has ``reserve_vram``/``cuda_device``, Forge previous's ``gpu_device_id``.
+    - Every Forge imports ``modules_forge`` before it parses the WebUI's command line
+      (``modules.shared_cmd_options``, where preload runs): that module loaded without ``modules_forge`` is A1111.
+    """
+    loaded = sys.modules if modules is None else modules
+    if loaded.get("backend.memory_management") is not None and "modules_forge" in loaded:
+        return HostKind.FORGE
+    args = getattr(loaded.get("ldm_patched.modules.args_parser"), "args", None)
+    if args is not None:
+        if hasattr(args, "reserve_vram") or hasattr(args, "cuda_device"):
+            return HostKind.REFORGE
+        if hasattr(args, "gpu_device_id"):
+            return HostKind.FORGE_PREVIOUS
+    if "modules.shared_cmd_options" in loaded and not any(k.split(".")[0] == "modules_forge" for k in loaded):
+        return HostKind.A1111
+    return None
+
+
 def detect_running_host() -> HostCheckout | None:
+    """The running WebUI: its checkout, and its kind from the loaded code (:func:`running_kind`), or from the
+    checkout's files (:func:`lib_optim.hostdetect.detect_kind`) when nothing loaded tells yet."""
     root = running_webui_root()
     if root is None:
         return None
-    return detect_kind(root)
+    checkout = detect_kind(root)
+    kind = running_kind()
+    if kind is None:
+        return checkout
+    if kind is not checkout.kind:
+        log.debug("the running code says %s, the checkout's files %s: going by the code", kind, checkout.kind)
+    version = getattr(sys.modules.get("modules_forge.forge_version"), "version", None)
+    return HostCheckout(root, kind, str(version) if version is not None else checkout.version)
 
 
 def create_adapter(kind: HostKind) -> HostAdapter:
@@ -41,6 +79,6 @@ def create_adapter(kind: HostKind) -> HostAdapter:
         from lib_optim.hosts.forge import ForgeAdapter
 
         return ForgeAdapter()
-    from lib_optim.hosts.forge import UnsupportedForgeAdapter
+    from lib_optim.hosts.ldm_patched import LdmPatchedAdapter
 
-    return UnsupportedForgeAdapter(kind)
+    return LdmPatchedAdapter(kind)

@@ -1,4 +1,4 @@
-"""WebUI Forge f2 adapter, and a hands-off adapter for Forge previous / reForge.
+"""WebUI Forge f2 adapter (Forge previous and reForge: :mod:`lib_optim.hosts.ldm_patched`).
 
 Every host module (``backend.*``, ``modules.*``, ``modules_forge.*``) is imported lazily inside methods, so
 this module imports without Forge. What each setting does on Forge f2, for one ``process_images`` call,
@@ -29,9 +29,7 @@ inference_memory_mb
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -40,14 +38,28 @@ from lib_optim import attention as registry
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
 from lib_optim.attention import Attention
 from lib_optim.hostkinds import HostKind
+from lib_optim.hosts.forge_shared import (
+    MB,
+    MemoryFormat,
+    Rebinding,
+    channels_last_state,
+    conv_weights,
+    diffusion_model,
+    dtype_name,
+    in_format,
+    listed_bindings,
+    loaded_sd_model,
+    patched_unless_changed,
+    unload_model,
+    usable_xformers,
+    vae_to_cpu,
+)
 from lib_optim.log import get_logger
-from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
+from lib_optim.patching import patched_attr
 from lib_optim.planner import choose_auto_attention
 from lib_optim.settings import GenerationSettings, Tri
 
 log = get_logger(__name__)
-
-MB = 1024 * 1024
 
 
 def functions() -> dict[Attention, tuple[str, str]]:
@@ -68,169 +80,19 @@ _VAE_BINDINGS = (
     ("backend.nn.vae", "attention_function_single_head_spatial"),
 )
 
-UNSUPPORTED_REASON = (
-    "Forge previous/reForge: per-generation switching is not supported by sd-webui-optim yet; use launch flags"
-)
-
 # A predicted GPU share of the UNet within this much of the current one counts as "the same split": Forge
 # splits by whole modules (§4.3), so the prediction is only that precise.
 _SPLIT_TOLERANCE_FRACTION = 0.05
 _SPLIT_TOLERANCE_MIN = 64 * MB
 
 
-def _dtype_name(dtype: Any) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _loaded_sd_model(modules: Callable[[str], ModuleType | None]) -> Any:
-    """The loaded model, or None — never triggers a load (A1111-style ``shared.sd_model`` would). Before the
-    first generation Forge f2 holds a placeholder there (``FakeInitialModel``, docs/hosts.md §7.1) with no
-    ``forge_objects``: that is no model."""
-    sd_models = modules("modules.sd_models")
-    model_data = getattr(sd_models, "model_data", None) if sd_models is not None else None
-    model = getattr(model_data, "sd_model", None)
-    return model if getattr(model, "forge_objects", None) is not None else None
-
-
-def _diffusion_model(sd_model: Any) -> Any:
-    unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
-    return getattr(getattr(unet, "model", None), "diffusion_model", None)
-
-
-def _conv_weights(module: Any) -> list[Any]:
-    """The plain floating-point 4-D parameters (conv weights). Quantised parameter subclasses are skipped."""
-    import torch
-
-    out = []
-    for param in module.parameters():
-        if type(param) is torch.nn.Parameter and param.dim() == 4 and param.is_floating_point():
-            out.append(param)
-    return out
-
-
-def _channels_last_state(module: Any) -> bool | None:
-    """True if every conv weight is channels-last, False if any is not, None if there are none."""
-    import torch
-
-    weights = _conv_weights(module)
-    if not weights:
-        return None
-    return all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
-
-
-@contextlib.contextmanager
-def _patched_unless_changed(obj: Any, name: str, value: Any) -> Iterator[Any]:
-    """Like patched_attr, but leave a value someone else set meanwhile (e.g. Forge's memory slider)."""
-    original = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield original
-    finally:
-        if getattr(obj, name) == value:
-            setattr(obj, name, original)
-        else:
-            log.info("%s.%s was changed by the host during the generation; keeping its value", obj, name)
-
-
-class _MemoryFormat:
-    """Conv weights this generation converted to ``fmt`` (and what they were), re-applied idempotently."""
-
-    def __init__(self, model: Any, fmt: Any, loader: Any) -> None:
-        self.model = model
-        self.fmt = fmt
-        self.loader = loader
-        self.converted: list[tuple[Any, Any]] = []  # (parameter, its original memory format)
-
-    def ensure(self) -> int:
-        import torch
-
-        count = 0
-        for param in _conv_weights(self.model):
-            if not param.is_contiguous(memory_format=self.fmt):
-                if param.is_contiguous(memory_format=torch.channels_last):
-                    self.converted.append((param, torch.channels_last))
-                else:
-                    self.converted.append((param, torch.contiguous_format))
-                with weight_edit_mode(param):
-                    param.data = param.data.contiguous(memory_format=self.fmt)
-                count += 1
-        return count
-
-    def restore(self) -> None:
-        for param, fmt in reversed(self.converted):
-            with weight_edit_mode(param):
-                param.data = param.data.contiguous(memory_format=fmt)
-        self.converted.clear()
-        # LoRA backups copied to another device after our conversion keep its format (§6.4); put
-        # them back in the model's original format so removing the LoRA later restores the host's layout.
-        backup = getattr(self.loader, "backup", None)
-        if isinstance(backup, dict):
-            import torch
-
-            other = torch.contiguous_format if self.fmt == torch.channels_last else torch.channels_last
-            for key, weight in list(backup.items()):
-                if getattr(weight, "dim", lambda: 0)() == 4 and not weight.is_contiguous(memory_format=other):
-                    with weight_edit_mode(weight):
-                        backup[key] = weight.contiguous(memory_format=other)
-
-
-def _unload_model(mm: Any, model: Any) -> int:
-    """Unload the loaded copies of ``model`` (the patcher's ``.model``), as ``free_memory`` does for one
-    model (§4.4): pop it from ``current_loaded_models`` and ``model_unload()`` it,
-    which moves its weights to the patcher's offload device (:537-538). There is no single-model unload
-    function in memory_management; ``unload_model_clones`` keeps the weights where they are
-    (``avoid_model_moving=True``, :559), so a reload would reuse the old split (:678-679).
-    """
-    count = 0
-    loaded = mm.current_loaded_models
-    for i in range(len(loaded) - 1, -1, -1):
-        if getattr(loaded[i].model, "model", None) is model:
-            loaded.pop(i).model_unload()
-            count += 1
-    if count:
-        mm.soft_empty_cache()
-    return count
-
-
-class _Rebinding:
-    """One function switched in every module that binds it by name (``from backend.attention import
-    attention_function``), for one generation.
-
-    Modules are looked at only once imported (never imported by us). A binding module the host imports while
-    the switch is on copies the switched function; :meth:`ensure` (at apply and at every sampling start) and
-    :meth:`restore` find such copies and give them the host's own function back at the end.
-    """
-
-    def __init__(self, modules: HostModules, bindings: Sequence[tuple[str, str]], fn: Any, host_fn: Any) -> None:
-        self.modules = modules
-        self.bindings = bindings
-        self.fn = fn
-        self.host_fn = host_fn  # what the host had chosen: a late import's copy of ``fn`` gets this back
-        self.done: list[tuple[Any, str, Any]] = []  # (module, attribute, what it held before)
-
-    def ensure(self) -> int:
-        """Switch every loaded binding module not handled yet; returns how many were switched now."""
-        handled = {(id(m), attr) for m, attr, _ in self.done}
-        switched = 0
-        for name, attr in self.bindings:
-            module = self.modules.loaded(name)
-            if module is None or (id(module), attr) in handled or attr not in vars(module):
-                continue
-            before = vars(module)[attr]
-            if before is self.fn and self.host_fn is not None and self.host_fn is not self.fn:
-                before = self.host_fn  # imported during the generation: it copied our switch
-            elif before is not self.fn:
-                setattr(module, attr, self.fn)
-                switched += 1
-            self.done.append((module, attr, before))
-        return switched
-
-    def restore(self) -> None:
-        self.ensure()  # modules imported since the last sampling start hold a copy too
-        for module, attr, before in reversed(self.done):
-            if vars(module).get(attr) is self.fn:
-                setattr(module, attr, before)
-        self.done.clear()
+def _lora_backups_to(loader: Any, host_format: Any) -> None:
+    """LoRA backups copied to another device after our conversion keep its format (§6.4); put them back in
+    the host's format so that removing the LoRA later restores the host's layout."""
+    backup = getattr(loader, "backup", None)
+    if isinstance(backup, dict):
+        for key, weight in list(backup.items()):
+            backup[key] = in_format(weight, host_format)
 
 
 class ForgeAdapter(HostAdapter):
@@ -266,21 +128,12 @@ class ForgeAdapter(HostAdapter):
     def _xformers(self) -> tuple[ModuleType | None, str]:
         """The xformers module if it can run here, else None and why."""
         backend_args = getattr(self._modules.get("backend.args"), "args", None)
-        if getattr(backend_args, "disable_xformers", False):
-            return None, "disabled by --disable-xformers"
         mm = self._modules.get("backend.memory_management")
-        if getattr(mm, "directml_enabled", False):
-            return None, "not supported with DirectML"
-        try:
-            module = importlib.import_module("xformers")
-            importlib.import_module("xformers.ops")
-        except Exception as exc:  # noqa: BLE001 - a broken xformers build raises anything at import
-            return None, f"xformers does not import ({type(exc).__name__}: {exc}); install a build matching torch"
-        if getattr(module, "_has_cpp_library", True) is False:  # docs/hosts.md §3.3
-            return None, "xformers has no compiled kernels for this torch build"
-        if not self._cuda():
-            return None, "xformers needs a CUDA GPU"
-        return module, ""
+        return usable_xformers(
+            disabled=bool(getattr(backend_args, "disable_xformers", False)),
+            directml=bool(getattr(mm, "directml_enabled", False)),
+            cuda=self._cuda,
+        )
 
     def attention_backends(self) -> list[BackendInfo]:
         attn = self._modules.get("backend.attention")
@@ -311,17 +164,17 @@ class ForgeAdapter(HostAdapter):
     def effective_state(self) -> EffectiveState:
         attn = self._modules.loaded("backend.attention")
         mm = self._modules.loaded("backend.memory_management")
-        sd_model = _loaded_sd_model(self._modules.loaded)
+        sd_model = loaded_sd_model(self._modules.loaded)
         unet_cl: bool | None = None
         vae_device = vae_dtype = None
         if sd_model is not None:
-            diffusion_model = _diffusion_model(sd_model)
-            if diffusion_model is not None:
-                unet_cl = bool(_channels_last_state(diffusion_model))
+            unet_module = diffusion_model(sd_model)
+            if unet_module is not None:
+                unet_cl = bool(channels_last_state(unet_module))
             vae = getattr(getattr(sd_model, "forge_objects", None), "vae", None)
             if vae is not None:
                 vae_device = str(getattr(vae, "device", None))
-                vae_dtype = _dtype_name(getattr(vae, "vae_dtype", None))
+                vae_dtype = dtype_name(getattr(vae, "vae_dtype", None))
         extra: dict[str, Any] = {}
         if attn is not None:
             vae_fn = getattr(attn, "attention_function_single_head_spatial", None)
@@ -357,7 +210,7 @@ class ForgeAdapter(HostAdapter):
             if not session.restorer.closed:
                 switch.ensure()
         fmt = session.data.get("memory_format")
-        if isinstance(fmt, _MemoryFormat) and not session.restorer.closed:
+        if isinstance(fmt, MemoryFormat) and not session.restorer.closed:
             count = fmt.ensure()
             if count:
                 log.debug("channels_last: re-applied to %d replaced conv weights", count)
@@ -410,11 +263,15 @@ class ForgeAdapter(HostAdapter):
 
         # Only modules the host has imported are switched (importing Flux/Chroma ourselves would change what
         # is loaded); one imported during the generation copies the switched function by name, so every
-        # sampling start and the restore look again (_Rebinding).
+        # sampling start and the restore look again (Rebinding).
         switches = [
-            _Rebinding(self._modules, _UNET_BINDINGS, unet_fn, getattr(attn, "attention_function", None)),
-            _Rebinding(
-                self._modules, _VAE_BINDINGS, vae_fn, getattr(attn, "attention_function_single_head_spatial", None)
+            Rebinding(
+                listed_bindings(self._modules, _UNET_BINDINGS), unet_fn, getattr(attn, "attention_function", None)
+            ),
+            Rebinding(
+                listed_bindings(self._modules, _VAE_BINDINGS),
+                vae_fn,
+                getattr(attn, "attention_function_single_head_spatial", None),
             ),
         ]
         changed = 0
@@ -436,12 +293,12 @@ class ForgeAdapter(HostAdapter):
         if model is None:
             log.warning("channels_last: no UNet loaded; nothing changed")
             return
-        if not _conv_weights(model):
+        if not conv_weights(model):
             session.restorer.notes.append("channels_last: the model has no conv weights (DiT); nothing to do")
             return
         fmt = torch.channels_last if settings.channels_last is Tri.ON else torch.contiguous_format
         loader = getattr(kmodel, "lora_loader", None)
-        state = _MemoryFormat(model, fmt, loader)
+        state = MemoryFormat(model, fmt, lambda host_format: _lora_backups_to(loader, host_format))
         session.restorer.callback(state.restore)
         count = state.ensure()
         session.data["memory_format"] = state
@@ -473,8 +330,6 @@ class ForgeAdapter(HostAdapter):
         return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "vae", None)
 
     def apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        import torch
-
         vae = self._vae(p)
         if settings.vae_on_cpu is Tri.OFF:
             # Nothing to undo per generation: a CPU VAE here was chosen at load (§5.3), by one of two flags.
@@ -486,41 +341,9 @@ class ForgeAdapter(HostAdapter):
         if vae is None or patcher is None or fsm is None:
             log.warning("vae_on_cpu: no VAE loaded; nothing changed")
             return
-        mm = self._modules.get("backend.memory_management")
-        cpu = torch.device("cpu")
-        dtypes = {name: t.dtype for name, t in (*fsm.named_parameters(), *fsm.named_buffers()) if t.is_floating_point()}
-        if str(vae.device) == "cpu" and set(dtypes.values()) <= {torch.float32}:
-            session.restorer.notes.append("VAE already on CPU in float32")
-            return
-        restorer = session.restorer
-
-        def restore_dtypes() -> None:
-            tensors = dict((*fsm.named_parameters(), *fsm.named_buffers()))
-            for name, dtype in dtypes.items():
-                if name in tensors and tensors[name].dtype != dtype:
-                    with weight_edit_mode(tensors[name]):
-                        tensors[name].data = tensors[name].data.to(dtype)
-
-        restorer.callback(restore_dtypes)
-        # decode/encode read these at call time (§5.3): inputs go to `device` as
-        # `vae_dtype`, outputs to `output_device`, and load_models_gpu([patcher]) puts the weights on
-        # patcher.load_device (LoadedModel.device and model_load, §4.3). offload_device
-        # too, so an unload (ours or Forge's) never moves the float32 copy to the GPU (--always-gpu).
-        restorer.enter(patched_attr(vae, "device", cpu))
-        restorer.enter(patched_attr(vae, "vae_dtype", torch.float32))
-        restorer.enter(patched_attr(vae, "output_device", cpu))
-        restorer.enter(patched_attr(patcher, "load_device", cpu))
-        restorer.enter(patched_attr(patcher, "offload_device", cpu))
-        if mm is not None:
-            # At restore: drop the CPU-resident entry, or the next load_models_gpu would find the patcher
-            # "already loaded" (§4.3) and decode GPU inputs with CPU weights.
-            restorer.callback(_unload_model, mm, fsm)
-            unloaded = _unload_model(mm, fsm)  # frees its GPU memory now (weights to the CPU)
-        else:
-            unloaded = 0
-        with weight_edit_mode(fsm):
-            fsm.to(device=cpu, dtype=torch.float32)
-        restorer.notes.append(f"VAE on CPU in float32 (unloaded from GPU: {bool(unloaded)})")
+        # §5.3; the VAE object of Forge f2 is read at call time like ldm_patched's
+        note = vae_to_cpu(vae, self._modules.get("backend.memory_management"), session.restorer)
+        session.restorer.notes.append(note)
 
     # compile -----------------------------------------------------------------------------------------------
 
@@ -529,7 +352,7 @@ class ForgeAdapter(HostAdapter):
         single stream blocks; docs/hosts.md §6.3), compiled per generation. The key is the attention function
         the blocks look up by name (switched just before, §3.4): on the torch Forge ships, dynamo does not
         notice a rebound module global (lib_optim.regional_compile)."""
-        model = _diffusion_model(getattr(p, "sd_model", None))
+        model = diffusion_model(getattr(p, "sd_model", None))
         if model is None:
             log.warning("compile: no diffusion model loaded; nothing compiled")
             return
@@ -565,18 +388,18 @@ class ForgeAdapter(HostAdapter):
         # needs anyway. Avoided when the split would not change (e.g. the model fits on the GPU under both).
         def resplit_for_host() -> None:
             if unet is not None and self._split_would_change(mm, unet, int(mm.current_inference_memory)):
-                _unload_model(mm, unet.model)
+                unload_model(mm, unet.model)
                 log.info("inference memory restored: UNet unloaded so Forge re-splits it at its next load")
 
         restorer.callback(resplit_for_host)
         restorer.enter(
-            _patched_unless_changed(mm, "current_inference_memory", ours),
+            patched_unless_changed(mm, "current_inference_memory", ours),
             note=f"inference memory {ours // MB} MB (host: {host // MB} MB)",
         )
         # The new value is read by the next load_models_gpu (:618-619) to free other models, but the UNet's
         # GPU/CPU split is fixed at its load: unload it once (here, before sampling loads it) if it changes.
         if unet is not None and self._split_would_change(mm, unet, ours):
-            _unload_model(mm, unet.model)
+            unload_model(mm, unet.model)
             restorer.notes.append("UNet unloaded to re-split it under the new inference memory")
 
     def _split_would_change(self, mm: Any, unet: Any, budget: int) -> bool:
@@ -607,58 +430,3 @@ class ForgeAdapter(HostAdapter):
             predicted = min(total, mm.compute_model_gpu_memory_when_using_cpu_swap(free_after_unload, inference))
         tolerance = max(total * _SPLIT_TOLERANCE_FRACTION, _SPLIT_TOLERANCE_MIN)
         return abs(predicted - on_gpu) > tolerance
-
-
-class UnsupportedForgeAdapter(HostAdapter):
-    """Forge previous and reForge (``ldm_patched``): loads, reports, changes nothing (docs/hosts.md §3.5, §3.6)."""
-
-    def __init__(self, kind: HostKind, modules: Mapping[str, ModuleType] | None = None) -> None:
-        self.kind = kind
-        self._modules = HostModules(modules)
-
-    def version(self) -> str:
-        module = self._modules.get("modules_forge.forge_version")
-        return str(getattr(module, "version", "unknown"))
-
-    def current_attention_name(self) -> str:
-        return self._attention_name()
-
-    def attention_backends(self) -> list[BackendInfo]:
-        out = [BackendInfo(Attention.HOST, True, self._attention_name(), "as the host chose at startup")]
-        for name in registry.for_host(self.kind):
-            if name is not Attention.HOST:
-                out.append(BackendInfo(name, False, "", UNSUPPORTED_REASON))
-        return out
-
-    def _attention_name(self) -> str:
-        # Forge previous / reForge: module global read at call time (ldm_patched/ldm/modules/attention.py)
-        module = self._modules.loaded("ldm_patched.ldm.modules.attention")
-        return str(getattr(getattr(module, "optimized_attention", None), "__name__", ""))
-
-    def effective_state(self) -> EffectiveState:
-        sd_model = _loaded_sd_model(self._modules.loaded)
-        unet_cl = vae_device = vae_dtype = None
-        if sd_model is not None:
-            with contextlib.suppress(Exception):
-                diffusion_model = _diffusion_model(sd_model)
-                if diffusion_model is not None:
-                    unet_cl = bool(_channels_last_state(diffusion_model))
-            vae = getattr(getattr(sd_model, "forge_objects", None), "vae", None)
-            if vae is not None:
-                device = getattr(vae, "device", None)
-                vae_device = None if device is None else str(device)
-                vae_dtype = _dtype_name(getattr(vae, "vae_dtype", None))
-        return EffectiveState(
-            host=self.kind,
-            attention=self._attention_name() or "unknown",
-            unet_channels_last=unet_cl,
-            vae_device=vae_device,
-            vae_dtype=vae_dtype,
-            inference_memory_mb=None,
-            model_loaded=sd_model is not None,
-        )
-
-    def begin(self, p: Any, settings: GenerationSettings) -> Session:
-        if settings.changes_anything:
-            log.warning("%s: settings %s ignored", UNSUPPORTED_REASON, settings.non_default())
-        return Session(settings=settings, restorer=Restorer(f"{self.kind.value} generation"))

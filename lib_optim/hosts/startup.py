@@ -2,7 +2,8 @@
 
 Runs inside ``import modules.shared`` (docs/hosts.md §1.2): ``shared.cmd_opts``/``opts`` do not exist yet, so only
 the parser, ``sys.argv``, ``os.environ``, ``modules.paths_internal`` and — on Forge, where they are already
-imported — ``backend.args``/``backend.memory_management`` are touched. Nothing here initialises CUDA: on A1111
+imported — ``backend.args``/``backend.memory_management`` (Forge f2) or ``ldm_patched.modules.args_parser``/
+``model_management`` (Forge previous, reForge) are touched. Nothing here initialises CUDA: on A1111
 preload runs before the host's first CUDA call, and allocator settings must still be able to take effect.
 """
 
@@ -173,13 +174,6 @@ def preload(parser: argparse.ArgumentParser) -> None:
         log.warning("preload: no WebUI found around this process; nothing to do")
         return
     rt.host = checkout.kind
-    if checkout.kind not in (HostKind.A1111, HostKind.FORGE):
-        rt.startup_notes.append(
-            f"{checkout.kind.display_name}: per-generation switching is not supported; the extension changes nothing"
-        )
-        log.warning(
-            "%s detected: checks only; per-generation switching is off on this host", checkout.kind.display_name
-        )
 
     if not ours.optim_no_check and checkout.kind in CHECKED_HOSTS and saved_option("optim_check_at_startup", True):
         from modules import paths_internal
@@ -203,10 +197,6 @@ def preload(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_startup_profile(parser: argparse.ArgumentParser, name: str, host: HostKind) -> None:
-    if host not in (HostKind.A1111, HostKind.FORGE):
-        raise ProfileError(
-            f"[Optim] --optim-profile: not supported on {host.display_name}; allowed hosts: a1111, forge"
-        )
     if name.strip().lower() == "auto":
         # the doctor's choice: never `cpu` while a GPU is present, even one whose size cannot be read here
         from lib_optim.doctor import nvidia_on_pci_bus, recommend_profile
@@ -223,8 +213,10 @@ def apply_startup_profile(parser: argparse.ArgumentParser, name: str, host: Host
     applied: list[str] = []
     if host is HostKind.A1111:
         applied, later = _apply_a1111(parser, hp)
-    else:
+    elif host is HostKind.FORGE:
         applied, later = _apply_forge(hp)
+    else:
+        applied, later = _apply_ldm_patched(hp, host)
     if applied:
         log.info("profile %s applied at start-up: %s", profile.name, ", ".join(applied))
     if later:
@@ -300,5 +292,54 @@ def _apply_forge(hp: HostProfile) -> tuple[list[str], list[str]]:
             setattr(backend_args, flag.removeprefix("--").replace("-", "_"), name is attention)
         memory_management.ENABLE_PYTORCH_ATTENTION = attention is Attention.SDP
         memory_management.XFORMERS_IS_AVAILABLE = False
+        applied.append(f"attention {attention.value}")
+    return applied, later
+
+
+def _apply_ldm_patched(hp: HostProfile, host: HostKind) -> tuple[list[str], list[str]]:
+    """Forge previous and reForge parsed their back end's flags and imported ``model_management`` before preload
+    (docs/hosts.md §1.2); what is read later can still change (§1.3):
+
+    - ``minimum_inference_memory()``, looked up at every model load (§4.6, §4.7);
+    - ``args.vae_in_cpu``, read by ``vae_device()`` when a VAE is built; Forge previous fixed the VAE dtype at
+      import (``VAE_DTYPE``, float32 with ``--vae-in-cpu`` unless a ``--vae-in-*`` dtype flag is given), reForge
+      picks it when the VAE is built (float32 on the CPU) (§4.6, §4.7);
+    - the attention: ``ldm_patched.ldm.modules.attention`` chooses at its import, after preload (§3.5, §3.6), from
+      ``args.attention_*``, ``ENABLE_PYTORCH_ATTENTION`` and ``XFORMERS_IS_AVAILABLE`` (and reForge's sage/flash
+      flags); the VAE's ``AttnBlock`` follows ``ENABLE_PYTORCH_ATTENTION`` when it is built.
+
+    The profile's flags and environment variables only take effect from the launch line (CUDA is up already).
+    """
+    import torch
+    from ldm_patched.modules import args_parser
+    from ldm_patched.modules import model_management as mm
+
+    from lib_optim.hosts.ldm_patched import ATTENTION, fixed_reserve
+
+    args = args_parser.args
+    applied: list[str] = []
+    later = [*hp.flags, *(f"{k}={v}" for k, v in hp.env.items())]
+    memory = hp.generation.inference_memory_mb
+    if memory:
+        mm.minimum_inference_memory = fixed_reserve(memory * 1024 * 1024)
+        applied.append(f"inference memory {memory} MB")
+    if hp.generation.vae_on_cpu is Tri.ON:
+        args.vae_in_cpu = True
+        explicit = any(getattr(args, f"vae_in_{d}", False) for d in ("fp16", "bf16", "fp32"))
+        if host is HostKind.FORGE_PREVIOUS and not explicit:
+            mm.VAE_DTYPE = torch.float32
+        applied.append("VAE on CPU (float32)")
+    attention = hp.generation.attention
+    flags = {
+        b.name: b.ldm_patched.flag for b in registry.algorithms() if b.ldm_patched is not None and b.ldm_patched.flag
+    }
+    if attention in flags and ATTENTION not in sys.modules:
+        for name, flag in flags.items():
+            setattr(args, flag.removeprefix("--").replace("-", "_"), name is attention)
+        for first in ("use_sage_attention", "use_sage_attention3", "use_flash_attention"):  # reForge: they win
+            if getattr(args, first, False):
+                setattr(args, first, False)
+        mm.ENABLE_PYTORCH_ATTENTION = attention is Attention.SDP
+        mm.XFORMERS_IS_AVAILABLE = False
         applied.append(f"attention {attention.value}")
     return applied, later

@@ -8,7 +8,7 @@ functions: this module is imported at script load, after ``modules.shared`` exis
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lib_optim.adapter import NotSupportedHere
@@ -147,19 +147,49 @@ def process(p: Any, args: Sequence[Any]) -> None:
     if settings.attention is Attention.AUTO and session.attention_used:
         p.extra_generation_params["Optim auto attention"] = session.attention_used
     if settings.compile.value != "off":
-        # a callable, filled in when the image's infotext is written (after sampling, docs/hosts.md §7.5)
-        def compile_text(**_kwargs: Any) -> str | None:
+        # known after sampling: written when the image's infotext is (docs/hosts.md §7.5)
+        def compile_text() -> str | None:
             summary = compile_summary(session)
             return compiled_text(summary) if summary is not None else None
 
-        p.extra_generation_params["Optim compile"] = compile_text
+        add_late_infotext(p, "Optim compile", compile_text, rt.host)
     if getattr(common.opts(), "optim_telemetry_infotext", False):
-        # a callable: the host calls it when it writes each image's infotext (docs/hosts.md §7.5)
-        def telemetry_text(**_kwargs: Any) -> str | None:
+
+        def telemetry_text() -> str | None:
             now = rt.telemetry_now(p)
             return format_status(now) if now is not None else None
 
-        p.extra_generation_params["Optim telemetry"] = telemetry_text
+        add_late_infotext(p, "Optim telemetry", telemetry_text, rt.host)
+
+
+_LATE_INFOTEXT = "_optim_late_infotext"
+
+
+def add_late_infotext(p: Any, key: str, compute: Callable[[], str | None], host: HostKind | None) -> None:
+    """An infotext entry known only after sampling. A1111, Forge f2 and reForge call a callable in
+    ``extra_generation_params`` when each image's infotext is written; Forge previous does not and fails every API
+    request with one there (docs/hosts.md §7.5), so there the text is written by :func:`after_batch`
+    (``postprocess_batch``: after decoding, before the batch's infotexts)."""
+    if host is HostKind.FORGE_PREVIOUS:
+        pending = getattr(p, _LATE_INFOTEXT, None)
+        if pending is None:
+            pending = {}
+            setattr(p, _LATE_INFOTEXT, pending)
+        pending[key] = compute
+        return
+
+    def call(**_kwargs: Any) -> str | None:
+        return compute()
+
+    p.extra_generation_params[key] = call
+
+
+def after_batch(p: Any) -> None:
+    """From ``postprocess_batch``: the late infotext entries of :func:`add_late_infotext`, as text so far."""
+    for key, compute in (getattr(p, _LATE_INFOTEXT, None) or {}).items():
+        text = compute()
+        if text is not None:
+            p.extra_generation_params[key] = text
 
 
 def announce_compile(message: str) -> None:

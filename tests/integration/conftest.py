@@ -1,7 +1,8 @@
 """Start a real WebUI with this extension installed, on CPU, with a random-weight SD1.5 checkpoint.
 
-Runs only when ``OPTIM_A1111_DIR`` and/or ``OPTIM_FORGE_DIR`` name a WebUI checkout that starts on this
-machine (its Python: ``OPTIM_A1111_PYTHON`` / ``OPTIM_FORGE_PYTHON``, default ``<checkout>/venv/bin/python``).
+Runs only when ``OPTIM_A1111_DIR``, ``OPTIM_FORGE_DIR``, ``OPTIM_FORGE_PREVIOUS_DIR`` and/or ``OPTIM_REFORGE_DIR``
+name a WebUI checkout that starts on this machine (its Python: ``OPTIM_A1111_PYTHON`` / ``OPTIM_FORGE_PYTHON`` /
+``OPTIM_FORGE_PREVIOUS_PYTHON`` / ``OPTIM_REFORGE_PYTHON``, default ``<checkout>/venv/bin/python``).
 The extension is copied into ``<checkout>/extensions/sd-webui-optim-under-test`` for the session and
 removed afterwards; the checkpoint is generated once into ``OPTIM_TEST_CACHE`` (default
 ``~/.cache/sd-webui-optim-tests``), outside the repository.
@@ -32,7 +33,14 @@ SHIPPED = ["lib_optim", "scripts", "javascript", "preload.py", "install.py", "st
 HOSTS = {
     "a1111": ("OPTIM_A1111_DIR", "OPTIM_A1111_PYTHON", ["--use-cpu", "all", "--no-half", "--skip-torch-cuda-test"]),
     "forge": ("OPTIM_FORGE_DIR", "OPTIM_FORGE_PYTHON", ["--always-cpu", "--skip-torch-cuda-test"]),
+    "forge-previous": (
+        "OPTIM_FORGE_PREVIOUS_DIR",
+        "OPTIM_FORGE_PREVIOUS_PYTHON",
+        ["--always-cpu", "--skip-torch-cuda-test"],
+    ),
+    "reforge": ("OPTIM_REFORGE_DIR", "OPTIM_REFORGE_PYTHON", ["--always-cpu", "--skip-torch-cuda-test"]),
 }
+NO_HOST_REASON = "set OPTIM_A1111_DIR, OPTIM_FORGE_DIR, OPTIM_FORGE_PREVIOUS_DIR or OPTIM_REFORGE_DIR to a checkout"
 REFINER = "sd15-random-refiner"
 START_TIMEOUT = float(os.environ.get("OPTIM_START_TIMEOUT", "600"))
 
@@ -212,12 +220,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if not hosts:
             metafunc.parametrize(
                 "webui",
-                [
-                    pytest.param(
-                        None,
-                        marks=pytest.mark.skip(reason="set OPTIM_A1111_DIR or OPTIM_FORGE_DIR to a WebUI checkout"),
-                    )
-                ],
+                [pytest.param(None, marks=pytest.mark.skip(reason=NO_HOST_REASON))],
             )
         else:
             metafunc.parametrize("webui", hosts, indirect=True, scope="module")

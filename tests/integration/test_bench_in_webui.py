@@ -1,6 +1,6 @@
 """The in-WebUI benchmark through its HTTP API in a real WebUI (64×64, 1 step, CPU).
 
-Skipped unless OPTIM_A1111_DIR / OPTIM_FORGE_DIR name a checkout (see conftest.py), and when the bench
+Skipped unless a host checkout is named (OPTIM_*_DIR, see conftest.py), and when the bench
 routes are not registered (POST /optim/v1/bench answers 404).
 """
 

@@ -63,11 +63,13 @@ def test_accordion_renders_opens_and_fills_from_profile(webui, browser):
     browser.get(webui.url)
     accordion = _open_accordion(browser, "txt2img")
     text = accordion.text
-    for label in ("Attention backend", "Channels-last UNet", "VAE on CPU", "Fill from profile"):
+    for label in ("Attention backend", "Channels-last UNet", "Fill from profile"):
         assert label in text
+    # Every host runs on the CPU here (conftest.HOSTS), where VAE placement and GPU memory budgets change
+    # nothing: the accordion does not show them (HostAdapter.meaningful_fields, gpu_only_fields)
+    assert "VAE on CPU" not in text
     memory = browser.find_elements(By.ID, "script_txt2img_optim_inference_memory_mb")
-    visible = bool(memory) and memory[0].is_displayed()
-    assert visible is (webui.host == "forge")
+    assert not (memory and memory[0].is_displayed())
     status = browser.find_element(By.ID, "script_txt2img_optim_status")
     assert webui.host in status.text.lower() or "attention" in status.text.lower()
     # the tooltip script (javascript/optim.js) decorated our controls

@@ -6,19 +6,22 @@ import json
 from typing import Any
 
 import pytest
-from conftest import configured_hosts, start_webui, stop_webui
+from conftest import NO_HOST_REASON, configured_hosts, start_webui, stop_webui
 
 pytestmark = pytest.mark.host
 
-PROFILE = {"a1111": "8gb-high", "forge": "8gb-low"}
+# reForge has no launch profiles (lib_optim/profiles.py): it starts without one, for the telemetry test
+PROFILE = {"a1111": "8gb-high", "forge": "8gb-low", "forge-previous": "8gb-low"}
+NO_PROFILE = "reForge has no launch profiles (lib_optim/profiles.py PROFILED_HOSTS)"
 
 
-_NO_HOST = pytest.param(None, marks=pytest.mark.skip(reason="set OPTIM_A1111_DIR or OPTIM_FORGE_DIR"))
+_NO_HOST = pytest.param(None, marks=pytest.mark.skip(reason=NO_HOST_REASON))
 
 
 @pytest.fixture(scope="module", params=configured_hosts() or [_NO_HOST])
 def profiled(request):
-    instance = start_webui(request.param, ["--optim-profile", PROFILE[request.param]])
+    profile = PROFILE.get(request.param)
+    instance = start_webui(request.param, ["--optim-profile", profile] if profile else [])
     try:
         code, body = instance.txt2img()  # load the model
         assert code == 200, body
@@ -27,7 +30,16 @@ def profiled(request):
         stop_webui(instance)
 
 
+def _profile_generation(webui) -> dict[str, Any]:
+    """The profile's per-generation values for this host, as the extension's own route reports them."""
+    profiles = webui.get("/optim/v1/profiles")
+    [profile] = [p for p in profiles if p["name"] == PROFILE[webui.host]]
+    return profile["hosts"][webui.host]["generation"]
+
+
 def test_startup_profile_is_applied(profiled):
+    if profiled.host not in PROFILE:
+        pytest.skip(NO_PROFILE)
     status = profiled.get("/optim/v1/status")
     assert status["startup_profile"] == PROFILE[profiled.host]
     log = profiled.log()
@@ -36,17 +48,33 @@ def test_startup_profile_is_applied(profiled):
         # --opt-sdp-attention, injected as a parser default, makes A1111's "Automatic" pick sdp
         # (modules/sd_hijack.py:81) instead of InvokeAI, its choice on a CPU
         assert status["effective"]["attention"] == "sdp"
-    else:
+    elif profiled.host == "forge":
         assert status["effective"]["inference_memory_mb"] == 2048
         assert "python -m lib_optim profile apply 8gb-low" in log  # --attention-quad etc. need a restart
         assert status["effective"]["vae_device"] == "cpu"
+    else:
+        # Forge previous: attention is chosen when ldm_patched.ldm.modules.attention is imported, after preload
+        # (docs/hosts.md §1.2, §3.5), so the profile's attention takes effect at start-up; its reserve replaces
+        # minimum_inference_memory() (1024 MB, §4.6) when it has one
+        generation = _profile_generation(profiled)
+        assert "python -m lib_optim profile apply 8gb-low" in log  # its flags need a restart
+        assert status["effective"]["vae_device"] == "cpu"
+        assert status["effective"]["inference_memory_mb"] == (generation.get("inference_memory_mb") or 1024)
+        backends = [b for b in status["attention_backends"] if b["host_name"] and b["attention"] != "host"]
+        label = {b["host_name"]: b["attention"] for b in backends}
+        assert label.get(status["effective"]["attention"]) == generation["attention"]
 
 
 def test_profile_defaults_fill_the_accordion_fields(profiled):
+    if profiled.host not in PROFILE:
+        pytest.skip(NO_PROFILE)
     code, body = profiled.txt2img([{"channels_last": True}])
     assert code == 200, body
     text = json.loads(body["info"])["infotexts"][0]
-    expected = "attention=sdp" if profiled.host == "a1111" else "attention=sub-quad"
+    if profiled.host == "forge-previous":
+        expected = f"attention={_profile_generation(profiled)['attention']}"
+    else:
+        expected = "attention=sdp" if profiled.host == "a1111" else "attention=sub-quad"
     assert expected in text
 
 
@@ -67,16 +95,25 @@ def test_telemetry_in_status_and_infotext(profiled):
     assert record["telemetry_text"]
 
 
-def test_real_out_of_memory_is_retried_once_with_frugal_settings():
-    if "a1111" not in configured_hosts():
-        pytest.skip("needs OPTIM_A1111_DIR: A1111's 'none' attention builds the full score matrix")
-    # 10 GiB of address space: the WebUI runs, but 'none' attention at 640x640 needs two 2.6 GB score
-    # matrices at once and fails to allocate; sub-quadratic attention fits.
-    webui = start_webui("a1111", address_space_limit=10 * 1024**3)
+# The hosts whose 'none' attention builds the full score matrix: A1111's (no optimization) and the ldm_patched
+# hosts' attention_basic (docs/hosts.md §3.5, §3.6). Forge f2 has no 'none'. Per host: the address space the WebUI
+# gets and the image side. 10 GiB: the WebUI runs, but 'none' attention at 640x640 needs two 2.6 GB score matrices
+# at once and fails to allocate; sub-quadratic attention fits. reForge maps more while it loads a checkpoint (its
+# VmPeak was 11.7 GB here, VmSize 6.1 GB after the load): 14 GiB, and at 768x768 'none' needs two 5.4 GB matrices.
+FULL_MATRIX_HOSTS = {"a1111": (10, 640), "forge-previous": (10, 640), "reforge": (14, 768)}
+_NO_FULL_MATRIX_HOST = pytest.param(
+    None, marks=pytest.mark.skip(reason="needs OPTIM_A1111_DIR, OPTIM_FORGE_PREVIOUS_DIR or OPTIM_REFORGE_DIR")
+)
+
+
+@pytest.mark.parametrize("host", [h for h in configured_hosts() if h in FULL_MATRIX_HOSTS] or [_NO_FULL_MATRIX_HOST])
+def test_real_out_of_memory_is_retried_once_with_frugal_settings(host):
+    gib, side = FULL_MATRIX_HOSTS[host]
+    webui = start_webui(host, address_space_limit=gib * 1024**3)
     try:
         assert webui.txt2img()[0] == 200  # load the model first
         before = webui.get("/optim/v1/status")["effective"]
-        code, body = webui.txt2img([{"attention": "none"}], width=640, height=640, steps=1)
+        code, body = webui.txt2img([{"attention": "none"}], width=side, height=side, steps=1)
         assert code == 200, body
         text = json.loads(body["info"])["infotexts"][0]
         assert "Optim fallback:" in text and "retried after out of memory" in text

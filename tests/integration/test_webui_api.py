@@ -1,6 +1,7 @@
 """The extension inside a real WebUI, driven through its HTTP API (64×64, 2 steps, CPU).
 
-Skipped unless OPTIM_A1111_DIR / OPTIM_FORGE_DIR name a checkout (see conftest.py).
+Skipped unless OPTIM_A1111_DIR / OPTIM_FORGE_DIR / OPTIM_FORGE_PREVIOUS_DIR / OPTIM_REFORGE_DIR name a checkout
+(see conftest.py).
 """
 
 from __future__ import annotations
@@ -128,8 +129,10 @@ def test_toggles_apply_and_restore(webui, args):
 
 
 def test_inference_memory_on_forge(webui):
-    if webui.host != "forge":
-        pytest.skip("inference memory is Forge's")
+    # Forge f2: current_inference_memory; Forge previous / reForge: minimum_inference_memory() (docs/hosts.md
+    # §4.3, §4.6, §4.7). On the CPU it changes no split, but the reserve the host would keep is what we set.
+    if webui.host == "a1111":
+        pytest.skip("A1111 has no inference memory (docs/hosts.md §4.1)")
     before = effective(webui)
     seen, (code, body) = _while_generating(webui, [{"inference_memory_mb": 3072}], steps=12)
     assert code == 200, body
@@ -324,9 +327,31 @@ def _xyz_args(webui, label: str, values: list[str]) -> list[Any]:
     assert label in labels, labels
     index = labels.index(label)
     # scripts/xyz_grid.py ui(): x_type, x_values, x_values_dropdown, y_type, y_values, y_values_dropdown, z_type,
-    # z_values, z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
-    # vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode
-    return [index, "", values, 0, "", [], 0, "", [], True, True, False, False, False, False, False, 0, False]
+    # z_values, z_values_dropdown, draw_legend, [reForge :603-605: draw_individual_labels, skip_grid,
+    # items_per_grid,] include_lone_images, include_sub_grids, no_fixed_seeds, vary_seeds_x, vary_seeds_y,
+    # vary_seeds_z, margin_size, csv_mode
+    reforge_extra = [False, False, 0] if webui.host == "reforge" else []
+    return [
+        index,
+        "",
+        values,
+        0,
+        "",
+        [],
+        0,
+        "",
+        [],
+        True,
+        *reforge_extra,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+        0,
+        False,
+    ]
 
 
 def test_xyz_plot_attention_axis(webui):
@@ -338,7 +363,7 @@ def test_xyz_plot_attention_axis(webui):
         "height": 64,
         "seed": 1,
         "script_name": "x/y/z plot",
-        "script_args": _xyz_args(webui, "[Optim] Attention", ["sdp", "sub-quad"]),
+        "script_args": _xyz_args(webui, "[Optim] Attention backend", ["sdp", "sub-quad"]),
     }
     code, body = webui.request("POST", "/sdapi/v1/txt2img", payload)
     assert code == 200, body
@@ -357,13 +382,21 @@ def test_xyz_plot_attention_axis(webui):
 def test_refiner_switch_keeps_the_settings_and_restores(webui):
     """The refiner loads another checkpoint in the middle of sampling; A1111 re-applies its attention
     setting on every load (modules/sd_hijack.py:250), which our choice must survive."""
+    import re
+
     from conftest import REFINER
 
+    # the refiner must be the other checkpoint: Forge previous starts with the first one by name, which is
+    # "sd15-random-refiner" ('-' sorts before '.')
+    code, body = webui.txt2img()
+    assert code == 200, body
+    loaded = re.search(r"Model: ([^,]+)", infotext(body))
+    refiner = "sd15-random" if loaded and loaded.group(1) == REFINER else REFINER
     before = effective(webui)
-    code, body = webui.txt2img([{"attention": "sub-quad"}], steps=4, refiner_checkpoint=REFINER, refiner_switch_at=0.5)
+    code, body = webui.txt2img([{"attention": "sub-quad"}], steps=4, refiner_checkpoint=refiner, refiner_switch_at=0.5)
     assert code == 200, body
     text = infotext(body)
-    assert "Refiner: " + REFINER in text and "Optim: attention=sub-quad" in text
+    assert "Refiner: " + refiner in text and "Optim: attention=sub-quad" in text
     record = state(webui)["last_generations"][-1]
     assert record["restored"] is True
     after = effective(webui)

@@ -1,0 +1,315 @@
+"""What the two Forge-lineage adapters share: Forge f2 (:mod:`lib_optim.hosts.forge`) and Forge previous /
+reForge (:mod:`lib_optim.hosts.ldm_patched`).
+
+Both back ends descend from the same code: the loaded model is ``sd_models.model_data.sd_model`` with a
+``forge_objects`` bundle (UNet patcher, VAE object), the VAE object reads ``device``/``vae_dtype``/
+``output_device``/``patcher`` at call time, loaded models are ``LoadedModel`` entries in
+``current_loaded_models``, and attention functions are module globals that other modules copy by name
+(docs/hosts.md §3.4, §3.5, §3.6, §5.3, §5.5). Nothing here imports host code: the host's modules are passed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from lib_optim.adapter import HostModules
+from lib_optim.log import get_logger
+from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
+
+log = get_logger(__name__)
+
+MB = 1024 * 1024
+
+
+def dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def loaded_sd_model(modules: Callable[[str], types.ModuleType | None]) -> Any:
+    """The loaded model, or None — never triggers a load (A1111-style ``shared.sd_model`` would). Before the
+    first generation Forge f2 holds a placeholder there (``FakeInitialModel``, docs/hosts.md §7.1) with no
+    ``forge_objects``: that is no model."""
+    sd_models = modules("modules.sd_models")
+    model_data = getattr(sd_models, "model_data", None) if sd_models is not None else None
+    model = getattr(model_data, "sd_model", None)
+    return model if getattr(model, "forge_objects", None) is not None else None
+
+
+def diffusion_model(sd_model: Any) -> Any:
+    """``forge_objects.unet.model.diffusion_model`` (docs/hosts.md §6.3, §6.5), or None."""
+    unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+    return getattr(getattr(unet, "model", None), "diffusion_model", None)
+
+
+def conv_weights(module: Any) -> list[Any]:
+    """The plain floating-point 4-D parameters (conv weights). Quantised parameter subclasses are skipped."""
+    import torch
+
+    out = []
+    for param in module.parameters():
+        if type(param) is torch.nn.Parameter and param.dim() == 4 and param.is_floating_point():
+            out.append(param)
+    return out
+
+
+def channels_last_state(module: Any) -> bool | None:
+    """True if every conv weight is channels-last, False if any is not, None if there are none."""
+    import torch
+
+    weights = conv_weights(module)
+    if not weights:
+        return None
+    return all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+
+
+@contextlib.contextmanager
+def patched_unless_changed(obj: Any, name: str, value: Any) -> Iterator[Any]:
+    """Like patched_attr, but leave a value someone else set meanwhile (e.g. Forge's memory slider)."""
+    original = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield original
+    finally:
+        if getattr(obj, name) is value or getattr(obj, name) == value:
+            setattr(obj, name, original)
+        else:
+            log.info("%s.%s was changed by the host during the generation; keeping its value", obj, name)
+
+
+class MemoryFormat:
+    """Conv weights this generation converted to ``fmt`` (and what they were), re-applied idempotently.
+
+    ``fix_backups(fmt)``, when given, is called after the restore with the host's format: weight backups the
+    host took while our format was on (LoRA) are put back in the host's layout, so that removing a LoRA later
+    restores the host's layout too.
+    """
+
+    def __init__(self, model: Any, fmt: Any, fix_backups: Callable[[Any], None] | None = None) -> None:
+        self.model = model
+        self.fmt = fmt
+        self.fix_backups = fix_backups
+        self.converted: list[tuple[Any, Any]] = []  # (parameter, its original memory format)
+
+    def ensure(self) -> int:
+        import torch
+
+        count = 0
+        for param in conv_weights(self.model):
+            if not param.is_contiguous(memory_format=self.fmt):
+                if param.is_contiguous(memory_format=torch.channels_last):
+                    self.converted.append((param, torch.channels_last))
+                else:
+                    self.converted.append((param, torch.contiguous_format))
+                with weight_edit_mode(param):
+                    param.data = param.data.contiguous(memory_format=self.fmt)
+                count += 1
+        return count
+
+    def restore(self) -> None:
+        import torch
+
+        for param, fmt in reversed(self.converted):
+            with weight_edit_mode(param):
+                param.data = param.data.contiguous(memory_format=fmt)
+        self.converted.clear()
+        if self.fix_backups is not None:
+            self.fix_backups(torch.contiguous_format if self.fmt == torch.channels_last else torch.channels_last)
+
+
+def in_format(weight: Any, fmt: Any) -> Any:
+    """``weight`` (a backup tensor) in memory format ``fmt``: itself when it is not 4-D or already there."""
+    if getattr(weight, "dim", lambda: 0)() != 4 or weight.is_contiguous(memory_format=fmt):
+        return weight
+    with weight_edit_mode(weight):
+        return weight.contiguous(memory_format=fmt)
+
+
+def unload_model(mm: Any, model: Any) -> int:
+    """Unload the loaded copies of ``model`` (a patcher's ``.model``) from ``mm.current_loaded_models``, as
+    ``free_memory`` does for one model (docs/hosts.md §4.4, §4.6, §4.7): pop its entry and ``model_unload()``
+    it, which moves its weights to the patcher's offload device. None of these back ends has a function that
+    unloads one given model, and unloading its clones keeps the weights where they are, so a reload would
+    reuse the old split.
+    """
+    count = 0
+    loaded = mm.current_loaded_models
+    for i in range(len(loaded) - 1, -1, -1):
+        if getattr(loaded[i].model, "model", None) is model:
+            loaded.pop(i).model_unload()
+            count += 1
+    if count:
+        mm.soft_empty_cache()
+    return count
+
+
+# --- attention functions bound by name -------------------------------------------------------------------
+
+Binding = tuple[Any, str]  # (module, attribute)
+Finder = Callable[[], Iterable[Binding]]
+
+
+class Rebinding:
+    """One function switched in every module that binds it by name (``from backend.attention import
+    attention_function``, ``from ldm_patched.ldm.modules.attention import optimized_attention``), for one
+    generation.
+
+    ``find()`` yields the (module, attribute) pairs to switch; it only ever looks at modules already imported
+    (never imports one: that would change what the host has loaded). A binding module the host imports while
+    the switch is on copies the switched function; :meth:`ensure` (at apply and at every sampling start) and
+    :meth:`restore` find such copies and give them the host's own function back at the end.
+    """
+
+    def __init__(self, find: Finder, fn: Any, host_fn: Any) -> None:
+        self.find = find
+        self.fn = fn
+        self.host_fn = host_fn  # what the host had chosen: a late import's copy of ``fn`` gets this back
+        self.done: list[tuple[Any, str, Any]] = []  # (module, attribute, what it held before)
+
+    def ensure(self) -> int:
+        """Switch every binding not handled yet; returns how many were switched now."""
+        handled = {(id(m), attr) for m, attr, _ in self.done}
+        switched = 0
+        for module, attr in self.find():
+            if (id(module), attr) in handled or attr not in vars(module):
+                continue
+            handled.add((id(module), attr))
+            before = vars(module)[attr]
+            if before is self.fn and self.host_fn is not None and self.host_fn is not self.fn:
+                before = self.host_fn  # imported during the generation: it copied our switch
+            elif before is not self.fn:
+                setattr(module, attr, self.fn)
+                switched += 1
+            self.done.append((module, attr, before))
+        return switched
+
+    def restore(self) -> None:
+        self.ensure()  # modules imported since the last sampling start hold a copy too
+        for module, attr, before in reversed(self.done):
+            if vars(module).get(attr) is self.fn:
+                setattr(module, attr, before)
+        self.done.clear()
+
+
+def listed_bindings(modules: HostModules, bindings: Sequence[tuple[str, str]]) -> Finder:
+    """A :class:`Rebinding` finder over a fixed list of (module name, attribute), loaded modules only."""
+
+    def find() -> Iterator[Binding]:
+        for name, attr in bindings:
+            module = modules.loaded(name)
+            if module is not None:
+                yield module, attr
+
+    return find
+
+
+def bindings_by_scan(attr: str, host_fn: Any, fn: Any, modules: Callable[[], Iterable[Any]] | None = None) -> Finder:
+    """A :class:`Rebinding` finder over every loaded module whose global ``attr`` is the host's function —
+    the modules that did ``from <attention module> import <attr>`` — whatever their number and name (reForge
+    has about twenty, extensions can add more). A module imported after the first scan that holds ``fn``
+    copied our switch (it is given ``host_fn`` back at the end); one that held ``fn`` already at the first
+    scan is its own business and is left alone.
+
+    Only plain module objects are read (``type(m) is ModuleType``): a lazily loaded module's
+    ``__dict__`` access would import it.
+    """
+    present: set[int] | None = None
+
+    def loaded() -> list[Any]:
+        source = modules() if modules is not None else list(sys.modules.values())
+        return [m for m in source if type(m) is types.ModuleType]
+
+    def find() -> Iterator[Binding]:
+        nonlocal present
+        current = loaded()
+        first = present is None
+        if present is None:
+            present = {id(m) for m in current}
+        for module in current:
+            value = module.__dict__.get(attr)
+            if value is None:
+                continue
+            if value is host_fn or (value is fn and not first and id(module) not in present):
+                yield module, attr
+
+    return find
+
+
+# --- VAE on the CPU ------------------------------------------------------------------------------------------
+
+
+def vae_to_cpu(vae: Any, mm: Any, restorer: Restorer) -> str:
+    """Run the VAE object ``vae`` (Forge f2 ``backend.patcher.vae.VAE``, ldm_patched ``ldm_patched.modules.sd.VAE``)
+    on the CPU in float32 until ``restorer`` closes; returns a note for the log.
+
+    ``decode``/``encode`` read ``device``, ``vae_dtype``, ``output_device`` and the patcher at call time
+    (docs/hosts.md §5.3, §5.5): inputs go to ``device`` as ``vae_dtype``, outputs to ``output_device``, and
+    ``load_models_gpu([patcher])`` puts the weights on ``patcher.load_device``. ``offload_device`` too, so an
+    unload (ours or the host's) never moves the float32 copy to the GPU (``--always-gpu``).
+    """
+    import torch
+
+    fsm = vae.first_stage_model
+    patcher = vae.patcher
+    cpu = torch.device("cpu")
+    dtypes = {name: t.dtype for name, t in (*fsm.named_parameters(), *fsm.named_buffers()) if t.is_floating_point()}
+    if str(vae.device) == "cpu" and set(dtypes.values()) <= {torch.float32}:
+        return "VAE already on CPU in float32"
+
+    def restore_dtypes() -> None:
+        tensors = dict((*fsm.named_parameters(), *fsm.named_buffers()))
+        for name, dtype in dtypes.items():
+            if name in tensors and tensors[name].dtype != dtype:
+                with weight_edit_mode(tensors[name]):
+                    tensors[name].data = tensors[name].data.to(dtype)
+
+    restorer.callback(restore_dtypes)
+    restorer.enter(patched_attr(vae, "device", cpu))
+    restorer.enter(patched_attr(vae, "vae_dtype", torch.float32))
+    restorer.enter(patched_attr(vae, "output_device", cpu))
+    restorer.enter(patched_attr(patcher, "load_device", cpu))
+    restorer.enter(patched_attr(patcher, "offload_device", cpu))
+    if mm is not None:
+        # At restore: drop the CPU-resident entry, or the next load_models_gpu would find the patcher
+        # "already loaded" (docs/hosts.md §4.3) and decode GPU inputs with CPU weights.
+        restorer.callback(unload_model, mm, fsm)
+        unloaded = unload_model(mm, fsm)  # frees its GPU memory now (weights to the CPU)
+    else:
+        unloaded = 0
+    with weight_edit_mode(fsm):
+        fsm.to(device=cpu, dtype=torch.float32)
+    return f"VAE on CPU in float32 (unloaded from GPU: {bool(unloaded)})"
+
+
+# --- xformers ------------------------------------------------------------------------------------------------
+
+
+def usable_xformers(*, disabled: bool, directml: bool, cuda: Callable[[], bool]) -> tuple[types.ModuleType | None, str]:
+    """The xformers module if the host's attention could run it here, else None and why (naming the fix).
+
+    ``disabled``: ``--disable-xformers``; ``directml``: the host runs on DirectML, where it never uses xformers
+    (docs/hosts.md §3.3, §3.5, §4.8).
+    """
+    import importlib
+
+    if disabled:
+        return None, "disabled by --disable-xformers"
+    if directml:
+        return None, "not supported with DirectML"
+    if "xformers" in sys.modules and sys.modules["xformers"] is None:
+        # A1111's import hook, kept by Forge previous and reForge, blocks the import unless the command line
+        # says --xformers (docs/hosts.md §2.4)
+        return None, "the WebUI blocks importing xformers unless it is started with --xformers"
+    try:
+        module = importlib.import_module("xformers")
+        importlib.import_module("xformers.ops")
+    except Exception as exc:  # noqa: BLE001 - a broken xformers build raises anything at import
+        return None, f"xformers does not import ({type(exc).__name__}: {exc}); install a build matching torch"
+    if getattr(module, "_has_cpp_library", True) is False:  # docs/hosts.md §3.3
+        return None, "xformers has no compiled kernels for this torch build"
+    if not cuda():
+        return None, "xformers needs a CUDA GPU"
+    return module, ""
