@@ -42,6 +42,7 @@ HOSTS = {
 }
 NO_HOST_REASON = "set OPTIM_A1111_DIR, OPTIM_FORGE_DIR, OPTIM_FORGE_PREVIOUS_DIR or OPTIM_REFORGE_DIR to a checkout"
 REFINER = "sd15-random-refiner"
+LORA = "optim-test-random"  # a random LoRA, installed into <checkout>/models/Lora for the session
 START_TIMEOUT = float(os.environ.get("OPTIM_START_TIMEOUT", "600"))
 
 
@@ -101,7 +102,19 @@ def _checkpoint(python: str) -> Path:
                 check=True,
                 timeout=900,
             )
+    lora = cache / "Lora" / f"{LORA}.safetensors"
+    if not lora.is_file():
+        lora.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([python, str(REPO / "tests" / "integration" / "sd15_lora.py"), str(lora)], check=True, timeout=300)
     return models
+
+
+def _install_lora(root: Path, models: Path) -> Path:
+    """The test LoRA in the host's default LoRA folder (``models/Lora`` in every host)."""
+    target = root / "models" / "Lora" / f"{LORA}.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(models.parent / "Lora" / f"{LORA}.safetensors", target)
+    return target
 
 
 def _install_extension(root: Path) -> Path:
@@ -138,6 +151,7 @@ def start_webui(host: str, extra_args: list[str] | None = None, address_space_li
     python = os.environ.get(python_var, str(root / "venv" / "bin" / "python"))
     models = _checkpoint(python)
     _install_extension(root)
+    _install_lora(root, models)
     port = _free_port()
     log_path = Path(os.environ.get("OPTIM_TEST_LOGS", "/tmp")) / f"optim-webui-{host}-{port}.log"
     env = {
@@ -208,6 +222,7 @@ def stop_webui(webui: WebUI) -> None:
         webui.process.kill()
         webui.process.wait(timeout=30)
     shutil.rmtree(webui.root / "extensions" / EXTENSION_NAME, ignore_errors=True)
+    (webui.root / "models" / "Lora" / f"{LORA}.safetensors").unlink(missing_ok=True)
 
 
 def configured_hosts() -> list[str]:

@@ -1,0 +1,89 @@
+"""The two big levers in the real hosts, through the API (64×64, CPU): regional torch.compile and tiled VAE.
+
+Compiling on a 2-core CPU takes minutes the first time in a process (torch's on-disk cache makes later processes
+faster); the tests are ordered so each host compiles its blocks once.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import pytest
+from conftest import LORA
+
+pytestmark = pytest.mark.host
+
+SEED = 3
+LORA_PROMPT = f"a cat <lora:{LORA}:1>"
+
+
+def image(body: Any) -> Any:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).convert("RGB")
+
+
+def max_pixel_diff(a: Any, b: Any) -> int:
+    from PIL import ImageChops
+
+    extrema = ImageChops.difference(a, b).getextrema()
+    return max(high for _, high in extrema)
+
+
+def infotext(body: Any) -> str:
+    return str(json.loads(body["info"])["infotexts"][0])
+
+
+def last(webui) -> dict[str, Any]:
+    return webui.get("/optim/v1/status")["last_generations"][-1]
+
+
+def generate(webui, settings: dict[str, Any] | None, prompt: str = "a cat", **extra: Any) -> Any:
+    code, body = webui.txt2img([settings] if settings is not None else None, prompt=prompt, seed=SEED, **extra)
+    assert code == 200, body
+    return body
+
+
+def test_compile_once_then_reuse_exact_restore_and_lora(webui):
+    """Compiled images equal eager ones (float tolerance); a second generation reuses the compiled code; a LoRA
+    applied after the compile is honoured (no stale weights baked into a graph) and removed again; and
+    afterwards an eager generation is exactly what it was before."""
+    eager = image(generate(webui, {"enabled": True}))
+    eager_lora = image(generate(webui, {"enabled": True}, prompt=LORA_PROMPT))
+    assert max_pixel_diff(eager, eager_lora) > 8, "the test LoRA must change the image, or this test proves nothing"
+
+    first = generate(webui, {"compile": "on"})
+    record = last(webui)
+    compiled = record["telemetry"]["compile"]
+    assert not compiled.get("fell_back"), compiled
+    assert compiled["compiles"] >= 1 and compiled["blocks"] > 0, compiled
+    assert "Optim compile: compiled:" in infotext(first) or "Optim compile: \"compiled:" in infotext(first)
+    assert max_pixel_diff(image(first), eager) <= 2
+
+    second = generate(webui, {"compile": "on"})
+    again = last(webui)["telemetry"]["compile"]
+    assert again["compiles"] == 0, again  # same model, attention and dtype: nothing compiles again
+    assert "compiled (reused)" in infotext(second)
+    assert max_pixel_diff(image(second), eager) <= 2
+
+    with_lora = generate(webui, {"compile": "on"}, prompt=LORA_PROMPT)
+    assert max_pixel_diff(image(with_lora), eager_lora) <= 2  # the LoRA's weights, not the compiled ones
+    without = generate(webui, {"compile": "on"})
+    assert max_pixel_diff(image(without), eager) <= 2  # and gone again
+
+    after = image(generate(webui, {"enabled": True}))
+    assert max_pixel_diff(after, eager) == 0  # nothing of the compile is left in the eager model
+    totals = webui.get("/optim/v1/status")["compile"]
+    assert totals is not None and totals["total_compiles"] >= compiled["compiles"]
+
+
+def test_compile_with_another_attention_compiles_its_variant_once(webui):
+    generate(webui, {"compile": "on", "attention": "sub-quad"})
+    first = last(webui)["telemetry"]["compile"]
+    generate(webui, {"compile": "on", "attention": "sub-quad"})
+    second = last(webui)["telemetry"]["compile"]
+    assert not first.get("fell_back") and not second.get("fell_back")
+    assert second["compiles"] == 0, second
