@@ -418,6 +418,7 @@ def test_backends_offered(host: SimpleNamespace) -> None:
         "channels_last",
         "vae_on_cpu",
         "inference_memory_mb",
+        "compile",
     )
 
 
@@ -896,7 +897,7 @@ def test_effective_state_version_and_memory(host: SimpleNamespace, monkeypatch: 
     assert host.adapter.total_memory_mb() == 8192
     make_module(monkeypatch, "modules.devices", "import torch\ndevice = torch.device('cpu')")
     assert host.adapter.total_memory_mb() is None  # --always-cpu: total_vram is the RAM (FP :122)
-    assert host.adapter.meaningful_fields() == ("enabled", "attention", "channels_last")
+    assert host.adapter.meaningful_fields() == ("enabled", "attention", "channels_last", "compile")
 
 
 def test_adapter_without_a_host() -> None:
