@@ -105,7 +105,8 @@ def _checkpoint(python: str) -> Path:
     lora = cache / "Lora" / f"{LORA}.safetensors"
     if not lora.is_file():
         lora.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([python, str(REPO / "tests" / "integration" / "sd15_lora.py"), str(lora)], check=True, timeout=300)
+        script = REPO / "tests" / "integration" / "sd15_lora.py"
+        subprocess.run([python, str(script), str(lora)], check=True, timeout=300)
     return models
 
 
