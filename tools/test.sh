@@ -41,5 +41,5 @@ PATH="$MAIN:$PATH" "$MAIN/python" -m pytest -p no:cacheprovider "$@"
 
 for gradio in 3.41.2 4.40.0; do
     echo "== UI and API tests under gradio $gradio"
-    "$VENVS/gradio-$gradio/bin/python" -m pytest -p no:cacheprovider tests/test_ui.py tests/test_ui_bench.py tests/test_api.py
+    "$VENVS/gradio-$gradio/bin/python" -m pytest -p no:cacheprovider tests/test_ui.py tests/test_ui_optim_tab.py tests/test_api.py
 done

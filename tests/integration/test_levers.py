@@ -60,7 +60,7 @@ def test_compile_once_then_reuse_exact_restore_and_lora(webui):
     compiled = record["telemetry"]["compile"]
     assert not compiled.get("fell_back"), compiled
     assert compiled["compiles"] >= 1 and compiled["blocks"] > 0, compiled
-    assert "Optim compile: compiled:" in infotext(first) or "Optim compile: \"compiled:" in infotext(first)
+    assert "Optim compile: compiled:" in infotext(first) or 'Optim compile: "compiled:' in infotext(first)
     assert max_pixel_diff(image(first), eager) <= 2
 
     second = generate(webui, {"compile": "on"})
