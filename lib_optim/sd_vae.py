@@ -98,8 +98,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.norm(x)
         b, c, h, w = x.shape
-        # (b, 1, h·w, c): one head whose tokens are the positions
-        q, k, v = (proj(n).reshape(b, 1, c, h * w).transpose(2, 3) for proj in (self.q, self.k, self.v))
+        # (b, 1, h·w, c): one head whose tokens are the positions. Contiguous, as the hosts make them: on a
+        # transposed view SDPA falls back to its math kernel and materializes the (h·w)² scores.
+        q, k, v = (proj(n).reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for proj in (self.q, self.k, self.v))
         del n
         if self.attention == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v)
@@ -180,7 +181,7 @@ class Encoder(nn.Module):
             self.down.append(down)
         self.mid = _Mid(cin, inplace_silu, attention)
         self.norm_out = _norm(cin)
-        self.swish = Swish(inplace_silu)
+        self.nonlinearity = Swish(inplace=False)  # both hosts: out of place here, whatever their blocks do
         self.conv_out = _conv(cin, 2 * z_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +193,9 @@ class Encoder(nn.Module):
             if level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = self.mid(h)
-        return self.conv_out(self.swish(self.norm_out(h)))
+        h = self.norm_out(h)
+        h = self.nonlinearity(h)
+        return self.conv_out(h)
 
 
 class Decoder(nn.Module):
@@ -222,7 +225,7 @@ class Decoder(nn.Module):
             levels.insert(0, up)  # up[0] is the finest level, as in the checkpoint's names
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(cin)
-        self.swish = Swish(inplace_silu)
+        self.nonlinearity = Swish(inplace=False)  # both hosts: out of place here, whatever their blocks do
         self.conv_out = _conv(cin, 3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -234,7 +237,9 @@ class Decoder(nn.Module):
                 h = block(h)
             if level != 0:
                 h = up.upsample(h)
-        return self.conv_out(self.swish(self.norm_out(h)))
+        h = self.norm_out(h)
+        h = self.nonlinearity(h)
+        return self.conv_out(h)
 
 
 class AutoencoderKL(nn.Module):

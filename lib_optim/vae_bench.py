@@ -41,7 +41,6 @@ MIB = 1 << 20
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}
 VARIANTS = ("module", "callable")
 DEFAULT_TILE = 64
-DEFAULT_CALLABLE_OVERLAP = 16
 _ROOT = Path(__file__).resolve().parent.parent  # the folder holding lib_optim, for the worker's import path
 
 
@@ -184,7 +183,7 @@ def run_vae_bench(
     device: str = "cpu",
     dtype: str | None = None,
     variants: Sequence[str] = ("module",),
-    norm: str = "lowres",
+    norm: str = "exact",
     tile: int = DEFAULT_TILE,
     overlap: int | None = None,
     scale: float = 1.0,
@@ -199,8 +198,8 @@ def run_vae_bench(
     """Run the benchmark (module doc) and return its rows, ``untiled`` first at each size.
 
     ``dtype``: fp32/fp16/bf16; ``None`` = fp16 on CUDA, fp32 on CPU. ``variants``: tiled ones to run, from
-    :data:`VARIANTS`. ``overlap``: latent pixels; ``None`` = the module level's default (twice the decoder's
-    reach) or 16 for the callable level. ``free_bytes``: instead of asking the device (tests).
+    :data:`VARIANTS`. ``overlap``: latent pixels; ``None`` = the level's default (``vae_tiling.MODULE_OVERLAP``,
+    ``CALLABLE_OVERLAP``). ``free_bytes``: instead of asking the device (tests).
     ``measure``/``load_image``: how one reading is taken and a saved image read (tests inject fakes)."""
     if dtype is None:
         dtype = "fp16" if device.startswith("cuda") else "fp32"
@@ -231,7 +230,7 @@ def run_vae_bench(
         for size in sizes:
             plan: list[tuple[str, int | None, int | None]] = [("untiled", None, None)]
             for v in variants:
-                default = 2 * vae_tiling.DECODER_REACH if v == "module" else DEFAULT_CALLABLE_OVERLAP
+                default = vae_tiling.MODULE_OVERLAP if v == "module" else vae_tiling.CALLABLE_OVERLAP
                 plan.append((f"module/{norm}" if v == "module" else v, tile, default if overlap is None else overlap))
             reference = None
             for name, t, ov in plan:

@@ -58,9 +58,7 @@ def test_encode_needs_less_than_decode():
 @pytest.mark.parametrize("level", ["module", "callable"])
 def test_tiled_peak_grows_with_the_tile_and_stays_under_untiled(kind, level):
     whole = (vp.predict_decode_peak_bytes if kind == "decode" else vp.predict_encode_peak_bytes)(2048, 2048)
-    peaks = [
-        vp.predict_tiled_peak_bytes(2048, 2048, tile=t, overlap=16, kind=kind, level=level) for t in (32, 64, 128)
-    ]
+    peaks = [vp.predict_tiled_peak_bytes(2048, 2048, tile=t, overlap=16, kind=kind, level=level) for t in (32, 64, 128)]
     assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
     assert peaks[-1] < whole / 2
 
@@ -72,10 +70,30 @@ def test_one_tile_costs_what_untiled_costs():
     assert vp.predict_tiled_peak_bytes(512, 512, tile=64, overlap=26) < whole
 
 
-def test_sync_statistics_hold_every_tile():
+def test_exact_statistics_hold_the_waiting_tiles_unless_parked():
     common = {"tile": 64, "overlap": 26, "dtype_bytes": 2}
-    sync = vp.predict_tiled_peak_bytes(2048, 2048, norm="sync", **common)
-    assert sync > vp.predict_tiled_peak_bytes(2048, 2048, norm="two-pass", **common) + 384 * 2048 * 2048 * 2
+    parked = vp.predict_tiled_peak_bytes(2048, 2048, park=True, **common)
+    held = vp.predict_tiled_peak_bytes(2048, 2048, park=False, **common)
+    assert parked == vp.predict_tiled_peak_bytes(2048, 2048, norm="tile", **common)
+    # 7 tiles a side; the other 48 hold 256 channels of their 512² pixels each
+    assert held - parked == 48 * 256 * 512 * 512 * 2
+    assert vp.predict_parked_bytes(2048, 2048, **common) == 49 * 256 * 512 * 512 * 2
+    assert vp.predict_parked_bytes(512, 512, **common) == 0  # one tile waits for nobody
+    # park=None follows the device, as vae_tiling's park="auto"
+    assert vp.predict_tiled_peak_bytes(2048, 2048, device="cpu", **common) == vp.predict_tiled_peak_bytes(
+        2048, 2048, device="cpu", park=False, **common
+    )
+
+
+def test_module_level_tile_is_executor_sized():
+    """The executor's peak on a tile of X = 128·(8·tile)²·e: 4.5·X at the last upsampling (its input, the
+    interpolated copy and the convolution's output), on top of the mid block's output and the canvas."""
+    tile, e = 64, 2
+    x = 128 * (8 * tile) ** 2 * e
+    mid_out = 512 * (2048 // 8) ** 2 * e
+    canvas = 3 * 2048 * 2048 * 4
+    got = vp.predict_tiled_peak_bytes(2048, 2048, tile=tile, overlap=26, dtype_bytes=e, norm="tile")
+    assert got == pytest.approx(mid_out + canvas + 4.5 * x + 512 * tile * tile * e, rel=1e-6)
 
 
 def test_needs_tiling_boundary():
@@ -122,5 +140,5 @@ def test_bad_rule_input_names_the_field():
         vp.needs_tiling(512, 512, dtype_bytes=2, free_bytes=1, budget_bytes=0)
     with pytest.raises(ValueError, match="kind: 'both' is not allowed; allowed: decode, encode"):
         vp.needs_tiling(512, 512, dtype_bytes=2, free_bytes=1, kind="both")
-    with pytest.raises(ValueError, match="norm: 'exact' is not allowed"):
-        vp.predict_tiled_peak_bytes(512, 512, tile=32, overlap=8, norm="exact")
+    with pytest.raises(ValueError, match="norm: 'lowres' is not allowed; allowed: exact, tile"):
+        vp.predict_tiled_peak_bytes(512, 512, tile=32, overlap=8, norm="lowres")

@@ -151,3 +151,72 @@ def test_choose_tile_is_smaller_for_a_bigger_batch_and_wider_dtype():
     free = 3 << 30
     assert vae_tiling.choose_tile(2048, 2048, 2, free, batch=4) < vae_tiling.choose_tile(2048, 2048, 2, free)
     assert vae_tiling.choose_tile(2048, 2048, 4, free) < vae_tiling.choose_tile(2048, 2048, 2, free)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real SD VAE (channels scaled to 1/4, random weights).
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return build_sd_vae(seed=0, scale=0.25)
+
+
+def latent(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_module_level_one_tile_is_the_untiled_decode(vae):
+    z = latent(1, 4, 12, 10)
+    torch.testing.assert_close(vae_tiling.tiled_decode_vae(vae, z, tile=16), vae.decode(z), rtol=1e-4, atol=1e-5)
+
+
+def smooth_latent(rows: int, cols: int, seed: int = 3) -> torch.Tensor:
+    """Large blobs plus a little noise: GroupNorm statistics differ from one tile to the next."""
+    base = latent(1, 4, 3, 2, seed=seed) * 2
+    return F.interpolate(base, size=(rows, cols), mode="bicubic", align_corners=False) + 0.3 * latent(1, 4, rows, cols)
+
+
+@torch.no_grad()
+def test_module_level_exact_statistics_reproduce_the_untiled_decode(vae):
+    """Whole-image GroupNorm statistics and the default margin: every kept pixel is the untiled one (to float
+    rounding), for every batch item, across a tile boundary at an odd place, with or without parking."""
+    z = latent(2, 4, 36, 6)
+    ref = vae.decode(z)
+    for park in (None, "cpu"):
+        out = vae_tiling.tiled_decode_vae(vae, z, tile=26, norm="exact", park=park)
+        assert [(t.start, t.end) for t in vae_tiling.tile_axis(36, 26, 13)] == [(0, 26), (10, 36)]
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=2e-4)
+
+
+@torch.no_grad()
+def test_module_level_seams_on_uneven_content(vae):
+    """Uneven content cut into two tiles: exact statistics keep the decode intact; each tile's own statistics
+    (the callable level, or norm="tile") leave seams and colour shifts."""
+    z = smooth_latent(32, 8)
+    ref = vae.decode(z)
+    assert len(vae_tiling.tile_grid(32, 8, 24, 12)) == 2
+    assert psnr(vae_tiling.tiled_decode_vae(vae, z, tile=24), ref) >= 60
+    assert psnr(vae_tiling.tiled_decode_vae(vae, z, tile=24, norm="tile"), ref) < 40
+    assert psnr(vae_tiling.tiled_decode(vae.decode, z, tile=24, overlap=16), ref) < 40
+
+
+@torch.no_grad()
+def test_module_level_encode_matches_untiled(vae):
+    x = vae.decode(latent(1, 4, 40, 6)).clamp(-1, 1)[:, :, :, :45]  # 45 pixels wide: 5 latent columns
+    ref = vae.encode(x)
+    out = vae_tiling.tiled_encode_vae(vae, x, tile=32)
+    assert len(vae_tiling.tile_axis(40, 32, 16)) == 2
+    assert out.shape == ref.shape == (1, 8, 40, 5)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=2e-4)
+
+
+def test_layout_check_names_what_is_missing(vae):
+    with pytest.raises(TypeError, match=r"Decoder decoder lacks mid\.attn_1"):
+        broken = build_sd_vae(scale=0.25).decoder
+        del broken.mid.attn_1
+        vae_tiling.check_layout(broken, "decoder")
+    with pytest.raises(TypeError, match="lacks conv_in, mid, norm_out, conv_out, down"):
+        vae_tiling.tiled_encoder(torch.nn.Identity(), torch.zeros(1, 3, 64, 64))
+    vae_tiling.check_layout(vae.encoder, "encoder")
