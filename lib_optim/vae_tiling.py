@@ -488,8 +488,7 @@ def _drive(
 ) -> None:
     """Run every tile's program and hand its output to ``emit`` (and drop it). Exact: all tiles advance
     together from GroupNorm to GroupNorm, each normalized with the moments of all tiles' own regions pooled."""
-    running = [(t, programs(t)) for t in tiles] if exact else []
-    if not exact:
+    if not exact:  # one tile after the other; their programs never wait
         for t in tiles:
             try:
                 next(programs(t))
@@ -498,6 +497,7 @@ def _drive(
                 continue
             raise RuntimeError("[Optim] VAE tiling: a tile asked for shared statistics in tile mode")
         return
+    running = [(t, programs(t)) for t in tiles]
     requests = [next(p) for _, p in running]
     while running:
         key = requests[0][0]
@@ -560,6 +560,7 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"[Optim] VAE tiling norm: {norm!r} is not allowed; allowed: {', '.join(NORM_MODES)}")
 
 
+@torch.no_grad()  # inference only: the in-place steps would break autograd, and graphs cost memory
 def tiled_decoder(
     decoder: Any,
     h: torch.Tensor,
@@ -575,9 +576,9 @@ def tiled_decoder(
     ``(B, 3, 8h, 8w)``, what ``decoder(h)`` returns.
 
     ``overlap`` (latent pixels): default :data:`MODULE_OVERLAP` (at most half the tile); the tiles are cut in the
-    middle of each overlap (``blend=0``), and with ``norm="exact"`` the result is the untiled one to rounding. ``park``: where tiles waiting for statistics
-    keep their activations; "auto" = CPU memory when decoding on a GPU (so GPU memory holds one tile), none on
-    CPU."""
+    middle of each overlap (``blend=0``), and with ``norm="exact"`` the result is the untiled one to rounding.
+    ``park``: where tiles waiting for statistics keep their activations; "auto" = CPU memory when decoding on a
+    GPU (so GPU memory holds about one tile), none on CPU."""
     if overlap is None:
         overlap = min(MODULE_OVERLAP, tile // 2)
     _check_sizes(tile, overlap, blend)
@@ -594,6 +595,15 @@ def tiled_decoder(
         crop = mid[:, :, t.y.start : t.y.end, t.x.start : t.x.end]
         return _decoder_up(decoder, _TileState(crop, _core_window(t, 1, rows, cols), exact, parked))
 
+    log.debug(
+        "tiled decode %s: %d tile(s) of %d, overlap %d, norm %s, parked on %s",
+        tuple(mid.shape),
+        len(grid),
+        tile,
+        overlap,
+        norm,
+        parked,
+    )
     if len(grid) == 1:
         pieces: list[torch.Tensor] = []
         _drive(grid, program, lambda _t, out: pieces.append(out), exact)
@@ -610,6 +620,7 @@ def tiled_decode_vae(vae: Any, z: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     return tiled_decoder(vae.decoder, pqc(z) if pqc is not None else z, **kwargs)
 
 
+@torch.no_grad()  # inference only: the in-place steps would break autograd, and graphs cost memory
 def tiled_encoder(
     encoder: Any,
     x: torch.Tensor,
@@ -642,6 +653,15 @@ def tiled_encoder(
         crop = x[:, :, y0:y1, x0:x1]
         return _encoder_down(encoder, _TileState(crop, _core_window(t, SCALE, rows, cols), exact, parked))
 
+    log.debug(
+        "tiled encode %s: %d tile(s) of %d, overlap %d, norm %s, parked on %s",
+        tuple(x.shape),
+        len(grid),
+        tile,
+        overlap,
+        norm,
+        parked,
+    )
     if len(grid) == 1:
         pieces: list[torch.Tensor] = []
         _drive(grid, program, lambda _t, out: pieces.append(out), exact)
@@ -680,9 +700,10 @@ def choose_tile(
     max_tile: int = 256,
     **model_kwargs: Any,
 ) -> int:
-    """The largest tile (latent pixels, a multiple of 8 from ``min_tile`` to ``max_tile``) whose predicted peak
-    (:func:`lib_optim.vae_planner.predict_tiled_peak_bytes`) fits in ``free_bytes``; ``min_tile`` when none
-    fits (the smallest that still tiles sensibly). ``height``/``width`` are the image's, in pixels."""
+    """The tile (latent pixels) for a ``height × width`` image (pixels): the largest multiple of 8 from
+    ``min_tile`` to ``max_tile`` whose predicted peak (:func:`lib_optim.vae_planner.predict_tiled_peak_bytes`)
+    fits in ``free_bytes`` — ``min_tile`` when none does — then shrunk to the smallest tile that still needs no
+    more tiles along each side (less overlap: less work, less memory). ``model_kwargs`` go to the planner."""
     if free_bytes <= 0:
         raise ValueError(
             f"[Optim] choose_tile free_bytes: {free_bytes!r} is not allowed; allowed: a positive byte count"
@@ -712,4 +733,87 @@ def choose_tile(
             best = tile
         if tile * SCALE >= max(height, width):
             break  # larger tiles are the same single tile
-    return best
+    return _fewest_pixels(best, overlap, height // SCALE, width // SCALE)
+
+
+def _fewest_pixels(tile: int, overlap: int, rows: int, cols: int) -> int:
+    """The smallest tile giving the same number of tiles along each side as ``tile`` does."""
+    need = 1
+    for length in (rows, cols):
+        count = len(tile_axis(length, tile, overlap))
+        need = max(need, length if count == 1 else math.ceil((length + (count - 1) * overlap) / count))
+    return min(tile, need)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The auto rule at every call.
+
+
+def tiling_forward(
+    module: Any,
+    part: str,
+    original: Callable[..., torch.Tensor],
+    *,
+    free_bytes: Callable[[torch.device], int],
+    budget_bytes: int | None = None,
+    always: bool = False,
+    inplace_silu: bool = False,
+    attention: str = "sdpa",
+) -> Callable[..., torch.Tensor]:
+    """A stand-in for ``module.forward`` — ``module`` an SD VAE ``decoder`` or ``encoder`` (``part``), ``original``
+    its own forward — that decides at every call, for that call's size, batch, dtype and free memory: the
+    original when :func:`lib_optim.vae_planner.needs_tiling` says it fits (unless ``always``), else
+    :func:`tiled_decoder`/:func:`tiled_encoder` with :func:`choose_tile`'s tile, parking waiting tiles in CPU
+    memory only when they would not fit on the GPU. ``free_bytes(device)``: free memory as the host counts it;
+    ``inplace_silu``/``attention``: the host's VAE (see :mod:`lib_optim.vae_planner`)."""
+    check_layout(module, part)
+    kind = "decode" if part == "decoder" else "encode"
+    run = tiled_decoder if kind == "decode" else tiled_encoder
+    # the base width (128 in SD): the finest level's channels
+    channels = int(module.conv_out.in_channels if kind == "decode" else module.conv_in.out_channels)
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        batch, _c, rows, cols = x.shape
+        height, width = (rows * SCALE, cols * SCALE) if kind == "decode" else (rows, cols)
+        model: dict[str, Any] = {
+            "inplace_silu": inplace_silu,
+            "attention": attention,
+            "device": "cuda" if x.device.type == "cuda" else "cpu",
+            "channels": channels,
+        }
+        free = max(0, int(free_bytes(x.device)))
+        limit = free if budget_bytes is None else min(free, budget_bytes)
+        reason = "tiling always"
+        if not always:
+            tile_it, reason = vae_planner.needs_tiling(
+                height,
+                width,
+                dtype_bytes=x.element_size(),
+                free_bytes=free,
+                budget_bytes=budget_bytes,
+                batch=batch,
+                kind=kind,
+                **model,
+            )
+            if not tile_it:
+                log.debug("VAE %s untiled: %s", kind, reason)
+                return original(x, *args, **kwargs)
+        common: dict[str, Any] = {"batch": batch, "kind": kind, **model}
+        tile = choose_tile(height, width, x.element_size(), max(1, limit), **common)
+        overlap = min(MODULE_OVERLAP, tile // 2)
+        unparked = vae_planner.predict_tiled_peak_bytes(
+            height, width, tile=tile, overlap=overlap, dtype_bytes=x.element_size(), park=False, **common
+        )
+        park = "cpu" if x.device.type != "cpu" and unparked > limit else None
+        log.info(
+            "[Optim] VAE %s %dx%d tiled (%s): tiles of %d latent pixels%s",
+            kind,
+            width,
+            height,
+            reason,
+            tile,
+            ", waiting tiles in CPU memory" if park else "",
+        )
+        return run(module, x, tile=tile, overlap=overlap, park=park)
+
+    return forward

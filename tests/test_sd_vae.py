@@ -11,7 +11,7 @@ import torch
 from lib_optim.sd_vae import AutoencoderKL, build_sd_vae, load_sd_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
-import sd15_checkpoint  # noqa: E402 - the checkpoint writer of the integration tests, a plain script
+import sd15_checkpoint  # the checkpoint writer of the integration tests, a plain script
 
 
 def test_parameter_names_and_shapes_are_the_checkpoints():
@@ -50,7 +50,7 @@ def test_shapes_of_decode_and_encode():
 
 def test_same_seed_same_weights_and_scale_shrinks_channels():
     a, b = build_sd_vae(seed=3, scale=0.25), build_sd_vae(seed=3, scale=0.25)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert a.decoder.conv_out.in_channels == 32
     assert build_sd_vae(seed=4, scale=0.25).decoder.conv_in.weight.ne(a.decoder.conv_in.weight).any()
 

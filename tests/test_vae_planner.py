@@ -71,13 +71,13 @@ def test_one_tile_costs_what_untiled_costs():
 
 
 def test_exact_statistics_hold_the_waiting_tiles_unless_parked():
-    common = {"tile": 64, "overlap": 26, "dtype_bytes": 2}
+    common = {"tile": 128, "overlap": 26, "dtype_bytes": 2}
     parked = vp.predict_tiled_peak_bytes(2048, 2048, park=True, **common)
     held = vp.predict_tiled_peak_bytes(2048, 2048, park=False, **common)
     assert parked == vp.predict_tiled_peak_bytes(2048, 2048, norm="tile", **common)
-    # 7 tiles a side; the other 48 hold 256 channels of their 512² pixels each
-    assert held - parked == 48 * 256 * 512 * 512 * 2
-    assert vp.predict_parked_bytes(2048, 2048, **common) == 49 * 256 * 512 * 512 * 2
+    # 3 tiles a side; the other 8 hold 256 channels of their 1024² pixels each
+    assert held - parked == 8 * 256 * 1024 * 1024 * 2
+    assert vp.predict_parked_bytes(2048, 2048, **common) == 9 * 256 * 1024 * 1024 * 2
     assert vp.predict_parked_bytes(512, 512, **common) == 0  # one tile waits for nobody
     # park=None follows the device, as vae_tiling's park="auto"
     assert vp.predict_tiled_peak_bytes(2048, 2048, device="cpu", **common) == vp.predict_tiled_peak_bytes(
@@ -85,15 +85,19 @@ def test_exact_statistics_hold_the_waiting_tiles_unless_parked():
     )
 
 
-def test_module_level_tile_is_executor_sized():
-    """The executor's peak on a tile of X = 128·(8·tile)²·e: 4.5·X at the last upsampling (its input, the
-    interpolated copy and the convolution's output), on top of the mid block's output and the canvas."""
-    tile, e = 64, 2
-    x = 128 * (8 * tile) ** 2 * e
+def test_module_level_peaks_in_the_executor_or_the_untiled_mid_block():
+    """The executor's peak on a tile of X = 128·(8·tile)²·e: 4·X in the first full-size block (its normalized
+    input, the shortcut and conv1's output), on top of the mid block's output and the float32 canvas. With small
+    tiles the mid block, run on the whole latent, is the peak."""
+    e = 2
+    x = 128 * (8 * 128) ** 2 * e
     mid_out = 512 * (2048 // 8) ** 2 * e
     canvas = 3 * 2048 * 2048 * 4
-    got = vp.predict_tiled_peak_bytes(2048, 2048, tile=tile, overlap=26, dtype_bytes=e, norm="tile")
-    assert got == pytest.approx(mid_out + canvas + 4.5 * x + 512 * tile * tile * e, rel=1e-6)
+    got = vp.predict_tiled_peak_bytes(2048, 2048, tile=128, overlap=26, dtype_bytes=e, norm="tile")
+    assert got == mid_out + canvas + 4 * x
+    small = vp.predict_tiled_peak_bytes(2048, 2048, tile=32, overlap=16, dtype_bytes=e)
+    assert small == vp.predict_tiled_peak_bytes(2048, 2048, tile=48, overlap=16, dtype_bytes=e)
+    assert small < vp.predict_decode_peak_bytes(2048, 2048, dtype_bytes=e) / 10
 
 
 def test_needs_tiling_boundary():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 
@@ -44,7 +45,7 @@ def test_tiles_cover_the_axis_and_their_weights_sum_to_one(length, tile, overlap
     assert all(t.end - t.start == tile for t in tiles)  # the last tile moves back rather than shrinking
     assert [t.core_start for t in tiles[1:]] == [t.core_end for t in tiles[:-1]]
     assert tiles[0].core_start == 0 and tiles[-1].core_end == length
-    for a, b in zip(tiles, tiles[1:]):
+    for a, b in itertools.pairwise(tiles):
         assert a.end - b.start >= overlap
         assert b.start <= a.core_end <= a.end
     for scale in (1, 8):
@@ -139,18 +140,30 @@ def test_bad_sizes_name_the_field(kwargs, message):
 
 
 def test_choose_tile_grows_with_free_memory():
-    need = [vae_planner.predict_tiled_peak_bytes(2048, 2048, tile=t, overlap=26) for t in (64, 128)]
-    tiles = [vae_tiling.choose_tile(2048, 2048, 2, free) for free in (1, need[0], need[1] - 1, need[1], 64 << 30)]
-    assert tiles == sorted(tiles)
-    assert tiles[0] == 32  # nothing fits: the smallest
-    assert tiles[1] >= 64 and tiles[2] < 128 <= tiles[3]
-    assert tiles[4] == 256  # the largest allowed: a 2048² image is one tile
+    need = [vae_planner.predict_tiled_peak_bytes(2048, 2048, tile=t, overlap=16) for t in (64, 96, 136)]
+    frees = [1, need[0], need[1] - 1, need[1], need[2], 64 << 30]
+    tiles = [vae_tiling.choose_tile(2048, 2048, 2, free) for free in frees]
+    for tile, free in zip(tiles[1:], frees[1:], strict=True):
+        assert vae_planner.predict_tiled_peak_bytes(2048, 2048, tile=tile, overlap=16) <= free
+    # the largest multiple of 8 that fits, shrunk to what its number of tiles a side needs (n·t - (n-1)·16 = 256):
+    # nothing fits → the smallest; 88 → four a side → 76; 96..128 → three → 96; 136..248 → two → 136; one piece
+    assert tiles == [32, 64, 76, 96, 136, 256]
 
 
 def test_choose_tile_is_smaller_for_a_bigger_batch_and_wider_dtype():
     free = 3 << 30
     assert vae_tiling.choose_tile(2048, 2048, 2, free, batch=4) < vae_tiling.choose_tile(2048, 2048, 2, free)
-    assert vae_tiling.choose_tile(2048, 2048, 4, free) < vae_tiling.choose_tile(2048, 2048, 2, free)
+    assert vae_tiling.choose_tile(2048, 2048, 4, free // 2) < vae_tiling.choose_tile(2048, 2048, 2, free // 2)
+
+
+def test_choose_tile_is_monotone_even_where_the_peak_is_not():
+    """On CPU the waiting tiles are not parked: fewer, larger tiles can need less than more, smaller ones. The
+    choice — the largest tile that fits — still only grows with free memory."""
+    peaks = [vae_planner.predict_tiled_peak_bytes(2048, 2048, tile=t, overlap=16, device="cpu") for t in (64, 96)]
+    assert peaks[1] < peaks[0]
+    frees = [1 << 30, 3 << 30, 4 << 30, 6 << 30, 8 << 30, 16 << 30]
+    tiles = [vae_tiling.choose_tile(2048, 2048, 2, free, device="cpu") for free in frees]
+    assert tiles == sorted(tiles) and tiles[0] < tiles[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,3 +233,27 @@ def test_layout_check_names_what_is_missing(vae):
     with pytest.raises(TypeError, match="lacks conv_in, mid, norm_out, conv_out, down"):
         vae_tiling.tiled_encoder(torch.nn.Identity(), torch.zeros(1, 3, 64, 64))
     vae_tiling.check_layout(vae.encoder, "encoder")
+
+
+@torch.no_grad()
+def test_tiling_forward_applies_the_auto_rule_per_call(vae, caplog):
+    calls = []
+
+    def original(h):
+        calls.append(tuple(h.shape))
+        return vae.decoder(h)
+
+    z = vae.post_quant_conv(latent(1, 4, 36, 6))
+    need = vae_planner.predict_decode_peak_bytes(288, 48, dtype_bytes=4, channels=32, device="cpu")
+    roomy = vae_tiling.tiling_forward(vae.decoder, "decoder", original, free_bytes=lambda _dev: need)
+    torch.testing.assert_close(roomy(z), vae.decoder(z))
+    assert calls == [(1, 4, 36, 6)]
+    # the budget, not free memory, is what the decode has to fit in
+    tight = vae_tiling.tiling_forward(
+        vae.decoder, "decoder", original, free_bytes=lambda _dev: need, budget_bytes=need // 2
+    )
+    with caplog.at_level("INFO", logger="lib_optim"):
+        out = tight(z)
+    assert calls == [(1, 4, 36, 6)]  # not called again: tiled
+    torch.testing.assert_close(out, vae.decoder(z), rtol=1e-3, atol=2e-4)
+    assert "VAE decode 48x288 tiled (decode 48x288 needs" in caplog.text and "more than the budget" in caplog.text
