@@ -172,8 +172,8 @@ class _Canvas:
         self.out: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
 
-    def add(self, tile: Tile, piece: torch.Tensor, *, input_scale: int = 1) -> None:
-        """``piece`` covers the tile (``piece`` pixels per latent pixel = ``self.scale``)."""
+    def add(self, tile: Tile, piece: torch.Tensor) -> None:
+        """Blend in ``piece``, the output for ``tile`` (``self.scale`` output pixels per latent pixel)."""
         s = self.scale
         b, c = piece.shape[:2]
         expected = ((tile.y.end - tile.y.start) * s, (tile.x.end - tile.x.start) * s)
@@ -182,8 +182,6 @@ class _Canvas:
             self.dtype = piece.dtype
             acc = torch.promote_types(piece.dtype, torch.float32)
             self.out = torch.zeros((b, c, out_h, out_w), dtype=acc, device=piece.device)
-        # the last tile of a ragged encode ends at the image's edge: compare with what is left
-        expected = (min(expected[0], out_h - tile.y.start * s), min(expected[1], out_w - tile.x.start * s))
         if tuple(piece.shape[2:]) != expected or piece.shape[:2] != self.out.shape[:2]:
             raise RuntimeError(
                 f"[Optim] VAE tiling: a tile came back as {tuple(piece.shape)}, expected "
