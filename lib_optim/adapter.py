@@ -27,8 +27,8 @@ from typing import Any
 from lib_optim.attention import Attention
 from lib_optim.hostkinds import HostKind
 from lib_optim.log import get_logger
-from lib_optim.patching import Restorer
-from lib_optim.settings import SETTING_FIELDS, GenerationSettings
+from lib_optim.patching import Restorer, patched_attr
+from lib_optim.settings import SETTING_FIELDS, GenerationSettings, VaeTiling
 
 log = get_logger(__name__)
 
@@ -236,6 +236,77 @@ class HostAdapter(abc.ABC):
         application = session.restorer.enter(compiler.apply(root, names, key=key, mode=mode))
         session.data["compile"] = application
         session.restorer.notes.append(f"{label} blocks compiled ({mode}, {application.stats.blocks} blocks)")
+
+    def tile_vae(self, session: Session, first_stage_model: Any) -> None:
+        """Tiled VAE for this generation, shared by every adapter: the ``decoder``/``encoder`` of
+        ``first_stage_model`` (the ldm/sgm layout all four hosts use, docs/hosts.md §5.6) get
+        :func:`lib_optim.vae_tiling.tiling_forward` as an instance ``forward`` — ``on``: always tiled, ``auto``: tiled
+        exactly when :func:`lib_optim.vae_planner.needs_tiling` says the whole image will not fit in free memory —
+        removed again when the session's restorer closes. Every decode/encode is reported to
+        ``session.data["vae_tiling_events"]`` (the infotext and telemetry read it)."""
+        from lib_optim import vae_tiling
+        from lib_optim.attention_impl import free_memory_bytes
+
+        mode = session.settings.vae_tiling
+        if mode not in (VaeTiling.ON, VaeTiling.AUTO):
+            return
+        if first_stage_model is None:
+            session.data["vae_tiling_unavailable"] = "no VAE loaded"
+            log.warning("vae_tiling: no VAE loaded; nothing changed")
+            return
+        events: list[Any] = session.data.setdefault("vae_tiling_events", [])
+        # The VAE's attention block follows the UNet's choice on every host (docs/hosts.md §3): the memory-efficient
+        # kernels hold no positions × positions matrix, the others do (lib_optim.vae_planner's "math").
+        efficient = session.attention_used in (Attention.SDP.value, Attention.XFORMERS.value)
+        patched = []
+        for part in ("decoder", "encoder"):
+            module = getattr(first_stage_model, part, None)
+            if module is None:
+                continue
+            try:
+                forward = vae_tiling.tiling_forward(
+                    module,
+                    part,
+                    module.forward,
+                    free_bytes=free_memory_bytes,
+                    always=mode is VaeTiling.ON,
+                    attention="sdpa" if efficient else "math",
+                    report=events.append,
+                )
+            except (TypeError, ValueError) as exc:  # a VAE of another layout (not SD/SDXL): left as it is
+                session.data["vae_tiling_unavailable"] = str(exc).removeprefix("[Optim] ")
+                log.warning("vae_tiling: %s; the %s runs untiled", session.data["vae_tiling_unavailable"], part)
+                continue
+            session.restorer.enter(patched_attr(module, "forward", forward))
+            patched.append(part)
+        if patched:
+            session.restorer.notes.append(f"VAE {'/'.join(patched)} tiling {mode.value}")
+
+    def tiled_vae_fits(self, p: Any) -> bool | None:
+        """Whether the decode of ``p``'s largest image, in the smallest tiles, is predicted to fit in the free memory
+        of the device the host generates on (the out-of-memory retry prefers tiling to the CPU then); None when
+        that cannot be told (no torch, no device yet)."""
+        try:
+            import torch
+
+            from lib_optim import vae_planner
+            from lib_optim.attention_impl import free_memory_bytes
+
+            request = auto_attention_request(p, sys.modules.get("modules.devices"))
+            device = torch.device(getattr(sys.modules.get("modules.devices"), "device", None) or "cpu")
+            height, width = request["height"] // 8 * 8, request["width"] // 8 * 8
+            need = vae_planner.predict_tiled_peak_bytes(
+                max(8, height),
+                max(8, width),
+                tile=32,
+                overlap=8,
+                dtype_bytes=request["dtype_bytes"],
+                device=request["device"],
+            )
+            return need <= free_memory_bytes(device)
+        except (ImportError, RuntimeError, OSError, ValueError, AssertionError):
+            log.debug("tiled VAE fit unknown", exc_info=True)
+            return None
 
     def before_sampling(self, p: Any, session: Session) -> None:  # noqa: B027 - optional hook
         """Re-apply per-sampling changes; default: nothing to do."""

@@ -152,6 +152,8 @@ class Runtime:
             supports_inference_memory="inference_memory_mb" in self.adapter.supported_fields(),
             current_attention=None if current in (Attention.HOST, Attention.AUTO) else current,
             current_inference_memory_mb=memory,
+            supports_vae_tiling="vae_tiling" in self.adapter.supported_fields(),
+            tiled_vae_fits=self.adapter.tiled_vae_fits(p),
         )
         if step is not None:
             with self._lock:
@@ -231,6 +233,11 @@ class Runtime:
                     record.telemetry = {**(record.telemetry or {}), "compile": compiled}
                     text = compiled_text(compiled)
                     record.telemetry_text = f"{record.telemetry_text} · {text}" if record.telemetry_text else text
+                tiling = vae_tiling_summary(session)
+                if tiling is not None:
+                    record.telemetry = {**(record.telemetry or {}), "vae_tiling": tiling}
+                    text = tiling["text"]
+                    record.telemetry_text = f"{record.telemetry_text} · {text}" if record.telemetry_text else text
 
     def active_sessions(self) -> int:
         with self._lock:
@@ -292,6 +299,20 @@ def compile_summary(session: Session) -> dict[str, Any] | None:
         stats: dict[str, Any] = application.stats.to_dict()
         return stats
     return {"fell_back": True, "fallback_reason": session.data.get("compile_unavailable", "not applied")}
+
+
+def vae_tiling_summary(session: Session) -> dict[str, Any] | None:
+    """What ``vae_tiling`` on/auto did in ``session``: every decode/encode (tiled or not, and why) and a short text
+    (``VAE decode 1024x1024 tiled (tiles of 64)``); None when not asked for or before any decode."""
+    if session.settings.vae_tiling.value not in ("on", "auto"):
+        return None
+    events = list(session.data.get("vae_tiling_events", ()))
+    unavailable = session.data.get("vae_tiling_unavailable")
+    if not events and not unavailable:
+        return None
+    texts = list(dict.fromkeys(event.text() for event in events))  # one per distinct size and outcome
+    text = "VAE " + "; ".join(texts) if texts else f"VAE tiling not applied: {unavailable}"
+    return {"events": [event.to_dict() for event in events], "unavailable": unavailable, "text": text}
 
 
 def compiled_text(summary: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ no pages left resident by an earlier run):
 
 - **Peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before the decode;
   on CPU the process's peak resident set (``VmHWM`` reset through ``/proc/self/clear_refs``, glibc's mmap
-  threshold lowered so freed tensors leave the resident set; :class:`lib_optim.bench.PeakMeter`). The model
+  threshold lowered so freed tensors leave the resident set; :class:`lib_optim.attention_bench.PeakMeter`). The model
   and the latent are allocated before, the decoded image is counted.
 - **Time** of that one decode (after a small warm-up decode that loads the kernels).
 - **PSNR** of each tiled image against the untiled one (both clamped to [-1, 1] as the hosts do before
@@ -116,7 +116,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from lib_optim import vae_tiling
-    from lib_optim.bench import PeakMeter
+    from lib_optim.attention_bench import PeakMeter
     from lib_optim.sd_vae import build_sd_vae
 
     device = torch.device(spec.get("device", "cpu"))

@@ -757,13 +757,15 @@ def tiling_forward(
     always: bool = False,
     inplace_silu: bool = False,
     attention: str = "sdpa",
+    report: Callable[[TilingEvent], None] | None = None,
 ) -> Callable[..., torch.Tensor]:
     """A stand-in for ``module.forward`` — ``module`` an SD VAE ``decoder`` or ``encoder`` (``part``), ``original``
     its own forward — that decides at every call, for that call's size, batch, dtype and free memory: the
     original when :func:`lib_optim.vae_planner.needs_tiling` says it fits (unless ``always``), else
     :func:`tiled_decoder`/:func:`tiled_encoder` with :func:`choose_tile`'s tile, parking waiting tiles in CPU
     memory only when they would not fit on the GPU. ``free_bytes(device)``: free memory as the host counts it;
-    ``inplace_silu``/``attention``: the host's VAE (see :mod:`lib_optim.vae_planner`)."""
+    ``inplace_silu``/``attention``: the host's VAE (see :mod:`lib_optim.vae_planner`); ``report`` gets a
+    :class:`TilingEvent` for every call (tiled or not), for the infotext and telemetry."""
     check_layout(module, part)
     kind = "decode" if part == "decoder" else "encode"
     run = tiled_decoder if kind == "decode" else tiled_encoder
@@ -795,6 +797,8 @@ def tiling_forward(
             )
             if not tile_it:
                 log.debug("VAE %s untiled: %s", kind, reason)
+                if report is not None:
+                    report(TilingEvent(kind, width, height, batch, 0, reason))
                 return original(x, *args, **kwargs)
         common: dict[str, Any] = {"batch": batch, "kind": kind, **model}
         tile = choose_tile(height, width, x.element_size(), max(1, limit), **common)
@@ -812,6 +816,40 @@ def tiling_forward(
             tile,
             ", waiting tiles in CPU memory" if park else "",
         )
+        if report is not None:
+            report(TilingEvent(kind, width, height, batch, tile, reason))
         return run(module, x, tile=tile, overlap=overlap, park=park)
 
     return forward
+
+
+@dataclass(frozen=True)
+class TilingEvent:
+    """One decode or encode under :func:`tiling_forward`: ``tile`` latent pixels, 0 when it ran untiled."""
+
+    kind: str  # decode / encode
+    width: int
+    height: int
+    batch: int
+    tile: int
+    reason: str
+
+    @property
+    def tiled(self) -> bool:
+        return self.tile > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "width": self.width,
+            "height": self.height,
+            "batch": self.batch,
+            "tile": self.tile,
+            "tiled": self.tiled,
+            "reason": self.reason,
+        }
+
+    def text(self) -> str:
+        """``decode 1024x1024 tiled (tiles of 64)`` / ``decode 512x512 untiled``, for the infotext."""
+        how = f"tiled (tiles of {self.tile})" if self.tiled else "untiled"
+        return f"{self.kind} {self.width}x{self.height} {how}"

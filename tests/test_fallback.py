@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib_optim.fallback import FallbackStep, infotext_note, is_out_of_memory, next_frugal
-from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, Attention, GenerationSettings, Tri
+from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, Attention, GenerationSettings, Tri, VaeTiling
 
 A1111_BACKENDS = (Attention.SDP, Attention.SPLIT, Attention.SUB_QUAD, Attention.XFORMERS, Attention.V1)
 FORGE_BACKENDS = (Attention.SDP, Attention.SPLIT, Attention.SUB_QUAD, Attention.XFORMERS)
@@ -243,3 +243,52 @@ def test_never_the_same_settings_twice(supports_inference_memory: bool) -> None:
                 supports_inference_memory=supports_inference_memory,
                 current_attention=None,
             )
+
+
+# ------------------------------------------------------------------------------------------ VAE tiling rung
+
+
+@pytest.mark.parametrize("fits", [True, None])
+def test_tiling_is_preferred_to_the_cpu_when_it_is_predicted_to_fit(fits: bool | None) -> None:
+    step = next_frugal(
+        enabled(attention=Attention.SUB_QUAD),
+        available=A1111_BACKENDS,
+        supports_inference_memory=False,
+        current_attention=Attention.SUB_QUAD,
+        supports_vae_tiling=True,
+        tiled_vae_fits=fits,
+    )
+    assert step is not None
+    assert step.changes == ("vae_tiling=on",)
+    assert step.settings.vae_on_cpu is Tri.INHERIT
+    assert "tiled" in step.reason
+
+
+def test_cpu_when_tiling_is_predicted_not_to_fit_or_was_already_on() -> None:
+    for base, fits in (
+        (enabled(), False),
+        (enabled(vae_tiling=VaeTiling.AUTO), True),
+        (enabled(vae_tiling=VaeTiling.ON), None),
+    ):
+        step = next_frugal(
+            base,
+            available=(Attention.SUB_QUAD,),
+            supports_inference_memory=False,
+            current_attention=Attention.SUB_QUAD,
+            supports_vae_tiling=True,
+            tiled_vae_fits=fits,
+        )
+        assert step is not None and step.changes == ("vae_on_cpu=on",), (base, fits)
+        assert step.settings.vae_tiling is base.vae_tiling
+
+
+def test_no_tiling_rung_where_the_host_cannot_tile() -> None:
+    step = next_frugal(
+        enabled(),
+        available=(Attention.SUB_QUAD,),
+        supports_inference_memory=False,
+        current_attention=Attention.SUB_QUAD,
+        supports_vae_tiling=False,
+        tiled_vae_fits=True,
+    )
+    assert step is not None and step.changes == ("vae_on_cpu=on",)

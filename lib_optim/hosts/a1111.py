@@ -44,7 +44,7 @@ from lib_optim.hostkinds import HostKind
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
 from lib_optim.planner import choose_auto_attention
-from lib_optim.settings import GenerationSettings, Tri
+from lib_optim.settings import GenerationSettings, Tri, VaeTiling
 
 log = get_logger(__name__)
 
@@ -520,3 +520,14 @@ class A1111Adapter(HostAdapter):
         torch_gc = getattr(devices, "torch_gc", None)
         if callable(torch_gc):
             torch_gc()
+
+    # VAE tiling --------------------------------------------------------------------------------------------
+
+    def apply_vae_tiling(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        """Our tiled decoder/encoder on ``sd_model.first_stage_model`` (docs/hosts.md §5.1, §5.6): every decode —
+        txt2img, hires, "Full" live previews — and every encode (img2img, inpainting, hires) goes through the VAE's
+        ``decoder``/``encoder`` modules. ``off``: A1111 never tiles by itself, nothing to switch off."""
+        if settings.vae_tiling is VaeTiling.OFF:
+            session.restorer.notes.append("VAE tiling off (A1111 never tiles by itself)")
+            return
+        self.tile_vae(session, getattr(getattr(p, "sd_model", None), "first_stage_model", None))

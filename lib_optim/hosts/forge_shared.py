@@ -313,3 +313,35 @@ def usable_xformers(*, disabled: bool, directml: bool, cuda: Callable[[], bool])
     if not cuda():
         return None, "xformers needs a CUDA GPU"
     return module, ""
+
+
+# --- VAE tiling ------------------------------------------------------------------------------------------------
+
+
+def tiling_without_always_tiled(vae: Any, mm: Any, restorer: Restorer) -> str:
+    """While ``restorer`` is open, the VAE class of ``vae`` (Forge f2 ``backend.patcher.vae.VAE``, ldm_patched
+    ``ldm_patched.modules.sd.VAE``) decodes and encodes as if ``VAE_ALWAYS_TILED`` were false: the per-generation
+    ``vae_tiling`` choice decides, not the global switch the built-in Never OOM script sets in its own ``process``
+    (after ours, docs/hosts.md §5.4). The global is read inside ``decode_inner``/``encode_inner`` at call time
+    (§5.4, §5.5), so each call sees it false and finds it as it was afterwards; the class methods, not the
+    instance's, so a ``clone()`` of the VAE object is covered too. Forge's own tiled retry after an out-of-memory
+    error stays. Returns a note for the log."""
+    cls = type(vae)
+    wrapped = []
+    for name in ("decode_inner", "encode_inner"):
+        original = vars(cls).get(name)
+        if not callable(original):
+            continue  # a build without the method has no switch to neutralise there
+
+        def call(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            saved = getattr(mm, "VAE_ALWAYS_TILED", False)
+            mm.VAE_ALWAYS_TILED = False
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                mm.VAE_ALWAYS_TILED = saved
+
+        call.__wrapped__ = original  # type: ignore[attr-defined]
+        restorer.enter(patched_attr(cls, name, call))
+        wrapped.append(name)
+    return f"VAE_ALWAYS_TILED ignored by {', '.join(wrapped)}" if wrapped else "no VAE_ALWAYS_TILED switch here"

@@ -17,7 +17,7 @@ from lib_optim.hostkinds import HostKind
 from lib_optim.hosts import common, optim_tab
 from lib_optim.hosts.common import SECTION, SETTINGS_CATEGORY, defaults_from_options, ensure_runtime, optim_script
 from lib_optim.log import get_logger, setup_console_logging
-from lib_optim.runtime import Runtime, compile_summary, compiled_text, get_runtime
+from lib_optim.runtime import Runtime, compile_summary, compiled_text, get_runtime, vae_tiling_summary
 from lib_optim.settings import (
     FIELDS_BY_NAME,
     INFOTEXT_KEY,
@@ -153,6 +153,13 @@ def process(p: Any, args: Sequence[Any]) -> None:
             return compiled_text(summary) if summary is not None else None
 
         add_late_infotext(p, "Optim compile", compile_text, rt.host)
+    if settings.vae_tiling.value in ("on", "auto"):
+        # which decodes were tiled is known after decoding (auto decides per call)
+        def tiling_text() -> str | None:
+            summary = vae_tiling_summary(session)
+            return str(summary["text"]).removeprefix("VAE ") if summary is not None else None
+
+        add_late_infotext(p, "Optim VAE tiling", tiling_text, rt.host)
     if getattr(common.opts(), "optim_telemetry_infotext", False):
 
         def telemetry_text() -> str | None:
