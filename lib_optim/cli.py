@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: an SD1.5-like UNet eager vs with its blocks torch.compiled (steady state, compile time)",
     )
+    bench.add_argument(
+        "--vae",
+        action="store_true",
+        help="instead: the SD VAE decode untiled vs tiled at 1024 and 2048 px (peak memory, seconds, PSNR)",
+    )
     return parser
 
 
@@ -572,6 +577,8 @@ def _importable(name: str) -> bool:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.compile and args.vae:
+        raise UsageError("--compile and --vae: choose one (each is its own benchmark)")
     specs = [s.strip() for s in args.shapes.split(",") if s.strip()]
     if not specs:
         raise UsageError(f"--shapes: no shape in {args.shapes!r}; allowed: sd15-512, sd15-768, sdxl-1024")
@@ -600,6 +607,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.compile:
         return _bench_compile(args)
+    if args.vae:
+        return _bench_vae(args)
     result = run_bench(specs, device=args.device, repeats=args.repeats, quick=args.quick, dtype=args.dtype)
     _out(to_json(result) if args.json else format_table(result))
     if args.plot:
@@ -625,6 +634,16 @@ def _bench_compile(args: argparse.Namespace) -> int:
     sizes = ((32, 32),) if args.quick else ((32, 32), (48, 48))
     results = [run_compile_bench(latent=size, rounds=rounds, device=device, dtype=dtype) for size in sizes]
     _out(json.dumps([r.to_dict() for r in results], indent=2) if args.json else format_compile_table(results))
+    return 0
+
+
+def _bench_vae(args: argparse.Namespace) -> int:
+    """``bench --vae``: the random-weight SD VAE's decode, untiled vs tiled, each size in its own process (peaks)."""
+    from lib_optim.vae_bench import format_vae_table, run_vae_bench, to_json
+
+    sizes = (1024,) if args.quick else (1024, 2048)
+    result = run_vae_bench(sizes, device=args.device, dtype=args.dtype)
+    _out(to_json(result) if args.json else format_vae_table(result))
     return 0
 
 

@@ -248,8 +248,9 @@ def test_profile_apply_outside_a_webui_asks_for_the_host(ext: Path, work: Path) 
         (("bench", "--shapes", ","), "--shapes: no shape in ','; allowed: sd15-512, sd15-768, sdxl-1024"),
         (("bench", "--plot", "chart.png"), "--plot: matplotlib is not installed in this Python"),
         (("bench",), "bench needs torch, which this Python"),
+        (("bench", "--vae", "--compile"), "--compile and --vae: choose one"),
     ],
-    ids=["no-shapes", "plot-without-matplotlib", "no-torch"],
+    ids=["no-shapes", "plot-without-matplotlib", "no-torch", "vae-and-compile"],
 )
 def test_bench_usage_errors(ext: Path, argv: tuple[str, ...], message: str) -> None:
     # -S: this interpreter without its site-packages, so without torch and matplotlib.
