@@ -255,6 +255,7 @@ class HostAdapter(abc.ABC):
             log.warning("vae_tiling: no VAE loaded; nothing changed")
             return
         events: list[Any] = session.data.setdefault("vae_tiling_events", [])
+        max_tile = vae_max_tile()
         # The VAE's attention block follows the UNet's choice on every host (docs/hosts.md §3): the memory-efficient
         # kernels hold no positions × positions matrix, the others do (lib_optim.vae_planner's "math").
         efficient = session.attention_used in (Attention.SDP.value, Attention.XFORMERS.value)
@@ -272,6 +273,7 @@ class HostAdapter(abc.ABC):
                     always=mode is VaeTiling.ON,
                     attention="sdpa" if efficient else "math",
                     report=events.append,
+                    max_tile=max_tile,
                 )
             except (TypeError, ValueError) as exc:  # a VAE of another layout (not SD/SDXL): left as it is
                 session.data["vae_tiling_unavailable"] = str(exc).removeprefix("[Optim] ")
@@ -310,6 +312,37 @@ class HostAdapter(abc.ABC):
 
     def before_sampling(self, p: Any, session: Session) -> None:  # noqa: B027 - optional hook
         """Re-apply per-sampling changes; default: nothing to do."""
+
+
+VAE_MAX_TILE_ENV = "OPTIM_VAE_MAX_TILE"
+VAE_TILE_RANGE = (32, 256)  # at least twice the overlap (lib_optim.vae_tiling.MODULE_OVERLAP)
+
+
+def vae_max_tile(environ: Mapping[str, str] | None = None) -> int:
+    """The largest VAE tile in latent pixels (8 image pixels each): ``OPTIM_VAE_MAX_TILE`` when set to a multiple of
+    8 from 32 to 256, else 256 (the tile is chosen from free memory below that). A bad value is reported and
+    ignored: it must not fail a generation."""
+    import os
+
+    raw = (os.environ if environ is None else environ).get(VAE_MAX_TILE_ENV, "").strip()
+    low, high = VAE_TILE_RANGE
+    if not raw:
+        return high
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value % 8 or not low <= value <= high:
+        log.warning(
+            "%s: %r is not allowed; allowed: a multiple of 8 from %d to %d (latent pixels); using %d",
+            VAE_MAX_TILE_ENV,
+            raw,
+            low,
+            high,
+            high,
+        )
+        return high
+    return value
 
 
 def hires_size(width: int, height: int, scale: float, resize_x: int, resize_y: int) -> tuple[int, int]:

@@ -758,6 +758,7 @@ def tiling_forward(
     inplace_silu: bool = False,
     attention: str = "sdpa",
     report: Callable[[TilingEvent], None] | None = None,
+    max_tile: int = 256,
 ) -> Callable[..., torch.Tensor]:
     """A stand-in for ``module.forward`` — ``module`` an SD VAE ``decoder`` or ``encoder`` (``part``), ``original``
     its own forward — that decides at every call, for that call's size, batch, dtype and free memory: the
@@ -765,7 +766,8 @@ def tiling_forward(
     :func:`tiled_decoder`/:func:`tiled_encoder` with :func:`choose_tile`'s tile, parking waiting tiles in CPU
     memory only when they would not fit on the GPU. ``free_bytes(device)``: free memory as the host counts it;
     ``inplace_silu``/``attention``: the host's VAE (see :mod:`lib_optim.vae_planner`); ``report`` gets a
-    :class:`TilingEvent` for every call (tiled or not), for the infotext and telemetry."""
+    :class:`TilingEvent` for every call (tiled or not), for the infotext and telemetry; ``max_tile``: the largest
+    tile (latent pixels) :func:`choose_tile` may pick."""
     check_layout(module, part)
     kind = "decode" if part == "decoder" else "encode"
     run = tiled_decoder if kind == "decode" else tiled_encoder
@@ -801,7 +803,9 @@ def tiling_forward(
                     report(TilingEvent(kind, width, height, batch, 0, reason))
                 return original(x, *args, **kwargs)
         common: dict[str, Any] = {"batch": batch, "kind": kind, **model}
-        tile = choose_tile(height, width, x.element_size(), max(1, limit), **common)
+        tile = choose_tile(
+            height, width, x.element_size(), max(1, limit), max_tile=max_tile, min_tile=min(32, max_tile), **common
+        )
         overlap = min(MODULE_OVERLAP, tile // 2)
         unparked = vae_planner.predict_tiled_peak_bytes(
             height, width, tile=tile, overlap=overlap, dtype_bytes=x.element_size(), park=False, **common

@@ -193,3 +193,20 @@ def test_a_vae_of_another_layout_is_left_alone_with_a_reason(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_adapter_supports_the_field(kind: str, vae_module: torch.nn.Module) -> None:
     assert "vae_tiling" in host(kind, vae_module).adapter.supported_fields()
+
+
+def test_max_tile_from_the_environment(vae_module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lib_optim.adapter import VAE_MAX_TILE_ENV, vae_max_tile
+
+    assert vae_max_tile({}) == 256
+    assert vae_max_tile({VAE_MAX_TILE_ENV: "32"}) == 32
+    for bad in ("12", "16", "0", "36", "512", "big"):
+        assert vae_max_tile({VAE_MAX_TILE_ENV: bad}) == 256, bad
+    monkeypatch.setenv(VAE_MAX_TILE_ENV, "32")
+    h = host("a1111", vae_module)  # plenty of free memory: the cap alone makes the tiles
+    session = h.adapter.begin(h.p, tiling(VaeTiling.ON))
+    with torch.no_grad():
+        h.decode(torch.randn(1, 4, 48, 48))
+    (event,) = session.data["vae_tiling_events"]
+    assert event.tile == 32
+    session.restorer.close()

@@ -144,9 +144,14 @@ def _limit_address_space(limit: int | None):
     return apply
 
 
-def start_webui(host: str, extra_args: list[str] | None = None, address_space_limit: int | None = None) -> WebUI:
+def start_webui(
+    host: str,
+    extra_args: list[str] | None = None,
+    address_space_limit: int | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> WebUI:
     """``address_space_limit``: bytes of virtual memory for the WebUI process, so a big enough tensor fails
-    to allocate — a real out-of-memory error on a machine without a GPU."""
+    to allocate — a real out-of-memory error on a machine without a GPU. ``extra_env``: more environment."""
     dir_var, python_var, cpu_flags = HOSTS[host]
     root = Path(os.environ[dir_var])
     python = os.environ.get(python_var, str(root / "venv" / "bin" / "python"))
@@ -162,6 +167,7 @@ def start_webui(host: str, extra_args: list[str] | None = None, address_space_li
         "GRADIO_ANALYTICS_ENABLED": "False",
         "DO_NOT_TRACK": "1",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     env.pop("COMMANDLINE_ARGS", None)
     args = [

@@ -103,6 +103,15 @@ def test_benchmark_tab_runs_and_shows_results(webui, browser):
     _set_number(browser, "optim_bench_steps", 1)
     _set_number(browser, "optim_bench_repeats", 2)
     browser.find_element(By.ID, "optim_bench_run").click()
+
+    # while it runs, gradio's progress (gr.Progress in the tab, lib_optim/ui.py) says what is being measured
+    def progress_text(driver) -> str:
+        shown = driver.find_elements(By.CSS_SELECTOR, ".progress-level-inner, .progress-text, .meta-text")
+        return " ".join(e.text for e in shown if e.is_displayed() and e.text.strip())
+
+    WebDriverWait(browser, 300, poll_frequency=0.2).until(lambda d: progress_text(d).strip())
+    seen = progress_text(browser)
+    assert any(ch.isdigit() for ch in seen), seen  # a count or a fraction, not an empty spinner
     WebDriverWait(browser, 600).until(ec.presence_of_element_located((By.CSS_SELECTOR, "#optim_bench_results table")))
     results = browser.find_element(By.ID, "optim_bench_results")
     assert "baseline" in results.text
@@ -152,3 +161,26 @@ def test_generate_from_the_ui_with_the_accordion(webui, browser):
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", accordion)
     time.sleep(0.5)
     browser.save_screenshot(str(SHOTS / f"optim-generate-{webui.host}.png"))
+
+
+def test_compile_and_tiled_vae_from_the_ui(webui, browser):
+    """The two levers' controls in the accordion: compile and tiled VAE on, Generate; the infotext says what
+    each did, and the generation's record shows both applied and restored."""
+    browser.get(webui.url)
+    accordion = _open_accordion(browser, "txt2img")
+    for elem_id, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_steps", 2)):
+        _set_number(browser, elem_id, value)
+    for field in ("compile", "vae_tiling"):
+        radio = accordion.find_element(
+            By.XPATH, f".//*[@id='script_txt2img_optim_{field}']//label[normalize-space(.)='on']"
+        )
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", radio)
+        radio.click()
+    browser.find_element(By.ID, "txt2img_generate").click()
+    WebDriverWait(browser, 900).until(lambda d: "Optim VAE tiling:" in d.find_element(By.ID, "html_info_txt2img").text)
+    info = browser.find_element(By.ID, "html_info_txt2img").text
+    assert "compile=on" in info and "vae_tiling=on" in info, info
+    assert "Optim compile:" in info, info
+    record = webui.get("/optim/v1/status")["last_generations"][-1]
+    assert record["settings"] == {"compile": "on", "vae_tiling": "on"} and record["restored"], record
+    assert record["telemetry"]["vae_tiling"]["events"][0]["tiled"] is True, record
