@@ -96,6 +96,9 @@ class CheckInput:
     env: Mapping[str, str] = field(default_factory=dict)
     facts: RuntimeFacts = field(default_factory=RuntimeFacts)
     extra_flags: Sequence[FlagSpec] = ()  # flags extensions add in their preload
+    # what reading webui-user.sh/.bat found that the checker cannot follow (lib_optim.webui_user's notes),
+    # as findings of the rule launcher-file, with "file:line" in the message
+    launcher_notes: Sequence[Finding] = ()
 
 
 class CheckContext:
@@ -106,6 +109,7 @@ class CheckContext:
         self.env = dict(data.env)
         self.facts = data.facts
         self.args: ParsedArgs = parse_args(list(data.argv), data.host, data.extra_flags)
+        self.launcher_notes = tuple(data.launcher_notes)
 
     def has(self, *options: str) -> bool:
         return self.args.has(*options)
@@ -1135,3 +1139,20 @@ def rules_markdown() -> str:
         hosts = ", ".join(h.value for h in r.hosts)
         lines.append(f"| `{r.id}` | {r.severity.value} | {hosts} | {r.title} |")
     return "\n".join(lines)
+
+
+LAUNCHER_FILE_RULE = "launcher-file"
+
+
+@rule(
+    LAUNCHER_FILE_RULE,
+    Severity.WARNING,
+    ALL_HOSTS,
+    "webui-user.sh/.bat: what bash or cmd would read differently or the checker cannot follow (CRLF line endings, "
+    "`$(…)`, lines after `call webui.bat`, …).",
+)
+def _launcher_file(ctx: CheckContext) -> Iterator[Finding]:
+    for note in ctx.launcher_notes:
+        if note.rule != LAUNCHER_FILE_RULE:
+            raise ValueError(f"launcher_notes: {note.rule!r} is not allowed; allowed: {LAUNCHER_FILE_RULE!r}")
+        yield note

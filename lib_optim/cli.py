@@ -28,7 +28,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lib_optim import __version__
-from lib_optim.checker import RULES, CheckInput, Finding, RuntimeFacts, Severity, exit_code, rules_markdown, run_checks
+from lib_optim.checker import (
+    LAUNCHER_FILE_RULE,
+    RULES,
+    CheckInput,
+    Finding,
+    RuntimeFacts,
+    Severity,
+    exit_code,
+    rules_markdown,
+    run_checks,
+)
 from lib_optim.env_notes import env_notes_json, env_notes_markdown
 from lib_optim.hostdetect import detect_kind, extension_dir, find_webui_root
 from lib_optim.hostkinds import PROFILED_HOSTS, HostKind, parse_host
@@ -38,7 +48,6 @@ EX_REFUSED = 1
 # Covered when no WebUI checkout is found: the two hosts the extension is made for.
 FALLBACK_HOSTS = (HostKind.A1111, HostKind.FORGE)
 # The rule id of findings about the webui-user file itself (what bash/cmd do with it, not the flags).
-FILE_RULE = "launcher-file"
 _HOST_CHOICES = "a1111, forge, forge-previous, reforge"
 
 
@@ -263,7 +272,7 @@ def _launch_input(args: argparse.Namespace) -> LaunchInput:
         for note in config.notes:
             where = f"{args.file}:{note.line_no}" if note.line_no is not None else str(args.file)
             result.file_findings.append(
-                Finding(FILE_RULE, Severity(note.severity), note.subject, f"{where}: {note.message}", note.fix)
+                Finding(LAUNCHER_FILE_RULE, Severity(note.severity), note.subject, f"{where}: {note.message}", note.fix)
             )
         for name, line in [*config.conditional_flags.items(), *config.conditional_vars.items()]:
             result.conditional[name] = f"{args.file}:{line}"
@@ -284,9 +293,10 @@ def _with_file_findings(findings: list[Finding], launch: LaunchInput) -> list[Fi
         else f
         for f in findings
     ]
-    combined = [*launch.file_findings, *marked]
-    combined.sort(key=lambda f: -f.severity.rank)  # stable: the file's findings first within a severity
-    return combined
+    ours = {id(f) for f in launch.file_findings}
+    # the file's findings first within a severity (stable sort)
+    marked.sort(key=lambda f: (-f.severity.rank, id(f) not in ours))
+    return marked
 
 
 def _probe_facts() -> RuntimeFacts:
@@ -305,7 +315,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     launch = _launch_input(args)
     facts = _probe_facts() if args.probe else RuntimeFacts()
     results = [
-        (host, _with_file_findings(run_checks(CheckInput(host, launch.argv, launch.env, facts)), launch))
+        (
+            host,
+            _with_file_findings(
+                run_checks(CheckInput(host, launch.argv, launch.env, facts, launcher_notes=launch.file_findings)),
+                launch,
+            ),
+        )
         for host in choice.hosts
     ]
     worst = max(exit_code(findings) for _, findings in results)
@@ -359,7 +375,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         doctor(host, system, args=launch.argv, env=env, pci=lambda: nvidia_present, webui_root=choice.root)
         for host in choice.hosts
     ]
-    findings = {r.host: _with_file_findings(r.findings, launch) for r in reports}
+    # doctor runs the checker on argv and env alone: the file's own findings join here
+    findings = {r.host: _with_file_findings([*launch.file_findings, *r.findings], launch) for r in reports}
     worst = max(exit_code(f) for f in findings.values())
     first = reports[0]
     if args.json:

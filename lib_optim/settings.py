@@ -367,6 +367,7 @@ FIELDS: tuple[FieldSpec, ...] = (
         "Decode (and, in img2img, encode) the image in tiles, so a large image's VAE fits in memory: on, off, "
         "auto = only when the full decode is predicted not to fit, inherit = as the host does it.",
         ChoiceKind(VaeTiling),
+        bench_values=(VaeTiling.ON,),  # what tiling costs or saves at the size measured; auto/off follow from it
     ),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)

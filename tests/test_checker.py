@@ -46,8 +46,11 @@ def check(
     argv: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     facts: RuntimeFacts | None = None,
+    launcher_notes: Sequence[Finding] = (),
 ) -> list[Finding]:
-    return run_checks(CheckInput(host, list(argv), dict(env or {}), facts or RuntimeFacts()))
+    return run_checks(
+        CheckInput(host, list(argv), dict(env or {}), facts or RuntimeFacts(), launcher_notes=launcher_notes)
+    )
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,10 @@ class Case:
     mentions: tuple[str, ...] = ()
     fix_mentions: tuple[str, ...] = ()
     name: str = ""
+    launcher_notes: tuple[Finding, ...] = ()
 
     def run(self) -> list[Finding]:
-        return check(self.host, self.argv, self.env, self.facts)
+        return check(self.host, self.argv, self.env, self.facts, self.launcher_notes)
 
     def hits(self) -> list[Finding]:
         return [f for f in self.run() if f.rule == self.rule]
@@ -78,7 +82,24 @@ def fires(rule: str, host: HostKind, *argv: str, **kw: object) -> Case:
     return Case(rule, host, tuple(argv), **kw)  # type: ignore[arg-type]
 
 
+CRLF_NOTE = Finding(
+    "launcher-file",
+    WARNING,
+    "line endings",
+    "webui-user.sh:1: CRLF line endings: bash keeps the CR in every value",
+    "convert the file to LF line endings",
+)
+
 FIRES: list[Case] = [
+    fires(
+        "launcher-file",
+        A1111,
+        launcher_notes=(CRLF_NOTE,),
+        severity=WARNING,
+        subject="line endings",
+        mentions=("webui-user.sh:1", "CRLF"),
+        name="launcher-file-note-reported",
+    ),
     # --- start-up exits
     fires(
         "unknown-flag",
@@ -702,6 +723,7 @@ FIRES: list[Case] = [
 
 
 NEAR_MISSES: list[Case] = [
+    Case("launcher-file", FORGE, ("--attention-split",), name="no-file-no-launcher-notes"),
     Case("unknown-flag", A1111, ("--no-half", "--lowvr"), name="a1111-known-and-abbreviated"),
     Case("unknown-flag", FORGE, ("--all-in-fp32",), name="all-in-fp32-known-on-forge"),
     Case("bad-flag-value", A1111, ("--lowvr", "--precision", "half"), name="unique-prefix-and-half-on-a1111"),
@@ -1030,3 +1052,9 @@ def test_clean_command_lines_are_clean() -> None:
     assert check(A1111, ["--xformers", "--medvram-sdxl", "--api"], facts=NVIDIA_86) == []
     assert check(FORGE, ["--attention-pytorch", "--cuda-malloc"], facts=NVIDIA_86) == []
     assert check(PREVIOUS, ["--always-offload-from-vram", "--precision", "autocast"], facts=NVIDIA_86) == []
+
+
+def test_launcher_notes_must_be_launcher_file_findings() -> None:
+    stray = Finding("unknown-flag", WARNING, "--x", "not from a file", "fix")
+    with pytest.raises(ValueError, match="launcher_notes: 'unknown-flag' is not allowed"):
+        check(A1111, launcher_notes=(stray,))

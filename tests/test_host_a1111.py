@@ -406,7 +406,7 @@ def on(**kw: Any) -> GenerationSettings:
 def test_module_imports_without_a_webui() -> None:
     a = A1111Adapter()
     assert a.kind is HostKind.A1111
-    assert a.supported_fields() == ("enabled", "attention", "channels_last", "vae_on_cpu", "compile")
+    assert a.supported_fields() == ("enabled", "attention", "channels_last", "vae_on_cpu", "compile", "vae_tiling")
 
 
 def test_attention_backends_titles_and_reasons(adapter: A1111Adapter) -> None:

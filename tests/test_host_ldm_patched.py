@@ -419,6 +419,7 @@ def test_backends_offered(host: SimpleNamespace) -> None:
         "vae_on_cpu",
         "inference_memory_mb",
         "compile",
+        "vae_tiling",
     )
 
 
@@ -897,7 +898,7 @@ def test_effective_state_version_and_memory(host: SimpleNamespace, monkeypatch: 
     assert host.adapter.total_memory_mb() == 8192
     make_module(monkeypatch, "modules.devices", "import torch\ndevice = torch.device('cpu')")
     assert host.adapter.total_memory_mb() is None  # --always-cpu: total_vram is the RAM (FP :122)
-    assert host.adapter.meaningful_fields() == ("enabled", "attention", "channels_last", "compile")
+    assert host.adapter.meaningful_fields() == ("enabled", "attention", "channels_last", "compile", "vae_tiling")
 
 
 def test_adapter_without_a_host() -> None:
