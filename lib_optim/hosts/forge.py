@@ -50,7 +50,7 @@ from lib_optim.hosts.forge_shared import (
     listed_bindings,
     loaded_sd_model,
     patched_unless_changed,
-    tiling_without_always_tiled,
+    tile_vae_object,
     unload_model,
     usable_xformers,
     vae_to_cpu,
@@ -58,7 +58,7 @@ from lib_optim.hosts.forge_shared import (
 from lib_optim.log import get_logger
 from lib_optim.patching import patched_attr
 from lib_optim.planner import choose_auto_attention
-from lib_optim.settings import GenerationSettings, Tri, VaeTiling
+from lib_optim.settings import GenerationSettings, Tri
 
 log = get_logger(__name__)
 
@@ -368,19 +368,7 @@ class ForgeAdapter(HostAdapter):
     # VAE tiling --------------------------------------------------------------------------------------------
 
     def apply_vae_tiling(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        """``on``/``auto``: our tiled decoder/encoder on the VAE object's ``first_stage_model`` (docs/hosts.md §5.6);
-        with every value the Never OOM switch ``VAE_ALWAYS_TILED`` is ignored for this generation (§5.4, §5.5), so
-        ``off`` means untiled up front (the host's own tiled retry after an out-of-memory error remains)."""
-        vae = self._vae(p)
-        if vae is None or getattr(vae, "first_stage_model", None) is None:
-            session.data["vae_tiling_unavailable"] = "no VAE loaded"
-            log.warning("vae_tiling: no VAE loaded; nothing changed")
-            return
-        session.restorer.notes.append(
-            tiling_without_always_tiled(vae, self._modules.get("backend.memory_management"), session.restorer)
-        )
-        if settings.vae_tiling is not VaeTiling.OFF:
-            self.tile_vae(session, vae.first_stage_model)
+        tile_vae_object(self, session, self._vae(p), self._modules.get("backend.memory_management"))
 
     # inference memory ------------------------------------------------------------------------------------
 

@@ -16,9 +16,10 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from lib_optim.adapter import HostModules
+from lib_optim.adapter import HostAdapter, HostModules, Session
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
+from lib_optim.settings import VaeTiling
 
 log = get_logger(__name__)
 
@@ -316,6 +317,20 @@ def usable_xformers(*, disabled: bool, directml: bool, cuda: Callable[[], bool])
 
 
 # --- VAE tiling ------------------------------------------------------------------------------------------------
+
+
+def tile_vae_object(adapter: HostAdapter, session: Session, vae: Any, mm: Any) -> None:
+    """``vae_tiling`` for a VAE object (Forge f2, ldm_patched): ``on``/``auto`` our tiled decoder/encoder on its
+    ``first_stage_model`` (docs/hosts.md §5.6, :meth:`HostAdapter.tile_vae`); with every value the Never OOM switch
+    ``VAE_ALWAYS_TILED`` is ignored for this generation (§5.4, §5.5), so ``off`` means untiled up front (the host's
+    own tiled retry after an out-of-memory error remains)."""
+    if vae is None or getattr(vae, "first_stage_model", None) is None:
+        session.data["vae_tiling_unavailable"] = "no VAE loaded"
+        log.warning("vae_tiling: no VAE loaded; nothing changed")
+        return
+    session.restorer.notes.append(tiling_without_always_tiled(vae, mm, session.restorer))
+    if session.settings.vae_tiling is not VaeTiling.OFF:
+        adapter.tile_vae(session, vae.first_stage_model)
 
 
 def tiling_without_always_tiled(vae: Any, mm: Any, restorer: Restorer) -> str:

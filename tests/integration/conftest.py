@@ -250,7 +250,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="module")
 def webui(request: pytest.FixtureRequest) -> Iterator[WebUI]:
-    instance = start_webui(request.param)
+    # a test module may ask for more environment for its WebUI (WEBUI_ENV = {...})
+    instance = start_webui(request.param, extra_env=getattr(request.module, "WEBUI_ENV", None))
     try:
         # Load the model now (A1111 loads it in a thread after start-up, Forge on the first generation),
         # so every test compares states of a loaded model.

@@ -11,11 +11,10 @@ import base64
 import io
 import json
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import WebUI, start_webui, stop_webui
+from conftest import WebUI
 
 pytestmark = pytest.mark.host
 
@@ -23,15 +22,7 @@ SIZE = 320
 TILE = 32
 
 
-@pytest.fixture(scope="module")
-def webui(request: pytest.FixtureRequest) -> Iterator[WebUI]:
-    instance = start_webui(request.param, extra_env={"OPTIM_VAE_MAX_TILE": str(TILE)})
-    try:
-        code, body = instance.txt2img()
-        assert code == 200, body
-        yield instance
-    finally:
-        stop_webui(instance)
+WEBUI_ENV = {"OPTIM_VAE_MAX_TILE": str(TILE)}  # read by conftest's webui fixture
 
 
 def image(body: Any) -> Any:
