@@ -46,15 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("host", choices=("a1111", "forge", "forge-previous", "reforge"))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--alt-steps", type=int, default=1, help="steps of the 6 alternating-size generations")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     webui = start_webui(args.host)
-    out: dict[str, Any] = {"host": args.host, "steps": args.steps, "rounds": args.rounds}
+    out: dict[str, Any] = {"host": args.host, "steps": args.steps, "rounds": args.rounds, "alt_steps": args.alt_steps}
     try:
 
-        def generate(settings: dict[str, Any], size: int = 512, prompt: str = "a cat") -> tuple[Any, dict[str, Any]]:
+        def generate(
+            settings: dict[str, Any], size: int = 512, prompt: str = "a cat", steps: int | None = None
+        ) -> tuple[Any, dict[str, Any]]:
             started = time.monotonic()
-            code, body = webui.txt2img([settings], prompt=prompt, seed=7, steps=args.steps, width=size, height=size)
+            code, body = webui.txt2img(
+                [settings], prompt=prompt, seed=7, steps=steps or args.steps, width=size, height=size
+            )
             if code != 200:
                 raise SystemExit(f"{args.host}: {code} {body}")
             record = webui.get("/optim/v1/status")["last_generations"][-1]
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
         counts = []
         for size in (512, 576, 512, 576, 512, 576):
-            _, record = generate({"compile": "on"}, size=size)
+            _, record = generate({"compile": "on"}, size=size, steps=args.alt_steps)
             counts.append({"size": size, "compiles": record["telemetry"]["compile"].get("compiles")})
         out["alternating_sizes"] = counts
 
