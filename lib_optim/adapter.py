@@ -214,7 +214,8 @@ class HostAdapter(abc.ABC):
     def compile_blocks(
         self, session: Session, root: Any, *, key: Any, device: Any, blocks: Any = None, label: str = "UNet"
     ) -> None:
-        """Regional ``torch.compile`` of ``root``'s repeated blocks for this generation (lib_optim.regional_compile),
+        """Regional ``torch.compile`` of ``root``'s repeated blocks for this generation (lib_optim.regional_compile;
+        what it relies on in each host: docs/hosts.md §6.9),
         shared by every adapter: ``key`` must identify what the blocks read that torch does not guard — the
         attention implementation above all. Cannot compile here (no C++ compiler, no triton, DirectML…): one
         line naming the fix, the generation runs eagerly, and the reason goes to ``session.data``."""
