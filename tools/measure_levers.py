@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("host", choices=("a1111", "forge", "forge-previous", "reforge"))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--alt-steps", type=int, default=1, help="steps of the 6 alternating-size generations")
+    parser.add_argument("--alt-steps", type=int, default=2, help="steps of the 6 alternating-size generations")
+    parser.add_argument(
+        "--parts",
+        default="steps,alternating,lora",
+        help="comma-separated: steps (1: step time, compile, pixel diff), alternating (2), lora (3)",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     webui = start_webui(args.host)
@@ -70,38 +75,53 @@ def main(argv: list[str] | None = None) -> int:
             its = record["telemetry"].get("it_per_s")
             return 1 / its if its else record["telemetry"]["seconds"] / args.steps
 
+        parts = {p.strip() for p in args.parts.split(",") if p.strip()}
         eager_body, _ = generate({"enabled": True})  # loads the model; warm
-        first_body, first = generate({"compile": "on"})
-        compiled_first = first["telemetry"]["compile"]
-        out["first_compile"] = {
-            "compiles": compiled_first.get("compiles"),
-            "graphs": compiled_first.get("graphs"),
-            "compile_seconds": compiled_first.get("compile_seconds"),
-            "blocks": compiled_first.get("blocks"),
-            "fell_back": compiled_first.get("fell_back", False),
-        }
-        eager_steps, compiled_steps = [], []
-        for _ in range(args.rounds):
-            _, record = generate({"enabled": True})
-            eager_steps.append(step_seconds(record))
-            _, record = generate({"compile": "on"})
-            compiled_steps.append(step_seconds(record))
-            assert record["telemetry"]["compile"].get("compiles") == 0, record["telemetry"]["compile"]
-        out["step_seconds"] = {
-            "eager": eager_steps,
-            "compiled": compiled_steps,
-            "eager_median": statistics.median(eager_steps),
-            "compiled_median": statistics.median(compiled_steps),
-            "speedup": statistics.median(eager_steps) / statistics.median(compiled_steps),
-        }
-        out["max_pixel_diff"] = _max_diff(_image(first_body), _image(eager_body))
+        if "steps" in parts:
+            first_body, first = generate({"compile": "on"})
+            compiled_first = first["telemetry"]["compile"]
+            out["first_compile"] = {
+                "compiles": compiled_first.get("compiles"),
+                "graphs": compiled_first.get("graphs"),
+                "compile_seconds": compiled_first.get("compile_seconds"),
+                "blocks": compiled_first.get("blocks"),
+                "fell_back": compiled_first.get("fell_back", False),
+            }
+            eager_steps, compiled_steps = [], []
+            for _ in range(args.rounds):
+                _, record = generate({"enabled": True})
+                eager_steps.append(step_seconds(record))
+                _, record = generate({"compile": "on"})
+                compiled_steps.append(step_seconds(record))
+                assert record["telemetry"]["compile"].get("compiles") == 0, record["telemetry"]["compile"]
+            out["step_seconds"] = {
+                "eager": eager_steps,
+                "compiled": compiled_steps,
+                "eager_median": statistics.median(eager_steps),
+                "compiled_median": statistics.median(compiled_steps),
+                "speedup": statistics.median(eager_steps) / statistics.median(compiled_steps),
+            }
+            out["max_pixel_diff"] = _max_diff(_image(first_body), _image(eager_body))
 
+        _finish(webui, out, args, parts, generate, eager_body)
+    finally:
+        stop_webui(webui)
+    return _write(out, args)
+
+
+def _finish(
+    webui: Any, out: dict[str, Any], args: argparse.Namespace, parts: set[str], generate: Any, eager_body: Any
+) -> int:
+    """Parts 2 and 3 (each first generation with compile on compiles, when part 1 did not run)."""
+    if "alternating" in parts:
+        # each block's first call in a generation runs eagerly (lib_optim.regional_compile): use 2+ steps here
         counts = []
         for size in (512, 576, 512, 576, 512, 576):
             _, record = generate({"compile": "on"}, size=size, steps=args.alt_steps)
-            counts.append({"size": size, "compiles": record["telemetry"]["compile"].get("compiles")})
+            compiled = record["telemetry"]["compile"]
+            counts.append({"size": size, "compiles": compiled.get("compiles"), "calls": compiled.get("calls")})
         out["alternating_sizes"] = counts
-
+    if "lora" in parts:
         lora_prompt = f"a cat <lora:{LORA}:1>"
         eager_lora, _ = generate({"enabled": True}, prompt=lora_prompt)
         compiled_lora, record = generate({"compile": "on"}, prompt=lora_prompt)
@@ -110,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             "lora_changes_image_by": _max_diff(_image(eager_lora), _image(eager_body)),
             "compiles": record["telemetry"]["compile"].get("compiles"),
         }
-        out["totals"] = webui.get("/optim/v1/status")["compile"]
-    finally:
-        stop_webui(webui)
+    out["totals"] = webui.get("/optim/v1/status")["compile"]
+    return 0
+
+
+def _write(out: dict[str, Any], args: argparse.Namespace) -> int:
     text = json.dumps(out, indent=2)
     sys.stdout.write(text + "\n")
     if args.json:
