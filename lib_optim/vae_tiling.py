@@ -558,6 +558,28 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"[Optim] VAE tiling norm: {norm!r} is not allowed; allowed: {', '.join(NORM_MODES)}")
 
 
+def _checked_overlap(tile: int, overlap: int | None, norm: str, blend: float) -> int:
+    """``overlap`` (default :data:`MODULE_OVERLAP`, at most half the tile) once the sizes and norm are checked."""
+    if overlap is None:
+        overlap = min(MODULE_OVERLAP, tile // 2)
+    _check_sizes(tile, overlap, blend)
+    _check_norm(norm)
+    return overlap
+
+
+def _assemble(
+    grid: list[Tile], program: Callable[[Tile], _Program], rows: int, cols: int, scale: int, exact: bool
+) -> torch.Tensor:
+    """Every tile's program run to the end, the outputs joined: one piece is returned as it is."""
+    if len(grid) == 1:
+        pieces: list[torch.Tensor] = []
+        _drive(grid, program, lambda _t, out: pieces.append(out), exact)
+        return pieces.pop()
+    canvas = _Canvas(rows, cols, scale)
+    _drive(grid, program, canvas.add, exact)
+    return canvas.result()
+
+
 @torch.no_grad()  # inference only: the in-place steps would break autograd, and graphs cost memory
 def tiled_decoder(
     decoder: Any,
@@ -577,10 +599,7 @@ def tiled_decoder(
     middle of each overlap (``blend=0``), and with ``norm="exact"`` the result is the untiled one to rounding.
     ``park``: where tiles waiting for statistics keep their activations; "auto" = CPU memory when decoding on a
     GPU (so GPU memory holds about one tile), none on CPU."""
-    if overlap is None:
-        overlap = min(MODULE_OVERLAP, tile // 2)
-    _check_sizes(tile, overlap, blend)
-    _check_norm(norm)
+    overlap = _checked_overlap(tile, overlap, norm, blend)
     check_layout(decoder, "decoder")
     rows, cols = h.shape[2:]
     grid = tile_grid(rows, cols, tile, overlap, blend)
@@ -602,13 +621,7 @@ def tiled_decoder(
         norm,
         parked,
     )
-    if len(grid) == 1:
-        pieces: list[torch.Tensor] = []
-        _drive(grid, program, lambda _t, out: pieces.append(out), exact)
-        return pieces[0]
-    canvas = _Canvas(rows, cols, SCALE)
-    _drive(grid, program, canvas.add, exact)
-    return canvas.result()
+    return _assemble(grid, program, rows, cols, SCALE, exact)
 
 
 def tiled_decode_vae(vae: Any, z: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -633,10 +646,7 @@ def tiled_encoder(
     mid block, ``norm_out`` and ``conv_out`` run on the whole latent); returns what ``encoder(x)`` returns,
     ``(B, 8, H//8, W//8)`` (before ``quant_conv``). ``tile``/``overlap`` in latent pixels; see
     :func:`tiled_decoder` for ``norm``, ``park`` and ``blend``."""
-    if overlap is None:
-        overlap = min(MODULE_OVERLAP, tile // 2)
-    _check_sizes(tile, overlap, blend)
-    _check_norm(norm)
+    overlap = _checked_overlap(tile, overlap, norm, blend)
     if x.dim() != 4 or x.shape[2] < SCALE or x.shape[3] < SCALE:
         raise ValueError(f"[Optim] VAE tiling x: shape {tuple(x.shape)} is not allowed; allowed: (batch, 3, H≥8, W≥8)")
     check_layout(encoder, "encoder")
@@ -660,15 +670,7 @@ def tiled_encoder(
         norm,
         parked,
     )
-    if len(grid) == 1:
-        pieces: list[torch.Tensor] = []
-        _drive(grid, program, lambda _t, out: pieces.append(out), exact)
-        h = _mid(encoder.mid, pieces.pop())
-    else:
-        canvas = _Canvas(rows, cols, 1)
-        _drive(grid, program, canvas.add, exact)
-        h = _mid(encoder.mid, canvas.result())
-        del canvas
+    h = _mid(encoder.mid, _assemble(grid, program, rows, cols, 1, exact))
     return encoder.conv_out(_silu_(encoder.norm_out(h)))
 
 
