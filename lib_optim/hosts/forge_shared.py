@@ -16,7 +16,9 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from lib_optim.adapter import HostAdapter, HostModules, Session
+from lib_optim import attention as registry
+from lib_optim.adapter import BackendInfo, HostAdapter, HostModules, Session
+from lib_optim.attention import Attention
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.settings import VaeTiling
@@ -314,6 +316,29 @@ def usable_xformers(*, disabled: bool, directml: bool, cuda: Callable[[], bool])
     if not cuda():
         return None, "xformers needs a CUDA GPU"
     return module, ""
+
+
+# --- attention availability ------------------------------------------------------------------------------------
+
+
+def present_backend_info(
+    name: Attention, host_name: str, *, directml: bool, xformers: Callable[[], tuple[Any, str]]
+) -> BackendInfo:
+    """Whether the backend ``name``, whose host function ``host_name`` exists, can run here (Forge f2 and
+    ldm_patched decide alike): not what torch-directml cannot run (docs/hosts.md §4.8), xformers only when
+    ``xformers()`` gives its module (else its reason), SDPA only with torch ≥ 2.0."""
+    reason = registry.directml_reason(name) if directml else ""
+    if reason:
+        return BackendInfo(name, False, host_name, reason)
+    if name is Attention.XFORMERS:
+        module, why = xformers()
+        return BackendInfo(name, module is not None, host_name, why)
+    if name is Attention.SDP:
+        import torch
+
+        ok = hasattr(torch.nn.functional, "scaled_dot_product_attention")
+        return BackendInfo(name, ok, host_name, "" if ok else "needs torch >= 2.0")
+    return BackendInfo(name, True, host_name)
 
 
 # --- VAE tiling ------------------------------------------------------------------------------------------------

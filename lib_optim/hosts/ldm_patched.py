@@ -60,6 +60,7 @@ from lib_optim.hosts.forge_shared import (
     in_format,
     loaded_sd_model,
     patched_unless_changed,
+    present_backend_info,
     tile_vae_object,
     unload_model,
     usable_xformers,
@@ -241,18 +242,8 @@ class LdmPatchedAdapter(HostAdapter):
         for name, (fn_name, vae_name) in functions().items():
             if attn is None or not callable(getattr(attn, fn_name, None)) or not callable(getattr(vae, vae_name, None)):
                 out.append(BackendInfo(name, False, fn_name, missing or f"this build has no {fn_name}/{vae_name}"))
-            elif directml and registry.directml_reason(name):
-                out.append(BackendInfo(name, False, fn_name, registry.directml_reason(name)))
-            elif name is Attention.XFORMERS:
-                module, why = self._xformers()
-                out.append(BackendInfo(name, module is not None, fn_name, why))
-            elif name is Attention.SDP:
-                import torch
-
-                ok = hasattr(torch.nn.functional, "scaled_dot_product_attention")
-                out.append(BackendInfo(name, ok, fn_name, "" if ok else "needs torch >= 2.0"))
             else:
-                out.append(BackendInfo(name, True, fn_name))
+                out.append(present_backend_info(name, fn_name, directml=directml, xformers=self._xformers))
         return out
 
     def effective_state(self) -> EffectiveState:
