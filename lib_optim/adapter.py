@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lib_optim.attention import Attention
-from lib_optim.hostkinds import HostKind
+from lib_optim.attention.registry import Attention
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr
 from lib_optim.settings import SETTING_FIELDS, GenerationSettings, VaeTiling
@@ -214,12 +214,12 @@ class HostAdapter(abc.ABC):
     def compile_blocks(
         self, session: Session, root: Any, *, key: Any, device: Any, blocks: Any = None, label: str = "UNet"
     ) -> None:
-        """Regional ``torch.compile`` of ``root``'s repeated blocks for this generation (lib_optim.regional_compile;
+        """Regional ``torch.compile`` of ``root``'s repeated blocks for this generation (lib_optim.compile.regional;
         what it relies on in each host: docs/hosts.md §6.9),
         shared by every adapter: ``key`` must identify what the blocks read that torch does not guard — the
         attention implementation above all. Cannot compile here (no C++ compiler, no triton, DirectML…): one
         line naming the fix, the generation runs eagerly, and the reason goes to ``session.data``."""
-        from lib_optim import regional_compile as rc
+        from lib_optim.compile import regional as rc
 
         mode = session.settings.compile.value
         compiler = rc.get_compiler()
@@ -241,12 +241,12 @@ class HostAdapter(abc.ABC):
     def tile_vae(self, session: Session, first_stage_model: Any) -> None:
         """Tiled VAE for this generation, shared by every adapter: the ``decoder``/``encoder`` of
         ``first_stage_model`` (the ldm/sgm layout all four hosts use, docs/hosts.md §5.6) get
-        :func:`lib_optim.vae_tiling.tiling_forward` as an instance ``forward`` — ``on``: always tiled, ``auto``: tiled
-        exactly when :func:`lib_optim.vae_planner.needs_tiling` says the whole image will not fit in free memory —
+        :func:`lib_optim.vae.tiling.tiling_forward` as an instance ``forward`` — ``on``: always tiled, ``auto``: tiled
+        exactly when :func:`lib_optim.vae.planner.needs_tiling` says the whole image will not fit in free memory —
         removed again when the session's restorer closes. Every decode/encode is reported to
         ``session.data["vae_tiling_events"]`` (the infotext and telemetry read it)."""
-        from lib_optim import vae_tiling
-        from lib_optim.attention_impl import free_memory_bytes
+        from lib_optim.attention.impl import free_memory_bytes
+        from lib_optim.vae import tiling as vae_tiling
 
         mode = session.settings.vae_tiling
         if mode not in (VaeTiling.ON, VaeTiling.AUTO):
@@ -258,7 +258,7 @@ class HostAdapter(abc.ABC):
         events: list[Any] = session.data.setdefault("vae_tiling_events", [])
         max_tile = vae_max_tile()
         # The VAE's attention block follows the UNet's choice on every host (docs/hosts.md §3): the memory-efficient
-        # kernels hold no positions × positions matrix, the others do (lib_optim.vae_planner's "math").
+        # kernels hold no positions × positions matrix, the others do (lib_optim.vae.planner's "math").
         efficient = session.attention_used in (Attention.SDP.value, Attention.XFORMERS.value)
         patched = []
         for part in ("decoder", "encoder"):
@@ -292,8 +292,8 @@ class HostAdapter(abc.ABC):
         try:
             import torch
 
-            from lib_optim import vae_planner
-            from lib_optim.attention_impl import free_memory_bytes
+            from lib_optim.attention.impl import free_memory_bytes
+            from lib_optim.vae import planner as vae_planner
 
             request = auto_attention_request(p, sys.modules.get("modules.devices"))
             device = torch.device(getattr(sys.modules.get("modules.devices"), "device", None) or "cpu")
@@ -316,7 +316,7 @@ class HostAdapter(abc.ABC):
 
 
 VAE_MAX_TILE_ENV = "OPTIM_VAE_MAX_TILE"
-VAE_TILE_RANGE = (32, 256)  # at least twice the overlap (lib_optim.vae_tiling.MODULE_OVERLAP)
+VAE_TILE_RANGE = (32, 256)  # at least twice the overlap (lib_optim.vae.tiling.MODULE_OVERLAP)
 
 
 def vae_max_tile(environ: Mapping[str, str] | None = None) -> int:
@@ -362,19 +362,19 @@ def hires_size(width: int, height: int, scale: float, resize_x: int, resize_y: i
 
 
 def auto_attention_request(p: Any, devices: Any, *, budget_mb: int | None = None) -> dict[str, Any]:
-    """The keyword arguments of :func:`lib_optim.planner.choose_auto_attention` for the generation ``p``.
+    """The keyword arguments of :func:`lib_optim.attention.planner.choose_auto_attention` for the generation ``p``.
 
     - size: the largest pass's — with hires fix :func:`hires_size` (the host computes ``hr_upscale_to_x/y``
       only in ``p.init()``, after the scripts' ``process``), and the batch size;
     - family: ``sdxl`` when ``p.sd_model.is_sdxl`` (docs/hosts.md §6.1, §6.3), else ``sd15``;
     - device and compute dtype: ``modules.devices.device`` and ``dtype_unet`` (docs/hosts.md §4.1,
       §4.2), so a CPU run is planned with the CPU formulas and speed table;
-    - free memory on that device as the hosts count it (:func:`lib_optim.attention_impl.free_memory_bytes`),
+    - free memory on that device as the hosts count it (:func:`lib_optim.attention.impl.free_memory_bytes`),
       and ``budget_mb`` (Forge: its inference memory, what it keeps free for sampling).
     """
     import torch
 
-    from lib_optim.attention_impl import free_memory_bytes
+    from lib_optim.attention.impl import free_memory_bytes
 
     width = int(getattr(p, "width", 512) or 512)
     height = int(getattr(p, "height", 512) or 512)

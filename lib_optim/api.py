@@ -23,11 +23,11 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
-from lib_optim.checker import CheckInput, RuntimeFacts, exit_code, run_checks
-from lib_optim.cmdline import split_command_line
-from lib_optim.hostkinds import CHECKED_HOSTS, HostKind, parse_host
+from lib_optim.host_specs.kinds import CHECKED_HOSTS, HostKind, parse_host
+from lib_optim.launch.checker import CheckInput, RuntimeFacts, exit_code, run_checks
+from lib_optim.launch.cmdline import split_command_line
+from lib_optim.launch.profiles import PROFILES, ProfileError, resolve
 from lib_optim.log import get_logger
-from lib_optim.profiles import PROFILES, ProfileError, resolve
 from lib_optim.settings import Allowed, SettingsError, from_script_args, json_schema
 
 log = get_logger(__name__)

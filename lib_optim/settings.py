@@ -19,9 +19,9 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
-from lib_optim import attention as registry
-from lib_optim.attention import Attention
-from lib_optim.hostkinds import HostKind
+from lib_optim.attention import registry
+from lib_optim.attention.registry import Attention
+from lib_optim.host_specs.kinds import HostKind
 
 
 class Tri(str, Enum):
@@ -33,7 +33,7 @@ class Tri(str, Enum):
 
 
 class Compile(str, Enum):
-    """Regional torch.compile of the UNet's repeated blocks (lib_optim.regional_compile)."""
+    """Regional torch.compile of the UNet's repeated blocks (lib_optim.compile.regional)."""
 
     OFF = "off"
     ON = "on"  # inductor, default mode
@@ -46,7 +46,7 @@ class VaeTiling(str, Enum):
     INHERIT = "inherit"  # as the host does it (Forge tiles after an out-of-memory error, or always with Never OOM)
     ON = "on"
     OFF = "off"
-    AUTO = "auto"  # tile exactly when the full decode/encode is predicted not to fit (lib_optim.vae_planner)
+    AUTO = "auto"  # tile exactly when the full decode/encode is predicted not to fit (lib_optim.vae.planner)
 
 
 INFERENCE_MEMORY_MIN_MB = 64
@@ -112,7 +112,7 @@ class BoolKind(FieldKind):
 
 
 class AttentionKind(FieldKind):
-    """A registered attention backend the host understands (:mod:`lib_optim.attention`); aliases accepted."""
+    """A registered attention backend the host understands (:mod:`lib_optim.attention.registry`); aliases accepted."""
 
     control = "dropdown"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, Session
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings
 

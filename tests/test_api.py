@@ -12,8 +12,8 @@ from fastapi import Depends, FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from lib_optim.api import auth_dependency, parse_api_auth, register_routes, validation_error  # noqa: E402
-from lib_optim.checker import Finding, Severity  # noqa: E402
-from lib_optim.hostkinds import HostKind  # noqa: E402
+from lib_optim.host_specs.kinds import HostKind  # noqa: E402
+from lib_optim.launch.checker import Finding, Severity  # noqa: E402
 from lib_optim.settings import FIELD_NAMES, SettingsError  # noqa: E402
 
 

@@ -81,7 +81,7 @@ def test_the_core_never_imports_the_host_glue() -> None:
 def test_the_walk_sees_lazy_imports() -> None:
     # the test above is only as good as the graph: a function-level import counts
     graph = import_graph()
-    assert "lib_optim.attention_bench" in graph["lib_optim.cli"]  # imported inside cmd_bench
+    assert "lib_optim.bench.attention" in graph["lib_optim.cli"]  # imported inside cmd_bench
     assert "lib_optim.hosts.common" in graph["lib_optim.hosts.optim_tab"]
 
 
@@ -93,8 +93,8 @@ def fake_backend():
     """A backend registered for one test, as a new one (SageAttention, flash-attn…) would be: one entry with
     its memory model, speed, fallback rank, host bindings and an implementation."""
     torch = pytest.importorskip("torch")
-    from lib_optim import attention as registry
-    from lib_optim.attention_memory import lse_peak
+    from lib_optim.attention import registry
+    from lib_optim.attention.memory import lse_peak
 
     def implementation(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -119,11 +119,13 @@ def fake_backend():
 def test_a_registered_backend_is_everywhere(fake_backend) -> None:
     from types import SimpleNamespace
 
-    from lib_optim import attention_bench, fallback, planner
-    from lib_optim.attention import Attention
-    from lib_optim.hostkinds import HostKind
+    from lib_optim.attention import planner
+    from lib_optim.attention.registry import Attention
+    from lib_optim.bench import attention as attention_bench
+    from lib_optim.host_specs.kinds import HostKind
     from lib_optim.hosts.a1111 import A1111Adapter
     from lib_optim.hosts.forge import ForgeAdapter
+    from lib_optim.oom import retry as fallback
     from lib_optim.settings import GenerationSettings, from_dict, json_schema
 
     # settings validation (its name and alias) and the JSON schema, on the hosts that bind it

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from lib_optim.attention_bench import (
+from lib_optim.bench.attention import (
     MAX_ROUNDS,
     SLOW_CALL_S,
     STEP_LABEL,

@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lib_optim import attention_impl as impl  # noqa: E402
-from lib_optim.attention import Attention  # noqa: E402
+from lib_optim.attention import impl  # noqa: E402
+from lib_optim.attention.registry import Attention  # noqa: E402
 
 ATOL = 2e-5
 

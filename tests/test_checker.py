@@ -1,4 +1,4 @@
-"""lib_optim.checker: every rule fires where the host code says it should, and stays quiet on near misses."""
+"""lib_optim.launch.checker: every rule fires where the host code says it should, and stays quiet on near misses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lib_optim.checker import (
+from lib_optim.host_specs.kinds import HostKind
+from lib_optim.launch.checker import (
     FLAG_NOTES,
     RULES,
     CheckInput,
@@ -20,7 +21,6 @@ from lib_optim.checker import (
     run_checks,
     worst_severity,
 )
-from lib_optim.hostkinds import HostKind
 
 A1111, FORGE, PREVIOUS = HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS
 FORGE_HOSTS = (FORGE, PREVIOUS)

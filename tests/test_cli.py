@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 import lib_optim
-from lib_optim.checker import RULES
-from lib_optim.env_notes import ENV_NOTES, env_notes_markdown
-from lib_optim.profiles import PROFILES
+from lib_optim.launch.checker import RULES
+from lib_optim.launch.env_notes import ENV_NOTES, env_notes_markdown
+from lib_optim.launch.profiles import PROFILES
 from lib_optim.webui_user import BACKUP_INFIX
 
 PACKAGE = Path(lib_optim.__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""lib_optim.cmdline against the real argparse, built from the same flag tables the hosts' parsers produce."""
+"""lib_optim.launch.cmdline against the real argparse, built from the same flag tables the hosts' parsers produce."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from lib_optim.cmdline import environment_command_line, parse_args, split_command_line
-from lib_optim.flagspec import FlagSpec
-from lib_optim.flagtables import FLAGS
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
+from lib_optim.launch.cmdline import environment_command_line, parse_args, split_command_line
+from lib_optim.launch.flagspec import FlagSpec
+from lib_optim.launch.flagtables import FLAGS
 
 A1111, FORGE, PREVIOUS = HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS
 HOSTS = (A1111, FORGE, PREVIOUS)

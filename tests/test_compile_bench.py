@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib_optim import compile_bench as cb
+from lib_optim.bench import compile as cb
 
 
 class StepClock:

@@ -1,4 +1,4 @@
-"""lib_optim.doctor on machines with a GPU this Python cannot fully see (issue 9 row 2): never "broken", never cpu."""
+"""lib_optim.launch.doctor on machines with a GPU this Python cannot fully see (issue 9 row 2): not "broken"."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from fake_nvidia_smi import FAILED_DRIVER, skip_reason, write_fake_nvidia_smi
 
-from lib_optim.checker import Finding
-from lib_optim.doctor import UNKNOWN_SIZE_PROFILE, doctor, exact_figures_hint, recommend_profile, webui_python
-from lib_optim.hostkinds import HostKind
-from lib_optim.probe import DriverAccess, GpuInfo, SystemFacts, TorchInfo, probe_system
+from lib_optim.gpu.probe import DriverAccess, GpuInfo, SystemFacts, TorchInfo, probe_system
+from lib_optim.host_specs.kinds import HostKind
+from lib_optim.launch.checker import Finding
+from lib_optim.launch.doctor import UNKNOWN_SIZE_PROFILE, doctor, exact_figures_hint, recommend_profile, webui_python
 
 needs_fake_smi = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 CPU_TORCH = TorchInfo("2.3.1+cpu", None, None, False, False, 0)

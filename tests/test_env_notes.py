@@ -1,4 +1,4 @@
-"""lib_optim.env_notes through the checker: every researched variable fires where its row says, and stays quiet
+"""lib_optim.launch.env_notes through the checker: every researched variable fires where its row says, and stays quiet
 on the near miss next to it (a useful value, a host that does read it, a flag that changes the story)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lib_optim.checker import RULES, CheckInput, Finding, RuntimeFacts, Severity, run_checks
-from lib_optim.env_notes import ENV_NOTES, QUIET_NOTES, RULE_IDS, env_items, glibc_number
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
+from lib_optim.launch.checker import RULES, CheckInput, Finding, RuntimeFacts, Severity, run_checks
+from lib_optim.launch.env_notes import ENV_NOTES, QUIET_NOTES, RULE_IDS, env_items, glibc_number
 
 A1111, FORGE, PREVIOUS = HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS
 NOTES = {n.key: n for n in ENV_NOTES}

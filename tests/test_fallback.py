@@ -1,4 +1,4 @@
-"""Tests for lib_optim.fallback: recognising OOM (real torch types) and the one-retry ladder."""
+"""Tests for lib_optim.oom.retry: recognising OOM (real torch types) and the one-retry ladder."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from lib_optim.fallback import FallbackStep, infotext_note, is_out_of_memory, next_frugal
+from lib_optim.oom.retry import FallbackStep, infotext_note, is_out_of_memory, next_frugal
 from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, Attention, GenerationSettings, Tri, VaeTiling
 
 A1111_BACKENDS = (Attention.SDP, Attention.SPLIT, Attention.SUB_QUAD, Attention.XFORMERS, Attention.V1)

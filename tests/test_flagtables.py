@@ -1,4 +1,4 @@
-"""lib_optim.flagtables: facts from the host sources; tools/gen_flagtables.py reproduces the module."""
+"""lib_optim.launch.flagtables: facts from the host sources; tools/gen_flagtables.py reproduces the module."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from types import ModuleType
 
 import pytest
 
-from lib_optim.flagspec import FlagSpec
-from lib_optim.flagtables import FLAGS, HOST_REVISIONS, flags_for
-from lib_optim.hostkinds import CHECKED_HOSTS, HostKind
+from lib_optim.host_specs.kinds import CHECKED_HOSTS, HostKind
+from lib_optim.launch.flagspec import FlagSpec
+from lib_optim.launch.flagtables import FLAGS, HOST_REVISIONS, flags_for
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "tools" / "gen_flagtables.py"
-MODULE = ROOT / "lib_optim" / "flagtables.py"
+MODULE = ROOT / "lib_optim" / "launch" / "flagtables.py"
 
 A1111, FORGE, PREVIOUS, REFORGE = HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS, HostKind.REFORGE
 FORGE_HOSTS = (FORGE, PREVIOUS)
@@ -289,7 +289,7 @@ REAL_CHECKOUTS = {
 @pytest.mark.host
 @pytest.mark.parametrize("variable", list(REAL_CHECKOUTS))
 def test_real_checkout_matches_table(variable: str) -> None:
-    from lib_optim.hostdetect import detect_kind
+    from lib_optim.host_specs.detect import detect_kind
 
     value = os.environ.get(variable)
     if not value:

@@ -1,4 +1,4 @@
-"""The in-WebUI benchmark: candidates, results, files and HTML (lib_optim.generation_bench), and the host glue's run
+"""The in-WebUI benchmark: candidates, results, files and HTML (lib_optim.bench.generation), and the host glue's run
 (lib_optim.hosts.optim_tab) against fake host modules. The imitated host code is cited at each fake."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pytest
 import torch
 from fake_adapter import FakeAdapter
 
-from lib_optim import generation_bench
 from lib_optim.adapter import HostModules
-from lib_optim.generation_bench import BASELINE, BenchCandidate, CandidateResult
-from lib_optim.hostkinds import HostKind
+from lib_optim.bench import generation as generation_bench
+from lib_optim.bench.generation import BASELINE, BenchCandidate, CandidateResult
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts import optim_tab, webui
 from lib_optim.runtime import Runtime, get_runtime
 from lib_optim.settings import Attention, GenerationSettings, SettingsError, Tri

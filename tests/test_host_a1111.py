@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from lib_optim.adapter import NotSupportedHere
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts.a1111 import A1111Adapter, titles
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings, Tri
@@ -847,7 +847,7 @@ class ResBlock(torch.nn.Module):
 @pytest.fixture
 def eager_compiler(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The process compiler with dynamo's eager backend: the glue runs for real, nothing waits for a C++ build."""
-    from lib_optim import regional_compile as rc
+    from lib_optim.compile import regional as rc
 
     compiler = rc.RegionalCompiler(backend="eager")
     monkeypatch.setattr(rc, "get_compiler", lambda: compiler)
@@ -883,7 +883,7 @@ def test_compile_unavailable_runs_eagerly_with_one_line(
 ) -> None:
     import logging
 
-    from lib_optim import regional_compile as rc
+    from lib_optim.compile import regional as rc
     from lib_optim.settings import Compile
 
     compiler = rc.RegionalCompiler()  # the real backend, without a C++ compiler on this "machine"

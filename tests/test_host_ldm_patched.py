@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lib_optim.adapter import NotSupportedHere
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts import create_adapter
 from lib_optim.hosts.ldm_patched import VAE_FUNCTIONS, LdmPatchedAdapter
 from lib_optim.settings import Attention, GenerationSettings, Tri
@@ -926,8 +926,8 @@ def test_registry_bindings_exist_in_the_hosts_code(kind: HostKind) -> None:
     import subprocess
     from pathlib import Path
 
-    from lib_optim import attention as registry
-    from lib_optim.flagtables import flags_for
+    from lib_optim.attention import registry
+    from lib_optim.launch.flagtables import flags_for
 
     git_dir, rev = MIRRORS[kind]
     if not Path(git_dir).is_dir():

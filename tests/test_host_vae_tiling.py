@@ -1,6 +1,6 @@
 """``vae_tiling`` in the three host adapters, with a real (scaled-down, random-weight) SD VAE.
 
-The VAE module is :func:`lib_optim.sd_vae.build_sd_vae`, which has the ldm/sgm layout every host's VAE has
+The VAE module is :func:`lib_optim.vae.model.build_sd_vae`, which has the ldm/sgm layout every host's VAE has
 (docs/hosts.md §5.6). Around it:
 
 - A1111: ``sd_model.first_stage_model`` is that module and its ``decode`` calls ``self.decoder(z)``
@@ -22,13 +22,13 @@ import pytest
 import torch
 
 from lib_optim.adapter import HostAdapter
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts.a1111 import A1111Adapter
 from lib_optim.hosts.forge import ForgeAdapter
 from lib_optim.hosts.ldm_patched import MODEL_MANAGEMENT, LdmPatchedAdapter
 from lib_optim.runtime import vae_tiling_summary
-from lib_optim.sd_vae import build_sd_vae
 from lib_optim.settings import GenerationSettings, VaeTiling
+from lib_optim.vae.model import build_sd_vae
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,7 +103,7 @@ def tiling(value: VaeTiling) -> GenerationSettings:
 def test_on_tiles_every_decode_and_encode_without_seams_and_restores(
     kind: str, vae_module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lib_optim import attention_impl
+    from lib_optim.attention import impl as attention_impl
 
     # little free memory: the tile size chosen from it gives several tiles a side
     monkeypatch.setattr(attention_impl, "free_memory_bytes", lambda _device: 24 << 20)
@@ -132,7 +132,8 @@ def test_on_tiles_every_decode_and_encode_without_seams_and_restores(
 def test_auto_tiles_exactly_when_the_prediction_says_it_must(
     kind: str, vae_module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lib_optim import attention_impl, vae_planner
+    from lib_optim.attention import impl as attention_impl
+    from lib_optim.vae import planner as vae_planner
 
     h = host(kind, vae_module)
     z = torch.randn(1, 4, 32, 32)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from lib_optim.attention import Attention
-from lib_optim.attention_memory import AttnShape, attention_shapes, split_steps, sub_quad_chunks
-from lib_optim.planner import MIB, choose_auto_attention, predict_peak_bytes
+from lib_optim.attention.memory import AttnShape, attention_shapes, split_steps, sub_quad_chunks
+from lib_optim.attention.planner import MIB, choose_auto_attention, predict_peak_bytes
+from lib_optim.attention.registry import Attention
 
 SD15_512_SELF = AttnShape("self", 16, 4096, 4096, 40)
 GIB = 1 << 30
@@ -118,8 +118,8 @@ def test_cpu_flash_repacks_k_and_v_for_amx() -> None:
 _MEASURE = """
 import json, sys
 import torch
-from lib_optim import attention_impl as impl
-from lib_optim.attention_bench import PeakMeter
+from lib_optim.attention import impl
+from lib_optim.bench.attention import PeakMeter
 
 meter = PeakMeter(torch.device("cpu"))
 run = {

@@ -1,4 +1,4 @@
-"""Tests for lib_optim.probe: real environment, missing/broken components, fakes for NVML, torch, xFormers."""
+"""Tests for lib_optim.gpu.probe: real environment, missing/broken components, fakes for NVML, torch, xFormers."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from fake_nvidia_smi import FAILED_DRIVER, skip_reason, write_fake_nvidia_smi
 from fake_nvml import FakeMemory, FakeNVMLError, fake_pynvml, names, names_missing_from
 
-from lib_optim import probe
-from lib_optim.probe import (
+from lib_optim.gpu import probe
+from lib_optim.gpu.probe import (
     DriverAccess,
     DriverReply,
     GpuInfo,
@@ -145,7 +145,7 @@ def xformers_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_import_is_cheap() -> None:
     code = (
-        "import sys, lib_optim.probe; "
+        "import sys, lib_optim.gpu.probe; "
         "heavy = [m for m in ('torch', 'pynvml', 'xformers', 'gradio') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from lib_optim.attention import Attention
-from lib_optim.checker import CheckInput, Severity, parse_alloc_conf, run_checks
-from lib_optim.cmdline import parse_args
-from lib_optim.hostkinds import PROFILED_HOSTS, HostKind
-from lib_optim.profiles import (
+from lib_optim.attention.registry import Attention
+from lib_optim.host_specs.kinds import PROFILED_HOSTS, HostKind
+from lib_optim.launch.checker import CheckInput, Severity, parse_alloc_conf, run_checks
+from lib_optim.launch.cmdline import parse_args
+from lib_optim.launch.profiles import (
     PROFILES,
     Profile,
     ProfileError,

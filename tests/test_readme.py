@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lib_optim.checker import RULES, rules_markdown
 from lib_optim.cli import build_parser
-from lib_optim.env_notes import ENV_NOTES, QUIET_NOTES, env_notes_markdown
-from lib_optim.profiles import PROFILES
+from lib_optim.launch.checker import RULES, rules_markdown
+from lib_optim.launch.env_notes import ENV_NOTES, QUIET_NOTES, env_notes_markdown
+from lib_optim.launch.profiles import PROFILES
 from lib_optim.settings import FIELDS, Attention
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")

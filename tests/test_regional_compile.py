@@ -2,7 +2,7 @@
 
 Real torch and real dynamo throughout. Most tests compile with the ``eager``/``aot_eager`` backends (dynamo
 traces for real, no code generation) to stay fast; one compiles with inductor on the CPU. The models come
-from :mod:`lib_optim.compile_bench`, our re-creation of the ldm/Forge UNet block structure. No test depends
+from :mod:`lib_optim.bench.compile`, our re-creation of the ldm/Forge UNet block structure. No test depends
 on timing: the compile-seconds accounting runs on an injected clock.
 """
 
@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from lib_optim import compile_bench as cb
-from lib_optim import regional_compile as rc
-from lib_optim.regional_compile import CompileStats, RegionalCompiler
+from lib_optim.bench import compile as cb
+from lib_optim.compile import regional as rc
+from lib_optim.compile.regional import CompileStats, RegionalCompiler
 
 SD_BLOCKS = rc.default_block_names("sd")
 
@@ -85,14 +85,14 @@ class FakeClock:
 
 @pytest.fixture
 def messages() -> Iterator[list[str]]:
-    """Log lines of lib_optim.regional_compile at INFO and above."""
+    """Log lines of lib_optim.compile.regional at INFO and above."""
     lines: list[str] = []
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             lines.append(record.getMessage())
 
-    logger = logging.getLogger("lib_optim.regional_compile")
+    logger = logging.getLogger("lib_optim.compile.regional")
     handler = Keep(level=logging.INFO)
     old_level = logger.level
     logger.setLevel(logging.INFO)

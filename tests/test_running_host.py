@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts import detect_running_host, running_kind
 
 

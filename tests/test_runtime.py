@@ -11,7 +11,7 @@ import pytest
 import torch
 from fake_adapter import FakeAdapter
 
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts import webui
 from lib_optim.runtime import Runtime, get_runtime
 from lib_optim.settings import Attention, GenerationSettings, Tri

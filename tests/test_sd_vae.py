@@ -1,4 +1,4 @@
-"""lib_optim.sd_vae: the SD VAE stand-in used by the tiling tests and the VAE benchmark."""
+"""lib_optim.vae.model: the SD VAE stand-in used by the tiling tests and the VAE benchmark."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_optim.sd_vae import AutoencoderKL, build_sd_vae, load_sd_state_dict
+from lib_optim.vae.model import AutoencoderKL, build_sd_vae, load_sd_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
 import sd15_checkpoint  # the checkpoint writer of the integration tests, a plain script

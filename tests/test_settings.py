@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from lib_optim import attention as registry
-from lib_optim.attention import Attention
-from lib_optim.hostkinds import HostKind
+from lib_optim.attention import registry
+from lib_optim.attention.registry import Attention
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.settings import (
     FIELD_NAMES,
     FIELDS,

@@ -13,7 +13,7 @@ import types
 
 import pytest
 
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts import startup
 from lib_optim.runtime import Runtime
 from lib_optim.settings import Attention
@@ -155,7 +155,7 @@ def test_forge_profile_sets_live_backend_state(monkeypatch):
 
 
 def test_format_block_names_every_finding():
-    from lib_optim.checker import CheckInput, run_checks
+    from lib_optim.launch.checker import CheckInput, run_checks
 
     findings = run_checks(CheckInput(HostKind.FORGE, ["--medvram", "--all-in-fp32"]))
     block = startup.format_block(findings, HostKind.FORGE)
@@ -216,7 +216,7 @@ def test_forge_previous_profile_sets_what_is_read_after_preload(monkeypatch, cap
 
 
 def test_ldm_patched_profile_leaves_attention_once_chosen_and_sets_the_reserve(monkeypatch):
-    from lib_optim import profiles
+    from lib_optim.launch import profiles
     from lib_optim.settings import GenerationSettings
 
     args, mm, runtime = ldm_backend(monkeypatch, attention_imported=True, vae_in_fp16=True)

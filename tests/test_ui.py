@@ -12,7 +12,7 @@ gr = pytest.importorskip("gradio")
 from fake_adapter import BACKENDS  # noqa: E402
 
 from lib_optim import ui  # noqa: E402
-from lib_optim.hostkinds import HostKind  # noqa: E402
+from lib_optim.host_specs.kinds import HostKind  # noqa: E402
 from lib_optim.settings import FIELDS, Attention, GenerationSettings, Tri, format_infotext  # noqa: E402
 
 pytestmark = pytest.mark.gradio

@@ -12,7 +12,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from lib_optim import ui  # noqa: E402
-from lib_optim.generation_bench import KIND_LABELS  # noqa: E402
+from lib_optim.bench.generation import KIND_LABELS  # noqa: E402
 
 pytestmark = pytest.mark.gradio
 

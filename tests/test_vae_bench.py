@@ -1,4 +1,4 @@
-"""lib_optim.vae_bench: the side-by-side VAE decode benchmark, and the memory model against one real peak."""
+"""lib_optim.bench.vae: the side-by-side VAE decode benchmark, and the memory model against one real peak."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_optim import vae_bench, vae_planner
+from lib_optim.bench import vae as vae_bench
+from lib_optim.vae import planner as vae_planner
 
 
 def fake_measure(peaks: dict[str, int], fail: set[str] = frozenset()):

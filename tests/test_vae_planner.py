@@ -1,10 +1,10 @@
-"""lib_optim.vae_planner: the VAE memory model and the auto rule for tiling."""
+"""lib_optim.vae.planner: the VAE memory model and the auto rule for tiling."""
 
 from __future__ import annotations
 
 import pytest
 
-from lib_optim import vae_planner as vp
+from lib_optim.vae import planner as vp
 
 GIB = 1 << 30
 

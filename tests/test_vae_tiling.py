@@ -1,4 +1,4 @@
-"""lib_optim.vae_tiling: tiled VAE decode/encode, on local stand-in functions (exact) and the real SD VAE."""
+"""lib_optim.vae.tiling: tiled VAE decode/encode, on local stand-in functions (exact) and the real SD VAE."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lib_optim import vae_planner, vae_tiling
-from lib_optim.sd_vae import build_sd_vae
+from lib_optim.vae import planner as vae_planner
+from lib_optim.vae import tiling as vae_tiling
+from lib_optim.vae.model import build_sd_vae
 
 
 def local_decode(z: torch.Tensor) -> torch.Tensor:

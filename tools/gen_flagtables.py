@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate lib_optim/flagtables.py from the real command-line parsers of the WebUI hosts.
+"""Generate lib_optim/launch/flagtables.py from the real command-line parsers of the WebUI hosts.
 
 The host code is never imported or executed: every ``add_argument`` call is read with ``ast`` from
 
@@ -45,7 +45,7 @@ from typing import Any
 log = logging.getLogger("gen_flagtables")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = REPO_ROOT / "lib_optim" / "flagtables.py"
+DEFAULT_OUTPUT = REPO_ROOT / "lib_optim" / "launch" / "flagtables.py"
 MIRROR_ROOT = Path("/work/.mirror")
 A1111_MIRROR = MIRROR_ROOT / "kklouzal+stable-diffusion-webui" / "repo"
 FORGE_MIRROR = MIRROR_ROOT / "lllyasviel+stable-diffusion-webui-forge" / "repo"
@@ -583,8 +583,8 @@ extensions' preload.py files can add more flags; those are not in these tables. 
 
 from __future__ import annotations
 
-from lib_optim.flagspec import FlagSpec
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
+from lib_optim.launch.flagspec import FlagSpec
 '''
 
 FOOTER = '''

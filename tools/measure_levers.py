@@ -114,7 +114,7 @@ def _finish(
 ) -> int:
     """Parts 2 and 3 (each first generation with compile on compiles, when part 1 did not run)."""
     if "alternating" in parts:
-        # each block's first call in a generation runs eagerly (lib_optim.regional_compile): use 2+ steps here
+        # each block's first call in a generation runs eagerly (lib_optim.compile.regional): use 2+ steps here
         counts = []
         for size in (512, 576, 512, 576, 512, 576):
             _, record = generate({"compile": "on"}, size=size, steps=args.alt_steps)

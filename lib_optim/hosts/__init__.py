@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from lib_optim.adapter import HostAdapter
-from lib_optim.hostdetect import HostCheckout, detect_kind
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.detect import HostCheckout, detect_kind
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.log import get_logger
 
 log = get_logger(__name__)
@@ -56,7 +56,7 @@ def running_kind(modules: Mapping[str, Any] | None = None) -> HostKind | None:
 
 def detect_running_host() -> HostCheckout | None:
     """The running WebUI: its checkout, and its kind from the loaded code (:func:`running_kind`), or from the
-    checkout's files (:func:`lib_optim.hostdetect.detect_kind`) when nothing loaded tells yet."""
+    checkout's files (:func:`lib_optim.host_specs.detect.detect_kind`) when nothing loaded tells yet."""
     root = running_webui_root()
     if root is None:
         return None

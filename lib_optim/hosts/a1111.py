@@ -37,13 +37,13 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from lib_optim import adapter as base
-from lib_optim import attention as registry
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
-from lib_optim.attention import A1111_NONE_TITLE, Attention
-from lib_optim.hostkinds import HostKind
+from lib_optim.attention import registry
+from lib_optim.attention.planner import choose_auto_attention
+from lib_optim.attention.registry import A1111_NONE_TITLE, Attention
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
-from lib_optim.planner import choose_auto_attention
 from lib_optim.settings import GenerationSettings, Tri, VaeTiling
 
 log = get_logger(__name__)
@@ -470,7 +470,7 @@ class A1111Adapter(HostAdapter):
 
     def apply_compile(self, p: Any, settings: GenerationSettings, session: Session) -> None:
         """The UNet's ResBlock/SpatialTransformer blocks, compiled per generation (docs/hosts.md §6.1). The key
-        names what torch's guards do not see (lib_optim.regional_compile): the attention A1111 bound as the
+        names what torch's guards do not see (lib_optim.compile.regional): the attention A1111 bound as the
         ``CrossAttention.forward`` class attribute of ldm and sgm (applied just before, §3.2), and with the
         "functional" LoRA setting the loaded LoRAs, which that mode reads on every forward (§6.2)."""
         unet = _diffusion_model(getattr(p, "sd_model", None))

@@ -34,10 +34,11 @@ from types import ModuleType
 from typing import Any
 
 from lib_optim import adapter as base
-from lib_optim import attention as registry
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
-from lib_optim.attention import Attention
-from lib_optim.hostkinds import HostKind
+from lib_optim.attention import registry
+from lib_optim.attention.planner import choose_auto_attention
+from lib_optim.attention.registry import Attention
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts.forge_shared import (
     MB,
     MemoryFormat,
@@ -58,7 +59,6 @@ from lib_optim.hosts.forge_shared import (
 )
 from lib_optim.log import get_logger
 from lib_optim.patching import patched_attr
-from lib_optim.planner import choose_auto_attention
 from lib_optim.settings import GenerationSettings, Tri
 
 log = get_logger(__name__)
@@ -342,7 +342,7 @@ class ForgeAdapter(HostAdapter):
         """The diffusion model's repeated blocks (SD1.x/SDXL ResBlock/SpatialTransformer, Flux/Chroma double and
         single stream blocks; docs/hosts.md §6.3), compiled per generation. The key is the attention function
         the blocks look up by name (switched just before, §3.4): on the torch Forge ships, dynamo does not
-        notice a rebound module global (lib_optim.regional_compile)."""
+        notice a rebound module global (lib_optim.compile.regional)."""
         model = diffusion_model(getattr(p, "sd_model", None))
         if model is None:
             log.warning("compile: no diffusion model loaded; nothing compiled")

@@ -16,9 +16,9 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from lib_optim import attention as registry
 from lib_optim.adapter import BackendInfo, HostAdapter, HostModules, Session
-from lib_optim.attention import Attention
+from lib_optim.attention import registry
+from lib_optim.attention.registry import Attention
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.settings import VaeTiling

@@ -44,10 +44,11 @@ from types import ModuleType
 from typing import Any
 
 from lib_optim import adapter as base
-from lib_optim import attention as registry
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
-from lib_optim.attention import Attention
-from lib_optim.hostkinds import HostKind
+from lib_optim.attention import registry
+from lib_optim.attention.planner import choose_auto_attention
+from lib_optim.attention.registry import Attention
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts.forge_shared import (
     MB,
     MemoryFormat,
@@ -68,7 +69,6 @@ from lib_optim.hosts.forge_shared import (
 )
 from lib_optim.log import get_logger
 from lib_optim.patching import patched_attr
-from lib_optim.planner import choose_auto_attention
 from lib_optim.settings import GenerationSettings, Tri
 
 log = get_logger(__name__)

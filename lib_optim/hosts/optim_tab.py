@@ -22,14 +22,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lib_optim import generation_bench
 from lib_optim.adapter import HostModules
-from lib_optim.attention import Attention
-from lib_optim.fallback import is_out_of_memory
-from lib_optim.generation_bench import BenchCandidate, CandidateResult
-from lib_optim.hostkinds import HostKind
+from lib_optim.attention.registry import Attention
+from lib_optim.bench import generation as generation_bench
+from lib_optim.bench.generation import BenchCandidate, CandidateResult
+from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts.common import defaults_from_options, ensure_runtime, first_line, optim_script
 from lib_optim.log import get_logger
+from lib_optim.oom.retry import is_out_of_memory
 from lib_optim.runtime import get_runtime
 from lib_optim.settings import FIELD_NAMES, GenerationSettings, SettingsError, from_dict
 from lib_optim.telemetry import GenerationMeter
@@ -226,7 +226,7 @@ def run_benchmark(
     """One warm-up generation (baseline settings, not counted), then ``repeats`` rounds of one timed
     generation per candidate; each round starts one candidate later, so a slow phase of the machine does not
     land on the same candidate every time, and a candidate's result is its median
-    (:func:`lib_optim.generation_bench.combine_runs`).
+    (:func:`lib_optim.bench.generation.combine_runs`).
 
     Takes the host's queue lock for the whole run, so no other generation interleaves; must not be called
     while holding it (it is not reentrant). An error in one candidate (out of memory included) becomes that

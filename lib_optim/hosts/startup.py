@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lib_optim import attention as registry
-from lib_optim.attention import Attention
-from lib_optim.checker import CheckInput, Finding, RuntimeFacts, run_checks
-from lib_optim.flagspec import FlagSpec, TakesValue
-from lib_optim.hostkinds import CHECKED_HOSTS, HostKind
+from lib_optim.attention import registry
+from lib_optim.attention.registry import Attention
+from lib_optim.host_specs.kinds import CHECKED_HOSTS, HostKind
 from lib_optim.hosts import detect_running_host
+from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, run_checks
+from lib_optim.launch.flagspec import FlagSpec, TakesValue
+from lib_optim.launch.profiles import HostProfile, ProfileError, get_profile, profile_names, resolve
 from lib_optim.log import get_logger, setup_console_logging
-from lib_optim.profiles import HostProfile, ProfileError, get_profile, profile_names, resolve
 from lib_optim.runtime import get_runtime
 from lib_optim.settings import Tri
 
@@ -155,8 +155,8 @@ def format_block(findings: Sequence[Finding], host: HostKind) -> str:
 
 
 def _facts() -> RuntimeFacts:
-    from lib_optim.doctor import nvidia_on_pci_bus, runtime_facts
-    from lib_optim.probe import probe_system
+    from lib_optim.gpu.probe import probe_system
+    from lib_optim.launch.doctor import nvidia_on_pci_bus, runtime_facts
 
     # No torch queries: on A1111 they could initialise CUDA before the allocator settings are final.
     system = probe_system(use_torch=False, allow_cuda_init=False)
@@ -199,8 +199,8 @@ def preload(parser: argparse.ArgumentParser) -> None:
 def apply_startup_profile(parser: argparse.ArgumentParser, name: str, host: HostKind) -> None:
     if name.strip().lower() == "auto":
         # the doctor's choice: never `cpu` while a GPU is present, even one whose size cannot be read here
-        from lib_optim.doctor import nvidia_on_pci_bus, recommend_profile
-        from lib_optim.probe import probe_system
+        from lib_optim.gpu.probe import probe_system
+        from lib_optim.launch.doctor import nvidia_on_pci_bus, recommend_profile
 
         name, why = recommend_profile(probe_system(use_torch=False), nvidia_on_pci_bus())
         log.info("--optim-profile auto: %s (%s)", name, why)

@@ -10,9 +10,9 @@ from conftest import NO_HOST_REASON, configured_hosts, start_webui, stop_webui
 
 pytestmark = pytest.mark.host
 
-# reForge has no launch profiles (lib_optim/profiles.py): it starts without one, for the telemetry test
+# reForge has no launch profiles (lib_optim/launch/profiles.py): it starts without one, for the telemetry test
 PROFILE = {"a1111": "8gb-high", "forge": "8gb-low", "forge-previous": "8gb-low"}
-NO_PROFILE = "reForge has no launch profiles (lib_optim/profiles.py PROFILED_HOSTS)"
+NO_PROFILE = "reForge has no launch profiles (lib_optim/launch/profiles.py PROFILED_HOSTS)"
 
 
 _NO_HOST = pytest.param(None, marks=pytest.mark.skip(reason=NO_HOST_REASON))

@@ -1,4 +1,4 @@
-"""Side-by-side timing of the UNet blocks eager vs under :mod:`lib_optim.regional_compile`.
+"""Side-by-side timing of the UNet blocks eager vs under :mod:`lib_optim.compile.regional`.
 
 The model here is our own small re-creation of the *structure* of the SD1.x/SDXL UNets the hosts run
 (ldm ``openaimodel.py`` in A1111, Forge ``backend/nn/unet.py``): ``ResBlock`` (GroupNorm, SiLU, conv, a
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib_optim.compile.regional import RegionalCompiler, default_block_names
 from lib_optim.log import get_logger
-from lib_optim.regional_compile import RegionalCompiler, default_block_names
 
 log = get_logger(__name__)
 

@@ -1,6 +1,7 @@
 """Our own implementations of the attention algorithms the hosts use, for use outside a WebUI.
 
-The benchmark (:mod:`lib_optim.attention_bench`) times these side by side and the planner (:mod:`lib_optim.planner`)
+The benchmark (:mod:`lib_optim.bench.attention`) times these side by side and the planner
+(:mod:`lib_optim.attention.planner`)
 predicts their memory, so each function here is written to have exactly the memory behaviour the
 planner's formulas describe. They re-implement the *algorithms* of A1111 v1.10.1
 (``modules/sd_hijack_optimizations.py``, ``modules/sub_quadratic_attention.py``) and Forge
@@ -22,9 +23,9 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from lib_optim import attention as registry
-from lib_optim.attention import Attention
-from lib_optim.attention_memory import SPLIT_MAX_STEPS, split_steps, sub_quad_chunks
+from lib_optim.attention import registry
+from lib_optim.attention.memory import SPLIT_MAX_STEPS, split_steps, sub_quad_chunks
+from lib_optim.attention.registry import Attention
 from lib_optim.log import get_logger
 
 log = get_logger(__name__)
@@ -135,7 +136,7 @@ def split(
     """Doggettx split attention: full-width score rows for a slice of the queries at a time.
 
     The number of slices ``steps`` comes from free memory exactly as the hosts choose it
-    (:func:`lib_optim.attention_memory.split_steps`: the full score matrix times 2.5 (fp32) or 3 (fp16) against
+    (:func:`lib_optim.attention.memory.split_steps`: the full score matrix times 2.5 (fp32) or 3 (fp16) against
     ``free_bytes``, rounded up to a power of two, at most 64); pass ``steps`` to fix it. Slices are
     ``ceil(Nq / steps)`` queries (the last one shorter) — A1111 uses ``Nq // steps`` and Forge falls back
     to one slice when ``steps`` does not divide ``Nq``; ceil keeps the slice count at ``steps``.
@@ -183,7 +184,7 @@ def sub_quad(
     running maximum, a running sum of exponentials and a running weighted sum of values, rescaled when the
     maximum grows — so only a ``(B·H, q_chunk, kv_chunk)`` score block exists at once.
 
-    Chunk sizes follow A1111's ``sub_quad_attention`` (:func:`lib_optim.attention_memory.sub_quad_chunks`):
+    Chunk sizes follow A1111's ``sub_quad_attention`` (:func:`lib_optim.attention.memory.sub_quad_chunks`):
     ``kv_chunk`` defaults to √Nk; ``chunk_threshold`` is a percentage of free memory (``None``: 70 %,
     ``0``: no threshold) — when the whole Q·Kᵀ fits under it, all keys go in one chunk (the no-chunk fast
     path: plain softmax per query chunk, no running statistics).
@@ -277,7 +278,7 @@ def xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def available_backends(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[Attention, AttnFn]:
     """The registered algorithms that have an implementation here and can run on this device
-    (:meth:`lib_optim.attention.AttentionBackend.unavailable_reason`), by name."""
+    (:meth:`lib_optim.attention.registry.AttentionBackend.unavailable_reason`), by name."""
     dev = str(torch.device(device).type)
     out: dict[Attention, AttnFn] = {}
     for entry in registry.algorithms():

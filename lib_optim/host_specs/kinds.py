@@ -29,7 +29,7 @@ _TITLES = {
 
 # Hosts whose flag tables the checker carries (docs/hosts.md §2.1).
 CHECKED_HOSTS = (HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS, HostKind.REFORGE)
-# Hosts with launch profiles (lib_optim/profiles.py).
+# Hosts with launch profiles (lib_optim/launch/profiles.py).
 PROFILED_HOSTS = (HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS)
 
 

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lib_optim import attention as registry
-from lib_optim.attention import Attention
+from lib_optim.attention import registry
+from lib_optim.attention.registry import Attention
 from lib_optim.log import get_logger
 from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, GenerationSettings, Tri, VaeTiling
 

@@ -1,8 +1,8 @@
 """``python -m lib_optim bench``: time the attention backends side by side, measure their peak memory.
 
 For each model shape (``sd15-512``, ``sd15-768``, ``sdxl-1024``) and each of its attention calls
-(:func:`lib_optim.planner.attention_shapes`; with ``quick`` only the largest self- and cross-attention),
-every available backend of :mod:`lib_optim.attention_impl` runs on the same random q, k, v:
+(:func:`lib_optim.attention.planner.attention_shapes`; with ``quick`` only the largest self- and cross-attention),
+every available backend of :mod:`lib_optim.attention.impl` runs on the same random q, k, v:
 
 - **Time**: one warm-up call per backend, then ``repeats`` rounds; each round runs every backend once, in
   an order rotated by one each round, so machine noise and order effects land on all of them alike. The
@@ -18,8 +18,8 @@ every available backend of :mod:`lib_optim.attention_impl` runs on the same rand
   to the system and a new one cannot hide in memory that is already resident. Accurate to a page for
   tensors of 128 KiB and up; smaller allocations are not seen, which is why errors on peaks under
   :data:`MIN_MEASURED_BYTES` are shown but not counted in the maximum error. Elsewhere: not measured.
-- **Prediction**: :func:`lib_optim.planner.predict_peak_bytes` for the same call, and its error.
-- **auto**: :func:`lib_optim.planner.choose_for_shapes` over the host backends measured here, with the
+- **Prediction**: :func:`lib_optim.attention.planner.predict_peak_bytes` for the same call, and its error.
+- **auto**: :func:`lib_optim.attention.planner.choose_for_shapes` over the host backends measured here, with the
   same memory limit, and the ratio of its pick's time to the best time at that shape; then, as a host
   picks once per generation, its one pick over all the calls of the model shape, judged by the summed time
   of those calls (:data:`STEP_LABEL`).
@@ -45,11 +45,10 @@ from typing import Any
 
 import torch
 
-from lib_optim import attention as registry
-from lib_optim import attention_impl as impl
-from lib_optim.attention import Attention
+from lib_optim.attention import impl, registry
+from lib_optim.attention.planner import MIB, AttnShape, attention_shapes, choose_for_shapes, predict_peak_bytes
+from lib_optim.attention.registry import Attention
 from lib_optim.log import get_logger
-from lib_optim.planner import MIB, AttnShape, attention_shapes, choose_for_shapes, predict_peak_bytes
 
 log = get_logger(__name__)
 

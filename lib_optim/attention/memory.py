@@ -1,8 +1,8 @@
 """Attention calls of a UNet step and the peak memory of each algorithm: the formulas behind ``auto``.
 
 Plain Python (no torch): the planner runs in the command line and the hosts' UI process before anything is
-on the GPU. Each backend of the registry (:mod:`lib_optim.attention`) names one of the ``*_peak`` functions
-here as its memory model; :mod:`lib_optim.attention_impl` runs the same algorithms with exactly this memory
+on the GPU. Each backend of the registry (:mod:`lib_optim.attention.registry`) names one of the ``*_peak`` functions
+here as its memory model; :mod:`lib_optim.attention.impl` runs the same algorithms with exactly this memory
 behaviour, and ``python -m lib_optim bench`` measures one against the other.
 
 Notation (all in bytes; ``e`` is the element size of the compute dtype, 2 for fp16/bf16, 4 for fp32;
@@ -110,7 +110,7 @@ class MemoryContext:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Chunk parameters, shared with lib_optim.attention_impl so that prediction and execution agree.
+# Chunk parameters, shared with lib_optim.attention.impl so that prediction and execution agree.
 
 
 def split_steps(bh: int, nq: int, nk: int, elt: int, free_bytes: int) -> int:

@@ -15,9 +15,9 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lib_optim.flagspec import FlagSpec
-from lib_optim.flagtables import flags_for
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
+from lib_optim.launch.flagspec import FlagSpec
+from lib_optim.launch.flagtables import flags_for
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ no pages left resident by an earlier run):
 
 - **Peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before the decode;
   on CPU the process's peak resident set (``VmHWM`` reset through ``/proc/self/clear_refs``, glibc's mmap
-  threshold lowered so freed tensors leave the resident set; :class:`lib_optim.attention_bench.PeakMeter`). The model
+  threshold lowered so freed tensors leave the resident set; :class:`lib_optim.bench.attention.PeakMeter`). The model
   and the latent are allocated before, the decoded image is counted.
 - **Time** of that one decode (after a small warm-up decode that loads the kernels).
 - **PSNR** of each tiled image against the untiled one (both clamped to [-1, 1] as the hosts do before
   converting to 8 bits): ``10·log10(4 / mean squared difference)``.
-- **Prediction**: :mod:`lib_optim.vae_planner` for the same decode, and its error against the measured peak.
+- **Prediction**: :mod:`lib_optim.vae.planner` for the same decode, and its error against the measured peak.
 
 A variant predicted to exceed the memory limit (``mem_fraction`` of free memory) is skipped, as ``auto``
 would tile rather than run it.
@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib_optim import vae_planner
 from lib_optim.log import get_logger
+from lib_optim.vae import planner as vae_planner
 
 log = get_logger(__name__)
 
@@ -41,7 +41,7 @@ MIB = 1 << 20
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}
 VARIANTS = ("module", "callable")
 DEFAULT_TILE = 64
-_ROOT = Path(__file__).resolve().parent.parent  # the folder holding lib_optim, for the worker's import path
+_ROOT = Path(__file__).resolve().parents[2]  # the folder holding lib_optim, for the worker's import path
 
 
 @dataclass
@@ -89,7 +89,7 @@ def measure_in_subprocess(spec: dict[str, Any], *, timeout_s: float | None = Non
         out_path = Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")])}
-        code = "import sys; from lib_optim.vae_bench import worker_main; sys.exit(worker_main(sys.argv[1:]))"
+        code = "import sys; from lib_optim.bench.vae import worker_main; sys.exit(worker_main(sys.argv[1:]))"
         proc = subprocess.run(
             [sys.executable, "-c", code, str(spec_path), str(out_path)],
             capture_output=True,
@@ -115,9 +115,9 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the VAE and latent of ``spec``, decode once (tiled or not) under the peak meter."""
     import torch
 
-    from lib_optim import vae_tiling
-    from lib_optim.attention_bench import PeakMeter
-    from lib_optim.sd_vae import build_sd_vae
+    from lib_optim.bench.attention import PeakMeter
+    from lib_optim.vae import tiling as vae_tiling
+    from lib_optim.vae.model import build_sd_vae
 
     device = torch.device(spec.get("device", "cpu"))
     if spec.get("threads"):
@@ -172,7 +172,7 @@ def psnr_db(a: Any, b: Any) -> float:
 
 
 def _free_bytes(device: str) -> int:
-    from lib_optim.attention_impl import free_memory_bytes
+    from lib_optim.attention.impl import free_memory_bytes
 
     return free_memory_bytes(device)
 
@@ -224,7 +224,7 @@ def run_vae_bench(
 
             return torch.load(path)
 
-    from lib_optim import vae_tiling
+    from lib_optim.vae import tiling as vae_tiling
 
     with tempfile.TemporaryDirectory(prefix="optim-vae-images-") as tmp:
         for size in sizes:

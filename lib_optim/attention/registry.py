@@ -3,7 +3,7 @@
 In the spirit of diffusers' ``attention_dispatch`` registry: a backend is registered once, with
 
 - its name (an :class:`Attention` value) and the other names people type for it (aliases);
-- its memory model (a function of :mod:`lib_optim.attention_memory`) and its speed rank per device;
+- its memory model (a function of :mod:`lib_optim.attention.memory`) and its speed rank per device;
 - its place in the out-of-memory fallback order (``frugal_rank``: lower is more frugal);
 - how each host finds it and which launch flag selects it there (:class:`A1111Optimizer`,
   :class:`ForgeFunctions`, :class:`LdmPatchedFunctions`);
@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from lib_optim import attention_memory as mem
-from lib_optim.hostkinds import HostKind
+from lib_optim.attention import memory as mem
+from lib_optim.host_specs.kinds import HostKind
 
 
 class _AttentionMeta(type):
@@ -53,7 +53,7 @@ class Attention(str, metaclass=_AttentionMeta):
     __slots__ = ()
 
     HOST: ClassVar[Attention]  # leave whatever the host selected
-    AUTO: ClassVar[Attention]  # the fastest backend predicted to fit (lib_optim.planner)
+    AUTO: ClassVar[Attention]  # the fastest backend predicted to fit (lib_optim.attention.planner)
     SDP: ClassVar[Attention]
     SPLIT: ClassVar[Attention]
     SUB_QUAD: ClassVar[Attention]
@@ -338,7 +338,7 @@ Attention.SDP = register(
     ),
     forge=ForgeFunctions("attention_pytorch", "pytorch_attention_single_head_spatial", "--attention-pytorch"),
     ldm_patched=LdmPatchedFunctions("attention_pytorch", "pytorch_attention", "--attention-pytorch"),
-    implementation="lib_optim.attention_impl:sdp",
+    implementation="lib_optim.attention.impl:sdp",
 )
 Attention.SPLIT = register(
     "split",
@@ -352,7 +352,7 @@ Attention.SPLIT = register(
     # Forge's non-SDPA VAE attention (docs/hosts.md §3.4): normal_… reshapes the 4-D tensors for slice_…
     forge=ForgeFunctions("attention_split", "normal_attention_single_head_spatial", "--attention-split"),
     ldm_patched=LdmPatchedFunctions("attention_split", "normal_attention", "--attention-split"),
-    implementation="lib_optim.attention_impl:split",
+    implementation="lib_optim.attention.impl:split",
     directml_safe=True,
 )
 Attention.SUB_QUAD = register(
@@ -365,7 +365,7 @@ Attention.SUB_QUAD = register(
     a1111=A1111Optimizer("sub-quadratic", "--opt-sub-quad-attention", 10, 3),
     forge=ForgeFunctions("attention_sub_quad", "normal_attention_single_head_spatial", "--attention-quad"),
     ldm_patched=LdmPatchedFunctions("attention_sub_quad", "normal_attention", "--attention-quad"),
-    implementation="lib_optim.attention_impl:sub_quad",
+    implementation="lib_optim.attention.impl:sub_quad",
     directml_safe=True,
 )
 Attention.XFORMERS = register(
@@ -384,8 +384,8 @@ Attention.XFORMERS = register(
     # Forge uses an installed xformers unless --disable-xformers: no flag selects it (docs/hosts.md §3.3)
     forge=ForgeFunctions("attention_xformers", "xformers_attention_single_head_spatial", None),
     ldm_patched=LdmPatchedFunctions("attention_xformers", "xformers_attention", None),
-    implementation="lib_optim.attention_impl:xformers",
-    availability="lib_optim.attention_impl:xformers_unavailable_reason",
+    implementation="lib_optim.attention.impl:xformers",
+    availability="lib_optim.attention.impl:xformers_unavailable_reason",
 )
 Attention.SDP_NO_MEM = register(
     "sdp-no-mem",
@@ -400,7 +400,7 @@ Attention.SDP_NO_MEM = register(
         1,
         "needs PyTorch 2.0 or newer (torch.nn.functional.scaled_dot_product_attention)",
     ),
-    implementation="lib_optim.attention_impl:sdp_no_mem",
+    implementation="lib_optim.attention.impl:sdp_no_mem",
 )
 Attention.INVOKEAI = register(
     "invokeai",
@@ -426,7 +426,7 @@ Attention.NONE = register(
     # "None" is handled by apply_optimizations itself, never in the optimizer list (docs/hosts.md §3.2)
     a1111=A1111Optimizer("None", "--disable-opt-split-attention", 0, -1),
     ldm_patched=LdmPatchedFunctions("attention_basic", "normal_attention", None),
-    implementation="lib_optim.attention_impl:naive",
+    implementation="lib_optim.attention.impl:naive",
 )
 
 A1111_NONE_TITLE = "None"

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
 
 _VERSION_RE = re.compile(r"""version\s*=\s*['"]([^'"]+)['"]""")
 
@@ -72,4 +72,4 @@ def find_webui_root(*starts: Path) -> Path | None:
 
 def extension_dir() -> Path:
     """This extension's folder (the parent of lib_optim/)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]

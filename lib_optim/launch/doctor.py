@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lib_optim.checker import CheckInput, Finding, RuntimeFacts, run_checks
-from lib_optim.cmdline import environment_command_line
-from lib_optim.hostkinds import HostKind
-from lib_optim.probe import SystemFacts
-from lib_optim.profiles import ProfileError, choose_auto, get_profile, launch_line, resolve
+from lib_optim.gpu.probe import SystemFacts
+from lib_optim.host_specs.kinds import HostKind
+from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, run_checks
+from lib_optim.launch.cmdline import environment_command_line
+from lib_optim.launch.profiles import ProfileError, choose_auto, get_profile, launch_line, resolve
 
 # Where the GPU's size is unknown (this Python cannot ask the driver), a middle profile: it starts on any card
 # the WebUI supports and costs little speed; the exact one needs the WebUI's own Python (see exact_figures_hint).
@@ -173,6 +173,6 @@ def doctor(
     except ProfileError:  # no DirectML on this host (A1111): the plain variant is the honest answer
         hp = resolve(profile, checked_host)
     kind: Literal["sh", "bat"] = "bat" if sys.platform == "win32" else "sh"
-    extension = extension or Path(__file__).resolve().parent.parent
+    extension = extension or Path(__file__).resolve().parents[2]
     hint = exact_figures_hint(system, nvidia_present, webui_root, extension)
     return DoctorReport(host, system, findings, name, hp.flags, hp.env, launch_line(hp, kind), reason, hint)

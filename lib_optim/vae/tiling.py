@@ -5,7 +5,7 @@ Two levels:
 
 - **module** (:func:`tiled_decoder`/:func:`tiled_decode_vae`, :func:`tiled_encoder`/:func:`tiled_encode_vae`):
   walks an SD VAE decoder/encoder itself, layer by layer, calling its modules (the ldm/sgm layout, which Forge
-  and :mod:`lib_optim.sd_vae` share: ``conv_in``, ``mid.block_1/attn_1/block_2``, ``up[i].block[j]``,
+  and :mod:`lib_optim.vae.model` share: ``conv_in``, ``mid.block_1/attn_1/block_2``, ``up[i].block[j]``,
   ``up[i].upsample.conv``, ``norm_out``, ``conv_out``; the encoder's ``down[i]`` and ``downsample.conv``).
   The mid block, with its attention over all positions, runs on the whole latent (1/64 of the pixels); only the
   full-resolution part is tiled, and its GroupNorms use the statistics of the whole image (``norm="exact"``):
@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from lib_optim import vae_planner
 from lib_optim.log import get_logger
+from lib_optim.vae import planner as vae_planner
 
 log = get_logger(__name__)
 
@@ -591,7 +591,7 @@ def tiled_decoder(
     park: str | torch.device | None = "auto",
     blend: float = 0.0,
 ) -> torch.Tensor:
-    """Run an SD VAE ``decoder`` (ldm/sgm/Forge ``Decoder``, or :mod:`lib_optim.sd_vae`'s) on ``h`` — its input,
+    """Run an SD VAE ``decoder`` (ldm/sgm/Forge ``Decoder``, or :mod:`lib_optim.vae.model`'s) on ``h`` — its input,
     the latent after ``post_quant_conv``, ``(B, 4, h, w)`` — in tiles after the mid block; returns the image
     ``(B, 3, 8h, 8w)``, what ``decoder(h)`` returns.
 
@@ -701,7 +701,7 @@ def choose_tile(
     **model_kwargs: Any,
 ) -> int:
     """The tile (latent pixels) for a ``height × width`` image (pixels): the largest multiple of 8 from
-    ``min_tile`` to ``max_tile`` whose predicted peak (:func:`lib_optim.vae_planner.predict_tiled_peak_bytes`)
+    ``min_tile`` to ``max_tile`` whose predicted peak (:func:`lib_optim.vae.planner.predict_tiled_peak_bytes`)
     fits in ``free_bytes`` — ``min_tile`` when none does — then shrunk to the smallest tile that still needs no
     more tiles along each side (less overlap: less work, less memory). ``model_kwargs`` go to the planner."""
     if free_bytes <= 0:
@@ -764,10 +764,10 @@ def tiling_forward(
 ) -> Callable[..., torch.Tensor]:
     """A stand-in for ``module.forward`` — ``module`` an SD VAE ``decoder`` or ``encoder`` (``part``), ``original``
     its own forward — that decides at every call, for that call's size, batch, dtype and free memory: the
-    original when :func:`lib_optim.vae_planner.needs_tiling` says it fits (unless ``always``), else
+    original when :func:`lib_optim.vae.planner.needs_tiling` says it fits (unless ``always``), else
     :func:`tiled_decoder`/:func:`tiled_encoder` with :func:`choose_tile`'s tile, parking waiting tiles in CPU
     memory only when they would not fit on the GPU. ``free_bytes(device)``: free memory as the host counts it;
-    ``inplace_silu``/``attention``: the host's VAE (see :mod:`lib_optim.vae_planner`); ``report`` gets a
+    ``inplace_silu``/``attention``: the host's VAE (see :mod:`lib_optim.vae.planner`); ``report`` gets a
     :class:`TilingEvent` for every call (tiled or not), for the infotext and telemetry; ``max_tile``: the largest
     tile (latent pixels) :func:`choose_tile` may pick."""
     check_layout(module, part)

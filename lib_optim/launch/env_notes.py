@@ -2,7 +2,7 @@
 
 One :class:`EnvNote` per variable (or family of variables) and situation: the hosts, the checker rule it
 belongs to, the values it applies to, what the variable does there, the fix, and the source that makes it
-so. ``lib_optim.checker`` turns the rows into findings (rules ``no-effect-env``, ``redundant-env``,
+so. ``lib_optim.launch.checker`` turns the rows into findings (rules ``no-effect-env``, ``redundant-env``,
 ``costly-env``, ``obsolete-env``); README.md's environment table is :func:`env_notes_markdown`.
 
 :data:`QUIET_NOTES` lists variables that were looked at and deliberately produce no finding (useful, or
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from lib_optim.hostkinds import HostKind
+from lib_optim.host_specs.kinds import HostKind
 
 A1111 = HostKind.A1111
 FORGE = HostKind.FORGE
@@ -42,7 +42,7 @@ HOST_TORCH: dict[HostKind, str] = {A1111: "2.1.2", FORGE: "2.3.1", FORGE_PREVIOU
 
 
 class FactsView(Protocol):
-    """The runtime facts the rows look at (lib_optim.checker.RuntimeFacts has them)."""
+    """The runtime facts the rows look at (lib_optim.launch.checker.RuntimeFacts has them)."""
 
     @property
     def torch_version(self) -> str | None: ...
@@ -58,7 +58,7 @@ class FactsView(Protocol):
 
 
 class EnvContext(Protocol):
-    """What a row may look at besides the value (lib_optim.checker.CheckContext has it)."""
+    """What a row may look at besides the value (lib_optim.launch.checker.CheckContext has it)."""
 
     @property
     def host(self) -> HostKind: ...
@@ -743,7 +743,7 @@ QUIET_NOTES: tuple[QuietNote, ...] = (
         "Configures TorchInductor, the code generator behind torch.compile (e.g. TORCHINDUCTOR_CACHE_DIR).",
         "This extension's 'Compile UNet blocks' uses torch.compile, so these apply whenever it is on (torch "
         "itself also sets TORCHINDUCTOR_CACHE_DIR in the process once it compiles).",
-        "torch/_inductor/config.py; lib_optim/regional_compile.py",
+        "torch/_inductor/config.py; lib_optim/compile/regional.py",
     ),
     QuietNote(
         ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_LAUNCH_BLOCKING", "CUDA_MODULE_LOADING"),

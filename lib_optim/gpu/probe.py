@@ -2,7 +2,7 @@
 
 Every probe here must survive a missing or broken component: the whole point is to explain a broken
 install, so a failure becomes a readable note in the result instead of an exception. Heavy modules
-(torch, pynvml) are imported inside the functions so that ``import lib_optim.probe`` stays cheap.
+(torch, pynvml) are imported inside the functions so that ``import lib_optim.gpu.probe`` stays cheap.
 """
 
 from __future__ import annotations

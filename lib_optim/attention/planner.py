@@ -3,8 +3,8 @@
 Host adapters call :func:`choose_auto_attention` with the backends available right now; it returns the
 fastest one predicted to fit in free memory (and an optional budget), or the most frugal one when none
 fits, with the reason. Each backend's memory model and speed rank come from its registry entry
-(:mod:`lib_optim.attention`); the formulas are in :mod:`lib_optim.attention_memory`, and
-``python -m lib_optim bench`` measures them against :mod:`lib_optim.attention_impl`.
+(:mod:`lib_optim.attention.registry`); the formulas are in :mod:`lib_optim.attention.memory`, and
+``python -m lib_optim bench`` measures them against :mod:`lib_optim.attention.impl`.
 
 No torch here: the planner runs in the CLI and the hosts' UI process before anything is on the GPU.
 """
@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from lib_optim import attention as registry
-from lib_optim.attention import Attention
-from lib_optim.attention_memory import MIB, AttnShape, MemoryContext, attention_shapes
+from lib_optim.attention import registry
+from lib_optim.attention.memory import MIB, AttnShape, MemoryContext, attention_shapes
+from lib_optim.attention.registry import Attention
 
 __all__ = [
     "MIB",
@@ -47,7 +47,7 @@ def predict_peak_bytes(
     kernel: str | None = None,
 ) -> int:
     """Predicted peak bytes of one attention call of ``backend`` beyond q, k, v (output included): its
-    registry entry's memory model (:mod:`lib_optim.attention_memory`). ``kernel`` forces one SDPA kernel."""
+    registry entry's memory model (:mod:`lib_optim.attention.memory`). ``kernel`` forces one SDPA kernel."""
     name = registry.parse_name(str(backend))
     entry = registry.backend(name) if name is not None else None
     if entry is None or entry.memory is None:

@@ -18,12 +18,12 @@ from enum import Enum
 from functools import cached_property
 from typing import Any
 
-from lib_optim import attention as registry
-from lib_optim import env_notes
-from lib_optim.attention import Attention
-from lib_optim.cmdline import ParsedArgs, parse_args
-from lib_optim.flagspec import FlagSpec
-from lib_optim.hostkinds import HostKind
+from lib_optim.attention import registry
+from lib_optim.attention.registry import Attention
+from lib_optim.host_specs.kinds import HostKind
+from lib_optim.launch import env_notes
+from lib_optim.launch.cmdline import ParsedArgs, parse_args
+from lib_optim.launch.flagspec import FlagSpec
 
 A1111 = HostKind.A1111
 FORGE = HostKind.FORGE
@@ -983,7 +983,7 @@ def _module_loading(ctx: CheckContext) -> Iterator[Finding]:
         )
 
 
-# Variables that optimisation notes recommend, against what really reads them (lib_optim/env_notes.py).
+# Variables that optimisation notes recommend, against what really reads them (lib_optim/launch/env_notes.py).
 _ENV_RULE_TITLES = {
     "no-effect-env": "Environment variables that nothing in this WebUI reads (or not at these values).",
     "redundant-env": "Environment variables set to what is already the default, or that the host replaces.",

@@ -1,11 +1,11 @@
 """Predicted peak memory of an SD VAE decode or encode, whole or tiled, and the ``auto`` rule for tiling.
 
-No torch here (like :mod:`lib_optim.planner`): the rule runs before anything is on the GPU.
+No torch here (like :mod:`lib_optim.attention.planner`): the rule runs before anything is on the GPU.
 
 The prediction replays the network's layers in order, counting the bytes of the tensors alive after each
 allocation and free — a ResNet block's input is held by its caller until the block returns, a norm's output
 until the SiLU after it returns, and so on — and reports the most. The layer sequence is the SD
-``AutoencoderKL``'s (see :mod:`lib_optim.sd_vae`); how a host computes each layer changes what is alive:
+``AutoencoderKL``'s (see :mod:`lib_optim.vae.model`); how a host computes each layer changes what is alive:
 
 - ``inplace_silu``: A1111 runs latent diffusion's (SD1) and sgm's (SDXL) VAE, whose ``nonlinearity`` is
   ``x * sigmoid(x)``: while it runs, the block input, the norm output, the sigmoid and the product are alive.
@@ -17,7 +17,7 @@ until the SiLU after it returns, and so on — and reports the most. The layer s
   A1111 keeps when no cross-attention optimization applies to the VAE). A1111's Doggettx forward slices the
   score matrix to fit free memory; count it as ``"sdpa"``.
 - ``device``: on CPU every convolution also holds a copy of its input (and weights) in oneDNN's blocked
-  layout while it runs (measured with :mod:`lib_optim.vae_bench`); on CUDA no workspace is counted (cuDNN's
+  layout while it runs (measured with :mod:`lib_optim.bench.vae`); on CUDA no workspace is counted (cuDNN's
   is small next to these activations, but that is not measured here).
 
 Let ``X = 128·H·W·e`` (one 128-channel activation at the image's size, ``e`` bytes per element, per image).
@@ -25,7 +25,7 @@ A decode peaks in the first ResNet block at full size (256 channels in, 128 out)
 ``5·X`` with Forge's (``7·X`` on CPU) — 2 GiB and 1.25 GiB at 1024² in fp16. The mid block's math attention
 overtakes them above about 1450². An encode peaks in its first level: ``5·X`` (ldm).
 
-Tiled (:mod:`lib_optim.vae_tiling`): the callable level replays the host's whole decoder on one tile, plus the
+Tiled (:mod:`lib_optim.vae.tiling`): the callable level replays the host's whole decoder on one tile, plus the
 float32 output canvas. The module level replays the host's mid block on the whole latent (its output stays
 alive: the tiles are cut from it), then its own executor on one tile — SiLU and the residual add in place, a
 block's input freed after the shortcut: ``4.5·X`` of the tile, at the last upsampling — plus the canvas; with
@@ -375,7 +375,7 @@ def predict_tiled_peak_bytes(
 
     ``inplace_silu``/``attention`` describe the host's modules: what the callable level runs on each tile, and
     the module level's untiled mid block. ``park``: exact-norm tiles waiting for statistics hold their
-    activations off the device (``None`` = as :func:`lib_optim.vae_tiling.tiled_decoder`'s ``park="auto"``:
+    activations off the device (``None`` = as :func:`lib_optim.vae.tiling.tiled_decoder`'s ``park="auto"``:
     on CUDA yes, on CPU no); what they hold there is :func:`predict_parked_bytes`."""
     _check_size(height, width)
     _check("kind", kind, KINDS)

@@ -17,7 +17,7 @@ Architecture (``ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4``):
 Every normalization is ``GroupNorm(32, eps=1e-6)``. A ResNet block is norm → SiLU → conv → norm → SiLU → conv
 plus the input (through a 1×1 ``nin_shortcut`` where the channel count changes).
 
-Memory behaviour follows the hosts, because :mod:`lib_optim.vae_planner` is checked against this module:
+Memory behaviour follows the hosts, because :mod:`lib_optim.vae.planner` is checked against this module:
 SiLU is ``x * sigmoid(x)`` out of place as in latent diffusion's ``nonlinearity`` (A1111 runs ldm/sgm's
 VAE), or in place with ``inplace_silu=True`` as Forge's ResNet blocks do (Forge f2 backend/nn/vae.py:83).
 The mid-block attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (no

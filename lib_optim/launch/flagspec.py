@@ -1,7 +1,7 @@
 """One launch flag of a WebUI host, as its argparse parser defines it.
 
-The generated tables (:mod:`lib_optim.flagtables`, made by tools/gen_flagtables.py from each host's own
-parser code) are tuples of these; the checker's command-line parser (:mod:`lib_optim.cmdline`) reads them
+The generated tables (:mod:`lib_optim.launch.flagtables`, made by tools/gen_flagtables.py from each host's own
+parser code) are tuples of these; the checker's command-line parser (:mod:`lib_optim.launch.cmdline`) reads them
 the way argparse would, and the start-up check adds the flags the running parser really has.
 """
 

@@ -1,0 +1,1 @@
+"""Benchmarks: attention kernels, whole generations, regional compile and the VAE, side by side in one run."""

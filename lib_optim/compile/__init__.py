@@ -1,0 +1,1 @@
+"""Regional torch.compile: each UNet/DiT block compiled on its own, reused, restored exactly."""

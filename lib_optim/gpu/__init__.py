@@ -1,0 +1,1 @@
+"""The machine's GPUs and torch, probed without initialising CUDA where possible."""

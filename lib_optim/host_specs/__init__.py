@@ -1,0 +1,1 @@
+"""What we know about each WebUI host without importing it: its kind, names and how to detect a checkout."""

@@ -1,0 +1,1 @@
+"""The out-of-memory retry: the next, more frugal setting to try after an OOM."""
