@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lib_optim.attention.registry import Attention
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.attention import Attention
+from lib_optim.host_specs import HostKind
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr
 from lib_optim.settings import SETTING_FIELDS, GenerationSettings, VaeTiling
@@ -219,10 +219,10 @@ class HostAdapter(abc.ABC):
         shared by every adapter: ``key`` must identify what the blocks read that torch does not guard — the
         attention implementation above all. Cannot compile here (no C++ compiler, no triton, DirectML…): one
         line naming the fix, the generation runs eagerly, and the reason goes to ``session.data``."""
-        from lib_optim.compile import regional as rc
+        from lib_optim.compile import default_block_names, get_compiler
 
         mode = session.settings.compile.value
-        compiler = rc.get_compiler()
+        compiler = get_compiler()
         ok, why = compiler.availability(device, mode)
         if not ok:
             session.data["compile_unavailable"] = why
@@ -233,7 +233,7 @@ class HostAdapter(abc.ABC):
             session.data["compile_unavailable"] = f"failed before for this model and attention: {known}"
             log.info("compile: skipped (it %s)", session.data["compile_unavailable"])
             return
-        names = blocks if blocks is not None else (*rc.default_block_names("sd"), *rc.default_block_names("flux"))
+        names = blocks if blocks is not None else (*default_block_names("sd"), *default_block_names("flux"))
         application = session.restorer.enter(compiler.apply(root, names, key=key, mode=mode))
         session.data["compile"] = application
         session.restorer.notes.append(f"{label} blocks compiled ({mode}, {application.stats.blocks} blocks)")
@@ -245,7 +245,7 @@ class HostAdapter(abc.ABC):
         exactly when :func:`lib_optim.vae.planner.needs_tiling` says the whole image will not fit in free memory —
         removed again when the session's restorer closes. Every decode/encode is reported to
         ``session.data["vae_tiling_events"]`` (the infotext and telemetry read it)."""
-        from lib_optim.attention.impl import free_memory_bytes
+        from lib_optim.attention import free_memory_bytes
         from lib_optim.vae import tiling as vae_tiling
 
         mode = session.settings.vae_tiling
@@ -292,7 +292,7 @@ class HostAdapter(abc.ABC):
         try:
             import torch
 
-            from lib_optim.attention.impl import free_memory_bytes
+            from lib_optim.attention import free_memory_bytes
             from lib_optim.vae import planner as vae_planner
 
             request = auto_attention_request(p, sys.modules.get("modules.devices"))
@@ -374,7 +374,7 @@ def auto_attention_request(p: Any, devices: Any, *, budget_mb: int | None = None
     """
     import torch
 
-    from lib_optim.attention.impl import free_memory_bytes
+    from lib_optim.attention import free_memory_bytes
 
     width = int(getattr(p, "width", 512) or 512)
     height = int(getattr(p, "height", 512) or 512)

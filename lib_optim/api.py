@@ -23,10 +23,17 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
-from lib_optim.host_specs.kinds import CHECKED_HOSTS, HostKind, parse_host
-from lib_optim.launch.checker import CheckInput, RuntimeFacts, exit_code, run_checks
-from lib_optim.launch.cmdline import split_command_line
-from lib_optim.launch.profiles import PROFILES, ProfileError, resolve
+from lib_optim.host_specs import CHECKED_HOSTS, HostKind, parse_host
+from lib_optim.launch import (
+    PROFILES,
+    CheckInput,
+    ProfileError,
+    RuntimeFacts,
+    exit_code,
+    resolve,
+    run_checks,
+    split_command_line,
+)
 from lib_optim.log import get_logger
 from lib_optim.settings import Allowed, SettingsError, from_script_args, json_schema
 

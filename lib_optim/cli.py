@@ -28,20 +28,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lib_optim import __version__
-from lib_optim.host_specs.detect import detect_kind, extension_dir, find_webui_root
-from lib_optim.host_specs.kinds import PROFILED_HOSTS, HostKind, parse_host
-from lib_optim.launch.checker import (
+from lib_optim.host_specs import PROFILED_HOSTS, HostKind, detect_kind, extension_dir, find_webui_root, parse_host
+from lib_optim.launch import (
     LAUNCHER_FILE_RULE,
     RULES,
     CheckInput,
     Finding,
     RuntimeFacts,
     Severity,
+    env_notes_json,
+    env_notes_markdown,
     exit_code,
     rules_markdown,
     run_checks,
 )
-from lib_optim.launch.env_notes import env_notes_json, env_notes_markdown
 
 EX_USAGE = 64
 EX_REFUSED = 1
@@ -279,7 +279,7 @@ def _launch_input(args: argparse.Namespace) -> LaunchInput:
     extra = list(getattr(args, "args", []) or [])
     if extra and extra[0] == "--":
         extra = extra[1:]
-    from lib_optim.launch.doctor import effective_argv
+    from lib_optim.launch import effective_argv
 
     result.argv = effective_argv(extra, env)
     return result
@@ -300,8 +300,8 @@ def _with_file_findings(findings: list[Finding], launch: LaunchInput) -> list[Fi
 
 
 def _probe_facts() -> RuntimeFacts:
-    from lib_optim.gpu.probe import probe_system
-    from lib_optim.launch.doctor import nvidia_on_pci_bus, runtime_facts
+    from lib_optim.gpu import probe_system
+    from lib_optim.launch import nvidia_on_pci_bus, runtime_facts
 
     return runtime_facts(probe_system(), nvidia_present=nvidia_on_pci_bus())
 
@@ -362,8 +362,8 @@ def _webui_user_path(root: Path | None) -> str:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from lib_optim.gpu.probe import probe_system
-    from lib_optim.launch.doctor import doctor, nvidia_on_pci_bus
+    from lib_optim.gpu import probe_system
+    from lib_optim.launch import nvidia_on_pci_bus, run_doctor
 
     choice = resolve_host(args.host, args.file.parent if args.file else None)
     launch = _launch_input(args)
@@ -372,7 +372,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     system = probe_system()
     nvidia_present = nvidia_on_pci_bus()
     reports = [
-        doctor(host, system, args=launch.argv, env=env, pci=lambda: nvidia_present, webui_root=choice.root)
+        run_doctor(host, system, args=launch.argv, env=env, pci=lambda: nvidia_present, webui_root=choice.root)
         for host in choice.hosts
     ]
     # doctor runs the checker on argv and env alone: the file's own findings join here
@@ -440,8 +440,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _auto_profile_name() -> str:
-    from lib_optim.gpu.probe import probe_system
-    from lib_optim.launch.doctor import nvidia_on_pci_bus, recommend_profile
+    from lib_optim.gpu import probe_system
+    from lib_optim.launch import nvidia_on_pci_bus, recommend_profile
 
     name, reason = recommend_profile(probe_system(), nvidia_on_pci_bus())
     _err(f"auto: {name} ({reason})")
@@ -449,7 +449,7 @@ def _auto_profile_name() -> str:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from lib_optim.launch.profiles import (
+    from lib_optim.launch import (
         PROFILES,
         ProfileError,
         apply_profile,
@@ -618,7 +618,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "<WebUI folder>\\venv\\Scripts\\python), or pip install torch"
         )
     try:
-        from lib_optim.bench.attention import format_table, run_bench, to_json, write_plot
+        from lib_optim.bench import attention_bench_json as to_json
+        from lib_optim.bench import attention_bench_table as format_table
+        from lib_optim.bench import run_attention_bench as run_bench
+        from lib_optim.bench import write_attention_plot as write_plot
     except (ImportError, OSError) as exc:  # torch is there but does not load (a DLL, a half-installed wheel)
         raise UsageError(f"bench cannot load torch in this Python ({sys.executable}): {exc}") from None
 
@@ -637,8 +640,8 @@ def _bench_compile(args: argparse.Namespace) -> int:
     """``bench --compile``: eager vs regional compile at two latent sizes (a size change included, as in use)."""
     import torch
 
-    from lib_optim.bench.compile import format_compile_table, run_compile_bench
-    from lib_optim.compile.regional import compile_availability
+    from lib_optim.bench import format_compile_table, run_compile_bench
+    from lib_optim.compile import compile_availability
 
     device = args.device
     ok, why = compile_availability(device)
@@ -656,7 +659,9 @@ def _bench_compile(args: argparse.Namespace) -> int:
 
 def _bench_vae(args: argparse.Namespace) -> int:
     """``bench --vae``: the random-weight SD VAE's decode, untiled vs tiled, each size in its own process (peaks)."""
-    from lib_optim.bench.vae import format_vae_table, run_vae_bench, to_json
+    from lib_optim.bench import run_vae_bench
+    from lib_optim.bench import vae_bench_json as to_json
+    from lib_optim.bench import vae_bench_table as format_vae_table
 
     sizes = (1024,) if args.quick else (1024, 2048)
     result = run_vae_bench(sizes, device=args.device, dtype=args.dtype)
@@ -716,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rules": cmd_rules,
         "bench": cmd_bench,
     }
-    from lib_optim.launch.profiles import ProfileError
+    from lib_optim.launch import ProfileError
     from lib_optim.webui_user import WriteRefused
 
     try:

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from lib_optim import __version__
 from lib_optim.adapter import HostAdapter, Session
-from lib_optim.host_specs.kinds import HostKind
-from lib_optim.launch.checker import Finding, Severity
+from lib_optim.host_specs import HostKind
+from lib_optim.launch import Finding, Severity
 from lib_optim.log import get_logger
-from lib_optim.oom.retry import FallbackStep, is_out_of_memory, next_frugal
+from lib_optim.oom import FallbackStep, is_out_of_memory, next_frugal
 from lib_optim.patching import Restorer
 from lib_optim.settings import Attention, GenerationSettings, format_infotext
 from lib_optim.telemetry import GenerationMeter, Telemetry, format_status
 
 if TYPE_CHECKING:  # only a type here: the benchmark's module is not needed to run a generation
-    from lib_optim.bench.generation import CandidateResult
+    from lib_optim.bench import CandidateResult
 
 log = get_logger(__name__)
 

@@ -19,9 +19,8 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
-from lib_optim.attention import registry
-from lib_optim.attention.registry import Attention
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.attention import Attention, for_host, parse_name
+from lib_optim.host_specs import HostKind
 
 
 class Tri(str, Enum):
@@ -117,7 +116,7 @@ class AttentionKind(FieldKind):
     control = "dropdown"
 
     def names(self, host: HostKind | None, allowed: Sequence[str] | None) -> list[str]:
-        known = registry.for_host(host) if host is not None else tuple(Attention)
+        known = for_host(host) if host is not None else tuple(Attention)
         return [a.value for a in known if allowed is None or a.value in allowed]
 
     def parse(self, field: str, value: object, host: HostKind | None, allowed: Sequence[str] | None) -> Attention:
@@ -125,9 +124,7 @@ class AttentionKind(FieldKind):
         text = ", ".join(names)
         if value is None:
             return Attention.HOST
-        result = (
-            value if isinstance(value, Attention) else registry.parse_name(value) if isinstance(value, str) else None
-        )
+        result = value if isinstance(value, Attention) else parse_name(value) if isinstance(value, str) else None
         if result is None:
             raise SettingsError(field, value, text)
         if result.value not in names:

@@ -16,8 +16,8 @@ from typing import Any
 import gradio as gr
 
 from lib_optim.adapter import BackendInfo
-from lib_optim.host_specs.kinds import HostKind
-from lib_optim.launch.profiles import PROFILES, ProfileError, resolve
+from lib_optim.host_specs import HostKind
+from lib_optim.launch import PROFILES, ProfileError, resolve
 from lib_optim.settings import (
     FIELDS,
     FIELDS_BY_NAME,
@@ -274,7 +274,7 @@ def build_bench_tab(
     ``gr.Progress`` works in gradio 3.41 and 4.40 for queued events (both hosts enable the queue). Returns
     what ``script_callbacks.on_ui_tabs`` expects for one tab: ``(blocks, title, elem_id)``.
     """
-    from lib_optim.bench.generation import (
+    from lib_optim.bench import (
         DEFAULT_PROMPT,
         KIND_LABELS,
         REPEATS_MAX,

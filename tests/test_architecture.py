@@ -81,8 +81,91 @@ def test_the_core_never_imports_the_host_glue() -> None:
 def test_the_walk_sees_lazy_imports() -> None:
     # the test above is only as good as the graph: a function-level import counts
     graph = import_graph()
-    assert "lib_optim.bench.attention" in graph["lib_optim.cli"]  # imported inside cmd_bench
+    assert "lib_optim.bench" in graph["lib_optim.cli"]  # imported inside cmd_bench
     assert "lib_optim.hosts.common" in graph["lib_optim.hosts.optim_tab"]
+
+
+# --- the house: a small core at the top, each feature family a wing -----------------------------------------
+
+TOP_LEVEL_LIMIT = 12
+
+
+def wings() -> list[str]:
+    return sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+
+
+def test_the_top_level_is_a_small_core() -> None:
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= TOP_LEVEL_LIMIT, f"{len(top)} modules at the top of lib_optim (at most {TOP_LEVEL_LIMIT}): {top}"
+
+
+def wing_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in wings()) else None
+
+
+def published(wing: str) -> set[str]:
+    """What a wing's face lists in ``__all__`` (names, and the modules it publishes whole), read without importing."""
+    tree = ast.parse((PACKAGE / wing / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+            return {elt.value for elt in ast.walk(node.value) if isinstance(elt, ast.Constant)}
+    return set()
+
+
+def reaches_inside(dep: str, mine: str | None) -> bool:
+    wing = wing_of(dep)
+    if wing in (None, mine) or dep.count(".") < 2:
+        return False
+    return dep.split(".")[2] not in published(wing)
+
+
+def test_a_wing_is_entered_through_its_face() -> None:
+    """A module imports its own wing's modules and the core freely, but another wing only through that wing's
+    ``__init__`` (its face): ``from lib_optim.attention import Attention``, never ``lib_optim.attention.registry``
+    (unless the face publishes that module whole in ``__all__``, as ``vae`` does ``tiling``).
+    The host glue (hosts/) and the webui_user readers are wings too."""
+    offenders = {}
+    for name, deps in import_graph().items():
+        mine = wing_of(name)
+        inside = sorted(d for d in deps if reaches_inside(d, mine))
+        if inside:
+            offenders[name] = inside
+    assert offenders == {}
+
+
+def test_the_face_rule_sees_a_reach_inside() -> None:
+    # the rule above is only as good as wing_of: a module of one wing naming another wing's module is caught
+    assert wing_of("lib_optim.attention.registry") == "attention"
+    assert wing_of("lib_optim.attention") == "attention"
+    assert wing_of("lib_optim.settings") is None
+    deps = {"lib_optim.attention.registry", "lib_optim.settings", "lib_optim.vae", "lib_optim.vae.tiling"}
+    assert sorted(d for d in deps if reaches_inside(d, "launch")) == ["lib_optim.attention.registry"]
+    assert not reaches_inside("lib_optim.attention.registry", "attention")
+
+
+def test_every_face_export_resolves() -> None:
+    # a face's lazy names (torch-heavy modules load on first use) must exist where they point
+    pytest.importorskip("torch")
+    import importlib
+
+    for wing in wings():
+        face = importlib.import_module(f"lib_optim.{wing}")
+        for name in getattr(face, "__all__", ()):
+            assert getattr(face, name) is not None, f"lib_optim.{wing}.{name}"
+
+
+def test_importing_a_wing_face_stays_cheap() -> None:
+    # the CLI's checker and doctor import faces; none of them may pull in torch
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lib_optim.attention, lib_optim.bench, lib_optim.launch, lib_optim.vae, lib_optim.compile, "
+        "lib_optim.gpu, lib_optim.oom, lib_optim.host_specs, lib_optim.settings; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # --- a new attention backend is one registry entry ---------------------------------------------------------

@@ -583,7 +583,7 @@ extensions' preload.py files can add more flags; those are not in these tables. 
 
 from __future__ import annotations
 
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.host_specs import HostKind
 from lib_optim.launch.flagspec import FlagSpec
 '''
 

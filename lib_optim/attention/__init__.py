@@ -1,1 +1,87 @@
-"""Attention backends: the registry, our own implementations, their memory model and the planner."""
+"""Attention backends: the registry, our own implementations, their memory model and the planner.
+
+This is the wing's face: other parts of lib_optim import from here, never from the modules inside.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lib_optim.attention.planner import (
+    MIB,
+    AttnShape,
+    attention_shapes,
+    choose_auto_attention,
+    choose_for_shapes,
+    predict_peak_bytes,
+)
+from lib_optim.attention.registry import (
+    A1111_NONE_TITLE,
+    DIRECTML_UNSAFE,
+    A1111Optimizer,
+    Attention,
+    AttentionBackend,
+    ForgeFunctions,
+    LdmPatchedFunctions,
+    algorithms,
+    backend,
+    backends,
+    by_a1111_title,
+    by_forge_function,
+    by_ldm_patched_function,
+    directml_reason,
+    for_host,
+    frugal_order,
+    parse_name,
+    register,
+    unregister,
+)
+
+if TYPE_CHECKING:  # the torch-heavy module loads on first use, so importing the wing stays cheap
+    from lib_optim.attention import impl
+    from lib_optim.attention.impl import free_memory_bytes
+
+_LAZY = {
+    "free_memory_bytes": ("lib_optim.attention.impl", "free_memory_bytes"),
+    "impl": ("lib_optim.attention.impl", None),  # our implementations of every algorithm, as a module
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    loaded = importlib.import_module(module)
+    return loaded if attribute is None else getattr(loaded, attribute)
+
+
+__all__ = [
+    "A1111_NONE_TITLE",
+    "DIRECTML_UNSAFE",
+    "MIB",
+    "A1111Optimizer",
+    "Attention",
+    "AttentionBackend",
+    "AttnShape",
+    "ForgeFunctions",
+    "LdmPatchedFunctions",
+    "algorithms",
+    "attention_shapes",
+    "backend",
+    "backends",
+    "by_a1111_title",
+    "by_forge_function",
+    "by_ldm_patched_function",
+    "choose_auto_attention",
+    "choose_for_shapes",
+    "directml_reason",
+    "for_host",
+    "free_memory_bytes",
+    "frugal_order",
+    "impl",
+    "parse_name",
+    "predict_peak_bytes",
+    "register",
+    "unregister",
+]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lib_optim.attention import memory as mem
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.host_specs import HostKind
 
 
 class _AttentionMeta(type):

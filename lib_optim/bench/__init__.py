@@ -1,1 +1,73 @@
 """Benchmarks: attention kernels, whole generations, regional compile and the VAE, side by side in one run."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lib_optim.bench import generation
+from lib_optim.bench.generation import (
+    DEFAULT_PROMPT,
+    KIND_LABELS,
+    REPEATS_MAX,
+    SIZE_MAX,
+    SIZE_MIN,
+    SIZE_STEP,
+    STEPS_MAX,
+    STEPS_MIN,
+    BenchCandidate,
+    CandidateResult,
+)
+
+if TYPE_CHECKING:  # the torch-heavy modules load on first use, so importing the wing stays cheap
+    from lib_optim.bench.attention import format_table as attention_bench_table
+    from lib_optim.bench.attention import run_bench as run_attention_bench
+    from lib_optim.bench.attention import to_json as attention_bench_json
+    from lib_optim.bench.attention import write_plot as write_attention_plot
+    from lib_optim.bench.compile import format_compile_table, run_compile_bench
+    from lib_optim.bench.vae import format_vae_table as vae_bench_table
+    from lib_optim.bench.vae import run_vae_bench
+    from lib_optim.bench.vae import to_json as vae_bench_json
+
+_LAZY = {
+    "attention_bench_json": ("lib_optim.bench.attention", "to_json"),
+    "attention_bench_table": ("lib_optim.bench.attention", "format_table"),
+    "format_compile_table": ("lib_optim.bench.compile", "format_compile_table"),
+    "run_attention_bench": ("lib_optim.bench.attention", "run_bench"),
+    "run_compile_bench": ("lib_optim.bench.compile", "run_compile_bench"),
+    "run_vae_bench": ("lib_optim.bench.vae", "run_vae_bench"),
+    "vae_bench_json": ("lib_optim.bench.vae", "to_json"),
+    "vae_bench_table": ("lib_optim.bench.vae", "format_vae_table"),
+    "write_attention_plot": ("lib_optim.bench.attention", "write_plot"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    return getattr(importlib.import_module(module), attribute)
+
+
+__all__ = [
+    "DEFAULT_PROMPT",
+    "KIND_LABELS",
+    "REPEATS_MAX",
+    "SIZE_MAX",
+    "SIZE_MIN",
+    "SIZE_STEP",
+    "STEPS_MAX",
+    "STEPS_MIN",
+    "BenchCandidate",
+    "CandidateResult",
+    "attention_bench_json",
+    "attention_bench_table",
+    "format_compile_table",
+    "generation",
+    "run_attention_bench",
+    "run_compile_bench",
+    "run_vae_bench",
+    "vae_bench_json",
+    "vae_bench_table",
+    "write_attention_plot",
+]

@@ -45,9 +45,16 @@ from typing import Any
 
 import torch
 
-from lib_optim.attention import impl, registry
-from lib_optim.attention.planner import MIB, AttnShape, attention_shapes, choose_for_shapes, predict_peak_bytes
-from lib_optim.attention.registry import Attention
+from lib_optim.attention import (
+    MIB,
+    Attention,
+    AttnShape,
+    algorithms,
+    attention_shapes,
+    choose_for_shapes,
+    impl,
+    predict_peak_bytes,
+)
 from lib_optim.log import get_logger
 
 log = get_logger(__name__)
@@ -69,7 +76,7 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 def host_backends() -> list[Attention]:
     """The algorithms both main hosts can switch to per generation: what `auto` chooses among here (the rest
     are shown for comparison)."""
-    return [b.name for b in registry.algorithms() if b.a1111 is not None and b.forge is not None]
+    return [b.name for b in algorithms() if b.a1111 is not None and b.forge is not None]
 
 
 STEP_LABEL = "UNet step (its calls summed)"

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_optim.compile.regional import RegionalCompiler, default_block_names
+from lib_optim.compile import RegionalCompiler, default_block_names
 from lib_optim.log import get_logger
 
 log = get_logger(__name__)

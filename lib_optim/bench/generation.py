@@ -23,8 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lib_optim.attention.registry import Attention
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.attention import Attention
+from lib_optim.host_specs import HostKind
 from lib_optim.settings import (
     FIELDS_BY_NAME,
     SETTING_FIELDS,

@@ -116,8 +116,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from lib_optim.bench.attention import PeakMeter
+    from lib_optim.vae import build_sd_vae
     from lib_optim.vae import tiling as vae_tiling
-    from lib_optim.vae.model import build_sd_vae
 
     device = torch.device(spec.get("device", "cpu"))
     if spec.get("threads"):
@@ -172,7 +172,7 @@ def psnr_db(a: Any, b: Any) -> float:
 
 
 def _free_bytes(device: str) -> int:
-    from lib_optim.attention.impl import free_memory_bytes
+    from lib_optim.attention import free_memory_bytes
 
     return free_memory_bytes(device)
 

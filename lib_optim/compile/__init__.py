@@ -1,1 +1,12 @@
 """Regional torch.compile: each UNet/DiT block compiled on its own, reused, restored exactly."""
+
+from __future__ import annotations
+
+from lib_optim.compile.regional import RegionalCompiler, compile_availability, default_block_names, get_compiler
+
+__all__ = [
+    "RegionalCompiler",
+    "compile_availability",
+    "default_block_names",
+    "get_compiler",
+]

@@ -117,7 +117,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lib_optim.log import get_logger
-from lib_optim.oom.retry import is_out_of_memory
+from lib_optim.oom import is_out_of_memory
 
 log = get_logger(__name__)
 

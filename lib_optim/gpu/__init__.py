@@ -1,1 +1,10 @@
 """The machine's GPUs and torch, probed without initialising CUDA where possible."""
+
+from __future__ import annotations
+
+from lib_optim.gpu.probe import SystemFacts, probe_system
+
+__all__ = [
+    "SystemFacts",
+    "probe_system",
+]

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_optim.adapter import HostAdapter
-from lib_optim.host_specs.detect import HostCheckout, detect_kind
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.host_specs import HostCheckout, HostKind, detect_kind
 from lib_optim.log import get_logger
 
 log = get_logger(__name__)

@@ -38,10 +38,8 @@ from typing import Any
 
 from lib_optim import adapter as base
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
-from lib_optim.attention import registry
-from lib_optim.attention.planner import choose_auto_attention
-from lib_optim.attention.registry import A1111_NONE_TITLE, Attention
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.attention import A1111_NONE_TITLE, Attention, algorithms, choose_auto_attention
+from lib_optim.host_specs import HostKind
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
 from lib_optim.settings import GenerationSettings, Tri, VaeTiling
@@ -54,7 +52,7 @@ NONE_TITLE = A1111_NONE_TITLE  # handled by apply_optimizations itself, never in
 
 def titles() -> dict[Attention, str]:
     """Our names → A1111's optimizer titles, from the registry (title() = "name" or "name - label")."""
-    return {b.name: b.a1111.title for b in registry.algorithms() if b.a1111 is not None}
+    return {b.name: b.a1111.title for b in algorithms() if b.a1111 is not None}
 
 
 _NOT_LISTED_YET = "the WebUI has not listed its attention optimizers yet (startup is not finished)"
@@ -295,7 +293,7 @@ class A1111Adapter(HostAdapter):
             BackendInfo(Attention.HOST, True, setting, "as Settings → Optimizations → Cross attention optimization"),
             BackendInfo(Attention.AUTO, bool(titles), "", "" if titles else _NOT_LISTED_YET),
         ]
-        for entry in registry.algorithms():
+        for entry in algorithms():
             if entry.a1111 is None:
                 continue
             title = entry.a1111.title

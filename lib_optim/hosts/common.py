@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.host_specs import HostKind
 from lib_optim.hosts import create_adapter, detect_running_host
 from lib_optim.log import get_logger
 from lib_optim.runtime import Runtime, get_runtime

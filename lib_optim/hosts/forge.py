@@ -35,10 +35,8 @@ from typing import Any
 
 from lib_optim import adapter as base
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
-from lib_optim.attention import registry
-from lib_optim.attention.planner import choose_auto_attention
-from lib_optim.attention.registry import Attention
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.attention import Attention, algorithms, choose_auto_attention
+from lib_optim.host_specs import HostKind
 from lib_optim.hosts.forge_shared import (
     MB,
     MemoryFormat,
@@ -67,7 +65,7 @@ log = get_logger(__name__)
 def functions() -> dict[Attention, tuple[str, str]]:
     """Each registered backend Forge f2 has: its (UNet/DiT function, VAE single-head spatial function) in
     ``backend.attention`` (docs/hosts.md §3.4)."""
-    return {b.name: (b.forge.unet, b.forge.vae) for b in registry.algorithms() if b.forge is not None}
+    return {b.name: (b.forge.unet, b.forge.vae) for b in algorithms() if b.forge is not None}
 
 
 # Every module global the UNet/DiT function is bound to (docs/hosts.md §3.4).

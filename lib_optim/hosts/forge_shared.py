@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from lib_optim.adapter import BackendInfo, HostAdapter, HostModules, Session
-from lib_optim.attention import registry
-from lib_optim.attention.registry import Attention
+from lib_optim.attention import Attention, directml_reason
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.settings import VaeTiling
@@ -327,7 +326,7 @@ def present_backend_info(
     """Whether the backend ``name``, whose host function ``host_name`` exists, can run here (Forge f2 and
     ldm_patched decide alike): not what torch-directml cannot run (docs/hosts.md §4.8), xformers only when
     ``xformers()`` gives its module (else its reason), SDPA only with torch ≥ 2.0."""
-    reason = registry.directml_reason(name) if directml else ""
+    reason = directml_reason(name) if directml else ""
     if reason:
         return BackendInfo(name, False, host_name, reason)
     if name is Attention.XFORMERS:

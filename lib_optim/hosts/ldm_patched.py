@@ -45,10 +45,8 @@ from typing import Any
 
 from lib_optim import adapter as base
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
-from lib_optim.attention import registry
-from lib_optim.attention.planner import choose_auto_attention
-from lib_optim.attention.registry import Attention
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.attention import Attention, algorithms, choose_auto_attention
+from lib_optim.host_specs import HostKind
 from lib_optim.hosts.forge_shared import (
     MB,
     MemoryFormat,
@@ -93,7 +91,7 @@ _SPLIT_TOLERANCE_MIN = 64 * MB
 def functions() -> dict[Attention, tuple[str, str]]:
     """Each registered backend these hosts have: (UNet function in ``ldm_patched.ldm.modules.attention``, VAE
     function in ``ldm_patched.ldm.modules.diffusionmodules.model``) (docs/hosts.md §3.5, §3.6)."""
-    return {b.name: (b.ldm_patched.unet, b.ldm_patched.vae) for b in registry.algorithms() if b.ldm_patched is not None}
+    return {b.name: (b.ldm_patched.unet, b.ldm_patched.vae) for b in algorithms() if b.ldm_patched is not None}
 
 
 def fixed_reserve(nbytes: int) -> Callable[[], int]:

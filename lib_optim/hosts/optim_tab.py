@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from lib_optim.adapter import HostModules
-from lib_optim.attention.registry import Attention
+from lib_optim.attention import Attention
+from lib_optim.bench import BenchCandidate, CandidateResult
 from lib_optim.bench import generation as generation_bench
-from lib_optim.bench.generation import BenchCandidate, CandidateResult
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.host_specs import HostKind
 from lib_optim.hosts.common import defaults_from_options, ensure_runtime, first_line, optim_script
 from lib_optim.log import get_logger
-from lib_optim.oom.retry import is_out_of_memory
+from lib_optim.oom import is_out_of_memory
 from lib_optim.runtime import get_runtime
 from lib_optim.settings import FIELD_NAMES, GenerationSettings, SettingsError, from_dict
 from lib_optim.telemetry import GenerationMeter

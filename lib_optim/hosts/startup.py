@@ -17,13 +17,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lib_optim.attention import registry
-from lib_optim.attention.registry import Attention
-from lib_optim.host_specs.kinds import CHECKED_HOSTS, HostKind
+from lib_optim.attention import Attention, algorithms
+from lib_optim.host_specs import CHECKED_HOSTS, HostKind
 from lib_optim.hosts import detect_running_host
-from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, run_checks
-from lib_optim.launch.flagspec import FlagSpec, TakesValue
-from lib_optim.launch.profiles import HostProfile, ProfileError, get_profile, profile_names, resolve
+from lib_optim.launch import (
+    CheckInput,
+    Finding,
+    FlagSpec,
+    HostProfile,
+    ProfileError,
+    RuntimeFacts,
+    TakesValue,
+    get_profile,
+    profile_names,
+    resolve,
+    run_checks,
+)
 from lib_optim.log import get_logger, setup_console_logging
 from lib_optim.runtime import get_runtime
 from lib_optim.settings import Tri
@@ -155,8 +164,8 @@ def format_block(findings: Sequence[Finding], host: HostKind) -> str:
 
 
 def _facts() -> RuntimeFacts:
-    from lib_optim.gpu.probe import probe_system
-    from lib_optim.launch.doctor import nvidia_on_pci_bus, runtime_facts
+    from lib_optim.gpu import probe_system
+    from lib_optim.launch import nvidia_on_pci_bus, runtime_facts
 
     # No torch queries: on A1111 they could initialise CUDA before the allocator settings are final.
     system = probe_system(use_torch=False, allow_cuda_init=False)
@@ -199,8 +208,8 @@ def preload(parser: argparse.ArgumentParser) -> None:
 def apply_startup_profile(parser: argparse.ArgumentParser, name: str, host: HostKind) -> None:
     if name.strip().lower() == "auto":
         # the doctor's choice: never `cpu` while a GPU is present, even one whose size cannot be read here
-        from lib_optim.gpu.probe import probe_system
-        from lib_optim.launch.doctor import nvidia_on_pci_bus, recommend_profile
+        from lib_optim.gpu import probe_system
+        from lib_optim.launch import nvidia_on_pci_bus, recommend_profile
 
         name, why = recommend_profile(probe_system(use_torch=False), nvidia_on_pci_bus())
         log.info("--optim-profile auto: %s (%s)", name, why)
@@ -284,7 +293,7 @@ def _apply_forge(hp: HostProfile) -> tuple[list[str], list[str]]:
         memory_management.VAE_DTYPES = [torch.float32]
         applied.append("VAE on CPU (float32)")
     attention = hp.generation.attention
-    flags = {b.name: b.forge.flag for b in registry.algorithms() if b.forge is not None and b.forge.flag}
+    flags = {b.name: b.forge.flag for b in algorithms() if b.forge is not None and b.forge.flag}
     if attention in flags and "backend.attention" not in sys.modules:
         # backend.attention picks its function when first imported, after preload (docs/hosts.md §3.3): the
         # flags of its exclusive group decide, with xformers off.
@@ -330,9 +339,7 @@ def _apply_ldm_patched(hp: HostProfile, host: HostKind) -> tuple[list[str], list
             mm.VAE_DTYPE = torch.float32
         applied.append("VAE on CPU (float32)")
     attention = hp.generation.attention
-    flags = {
-        b.name: b.ldm_patched.flag for b in registry.algorithms() if b.ldm_patched is not None and b.ldm_patched.flag
-    }
+    flags = {b.name: b.ldm_patched.flag for b in algorithms() if b.ldm_patched is not None and b.ldm_patched.flag}
     if attention in flags and ATTENTION not in sys.modules:
         for name, flag in flags.items():
             setattr(args, flag.removeprefix("--").replace("-", "_"), name is attention)

@@ -12,11 +12,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lib_optim.adapter import NotSupportedHere
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.host_specs import HostKind
 from lib_optim.hosts import common, optim_tab
 from lib_optim.hosts.common import SECTION, SETTINGS_CATEGORY, defaults_from_options, ensure_runtime, optim_script
 from lib_optim.log import get_logger, setup_console_logging
-from lib_optim.oom.retry import infotext_note
+from lib_optim.oom import infotext_note
 from lib_optim.runtime import Runtime, compile_summary, compiled_text, get_runtime, vae_tiling_summary
 from lib_optim.settings import (
     FIELDS_BY_NAME,
@@ -211,7 +211,7 @@ def announce_compile(message: str) -> None:
 
 
 def install_compile_announcer() -> None:
-    from lib_optim.compile.regional import get_compiler
+    from lib_optim.compile import get_compiler
 
     get_compiler().on_compile = announce_compile
 
@@ -405,7 +405,7 @@ def register_api(app: Any) -> None:
             rt.adapter.validate(settings)
 
     def system() -> dict[str, Any]:
-        from lib_optim.gpu.probe import probe_system
+        from lib_optim.gpu import probe_system
 
         return probe_system(allow_cuda_init=False).to_dict()
 

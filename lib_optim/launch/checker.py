@@ -18,9 +18,8 @@ from enum import Enum
 from functools import cached_property
 from typing import Any
 
-from lib_optim.attention import registry
-from lib_optim.attention.registry import Attention
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.attention import A1111_NONE_TITLE, Attention, algorithms, backend
+from lib_optim.host_specs import HostKind
 from lib_optim.launch import env_notes
 from lib_optim.launch.cmdline import ParsedArgs, parse_args
 from lib_optim.launch.flagspec import FlagSpec
@@ -640,9 +639,9 @@ def _a1111_optimizers() -> list[tuple[str, str, int, int]]:
     """A1111's optimizers with a launch flag: (A1111's name, flag, priority, list order), from the registry
     (docs/hosts.md §3.1). "None" is not an optimizer: --disable-opt-split-attention turns them all off."""
     out = []
-    for entry in registry.algorithms():
+    for entry in algorithms():
         opt = entry.a1111
-        if opt is not None and opt.flag and opt.title != registry.A1111_NONE_TITLE:
+        if opt is not None and opt.flag and opt.title != A1111_NONE_TITLE:
             out.append((opt.title.split(" - ")[0], opt.flag, opt.priority, opt.order))
     return out
 
@@ -702,7 +701,7 @@ def _several_attention(ctx: CheckContext) -> Iterator[Finding]:
 def _forge_attention_flags(host: HostKind) -> list[str]:
     """The launch flags that choose a Forge backend's attention function (the registry's Forge bindings)."""
     out = []
-    for entry in registry.algorithms():
+    for entry in algorithms():
         binding = entry.forge if host is FORGE else entry.ldm_patched
         if binding is not None and binding.flag and binding.flag not in out:
             out.append(binding.flag)
@@ -717,7 +716,7 @@ def _forge_attention_flags(host: HostKind) -> list[str]:
 )
 def _attention_flag_overridden(ctx: CheckContext) -> Iterator[Finding]:
     flags = [o for o in _forge_attention_flags(ctx.host) if ctx.has(o)]
-    sdp = registry.backend(Attention.SDP).flag(ctx.host)
+    sdp = backend(Attention.SDP).flag(ctx.host)
     if len(flags) != 1 or flags[0] == sdp or ctx.has("--disable-xformers"):
         return  # two of the group: the launcher exits (exclusive-flags); --attention-pytorch also stops xformers
     if ctx.has("--directml") or ctx.cpu_only:

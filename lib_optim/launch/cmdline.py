@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.host_specs import HostKind
 from lib_optim.launch.flagspec import FlagSpec
 from lib_optim.launch.flagtables import flags_for
 

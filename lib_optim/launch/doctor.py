@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lib_optim.gpu.probe import SystemFacts
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.gpu import SystemFacts
+from lib_optim.host_specs import HostKind
 from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, run_checks
 from lib_optim.launch.cmdline import environment_command_line
 from lib_optim.launch.profiles import ProfileError, choose_auto, get_profile, launch_line, resolve

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.host_specs import HostKind
 
 A1111 = HostKind.A1111
 FORGE = HostKind.FORGE

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.host_specs import HostKind
 from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, Severity, run_checks
 from lib_optim.settings import Attention, GenerationSettings, Tri
 from lib_optim.webui_user import (

@@ -25,8 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lib_optim.attention import registry
-from lib_optim.attention.registry import Attention
+from lib_optim.attention import Attention, frugal_order
 from lib_optim.log import get_logger
 from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, GenerationSettings, Tri, VaeTiling
 
@@ -152,7 +151,7 @@ def _frugal_attention(
 ) -> Attention | None:
     # host/auto say nothing about what ran; the caller's ``current`` does.
     in_use = current if current is not None else base.attention
-    order = registry.frugal_order()
+    order = frugal_order()
     in_use_rank = order.index(in_use) if in_use in order else len(order)
     target = next((a for a in order[:in_use_rank] if a in available), None)
     # The settings may already ask for it (the adapter could not apply it): asking again changes nothing.

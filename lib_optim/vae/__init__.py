@@ -1,1 +1,32 @@
-"""The VAE: a torch-only SD VAE, our exact tiled decoder/encoder and the VAE memory model."""
+"""The VAE: a torch-only SD VAE, our exact tiled decoder/encoder and the VAE memory model.
+
+This is the wing's face: other parts of lib_optim import from here. ``planner`` (the memory model, plain Python)
+and ``tiling`` (the tiled decoder/encoder, torch) are published whole; ``tiling`` loads on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lib_optim.vae import planner
+
+if TYPE_CHECKING:  # the torch-heavy modules load on first use, so importing the wing stays cheap
+    from lib_optim.vae import tiling
+    from lib_optim.vae.model import build_sd_vae
+
+_LAZY = {
+    "build_sd_vae": ("lib_optim.vae.model", "build_sd_vae"),
+    "tiling": ("lib_optim.vae.tiling", None),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    loaded = importlib.import_module(module)
+    return loaded if attribute is None else getattr(loaded, attribute)
+
+
+__all__ = ["build_sd_vae", "planner", "tiling"]
