@@ -118,7 +118,7 @@ def test_attention_aliases(alias, expected):
 @pytest.mark.parametrize(
     ("data", "field", "value"),
     [
-        ({"attention": "flash"}, "attention", "flash"),
+        ({"attention": "warp-drive"}, "attention", "warp-drive"),
         ({"attention": 3}, "attention", 3),
         ({"channels_last": "maybe"}, "channels_last", "maybe"),
         ({"channels_last": 1}, "channels_last", 1),

@@ -22,7 +22,10 @@ from lib_optim.attention.registry import (
     A1111Optimizer,
     Attention,
     AttentionBackend,
+    Binding,
+    Constraints,
     ForgeFunctions,
+    Kernel,
     LdmPatchedFunctions,
     algorithms,
     backend,
@@ -33,6 +36,8 @@ from lib_optim.attention.registry import (
     directml_reason,
     for_host,
     frugal_order,
+    kernel_backends,
+    not_on_host,
     parse_name,
     register,
     unregister,
@@ -41,10 +46,15 @@ from lib_optim.attention.registry import (
 if TYPE_CHECKING:  # the torch-heavy module loads on first use, so importing the wing stays cheap
     from lib_optim.attention import impl
     from lib_optim.attention.impl import free_memory_bytes
+    from lib_optim.attention.kernels import GuardedKernel, host_attention_function, sdpa_with_kernel
 
 _LAZY = {
     "free_memory_bytes": ("lib_optim.attention.impl", "free_memory_bytes"),
     "impl": ("lib_optim.attention.impl", None),  # our implementations of every algorithm, as a module
+    # the kernels we call ourselves, and their glue for the hosts' call sites
+    "GuardedKernel": ("lib_optim.attention.kernels", "GuardedKernel"),
+    "host_attention_function": ("lib_optim.attention.kernels", "host_attention_function"),
+    "sdpa_with_kernel": ("lib_optim.attention.kernels", "sdpa_with_kernel"),
 }
 
 
@@ -64,7 +74,11 @@ __all__ = [
     "Attention",
     "AttentionBackend",
     "AttnShape",
+    "Binding",
+    "Constraints",
     "ForgeFunctions",
+    "GuardedKernel",
+    "Kernel",
     "LdmPatchedFunctions",
     "algorithms",
     "attention_shapes",
@@ -79,9 +93,13 @@ __all__ = [
     "for_host",
     "free_memory_bytes",
     "frugal_order",
+    "host_attention_function",
     "impl",
+    "kernel_backends",
+    "not_on_host",
     "parse_name",
     "predict_peak_bytes",
     "register",
+    "sdpa_with_kernel",
     "unregister",
 ]

@@ -62,6 +62,8 @@ class Attention(str, metaclass=_AttentionMeta):
     INVOKEAI: ClassVar[Attention]
     V1: ClassVar[Attention]
     NONE: ClassVar[Attention]
+    SAGE: ClassVar[Attention]
+    FLASH: ClassVar[Attention]
 
     def __new__(cls, value: object) -> Attention:
         if isinstance(value, Attention):
@@ -129,12 +131,70 @@ class LdmPatchedFunctions:
     flag: str | None
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel we call ourselves (SageAttention, FlashAttention-2…): ``fn`` is ``"module:function"`` or a
+    callable ``(q, k, v, mask=None) -> out`` with q, k, v and out as ``(batch, heads, tokens, dim_head)`` — the
+    layout of ``torch.nn.functional.scaled_dot_product_attention``. Our glue installs it in place of the host's
+    attention function (:mod:`lib_optim.attention.kernels`): on A1111 by wrapping SDPA inside the generation
+    while the host's sdp optimizer is active, on Forge f2 and ldm_patched by rebinding the UNet's attention
+    function; the VAE keeps the host's attention. No launch flag selects it."""
+
+    fn: str | Callable[..., Any]
+    flag: None = None
+
+
+Binding = A1111Optimizer | ForgeFunctions | LdmPatchedFunctions | Kernel
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What a kernel accepts, checked before every call (:meth:`violation`); a call that breaks one runs SDPA.
+
+    ``dtypes``: torch dtype names (``"float16"``); ``max_head_dim``; ``devices``: device types; ``masks``:
+    whether an attention mask is accepted; ``max_tokens``: the longest sequence; ``min_compute_capability``:
+    checked by the availability probe (once), not per call."""
+
+    dtypes: tuple[str, ...] = ()
+    max_head_dim: int | None = None
+    devices: tuple[str, ...] = ()
+    masks: bool = True
+    max_tokens: int | None = None
+    min_compute_capability: tuple[int, int] | None = None
+
+    def violation(self, q: Any, k: Any, v: Any, mask: Any = None) -> str:
+        """ "" when the kernel takes these (batch, heads, tokens, dim_head) tensors, else why not."""
+        dtype = str(q.dtype).removeprefix("torch.")
+        if self.dtypes and (dtype not in self.dtypes or k.dtype != q.dtype or v.dtype != q.dtype):
+            return f"dtype {dtype} (it takes {'/'.join(self.dtypes)})"
+        head_dim = int(q.shape[-1])
+        if self.max_head_dim is not None and max(head_dim, int(v.shape[-1])) > self.max_head_dim:
+            return f"head dim {max(head_dim, int(v.shape[-1]))} > {self.max_head_dim}"
+        if self.devices and q.device.type not in self.devices:
+            return f"device {q.device.type} (it takes {'/'.join(self.devices)})"
+        if not self.masks and mask is not None:
+            return "an attention mask (it takes none)"
+        tokens = max(int(q.shape[-2]), int(k.shape[-2]))
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            return f"sequence length {tokens} > {self.max_tokens}"
+        return ""
+
+
 Availability = Callable[[str], str]  # device type → "" when it can run there, else why (naming the fix)
+
+_LDM_PATCHED_HOSTS = (HostKind.FORGE_PREVIOUS, HostKind.REFORGE)
+_BINDING_TYPES = (A1111Optimizer, ForgeFunctions, LdmPatchedFunctions, Kernel)
 
 
 @dataclass(frozen=True)
 class AttentionBackend:
-    """One registry entry (see the module doc)."""
+    """One registry entry (see the module doc).
+
+    How each host runs it is ``bindings`` (host kind → :data:`Binding`); ``a1111``, ``forge``, ``ldm_patched``
+    (both ldm_patched hosts) and ``kernel`` (a :class:`Kernel` on every host) are shorthands merged into it,
+    an explicit ``bindings`` entry winning. After construction ``a1111``/``forge``/``ldm_patched`` hold the
+    host-function bindings (``ldm_patched`` only when both ldm_patched hosts share one) and ``kernel`` the
+    :class:`Kernel`, if any."""
 
     name: Attention
     title: str  # what the UI shows next to the name
@@ -142,14 +202,43 @@ class AttentionBackend:
     # None for the two choices that are not algorithms (host, auto)
     memory: Callable[[mem.AttnShape, mem.MemoryContext], int] | None = None
     runs_within: Callable[[mem.AttnShape, mem.MemoryContext], bool] | None = None  # extra "it can run" rule
-    speed: Mapping[str, float] = field(default_factory=dict)  # device type → time relative to the best
+    # device type → time relative to the best: the planner's speed rank (its efficiency; ``efficiency()``)
+    speed: Mapping[str, float] = field(default_factory=dict)
     frugal_rank: int | None = None  # out-of-memory fallback order: lower = more frugal; None = never a step
     a1111: A1111Optimizer | None = None
     forge: ForgeFunctions | None = None
     ldm_patched: LdmPatchedFunctions | None = None
+    kernel: Kernel | str | Callable[..., Any] | None = None
+    bindings: Mapping[HostKind, Binding] = field(default_factory=dict)
+    constraints: Constraints | None = None  # what a Kernel accepts per call
     implementation: str | Callable[..., Any] | None = None  # "module:function" (q, k, v) → out, for the bench
     availability: str | Availability | None = None  # "module:function" or a callable; None = always runs
     directml_safe: bool = False  # known to run under torch-directml (docs/hosts.md §4.8)
+
+    def __post_init__(self) -> None:
+        merged: dict[HostKind, Binding] = {}
+        kernel = self.kernel if self.kernel is None or isinstance(self.kernel, Kernel) else Kernel(self.kernel)
+        if kernel is not None:
+            merged.update({host: kernel for host in HostKind})
+        if self.a1111 is not None:
+            merged[HostKind.A1111] = self.a1111
+        if self.forge is not None:
+            merged[HostKind.FORGE] = self.forge
+        if self.ldm_patched is not None:
+            merged.update({host: self.ldm_patched for host in _LDM_PATCHED_HOSTS})
+        merged.update(self.bindings)
+        for host, binding in merged.items():
+            if not isinstance(host, HostKind) or not isinstance(binding, _BINDING_TYPES):
+                raise ValueError(f"[Optim] attention backend {self.name.value!r}: bad binding {host!r}: {binding!r}")
+        ldm = {id(merged.get(h)): merged.get(h) for h in _LDM_PATCHED_HOSTS}
+        shared = next(iter(ldm.values())) if len(ldm) == 1 else None
+        kernels = [b for b in merged.values() if isinstance(b, Kernel)]
+        a1111, forge = merged.get(HostKind.A1111), merged.get(HostKind.FORGE)
+        object.__setattr__(self, "bindings", dict(merged))
+        object.__setattr__(self, "a1111", a1111 if isinstance(a1111, A1111Optimizer) else None)
+        object.__setattr__(self, "forge", forge if isinstance(forge, ForgeFunctions) else None)
+        object.__setattr__(self, "ldm_patched", shared if isinstance(shared, LdmPatchedFunctions) else None)
+        object.__setattr__(self, "kernel", kernels[0] if kernels else None)
 
     @property
     def is_choice(self) -> bool:
@@ -160,39 +249,49 @@ class AttentionBackend:
         """The hosts that can switch to it per generation (host/auto: every host)."""
         if self.is_choice:
             return tuple(HostKind)
-        out = []
-        if self.a1111 is not None:
-            out.append(HostKind.A1111)
-        if self.forge is not None:
-            out.append(HostKind.FORGE)
-        if self.ldm_patched is not None:
-            out += [HostKind.FORGE_PREVIOUS, HostKind.REFORGE]
-        return tuple(out)
+        return tuple(host for host in HostKind if host in self.bindings)
+
+    def binding(self, host: HostKind) -> Binding | None:
+        """How ``host`` runs it (its own optimizer/function, or our :class:`Kernel`), or None."""
+        return self.bindings.get(host)
 
     def flag(self, host: HostKind) -> str | None:
         """The launch flag that selects it on ``host``, if there is one."""
-        binding: Any = {
-            HostKind.A1111: self.a1111,
-            HostKind.FORGE: self.forge,
-            HostKind.FORGE_PREVIOUS: self.ldm_patched,
-            HostKind.REFORGE: self.ldm_patched,
-        }[host]
+        binding = self.bindings.get(host)
         return binding.flag if binding is not None else None
+
+    def not_on(self, host: HostKind) -> str:
+        """ "" when ``host`` can switch to it, else why (the hosts that can)."""
+        if host in self.hosts():
+            return ""
+        where = ", ".join(h.display_name for h in self.hosts()) or "no WebUI"
+        return f"{self.name.value!r} is bound only for {where}, not for {host.display_name}"
+
+    def efficiency(self, device: str) -> float | None:
+        """Its measured or ranked time on ``device`` relative to the best (lower is faster), or None when the
+        entry has no figure for it (the planner then ranks it last)."""
+        value = self.speed.get(device) if device in self.speed else self.speed.get("cuda")
+        return float(value) if value is not None else None
 
     def speed_on(self, device: str) -> float:
         """Rank on ``device`` (``cuda`` for any GPU); unmeasured backends rank last."""
-        table = self.speed.get(device) if device in self.speed else self.speed.get("cuda")
-        return float(table) if table is not None else 10.0
+        value = self.efficiency(device)
+        return value if value is not None else 10.0
 
     def implementation_fn(self) -> Callable[..., Any] | None:
         return _resolve(self.implementation)
 
+    def kernel_fn(self) -> Callable[..., Any] | None:
+        """The :class:`Kernel`'s callable ``(q, k, v, mask=None)``, imported on first use, or None."""
+        return _resolve(self.kernel.fn) if isinstance(self.kernel, Kernel) else None
+
     def unavailable_reason(self, device: str) -> str:
         """ "" when our implementation can run on ``device`` (``cpu``/``cuda``), else why, naming the fix."""
-        if self.implementation is None:
-            return "no implementation outside the WebUI"
         probe = _resolve(self.availability)
-        return str(probe(device)) if probe is not None else ""
+        reason = str(probe(device)) if probe is not None else ""
+        if reason or self.implementation is not None or self.kernel is not None:
+            return reason
+        return "no implementation outside the WebUI"
 
 
 def _resolve(ref: str | Callable[..., Any] | None) -> Callable[..., Any] | None:
@@ -313,6 +412,16 @@ def by_a1111_title(title: str) -> Attention | None:
     return None
 
 
+def kernel_backends() -> list[AttentionBackend]:
+    """The backends that are a :class:`Kernel` we call ourselves on at least one host."""
+    return [b for b in _REGISTRY.entries() if b.kernel is not None]
+
+
+def not_on_host(name: Attention | str, host: HostKind) -> str:
+    """ "" when ``host`` can switch to the backend ``name``, else why (the hosts it is bound for)."""
+    return _REGISTRY.get(name).not_on(host)
+
+
 # --- the backends --------------------------------------------------------------------------------------------
 # Speed: time per attention call relative to the best where memory is not the limit. CPU: ratios measured by
 # `python -m lib_optim bench --quick` on a 2-core x86 machine (torch 2.13, fp32; SD1.5 512², 768², SDXL
@@ -427,6 +536,42 @@ Attention.NONE = register(
     a1111=A1111Optimizer("None", "--disable-opt-split-attention", 0, -1),
     ldm_patched=LdmPatchedFunctions("attention_basic", "normal_attention", None),
     implementation="lib_optim.attention.impl:naive",
+)
+
+# Kernels we call ourselves (Kernel bindings: every host), each checked per call (Constraints) and falling back to
+# SDPA for a call it cannot take. Speed: not measured here (no GPU was lent); the projects' own figures put both
+# ahead of SDPA on sm80+ GPUs (SageAttention's INT8 QK further ahead), so they rank first on CUDA.
+Attention.SAGE = register(
+    "sage",
+    "SageAttention (INT8 QK, pip install sageattention)",
+    aliases=("sageattention", "sage-attention", "sageattn"),
+    memory=mem.lse_peak,  # a fused kernel: no score matrix, like xformers/flash
+    speed={"cuda": 0.7},
+    kernel="lib_optim.attention.kernels:sage",
+    # sageattention/core.py:139-157 (thu-ml/SageAttention d1a57a5): fp16/bf16 only, CUDA sm80/86/89/90/120/121
+    # ("Unsupported CUDA architecture" else); :270-271 "Unsupported head_dim" above 128; sageattn takes no mask
+    constraints=Constraints(
+        dtypes=("float16", "bfloat16"), max_head_dim=128, devices=("cuda",), masks=False,
+        min_compute_capability=(8, 0),
+    ),
+    implementation="lib_optim.attention.kernels:sage_bench",
+    availability="lib_optim.attention.kernels:sage_unavailable_reason",
+)
+Attention.FLASH = register(
+    "flash",
+    "FlashAttention-2 (pip install flash-attn)",
+    aliases=("flash-attn", "flash_attn", "flash-attention", "flashattention", "fa2"),
+    memory=mem.lse_peak,
+    speed={"cuda": 0.85},
+    kernel="lib_optim.attention.kernels:flash",
+    # flash-attention README "Requirements": Ampere/Ada/Hopper, fp16 and bf16, head dims up to 256;
+    # flash_attn/flash_attn_interface.py:33 `assert head_dim <= 256`; flash_attn_func takes no mask (:1156-1168)
+    constraints=Constraints(
+        dtypes=("float16", "bfloat16"), max_head_dim=256, devices=("cuda",), masks=False,
+        min_compute_capability=(8, 0),
+    ),
+    implementation="lib_optim.attention.kernels:flash_bench",
+    availability="lib_optim.attention.kernels:flash_unavailable_reason",
 )
 
 A1111_NONE_TITLE = "None"

@@ -38,7 +38,7 @@ from typing import Any
 
 from lib_optim import adapter as base
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
-from lib_optim.attention import A1111_NONE_TITLE, Attention, algorithms, choose_auto_attention
+from lib_optim.attention import A1111_NONE_TITLE, Attention, Kernel, algorithms, choose_auto_attention, sdpa_with_kernel
 from lib_optim.host_specs import HostKind
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
@@ -294,6 +294,9 @@ class A1111Adapter(HostAdapter):
             BackendInfo(Attention.AUTO, bool(titles), "", "" if titles else _NOT_LISTED_YET),
         ]
         for entry in algorithms():
+            if isinstance(entry.binding(HostKind.A1111), Kernel):
+                out.append(self._kernel_info(entry.name, titles))
+                continue
             if entry.a1111 is None:
                 continue
             title = entry.a1111.title
@@ -304,6 +307,20 @@ class A1111Adapter(HostAdapter):
             else:
                 out.append(BackendInfo(entry.name, False, title, entry.a1111.missing if titles else _NOT_LISTED_YET))
         return out
+
+    def _kernel_info(self, name: Attention, listed: list[str]) -> BackendInfo:
+        """A kernel we call ourselves runs inside the sdp optimizer (:meth:`apply_attention`): available when
+        the WebUI lists sdp and the kernel can run on this device (its registry entry's reason, naming the fix)."""
+        import torch
+
+        sdp_title = titles()[Attention.SDP]
+        if sdp_title not in listed:
+            why = f"runs inside the {sdp_title!r} optimizer, which " + (
+                "the WebUI does not list" if listed else "is not listed yet (startup is not finished)"
+            )
+            return BackendInfo(name, False, name.value, why)
+        reason = name.backend.unavailable_reason("cuda" if torch.cuda.is_available() else "cpu")
+        return BackendInfo(name, not reason, name.value, reason)
 
     def _loaded_sd_model(self) -> Any:
         """The loaded model or None — never ``shared.sd_model``, whose getter loads one (§7.1)."""
@@ -362,11 +379,27 @@ class A1111Adapter(HostAdapter):
     # attention ---------------------------------------------------------------------------------------------
 
     def apply_attention(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        title = self._resolve_title(p, settings, session)
-        session.attention_used = self.attention_label(self.switch_optimizer(session.restorer, title))
+        target = self._resolve_target(p, settings, session)
+        if not isinstance(target.backend.binding(HostKind.A1111), Kernel):
+            session.attention_used = self.attention_label(self.switch_optimizer(session.restorer, titles()[target]))
+            return
+        # A kernel we call ourselves: the sdp optimizer's forward calls torch.nn.functional.
+        # scaled_dot_product_attention at call time with (batch, heads, tokens, dim_head) tensors
+        # (modules/sd_hijack_optimizations.py:524-537); for this generation that function runs the kernel
+        # (calls it cannot take run SDPA, lib_optim.attention.kernels).
+        import torch
 
-    def _resolve_title(self, p: Any, settings: GenerationSettings, session: Session) -> str:
-        """The exact optimizer title for ``settings.attention`` (``auto`` resolved); NotSupportedHere if absent."""
+        self.switch_optimizer(session.restorer, titles()[Attention.SDP])
+        functional = torch.nn.functional
+        wrapper = sdpa_with_kernel(target, functional.scaled_dot_product_attention)
+        session.restorer.enter(
+            patched_attr(functional, "scaled_dot_product_attention", wrapper),
+            note=f"attention {target.value} inside the sdp optimizer (SDPA wrapped)",
+        )
+        session.attention_used = target.value
+
+    def _resolve_target(self, p: Any, settings: GenerationSettings, session: Session) -> Attention:
+        """The backend ``settings.attention`` stands for (``auto`` resolved); NotSupportedHere if not available."""
         backends = self.attention_backends()
         target = settings.attention
         if target is Attention.AUTO:
@@ -389,7 +422,7 @@ class A1111Adapter(HostAdapter):
             raise NotSupportedHere(
                 f"[Optim] attention: {target.value!r} is not available here{why}; allowed: {allowed}"
             )
-        return titles()[target]
+        return target
 
     def _binding_targets(self) -> list[tuple[Any, str]]:
         targets: list[tuple[Any, str]] = []

@@ -35,7 +35,7 @@ from typing import Any
 
 from lib_optim import adapter as base
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
-from lib_optim.attention import Attention, algorithms, choose_auto_attention
+from lib_optim.attention import Attention, Kernel, algorithms, choose_auto_attention, host_attention_function
 from lib_optim.host_specs import HostKind
 from lib_optim.hosts.forge_shared import (
     MB,
@@ -46,6 +46,7 @@ from lib_optim.hosts.forge_shared import (
     diffusion_model,
     dtype_name,
     in_format,
+    kernel_backend_info,
     listed_bindings,
     loaded_sd_model,
     patched_unless_changed,
@@ -148,6 +149,9 @@ class ForgeAdapter(HostAdapter):
                 out.append(BackendInfo(name, False, fn_name, "backend.attention does not have it"))
                 continue
             out.append(present_backend_info(name, fn_name, directml=directml, xformers=self._xformers))
+        for entry in algorithms():
+            if isinstance(entry.binding(self.kind), Kernel):
+                out.append(kernel_backend_info(entry.name, directml=directml, cuda=self._cuda))
         return out
 
     def effective_state(self) -> EffectiveState:
@@ -229,10 +233,16 @@ class ForgeAdapter(HostAdapter):
             target = choice.attention
             session.data["auto_reason"] = choice.reason
             log.info("attention auto → %s", choice.reason)
-        unet_name, vae_name = functions()[target]
-        unet_fn = getattr(attn, unet_name)
-        vae_fn = getattr(attn, vae_name)
         restorer = session.restorer
+        if isinstance(target.backend.binding(self.kind), Kernel):
+            # our kernel in place of the UNet's attention_function, with its signature (backend/attention.py:324);
+            # the VAE keeps the host's function (its one 512-wide head suits no kernel)
+            unet_fn = host_attention_function(target)
+            vae_fn = getattr(attn, "attention_function_single_head_spatial", None)
+        else:
+            unet_name, vae_name = functions()[target]
+            unet_fn = getattr(attn, unet_name)
+            vae_fn = getattr(attn, vae_name)
 
         if target is Attention.XFORMERS:
             xformers, why = self._xformers()

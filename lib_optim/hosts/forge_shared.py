@@ -340,6 +340,17 @@ def present_backend_info(
     return BackendInfo(name, True, host_name)
 
 
+def kernel_backend_info(name: Attention, *, directml: bool, cuda: Callable[[], bool]) -> BackendInfo:
+    """Whether a kernel we call ourselves (a registry Kernel binding: rebound in place of the UNet's attention
+    function) can run here: not under DirectML (docs/hosts.md §4.8), else its registry entry's reason, which
+    names the fix ("pip install …", "needs a CUDA GPU", the compute capability)."""
+    host_name = f"attention_{name.value.replace('-', '_')}"  # what kernels.host_attention_function is called
+    reason = directml_reason(name) if directml else ""
+    if not reason:
+        reason = name.backend.unavailable_reason("cuda" if cuda() else "cpu")
+    return BackendInfo(name, not reason, host_name, reason)
+
+
 # --- VAE tiling ------------------------------------------------------------------------------------------------
 
 

@@ -45,7 +45,14 @@ from typing import Any
 
 from lib_optim import adapter as base
 from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
-from lib_optim.attention import Attention, algorithms, choose_auto_attention
+from lib_optim.attention import (
+    Attention,
+    Kernel,
+    LdmPatchedFunctions,
+    algorithms,
+    choose_auto_attention,
+    host_attention_function,
+)
 from lib_optim.host_specs import HostKind
 from lib_optim.hosts.forge_shared import (
     MB,
@@ -57,6 +64,7 @@ from lib_optim.hosts.forge_shared import (
     diffusion_model,
     dtype_name,
     in_format,
+    kernel_backend_info,
     loaded_sd_model,
     patched_unless_changed,
     present_backend_info,
@@ -88,10 +96,16 @@ _SPLIT_TOLERANCE_FRACTION = 0.05
 _SPLIT_TOLERANCE_MIN = 64 * MB
 
 
-def functions() -> dict[Attention, tuple[str, str]]:
-    """Each registered backend these hosts have: (UNet function in ``ldm_patched.ldm.modules.attention``, VAE
-    function in ``ldm_patched.ldm.modules.diffusionmodules.model``) (docs/hosts.md §3.5, §3.6)."""
-    return {b.name: (b.ldm_patched.unet, b.ldm_patched.vae) for b in algorithms() if b.ldm_patched is not None}
+def functions(host: HostKind | None = None) -> dict[Attention, tuple[str, str]]:
+    """Each registered backend ``host`` (None: both of these hosts) runs with its own functions: (UNet function
+    in ``ldm_patched.ldm.modules.attention``, VAE function in ``ldm_patched.ldm.modules.diffusionmodules.model``)
+    (docs/hosts.md §3.5, §3.6)."""
+    out = {}
+    for b in algorithms():
+        binding = b.ldm_patched if host is None else b.binding(host)
+        if isinstance(binding, LdmPatchedFunctions):
+            out[b.name] = (binding.unet, binding.vae)
+    return out
 
 
 def fixed_reserve(nbytes: int) -> Callable[[], int]:
@@ -237,11 +251,15 @@ class LdmPatchedAdapter(HostAdapter):
             BackendInfo(Attention.AUTO, attn is not None, "", missing),
         ]
         directml = self._directml()
-        for name, (fn_name, vae_name) in functions().items():
+        for name, (fn_name, vae_name) in functions(self.kind).items():
             if attn is None or not callable(getattr(attn, fn_name, None)) or not callable(getattr(vae, vae_name, None)):
                 out.append(BackendInfo(name, False, fn_name, missing or f"this build has no {fn_name}/{vae_name}"))
             else:
                 out.append(present_backend_info(name, fn_name, directml=directml, xformers=self._xformers))
+        for entry in algorithms():
+            if isinstance(entry.binding(self.kind), Kernel):
+                info = kernel_backend_info(entry.name, directml=directml, cuda=self._cuda)
+                out.append(info if attn is not None else BackendInfo(entry.name, False, info.host_name, missing))
         return out
 
     def effective_state(self) -> EffectiveState:
@@ -316,10 +334,15 @@ class LdmPatchedAdapter(HostAdapter):
         target: Attention = settings.attention
         if target is Attention.AUTO:
             target = self._auto(p, settings, session)
-        unet_name, vae_name = functions()[target]
-        unet_fn = getattr(attn, unet_name)
-        vae_fn = getattr(vae_module, vae_name)
         restorer = session.restorer
+        if isinstance(target.backend.binding(self.kind), Kernel):
+            # our kernel in place of optimized_attention(_masked), with attention_pytorch's signature (reForge
+            # attention.py:482); the VAE keeps what it holds (its one 512-wide head suits no kernel)
+            unet_fn, vae_fn = host_attention_function(target), None
+        else:
+            unet_name, vae_name = functions(self.kind)[target]
+            unet_fn = getattr(attn, unet_name)
+            vae_fn = getattr(vae_module, vae_name)
         if target is Attention.XFORMERS:
             vae_fn = self._inject_xformers(attn, vae_module, session, vae_fn)
         elif target is Attention.SDP and self.kind is HostKind.REFORGE:
@@ -342,17 +365,17 @@ class LdmPatchedAdapter(HostAdapter):
             changed += switch.ensure()
         session.data["rebindings"] = switches
 
-        host_vae = tuple(f for f in (getattr(vae_module, n, None) for n in VAE_FUNCTIONS) if f is not None)
-        vae_switch = VaeAttention(host_vae, vae_fn)
-        restorer.callback(vae_switch.restore)
-        vae_blocks = vae_switch.ensure(getattr(self._vae(p), "first_stage_model", None))
-        session.data["vae_attention"] = vae_switch
+        vae_note = "VAE as the host has it"
+        if vae_fn is not None:
+            host_vae = tuple(f for f in (getattr(vae_module, n, None) for n in VAE_FUNCTIONS) if f is not None)
+            vae_switch = VaeAttention(host_vae, vae_fn)
+            restorer.callback(vae_switch.restore)
+            vae_blocks = vae_switch.ensure(getattr(self._vae(p), "first_stage_model", None))
+            session.data["vae_attention"] = vae_switch
+            vae_note = f"VAE {vae_fn.__name__} ({vae_blocks} blocks switched)"
 
         session.attention_used = self.attention_label(unet_fn.__name__)
-        restorer.notes.append(
-            f"attention {unet_fn.__name__} ({changed} bindings switched), VAE {vae_fn.__name__} "
-            f"({vae_blocks} blocks switched)"
-        )
+        restorer.notes.append(f"attention {unet_fn.__name__} ({changed} bindings switched), {vae_note}")
 
     def _auto(self, p: Any, settings: GenerationSettings, session: Session) -> Attention:
         available = [
