@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: the SD VAE decode untiled vs tiled at 1024 and 2048 px (peak memory, seconds, PSNR)",
     )
+    bench.add_argument(
+        "--list-backends",
+        action="store_true",
+        help="instead: every attention backend, whether it runs here (CUDA when torch sees a GPU), and if not why "
+        "and the fix (with --json: as JSON)",
+    )
     return parser
 
 
@@ -594,6 +600,8 @@ def _importable(name: str) -> bool:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.list_backends:
+        return _bench_list_backends(args)
     if args.compile and args.vae:
         raise UsageError("--compile and --vae: choose one (each is its own benchmark)")
     specs = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -633,6 +641,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _out(to_json(result) if args.json else format_table(result))
     if args.plot:
         _err(write_plot(result, args.plot))
+    return 0
+
+
+def _bench_list_backends(args: argparse.Namespace) -> int:
+    """``bench --list-backends``: the attention registry's algorithms, how each host runs them, and whether our
+    implementation or kernel runs here (else the entry's reason, which names the fix)."""
+    from lib_optim.attention import Kernel, algorithms
+
+    has_torch = _importable("torch")
+    device = "cpu"
+    if has_torch:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for entry in algorithms():
+        reason = entry.unavailable_reason(device) if has_torch else f"needs torch in this Python ({sys.executable})"
+        kinds = {h.value: "kernel" if isinstance(b, Kernel) else "host" for h, b in entry.bindings.items()}
+        rows.append({"name": entry.name.value, "title": entry.title, "hosts": kinds, "available": not reason, "reason": reason})
+    if args.json:
+        _out(json.dumps({"device": device, "backends": rows}, indent=2, ensure_ascii=False))
+        return 0
+    lines = [f"attention backends on {device} (hosts: host = the WebUI's own, kernel = ours in its place)"]
+    for row in rows:
+        hosts = ", ".join(f"{h}:{k}" for h, k in row["hosts"].items())
+        status = "available" if row["available"] else f"not here: {row['reason']}"
+        lines.append(f"  {row['name']:<11} {status}\n  {'':<11} {row['title']}; {hosts}")
+    _out("\n".join(lines))
     return 0
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
-from lib_optim.attention import Attention, for_host, parse_name
+from lib_optim.attention import Attention, for_host, not_on_host, parse_name
 from lib_optim.host_specs import HostKind
 
 
@@ -129,7 +129,8 @@ class AttentionKind(FieldKind):
             raise SettingsError(field, value, text)
         if result.value not in names:
             where = f"on {host.display_name}" if host is not None else "here"
-            raise SettingsError(field, value, f"{text} ({where})")
+            why = not_on_host(result, host) if host is not None else ""
+            raise SettingsError(field, value, f"{text} ({where})" + (f"; {why}" if why else ""))
         return result
 
     def to_api(self, value: Attention) -> str:

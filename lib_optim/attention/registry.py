@@ -543,7 +543,7 @@ Attention.NONE = register(
 # ahead of SDPA on sm80+ GPUs (SageAttention's INT8 QK further ahead), so they rank first on CUDA.
 Attention.SAGE = register(
     "sage",
-    "SageAttention (INT8 QK, pip install sageattention)",
+    "SageAttention (INT8-quantized kernel)",
     aliases=("sageattention", "sage-attention", "sageattn"),
     memory=mem.lse_peak,  # a fused kernel: no score matrix, like xformers/flash
     speed={"cuda": 0.7},
@@ -559,7 +559,7 @@ Attention.SAGE = register(
 )
 Attention.FLASH = register(
     "flash",
-    "FlashAttention-2 (pip install flash-attn)",
+    "FlashAttention-2 kernel",
     aliases=("flash-attn", "flash_attn", "flash-attention", "flashattention", "fa2"),
     memory=mem.lse_peak,
     speed={"cuda": 0.85},

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from lib_optim.attention import backend as attention_backend
 from lib_optim.host_specs import HostKind
 from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, Severity, run_checks
 from lib_optim.settings import Attention, GenerationSettings, Tri
@@ -32,6 +33,15 @@ from lib_optim.webui_user import (
 A1111 = HostKind.A1111
 FORGE = HostKind.FORGE
 FORGE_PREVIOUS = HostKind.FORGE_PREVIOUS
+
+
+def _flag(attention: Attention, host: HostKind) -> str:
+    """The launch flag that selects ``attention`` on ``host``: the registry entry's, never written by hand."""
+    flag = attention_backend(attention).flag(host)
+    if flag is None:
+        raise ValueError(f"[Optim] profiles: {attention.value!r} has no launch flag on {host.display_name}")
+    return flag
+
 
 # Fewer, larger cudaMalloc blocks and earlier reclaiming: the usual cure for fragmentation OOMs on small
 # cards. Only keys of the native allocator; never `backend:` (it must be decided before torch loads).
@@ -85,19 +95,19 @@ PROFILES: dict[str, Profile] = {
             "Fits the most: large images, hires fix and SDXL on 8 GB, at some cost in speed.",
             {
                 A1111: HostProfile(
-                    ("--medvram", "--opt-sub-quad-attention"),
+                    ("--medvram", _flag(Attention.SUB_QUAD, A1111)),
                     {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
                     _gen(Attention.SUB_QUAD, Tri.ON),
                     "--medvram keeps one part of the model on the GPU at a time.",
                 ),
                 FORGE: HostProfile(
-                    ("--attention-quad", "--disable-xformers"),
+                    (_flag(Attention.SUB_QUAD, FORGE), "--disable-xformers"),
                     {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
                     _gen(Attention.SUB_QUAD, Tri.ON, 2048),
                     "2 GB inference memory makes Forge offload more weights to keep room for big images.",
                 ),
                 FORGE_PREVIOUS: HostProfile(
-                    ("--attention-quad", "--disable-xformers"),
+                    (_flag(Attention.SUB_QUAD, FORGE_PREVIOUS), "--disable-xformers"),
                     {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
                     _gen(Attention.SUB_QUAD, Tri.ON),
                 ),
@@ -110,7 +120,7 @@ PROFILES: dict[str, Profile] = {
             "Balanced for 8 GB: SD1.5 at full speed, SDXL offloaded part by part.",
             {
                 A1111: HostProfile(
-                    ("--medvram-sdxl", "--opt-sdp-attention"),
+                    ("--medvram-sdxl", _flag(Attention.SDP, A1111)),
                     {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
                     _gen(Attention.SDP),
                 ),
@@ -128,7 +138,7 @@ PROFILES: dict[str, Profile] = {
             8,
             "Fastest on 8 GB for SD1.5-size images; may run out of memory with SDXL or big hires fix.",
             {
-                A1111: HostProfile(("--opt-sdp-attention",), {}, _gen(Attention.SDP)),
+                A1111: HostProfile((_flag(Attention.SDP, A1111),), {}, _gen(Attention.SDP)),
                 FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024)),
                 FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP)),
             },
@@ -140,7 +150,7 @@ PROFILES: dict[str, Profile] = {
             "SDXL on 8 GB: offload SDXL part by part and decode on the CPU so 1024² fits.",
             {
                 A1111: HostProfile(
-                    ("--medvram-sdxl", "--opt-sdp-attention"),
+                    ("--medvram-sdxl", _flag(Attention.SDP, A1111)),
                     {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
                     _gen(Attention.SDP, Tri.ON),
                 ),
@@ -157,7 +167,7 @@ PROFILES: dict[str, Profile] = {
             "SD1.5 and SDXL without offloading; room for hires fix.",
             {
                 A1111: HostProfile(
-                    ("--opt-sdp-attention",),
+                    (_flag(Attention.SDP, A1111),),
                     {"PYTORCH_CUDA_ALLOC_CONF": _BALANCED_ALLOC},
                     _gen(Attention.SDP),
                 ),
@@ -171,7 +181,7 @@ PROFILES: dict[str, Profile] = {
             16,
             "Everything on the GPU; channels-last for tensor-core speed.",
             {
-                A1111: HostProfile(("--opt-sdp-attention",), {}, _gen(Attention.SDP, channels_last=Tri.ON)),
+                A1111: HostProfile((_flag(Attention.SDP, A1111),), {}, _gen(Attention.SDP, channels_last=Tri.ON)),
                 FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024, channels_last=Tri.ON)),
                 FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP, channels_last=Tri.ON)),
             },
@@ -183,7 +193,7 @@ PROFILES: dict[str, Profile] = {
             "Everything on the GPU, fastest attention; keeps models loaded.",
             {
                 A1111: HostProfile(
-                    ("--opt-sdp-no-mem-attention",), {}, _gen(Attention.SDP_NO_MEM, channels_last=Tri.ON)
+                    (_flag(Attention.SDP_NO_MEM, A1111),), {}, _gen(Attention.SDP_NO_MEM, channels_last=Tri.ON)
                 ),
                 FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024, channels_last=Tri.ON)),
                 FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP, channels_last=Tri.ON)),
@@ -277,13 +287,13 @@ _DIRECTML_BASE = ("--directml", "0", "--always-low-vram")
 _DIRECTML_TAIL = ("--vae-in-cpu", "--skip-torch-cuda-test")
 _DIRECTML: dict[str, tuple[tuple[str, ...], Attention, int]] = {
     "8gb-low": (
-        (*_DIRECTML_BASE, "--always-offload-from-vram", "--attention-split", *_DIRECTML_TAIL),
+        (*_DIRECTML_BASE, "--always-offload-from-vram", _flag(Attention.SPLIT, FORGE), *_DIRECTML_TAIL),
         Attention.SPLIT,
         1792,
     ),
-    "8gb-medium": ((*_DIRECTML_BASE, "--attention-split", *_DIRECTML_TAIL), Attention.SPLIT, 2048),
-    "8gb-high": ((*_DIRECTML_BASE, "--attention-quad", *_DIRECTML_TAIL), Attention.SUB_QUAD, 2048),
-    "8gb-xl": ((*_DIRECTML_BASE, "--attention-quad", *_DIRECTML_TAIL), Attention.SUB_QUAD, 2048),
+    "8gb-medium": ((*_DIRECTML_BASE, _flag(Attention.SPLIT, FORGE), *_DIRECTML_TAIL), Attention.SPLIT, 2048),
+    "8gb-high": ((*_DIRECTML_BASE, _flag(Attention.SUB_QUAD, FORGE), *_DIRECTML_TAIL), Attention.SUB_QUAD, 2048),
+    "8gb-xl": ((*_DIRECTML_BASE, _flag(Attention.SUB_QUAD, FORGE), *_DIRECTML_TAIL), Attention.SUB_QUAD, 2048),
 }
 _DIRECTML_NOTE = (
     "DirectML (AMD/Intel on Windows): weights offloaded, VAE on the CPU, split or sub-quadratic attention, "
