@@ -655,11 +655,13 @@ def _bench_list_backends(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
+    rows: list[dict[str, Any]] = []
     for entry in algorithms():
         reason = entry.unavailable_reason(device) if has_torch else f"needs torch in this Python ({sys.executable})"
         kinds = {h.value: "kernel" if isinstance(b, Kernel) else "host" for h, b in entry.bindings.items()}
-        rows.append({"name": entry.name.value, "title": entry.title, "hosts": kinds, "available": not reason, "reason": reason})
+        rows.append(
+            {"name": entry.name.value, "title": entry.title, "hosts": kinds, "available": not reason, "reason": reason}
+        )
     if args.json:
         _out(json.dumps({"device": device, "backends": rows}, indent=2, ensure_ascii=False))
         return 0

@@ -83,7 +83,9 @@ def _unavailable(package: str, function: str, install: str, device: str, minimum
     except ModuleNotFoundError:
         reasons.append(f"{package} is not installed: {install}")
     except Exception as exc:  # noqa: BLE001 - a build that does not match torch raises anything at import
-        reasons.append(f"{package} does not import ({type(exc).__name__}: {exc}); reinstall it for this torch: {install}")
+        reasons.append(
+            f"{package} does not import ({type(exc).__name__}: {exc}); reinstall it for this torch: {install}"
+        )
     if device != "cuda":
         reasons.append("needs a CUDA GPU")
     elif not torch.cuda.is_available():

@@ -551,7 +551,10 @@ Attention.SAGE = register(
     # sageattention/core.py:139-157 (thu-ml/SageAttention d1a57a5): fp16/bf16 only, CUDA sm80/86/89/90/120/121
     # ("Unsupported CUDA architecture" else); :270-271 "Unsupported head_dim" above 128; sageattn takes no mask
     constraints=Constraints(
-        dtypes=("float16", "bfloat16"), max_head_dim=128, devices=("cuda",), masks=False,
+        dtypes=("float16", "bfloat16"),
+        max_head_dim=128,
+        devices=("cuda",),
+        masks=False,
         min_compute_capability=(8, 0),
     ),
     implementation="lib_optim.attention.kernels:sage_bench",
@@ -567,7 +570,10 @@ Attention.FLASH = register(
     # flash-attention README "Requirements": Ampere/Ada/Hopper, fp16 and bf16, head dims up to 256;
     # flash_attn/flash_attn_interface.py:33 `assert head_dim <= 256`; flash_attn_func takes no mask (:1156-1168)
     constraints=Constraints(
-        dtypes=("float16", "bfloat16"), max_head_dim=256, devices=("cuda",), masks=False,
+        dtypes=("float16", "bfloat16"),
+        max_head_dim=256,
+        devices=("cuda",),
+        masks=False,
         min_compute_capability=(8, 0),
     ),
     implementation="lib_optim.attention.kernels:flash_bench",

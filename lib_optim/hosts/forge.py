@@ -279,7 +279,8 @@ class ForgeAdapter(HostAdapter):
             changed += switch.ensure()
         session.data["rebindings"] = switches
         session.attention_used = self.attention_label(unet_fn.__name__)
-        restorer.notes.append(f"attention {unet_fn.__name__}/{vae_fn.__name__} ({changed} bindings switched)")
+        vae_label = getattr(vae_fn, "__name__", "the host's VAE attention")
+        restorer.notes.append(f"attention {unet_fn.__name__}/{vae_label} ({changed} bindings switched)")
 
     # channels-last -----------------------------------------------------------------------------------------
 
