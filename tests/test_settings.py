@@ -150,7 +150,9 @@ def test_attention_allowed_per_host():
     with pytest.raises(SettingsError) as info:
         from_dict({"attention": "invokeai"}, host=HostKind.FORGE)
     assert "on WebUI Forge f2" in str(info.value)
-    assert "invokeai" not in str(info.value).split("allowed:")[1]
+    allowed, _, why = str(info.value).split("allowed:")[1].partition(";")
+    assert "invokeai" not in allowed
+    assert why.strip() == "'invokeai' is bound only for AUTOMATIC1111 WebUI v1.10, not for WebUI Forge f2"
     assert from_dict({"attention": "invokeai"}, host=HostKind.A1111).attention is Attention.INVOKEAI
     for host in HostKind:
         assert Attention.HOST in registry.for_host(host), host
