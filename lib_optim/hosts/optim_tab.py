@@ -22,11 +22,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lib_optim.adapter import HostModules
 from lib_optim.attention import Attention
 from lib_optim.bench import BenchCandidate, CandidateResult
 from lib_optim.bench import generation as generation_bench
 from lib_optim.host_specs import HostKind
+from lib_optim.hosts.base import HostModules
 from lib_optim.hosts.common import defaults_from_options, ensure_runtime, first_line, optim_script
 from lib_optim.log import get_logger
 from lib_optim.oom import is_out_of_memory
