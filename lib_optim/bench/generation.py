@@ -123,9 +123,9 @@ def parse_kinds(value: object) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(k, str) for k in items):
         raise SettingsError("kinds", value, "a list of " + ", ".join(KINDS))
-    out = []
+    out: list[str] = []
     for item in items:
-        name = KIND_ALIASES.get(item, item)
+        name = KIND_ALIASES.get(item, str(item))
         if name not in KINDS:
             raise SettingsError("kinds", item, ", ".join(KINDS))
         out.append(name)
