@@ -5,11 +5,9 @@
 (function () {
     "use strict";
 
-    const TIPS = {
-        attention: "Attention implementation for this generation. host = as the WebUI has it; auto = fastest that fits.",
-        channels_last: "Channels-last memory format for the UNet during this generation (tensor-core GPUs).",
-        vae_on_cpu: "Decode (and in img2img encode) on the CPU in float32, freeing the VAE's GPU memory.",
-        inference_memory_mb: "Forge: GPU memory kept free for computation while the model loads. 0 = as Forge has it.",
+    // The fields' tooltips come from lib_optim/settings.py FIELDS (FieldSpec.tooltip): lib_optim/ui.py puts them
+    // into the status line as <span class="optim-tips" data-tips="{...}">. Only the non-field controls are here.
+    const OWN_TIPS = {
         profile: "Fill the controls with a launch profile's per-generation defaults.",
         refresh: "Refresh the status line (effective attention, checker findings).",
     };
@@ -30,8 +28,22 @@
         return details.textContent.replace(summary ? summary.textContent : "", "").trim();
     }
 
+    function fieldTips(tab) {
+        const status = element(tab, "status");
+        const holder = status && status.querySelector(".optim-tips");
+        if (!holder) {
+            return {};
+        }
+        try {
+            return JSON.parse(holder.dataset.tips || "{}");
+        } catch (error) {
+            console.warn("[Optim] tooltips unreadable:", error);
+            return {};
+        }
+    }
+
     function decorate(tab) {
-        for (const [key, tip] of Object.entries(TIPS)) {
+        for (const [key, tip] of Object.entries({...fieldTips(tab), ...OWN_TIPS})) {
             const el = element(tab, key);
             if (!el) {
                 continue;

@@ -4,8 +4,11 @@
 label and help, and its :class:`FieldKind`, which knows how to read the field from any input (API, UI,
 infotext, Settings page) and how to write it in each form. Validation, the API's single-dict form, the
 UI's positional form (the order of the script's controls), the infotext entry, the ``optim_default_<field>``
-option keys and the JSON schema are all derived from it, so a new field is one :data:`FIELDS` entry (plus a
-dataclass field) and its host behaviour.
+option keys and the JSON schema are all derived from it, and so is every other consumer: the UI's controls and
+their tooltips, the Settings → Optim page, X/Y/Z axes, which fields only matter on a GPU, what the host does now
+(:class:`lib_optim.adapter.EffectiveState`), the benchmark's candidates and the profiles' per-generation defaults.
+A new field is one :data:`FIELDS` entry (plus a dataclass field), its row in :data:`lib_optim.adapter.APPLIERS`
+and its host behaviour (tests/test_fields_everywhere.py proves the rest follows).
 
 Defaults change nothing: a generation with default settings runs exactly as the host would run it without
 the extension.
@@ -14,10 +17,11 @@ the extension.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from dataclasses import field as dataclass_field
 from enum import Enum
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from lib_optim.attention import Attention, for_host, not_on_host, parse_name
 from lib_optim.host_specs import HostKind
@@ -309,6 +313,15 @@ class FieldSpec:
     help: str
     kind: FieldKind
     bench_values: tuple[Any, ...] | None = None  # the values the Optim tab tries (None: every other one)
+    tip: str = ""  # the UI control's tooltip (javascript/optim.js shows it); "" = the help text
+    gpu_only: bool = False  # it only moves things off or around a GPU: on a CPU-only host it changes nothing
+    # What the host does now for this field, read from a lib_optim.adapter.EffectiveState (the benchmark flips
+    # or varies from it); None: EffectiveState.extra[name] when the adapter reports it there, else unknown.
+    state: Callable[[Any], Any] | None = dataclass_field(default=None, compare=False)
+
+    @property
+    def tooltip(self) -> str:
+        return self.tip or self.help
 
     @property
     def default(self) -> Any:
@@ -323,7 +336,7 @@ class FieldSpec:
         return self.kind.parse(self.name, value, host, allowed)
 
 
-FIELDS: tuple[FieldSpec, ...] = (
+_SPECS: list[FieldSpec] = [
     FieldSpec("enabled", "Optim", "Apply the settings below to this generation; off changes nothing.", BoolKind()),
     FieldSpec(
         "attention",
@@ -331,24 +344,34 @@ FIELDS: tuple[FieldSpec, ...] = (
         "Cross-attention implementation for this generation: host = as the WebUI has it; auto = the fastest "
         "one predicted to fit in free memory.",
         AttentionKind(),
+        tip="Attention implementation for this generation. host = as the WebUI has it; auto = fastest that fits.",
+        state=lambda state: state.attention,  # the host's name of it; the benchmark maps it to ours
     ),
     FieldSpec(
         "channels_last",
         "Channels-last UNet",
         "Store the UNet in channels-last memory format for this generation (often faster on tensor cores).",
         TriKind(),
+        tip="Channels-last memory format for the UNet during this generation (tensor-core GPUs).",
+        state=lambda state: state.unet_channels_last,
     ),
     FieldSpec(
         "vae_on_cpu",
         "VAE on CPU",
         "Decode (and, in img2img, encode) on the CPU in float32, freeing the VAE's GPU memory meanwhile.",
         TriKind(),
+        tip="Decode (and in img2img encode) on the CPU in float32, freeing the VAE's GPU memory.",
+        gpu_only=True,
+        state=lambda state: None if state.vae_device is None else state.vae_device.startswith("cpu"),
     ),
     FieldSpec(
         "inference_memory_mb",
         "Inference memory (MB)",
         "Forge only: GPU memory kept free for computation while the model loads; 0 = as Forge has it.",
         MegabytesKind(INFERENCE_MEMORY_MIN_MB, INFERENCE_MEMORY_MAX_MB),
+        tip="Forge: GPU memory kept free for computation while the model loads. 0 = as Forge has it.",
+        gpu_only=True,
+        state=lambda state: state.inference_memory_mb,
     ),
     FieldSpec(
         "compile",
@@ -367,12 +390,79 @@ FIELDS: tuple[FieldSpec, ...] = (
         ChoiceKind(VaeTiling),
         bench_values=(VaeTiling.ON,),  # what tiling costs or saves at the size measured; auto/off follow from it
     ),
-)
-FIELD_NAMES = tuple(f.name for f in FIELDS)
-FIELDS_BY_NAME = {f.name: f for f in FIELDS}
-SETTING_FIELDS = FIELDS[1:]  # everything but the on/off switch
+]
 
-if tuple(f.name for f in fields(GenerationSettings)) != FIELD_NAMES:  # one order for UI, API and dataclass
+_T = TypeVar("_T")
+
+
+class FieldsView(Sequence[_T], Generic[_T]):
+    """A read-only sequence derived from the fields at every use (``read`` computes it), so that every consumer —
+    whichever name it imported — sees the same fields (a test can add one for its duration:
+    tests/test_fields_everywhere.py)."""
+
+    def __init__(self, read: Callable[[], tuple[_T, ...]]) -> None:
+        self._read = read
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[_T, ...]: ...
+    def __getitem__(self, index: int | slice) -> _T | tuple[_T, ...]:
+        return self._read()[index]
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    def __iter__(self) -> Iterator[_T]:
+        return iter(self._read())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(self._read())
+
+    def __repr__(self) -> str:
+        return repr(self._read())
+
+
+_V = TypeVar("_V")
+
+
+class FieldsMap(Mapping[str, _V], Generic[_V]):
+    """A read-only mapping field name → ``value(spec)`` over ``specs()``, derived at every use like
+    :class:`FieldsView`."""
+
+    def __init__(self, value: Callable[[FieldSpec], _V], specs: Callable[[], Sequence[FieldSpec]]) -> None:
+        self._value, self._specs = value, specs
+
+    def __getitem__(self, name: str) -> _V:
+        for spec in self._specs():
+            if spec.name == name:
+                return self._value(spec)
+        raise KeyError(name)
+
+    def __len__(self) -> int:
+        return len(self._specs())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([spec.name for spec in self._specs()])
+
+
+FIELDS: Sequence[FieldSpec] = FieldsView(lambda: tuple(_SPECS))
+FIELD_NAMES: Sequence[str] = FieldsView(lambda: tuple(spec.name for spec in _SPECS))
+FIELDS_BY_NAME: Mapping[str, FieldSpec] = FieldsMap(lambda spec: spec, lambda: _SPECS)
+SETTING_FIELDS: Sequence[FieldSpec] = FieldsView(lambda: tuple(_SPECS[1:]))  # everything but the on/off switch
+SETTING_NAMES: Sequence[str] = FieldsView(lambda: tuple(spec.name for spec in _SPECS[1:]))
+GPU_ONLY_FIELDS: Sequence[str] = FieldsView(lambda: tuple(spec.name for spec in _SPECS if spec.gpu_only))
+
+
+def tooltips() -> dict[str, str]:
+    """Each setting field's tooltip by name (the UI hands them to javascript/optim.js)."""
+    return {spec.name: spec.tooltip for spec in SETTING_FIELDS}
+
+
+if tuple(f.name for f in fields(GenerationSettings)) != tuple(FIELD_NAMES):  # one order for UI, API and dataclass
     raise RuntimeError("lib_optim.settings: FIELDS and GenerationSettings list different fields")
 
 

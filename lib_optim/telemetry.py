@@ -546,4 +546,53 @@ class GenerationMeter:
         )
 
 
-__all__ = ["DEFAULT_SAMPLE_INTERVAL_S", "GenerationMeter", "Telemetry", "format_status"]
+# --- out of memory (the retry and regional compile both ask) ------------------------------------------------
+
+# Lower-cased message fragments of allocation failures. torch.OutOfMemoryError covers CUDA/HIP/XPU when
+# torch raises its own type; the messages catch the rest and errors re-raised as plain RuntimeError.
+_OOM_MESSAGES = (
+    "out of memory",  # "CUDA out of memory", "HIP out of memory", "MPS backend out of memory", "XPU out of memory"
+    "not enough gpu video memory",  # DirectML: "There is not enough GPU video memory available!"
+    "could not allocate tensor with",  # DirectML: "Could not allocate tensor with 1073741824 bytes. ..."
+    # torch's CPU allocator: "DefaultCPUAllocator: can't allocate memory" (older: "not enough memory")
+    "defaultcpuallocator:",
+    "cublas_status_alloc_failed",  # cuBLAS cannot allocate its workspace: an OOM under another name
+)
+# Hosts wrap exceptions a few levels deep; the bound only guards against pathological chains.
+_MAX_CHAIN = 32
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` — or an exception it was raised from or during — is an out-of-memory error.
+
+    torch's CPU allocator failing counts (a CPU generation's attention is what a frugal backend shrinks);
+    Python's own ``MemoryError`` does not: it comes from PIL/numpy and the like, which no setting here
+    changes.
+    """
+    oom_type = _torch_oom_type()
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < _MAX_CHAIN:
+        seen.add(id(current))
+        if oom_type is not None and isinstance(current, oom_type):
+            return True
+        if isinstance(current, RuntimeError):
+            message = str(current).lower()
+            if any(fragment in message for fragment in _OOM_MESSAGES):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _torch_oom_type() -> type[BaseException] | None:
+    try:
+        import torch
+    except Exception as exc:  # without a usable torch only the messages can tell
+        log.debug("import torch failed: %s", exc, exc_info=True)
+        return None
+    # torch.OutOfMemoryError since 2.5; torch.cuda.OutOfMemoryError (the same class now) before that.
+    found = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+__all__ = ["DEFAULT_SAMPLE_INTERVAL_S", "GenerationMeter", "Telemetry", "format_status", "is_out_of_memory"]

@@ -9,6 +9,7 @@ read default values (docs/hosts.md §1.10). Every control comes from :data:`lib_
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from lib_optim.settings import (
     MegabytesKind,
     SettingsError,
     parse_infotext,
+    tooltips,
 )
 
 NO_PROFILE = "(keep)"
@@ -63,6 +65,12 @@ def status_html(text: str, findings_summary: str, problems: Sequence[str] = (), 
         f'<div class="optim-status"><span class="optim-status-text">{html.escape(text)}</span>'
         f'<span class="optim-status-findings">{html.escape(findings_summary)}</span>{details}{missing}</div>'
     )
+
+
+def tips_html(tips: dict[str, str]) -> str:
+    """The controls' tooltips (FieldSpec.tooltip by field name) as hidden data for javascript/optim.js, which sets
+    each control's ``title`` from it."""
+    return f'<span class="optim-tips" hidden data-tips="{html.escape(json.dumps(tips), quote=True)}"></span>'
 
 
 def control_value(spec: FieldSpec, settings: GenerationSettings, choices: Sequence[str] | None = None) -> Any:
@@ -143,6 +151,11 @@ def build(
     use here are hidden (their value stays at the default)."""
     attention = attention_choices(backends)
     controls: list[Any] = []
+    tips = tips_html(tooltips())
+
+    def status_with_tips() -> str:
+        return status() + tips
+
     with input_accordion(False, label=FIELDS[0].label, elem_id=elem_id(FIELDS[0].name)) as enabled:
         row: list[FieldSpec] = []
         profile = None
@@ -179,7 +192,7 @@ def build(
         if row:
             emit(row)
         with gr.Row(elem_classes=["optim-row"]):
-            status_box = gr.HTML(value=status, elem_id=elem_id("status"))
+            status_box = gr.HTML(value=status_with_tips, elem_id=elem_id("status"))
             refresh = gr.Button(value="\U0001f504", elem_id=elem_id("refresh"), elem_classes=["optim-refresh"])
 
     if profile is not None:
@@ -190,7 +203,7 @@ def build(
             queue=False,
             show_progress=False,
         )
-    refresh.click(fn=status, inputs=[], outputs=[status_box], queue=False, show_progress=False)
+    refresh.click(fn=status_with_tips, inputs=[], outputs=[status_box], queue=False, show_progress=False)
 
     components = [enabled, *controls]
     infotext_fields: list[tuple[Any, Any]] = [(enabled, lambda params: INFOTEXT_KEY in params)]
@@ -211,8 +224,14 @@ def settings_section_options(
             continue
         control = spec.kind.control
         choices = attention if spec.name == "attention" else spec.kind.choices(host, None)
-        component: Any = gr.Dropdown if control == "dropdown" else gr.Radio if control == "radio" else gr.Number
-        args: dict[str, Any] = {"choices": list(choices or [])} if choices is not None else {"precision": 0}
+        component: Any = {"dropdown": gr.Dropdown, "radio": gr.Radio, "checkbox": gr.Checkbox}.get(control, gr.Number)
+        args: dict[str, Any] = (
+            {"choices": list(choices or [])}
+            if choices is not None
+            else {}
+            if control == "checkbox"
+            else {"precision": 0}
+        )
         label = f"Default {spec.label[0].lower()}{spec.label[1:]} when the Optim accordion is on"
         out.append(
             (
@@ -257,6 +276,37 @@ def settings_section_options(
     return out
 
 
+_BENCH_INTRO = (
+    "<p>One short txt2img generation per candidate: your current Optim defaults (the baseline), then "
+    "one change at a time. A warm-up generation runs first and is not counted. Images are not saved; "
+    "other generations wait until it is done. Short generations vary from run to run: with Repeats "
+    "above 1 each candidate runs that many times, in turns, and its median counts.</p>"
+)
+
+
+def _bench_inputs(prompt: str, width: int, height: int, steps: int, labels: Sequence[str]) -> list[Any]:
+    """The benchmark's inputs, in ``run``'s order: prompt, width, height, steps, candidates, repeats."""
+    from lib_optim.bench import DEFAULT_PROMPT, REPEATS_MAX, SIZE_MAX, SIZE_MIN, SIZE_STEP, STEPS_MAX, STEPS_MIN
+
+    gr.HTML(value=_BENCH_INTRO, elem_id="optim_bench_intro")
+    with gr.Row():
+        prompt_box = gr.Textbox(label="Prompt", value=prompt or DEFAULT_PROMPT, lines=1, elem_id="optim_bench_prompt")
+    with gr.Row():
+        size = {"minimum": SIZE_MIN, "maximum": SIZE_MAX, "step": SIZE_STEP}
+        width_slider = gr.Slider(label="Width", value=width, elem_id="optim_bench_w", **size)
+        height_slider = gr.Slider(label="Height", value=height, elem_id="optim_bench_h", **size)
+        steps_slider = gr.Slider(
+            label="Steps", minimum=STEPS_MIN, maximum=STEPS_MAX, step=1, value=steps, elem_id="optim_bench_steps"
+        )
+        repeats_slider = gr.Slider(
+            label="Repeats", minimum=1, maximum=REPEATS_MAX, step=1, value=1, elem_id="optim_bench_repeats"
+        )
+    kinds_box = gr.CheckboxGroup(
+        label="Candidates: change one at a time", choices=list(labels), value=list(labels), elem_id="optim_bench_kinds"
+    )
+    return [prompt_box, width_slider, height_slider, steps_slider, kinds_box, repeats_slider]
+
+
 def build_bench_tab(
     *,
     run: Callable[..., tuple[str, Any]],
@@ -274,54 +324,10 @@ def build_bench_tab(
     ``gr.Progress`` works in gradio 3.41 and 4.40 for queued events (both hosts enable the queue). Returns
     what ``script_callbacks.on_ui_tabs`` expects for one tab: ``(blocks, title, elem_id)``.
     """
-    from lib_optim.bench import (
-        DEFAULT_PROMPT,
-        KIND_LABELS,
-        REPEATS_MAX,
-        SIZE_MAX,
-        SIZE_MIN,
-        SIZE_STEP,
-        STEPS_MAX,
-        STEPS_MIN,
-    )
-
-    labels = [KIND_LABELS.get(k, k) for k in kinds]
+    labels = [FIELDS_BY_NAME[k].label if k in FIELDS_BY_NAME else k for k in kinds]
     by_label = dict(zip(labels, kinds, strict=True))
     with gr.Blocks(analytics_enabled=False) as blocks:
-        gr.HTML(
-            value=(
-                "<p>One short txt2img generation per candidate: your current Optim defaults (the baseline), then "
-                "one change at a time. A warm-up generation runs first and is not counted. Images are not saved; "
-                "other generations wait until it is done. Short generations vary from run to run: with Repeats "
-                "above 1 each candidate runs that many times, in turns, and its median counts.</p>"
-            ),
-            elem_id="optim_bench_intro",
-        )
-        with gr.Row():
-            prompt_box = gr.Textbox(
-                label="Prompt", value=prompt or DEFAULT_PROMPT, lines=1, elem_id="optim_bench_prompt"
-            )
-        with gr.Row():
-            width_slider = gr.Slider(
-                label="Width", minimum=SIZE_MIN, maximum=SIZE_MAX, step=SIZE_STEP, value=width, elem_id="optim_bench_w"
-            )
-            height_slider = gr.Slider(
-                label="Height",
-                minimum=SIZE_MIN,
-                maximum=SIZE_MAX,
-                step=SIZE_STEP,
-                value=height,
-                elem_id="optim_bench_h",
-            )
-            steps_slider = gr.Slider(
-                label="Steps", minimum=STEPS_MIN, maximum=STEPS_MAX, step=1, value=steps, elem_id="optim_bench_steps"
-            )
-            repeats_slider = gr.Slider(
-                label="Repeats", minimum=1, maximum=REPEATS_MAX, step=1, value=1, elem_id="optim_bench_repeats"
-            )
-        kinds_box = gr.CheckboxGroup(
-            label="Candidates: change one at a time", choices=labels, value=labels, elem_id="optim_bench_kinds"
-        )
+        inputs = _bench_inputs(prompt, width, height, steps, labels)
         with gr.Row():
             run_button = gr.Button(value="Run benchmark", variant="primary", elem_id="optim_bench_run")
             default_button = gr.Button(value="Make the winner my default", elem_id="optim_bench_default")
@@ -337,10 +343,6 @@ def build_bench_tab(
             html_text, best = run(p, int(w), int(h), int(s), keys, int(r), report)
             return html_text, best, ""
 
-        run_button.click(
-            fn=on_run,
-            inputs=[prompt_box, width_slider, height_slider, steps_slider, kinds_box, repeats_slider],
-            outputs=[results, winner, message],
-        )
+        run_button.click(fn=on_run, inputs=inputs, outputs=[results, winner, message])
         default_button.click(fn=make_default, inputs=[winner], outputs=[message])
     return blocks, "Optim", "optim_tab"

@@ -1,4 +1,4 @@
-"""``lib_optim.adapter.auto_attention_request``: what ``auto`` is told about a generation."""
+"""``lib_optim.hosts.base.auto_attention_request``: what ``auto`` is told about a generation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lib_optim.adapter import auto_attention_request, hires_size  # noqa: E402
+from lib_optim.hosts.base import auto_attention_request, hires_size  # noqa: E402
 
 
 def p_of(**kwargs: object) -> SimpleNamespace:

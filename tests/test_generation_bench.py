@@ -17,11 +17,11 @@ import pytest
 import torch
 from fake_adapter import FakeAdapter
 
-from lib_optim.adapter import HostModules
 from lib_optim.bench import generation as generation_bench
 from lib_optim.bench.generation import BASELINE, BenchCandidate, CandidateResult
 from lib_optim.host_specs.kinds import HostKind
 from lib_optim.hosts import optim_tab, webui
+from lib_optim.hosts.base import HostModules
 from lib_optim.runtime import Runtime, get_runtime
 from lib_optim.settings import Attention, GenerationSettings, SettingsError, Tri
 

@@ -197,7 +197,7 @@ def test_every_adapter_supports_the_field(kind: str, vae_module: torch.nn.Module
 
 
 def test_max_tile_from_the_environment(vae_module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lib_optim.adapter import VAE_MAX_TILE_ENV, vae_max_tile
+    from lib_optim.vae import VAE_MAX_TILE_ENV, vae_max_tile
 
     assert vae_max_tile({}) == 256
     assert vae_max_tile({VAE_MAX_TILE_ENV: "32"}) == 32

@@ -28,8 +28,12 @@ from lib_optim.host_specs import HostKind
 from lib_optim.settings import (
     FIELDS_BY_NAME,
     SETTING_FIELDS,
+    SETTING_NAMES,
     AttentionKind,
+    BoolKind,
     ChoiceKind,
+    FieldsMap,
+    FieldsView,
     GenerationSettings,
     MegabytesKind,
     SettingsError,
@@ -40,8 +44,8 @@ from lib_optim.settings import (
 
 BASELINE = "baseline"
 # What can be varied: the setting fields, in the order candidates are listed.
-KINDS = tuple(spec.name for spec in SETTING_FIELDS)
-KIND_LABELS = {spec.name: spec.label for spec in SETTING_FIELDS}
+KINDS = SETTING_NAMES
+KIND_LABELS: Mapping[str, str] = FieldsMap(lambda spec: spec.label, lambda: SETTING_FIELDS)
 KIND_ALIASES = {"inference_memory": "inference_memory_mb"}  # the name before the fields named the kinds
 # Never offered as a candidate: "host"/"auto" are not backends of their own, and "none" (A1111's unoptimized
 # attention) is the slowest and hungriest there is — measure it explicitly through the API if wanted.
@@ -105,6 +109,8 @@ def _variants(name: str, value: Any, available_attention: Sequence[Attention], c
         return [a for a in available_attention if a not in _NOT_CANDIDATES and a != running]
     if isinstance(kind, TriKind):
         return [_flip(value, current)]
+    if isinstance(kind, BoolKind):
+        return [not value]
     if isinstance(kind, MegabytesKind):
         return list(_megabyte_values(kind, value or current or FORGE_DEFAULT_INFERENCE_MEMORY_MB))
     if isinstance(kind, ChoiceKind):
@@ -117,9 +123,9 @@ def parse_kinds(value: object) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(k, str) for k in items):
         raise SettingsError("kinds", value, "a list of " + ", ".join(KINDS))
-    out = []
+    out: list[str] = []
     for item in items:
-        name = KIND_ALIASES.get(item, item)
+        name = KIND_ALIASES.get(item, str(item))
         if name not in KINDS:
             raise SettingsError("kinds", item, ", ".join(KINDS))
         out.append(name)
@@ -340,9 +346,7 @@ def summarize(results: Sequence[CandidateResult]) -> list[dict[str, Any]]:
     return rows
 
 
-CSV_COLUMNS = (
-    "label",
-    *(spec.name for spec in SETTING_FIELDS),
+_RESULT_COLUMNS = (
     "seconds",
     "it_per_s",
     "steps",
@@ -355,6 +359,7 @@ CSV_COLUMNS = (
     "attention_used",
     "error",
 )
+CSV_COLUMNS: Sequence[str] = FieldsView(lambda: ("label", *SETTING_NAMES, *_RESULT_COLUMNS))
 
 
 def _unique_stem(directory: Path, stem: str) -> str:
@@ -528,7 +533,7 @@ class BenchRequest:
     height: int = 512
     steps: int = 10
     seed: int = 1
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = field(default_factory=lambda: tuple(KINDS))
     candidates: tuple[GenerationSettings, ...] | None = None  # explicit list; None = derived from the baseline
     repeats: int = 1  # timed generations per candidate, interleaved; the median counts
 

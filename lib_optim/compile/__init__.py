@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from lib_optim.compile.regional import RegionalCompiler, compile_availability, default_block_names, get_compiler
+from lib_optim.compile.session import compile_blocks
 
 __all__ = [
     "RegionalCompiler",
     "compile_availability",
+    "compile_blocks",
     "default_block_names",
     "get_compiler",
 ]

@@ -91,7 +91,7 @@ Failure policy
     forwards of the whole application, reruns that call eagerly and logs ONE ``[Optim]`` line naming the
     fix; the failure is remembered for that model and key, so it is not retried in this process. If the
     eager rerun fails too, the error was not the compiler's: the eager error propagates and nothing is
-    remembered. An out-of-memory error (:func:`lib_optim.oom.retry.is_out_of_memory`) is never treated
+    remembered. An out-of-memory error (:func:`lib_optim.telemetry.is_out_of_memory`) is never treated
     as a compile failure: it propagates unchanged for the extension's OOM retry. ``BaseException`` s
     that are not ``Exception`` s (interrupts) propagate untouched. :func:`compile_availability` checks
     the usual causes up front.
@@ -117,7 +117,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lib_optim.log import get_logger
-from lib_optim.oom import is_out_of_memory
+from lib_optim.telemetry import is_out_of_memory
 
 log = get_logger(__name__)
 

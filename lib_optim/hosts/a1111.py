@@ -36,10 +36,11 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from lib_optim import adapter as base
-from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
+from lib_optim.adapter import BackendInfo, EffectiveState, NotSupportedHere, Session
 from lib_optim.attention import A1111_NONE_TITLE, Attention, Kernel, algorithms, choose_auto_attention, sdpa_with_kernel
 from lib_optim.host_specs import HostKind
+from lib_optim.hosts import base
+from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
 from lib_optim.settings import GenerationSettings, Tri, VaeTiling
@@ -249,9 +250,8 @@ class _CpuVae:
 # --- the adapter -----------------------------------------------------------------------------------------------
 
 
-class A1111Adapter(HostAdapter):
+class A1111Adapter(HostBase):
     kind = HostKind.A1111
-    gpu_only_fields = ("vae_on_cpu",)
 
     def __init__(self, modules: Mapping[str, Any] | None = None) -> None:
         """``modules``: host modules by their import name ("modules.shared", "ldm.modules.attention", ...) to use

@@ -33,10 +33,11 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
-from lib_optim import adapter as base
-from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
+from lib_optim.adapter import BackendInfo, EffectiveState, NotSupportedHere, Session
 from lib_optim.attention import Attention, Kernel, algorithms, choose_auto_attention, host_attention_function
 from lib_optim.host_specs import HostKind
+from lib_optim.hosts import base
+from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.hosts.forge_shared import (
     MB,
     MemoryFormat,
@@ -96,9 +97,8 @@ def _lora_backups_to(loader: Any, host_format: Any) -> None:
             backup[key] = in_format(weight, host_format)
 
 
-class ForgeAdapter(HostAdapter):
+class ForgeAdapter(HostBase):
     kind = HostKind.FORGE
-    gpu_only_fields = ("vae_on_cpu", "inference_memory_mb")
 
     def __init__(
         self,

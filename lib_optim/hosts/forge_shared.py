@@ -16,8 +16,9 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from lib_optim.adapter import BackendInfo, HostAdapter, HostModules, Session
+from lib_optim.adapter import BackendInfo, Session
 from lib_optim.attention import Attention, directml_reason
+from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.settings import VaeTiling
@@ -354,9 +355,9 @@ def kernel_backend_info(name: Attention, *, directml: bool, cuda: Callable[[], b
 # --- VAE tiling ------------------------------------------------------------------------------------------------
 
 
-def tile_vae_object(adapter: HostAdapter, session: Session, vae: Any, mm: Any) -> None:
+def tile_vae_object(adapter: HostBase, session: Session, vae: Any, mm: Any) -> None:
     """``vae_tiling`` for a VAE object (Forge f2, ldm_patched): ``on``/``auto`` our tiled decoder/encoder on its
-    ``first_stage_model`` (docs/hosts.md §5.6, :meth:`HostAdapter.tile_vae`); with every value the Never OOM switch
+    ``first_stage_model`` (docs/hosts.md §5.6, :meth:`HostBase.tile_vae`); with every value the Never OOM switch
     ``VAE_ALWAYS_TILED`` is ignored for this generation (§5.4, §5.5), so ``off`` means untiled up front (the host's
     own tiled retry after an out-of-memory error remains)."""
     if vae is None or getattr(vae, "first_stage_model", None) is None:

@@ -43,8 +43,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
-from lib_optim import adapter as base
-from lib_optim.adapter import BackendInfo, EffectiveState, HostAdapter, HostModules, NotSupportedHere, Session
+from lib_optim.adapter import BackendInfo, EffectiveState, NotSupportedHere, Session
 from lib_optim.attention import (
     Attention,
     Kernel,
@@ -54,6 +53,8 @@ from lib_optim.attention import (
     host_attention_function,
 )
 from lib_optim.host_specs import HostKind
+from lib_optim.hosts import base
+from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.hosts.forge_shared import (
     MB,
     MemoryFormat,
@@ -180,10 +181,8 @@ def _backups_to(patcher: Any, host_format: Any) -> None:
             backup[key] = entry._replace(weight=converted) if hasattr(entry, "_replace") else converted
 
 
-class LdmPatchedAdapter(HostAdapter):
+class LdmPatchedAdapter(HostBase):
     """Forge previous (tag ``previous``) and reForge: ``kind`` says which (see the module doc)."""
-
-    gpu_only_fields = ("vae_on_cpu", "inference_memory_mb")
 
     def __init__(
         self,

@@ -22,11 +22,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lib_optim.adapter import HostModules
 from lib_optim.attention import Attention
 from lib_optim.bench import BenchCandidate, CandidateResult
 from lib_optim.bench import generation as generation_bench
 from lib_optim.host_specs import HostKind
+from lib_optim.hosts.base import HostModules
 from lib_optim.hosts.common import defaults_from_options, ensure_runtime, first_line, optim_script
 from lib_optim.log import get_logger
 from lib_optim.oom import is_out_of_memory
@@ -38,12 +38,6 @@ log = get_logger(__name__)
 
 SAMPLER = "Euler"  # present in every host (modules/sd_samplers_kdiffusion.py)
 OUTPUT_FOLDER = ("outputs", "optim-bench")
-DEFAULT_OPTIONS = {
-    "attention": "optim_default_attention",
-    "channels_last": "optim_default_channels_last",
-    "vae_on_cpu": "optim_default_vae_on_cpu",
-    "inference_memory_mb": "optim_default_inference_memory_mb",
-}
 
 Progress = Callable[[float, str], None]
 
@@ -378,7 +372,8 @@ def _context() -> TabContext:
     current: dict[str, Any] = {}
     try:
         state = adapter.effective_state()
-        running = (state.attention or "").lower()
+        current.update(state.current)  # what the host does now, by field (FieldSpec.state)
+        running = str(current.get("attention") or "").lower()
         current["attention"] = next(
             (
                 b.attention
@@ -389,9 +384,6 @@ def _context() -> TabContext:
             ),
             None,
         )
-        current["channels_last"] = state.unet_channels_last
-        current["vae_on_cpu"] = None if state.vae_device is None else state.vae_device.startswith("cpu")
-        current["inference_memory_mb"] = state.inference_memory_mb
     except Exception:  # the candidates only get less precise without it
         log.debug("effective state unavailable for the bench", exc_info=True)
     return TabContext(

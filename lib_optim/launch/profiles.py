@@ -12,12 +12,12 @@ import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from lib_optim.attention import backend as attention_backend
 from lib_optim.host_specs import HostKind
 from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, Severity, run_checks
-from lib_optim.settings import Attention, GenerationSettings, Tri
+from lib_optim.settings import Attention, GenerationSettings, Tri, from_dict
 from lib_optim.webui_user import (
     EXTENSION_NAME,
     EditResult,
@@ -75,14 +75,12 @@ def _gen(
     vae_on_cpu: Tri = Tri.INHERIT,
     inference_memory_mb: int | None = None,
     channels_last: Tri = Tri.INHERIT,
+    **others: Any,
 ) -> GenerationSettings:
-    return GenerationSettings(
-        enabled=True,
-        attention=attention,
-        channels_last=channels_last,
-        vae_on_cpu=vae_on_cpu,
-        inference_memory_mb=inference_memory_mb,
-    )
+    """A profile's per-generation defaults: these values (``others``: any other field of FIELDS by name, checked
+    like the API's), every field not named at its default."""
+    values = {"attention": attention, "vae_on_cpu": vae_on_cpu, "inference_memory_mb": inference_memory_mb}
+    return from_dict({**values, "channels_last": channels_last, **others})
 
 
 PROFILES: dict[str, Profile] = {

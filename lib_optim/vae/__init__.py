@@ -1,7 +1,8 @@
 """The VAE: a torch-only SD VAE, our exact tiled decoder/encoder and the VAE memory model.
 
 This is the wing's face: other parts of lib_optim import from here. ``planner`` (the memory model, plain Python)
-and ``tiling`` (the tiled decoder/encoder, torch) are published whole; ``tiling`` loads on first use.
+and ``tiling`` (the tiled decoder/encoder, torch) are published whole; ``tiling`` loads on first use. ``session``
+applies tiling to one generation (what the host adapters call).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from lib_optim.vae import planner
+from lib_optim.vae.session import VAE_MAX_TILE_ENV, tile_vae, tiled_vae_fits, vae_max_tile
 
 if TYPE_CHECKING:  # the torch-heavy modules load on first use, so importing the wing stays cheap
     from lib_optim.vae import tiling
@@ -29,4 +31,12 @@ def __getattr__(name: str) -> Any:
     return loaded if attribute is None else getattr(loaded, attribute)
 
 
-__all__ = ["build_sd_vae", "planner", "tiling"]
+__all__ = [
+    "VAE_MAX_TILE_ENV",
+    "build_sd_vae",
+    "planner",
+    "tile_vae",
+    "tiled_vae_fits",
+    "tiling",
+    "vae_max_tile",
+]

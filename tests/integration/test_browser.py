@@ -66,7 +66,7 @@ def test_accordion_renders_opens_and_fills_from_profile(webui, browser):
     for label in ("Attention backend", "Channels-last UNet", "Fill from profile"):
         assert label in text
     # Every host runs on the CPU here (conftest.HOSTS), where VAE placement and GPU memory budgets change
-    # nothing: the accordion does not show them (HostAdapter.meaningful_fields, gpu_only_fields)
+    # nothing: the accordion does not show them (HostAdapter.meaningful_fields, FieldSpec.gpu_only)
     assert "VAE on CPU" not in text
     memory = browser.find_elements(By.ID, "script_txt2img_optim_inference_memory_mb")
     assert not (memory and memory[0].is_displayed())

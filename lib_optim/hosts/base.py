@@ -1,0 +1,146 @@
+"""What the host adapters share: host modules by name, the device the host generates on, and the
+per-generation helpers every adapter uses (regional compile, tiled VAE, the ``auto`` attention request).
+
+:class:`lib_optim.adapter.HostAdapter` is the interface; :class:`HostBase` is the implementation the four adapters
+inherit (:mod:`lib_optim.hosts.a1111`, :mod:`~lib_optim.hosts.forge`, :mod:`~lib_optim.hosts.ldm_patched`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from lib_optim import compile as regional_compile
+from lib_optim import vae
+from lib_optim.adapter import HostAdapter, Session
+from lib_optim.log import get_logger
+
+log = get_logger(__name__)
+
+
+class HostModules:
+    """Host modules by name: injected ones first (tests), then ``sys.modules``, then an import.
+
+    Adapters import host code lazily through this, so lib_optim imports without a WebUI present.
+    """
+
+    def __init__(self, modules: Mapping[str, Any] | None = None) -> None:
+        self._injected = dict(modules or {})
+
+    def get(self, name: str, *, import_: bool = True) -> Any:
+        if name in self._injected:
+            return self._injected[name]
+        module = sys.modules.get(name)
+        if module is not None or not import_:
+            return module
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
+
+    def loaded(self, name: str) -> Any:
+        """The module if it is already imported (never imports: importing host code can have effects)."""
+        return self.get(name, import_=False)
+
+
+class HostBase(HostAdapter):
+    """The shared part of every real host adapter (tests' fakes implement :class:`HostAdapter` directly)."""
+
+    def generation_device_type(self) -> str | None:
+        """``cpu``/``cuda``/… of the host's ``modules.devices.device`` (every host has it), None before it is set."""
+        device = getattr(sys.modules.get("modules.devices"), "device", None)
+        return getattr(device, "type", None) if device is not None else None
+
+    def compile_blocks(
+        self, session: Session, root: Any, *, key: Any, device: Any, blocks: Any = None, label: str = "UNet"
+    ) -> None:
+        """:func:`lib_optim.compile.compile_blocks` for this adapter's ``apply_compile``, with the compiler the wing's
+        face gives now."""
+        compiler = regional_compile.get_compiler()
+        regional_compile.compile_blocks(
+            session, root, key=key, device=device, blocks=blocks, label=label, compiler=compiler
+        )
+
+    def tile_vae(self, session: Session, first_stage_model: Any) -> None:
+        """:func:`lib_optim.vae.tile_vae` for this adapter's ``apply_vae_tiling``."""
+        vae.tile_vae(session, first_stage_model)
+
+    def tiled_vae_fits(self, p: Any) -> bool | None:
+        """Whether the decode of ``p``'s largest image, in the smallest tiles, is predicted to fit in the free memory
+        of the device the host generates on (the out-of-memory retry prefers tiling to the CPU then); None when
+        that cannot be told (no torch, no device yet)."""
+        try:
+            import torch
+
+            from lib_optim.attention import free_memory_bytes
+
+            devices = sys.modules.get("modules.devices")
+            request = auto_attention_request(p, devices)
+            device = torch.device(getattr(devices, "device", None) or "cpu")
+            return vae.tiled_vae_fits(request, free_memory_bytes(device))
+        except (ImportError, RuntimeError, OSError, ValueError, AssertionError):
+            log.debug("tiled VAE fit unknown", exc_info=True)
+            return None
+
+
+def hires_size(width: int, height: int, scale: float, resize_x: int, resize_y: int) -> tuple[int, int]:
+    """The hires pass's size, as ``calculate_target_resolution`` computes it (docs/hosts.md
+    §7.2): ``hr_scale`` when no resize is given; one
+    resize side keeps the aspect ratio; both: the image is scaled to cover them (then cropped)."""
+    if resize_x == 0 and resize_y == 0:
+        return int(width * scale), int(height * scale)
+    if resize_y == 0:
+        return resize_x, resize_x * height // width
+    if resize_x == 0:
+        return resize_y * width // height, resize_y
+    if width / height < resize_x / resize_y:
+        return resize_x, resize_x * height // width
+    return resize_y * width // height, resize_y
+
+
+def auto_attention_request(p: Any, devices: Any, *, budget_mb: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`lib_optim.attention.planner.choose_auto_attention` for the generation ``p``.
+
+    - size: the largest pass's — with hires fix :func:`hires_size` (the host computes ``hr_upscale_to_x/y``
+      only in ``p.init()``, after the scripts' ``process``), and the batch size;
+    - family: ``sdxl`` when ``p.sd_model.is_sdxl`` (docs/hosts.md §6.1, §6.3), else ``sd15``;
+    - device and compute dtype: ``modules.devices.device`` and ``dtype_unet`` (docs/hosts.md §4.1,
+      §4.2), so a CPU run is planned with the CPU formulas and speed table;
+    - free memory on that device as the hosts count it (:func:`lib_optim.attention.impl.free_memory_bytes`),
+      and ``budget_mb`` (Forge: its inference memory, what it keeps free for sampling).
+    """
+    import torch
+
+    from lib_optim.attention import free_memory_bytes
+
+    width = int(getattr(p, "width", 512) or 512)
+    height = int(getattr(p, "height", 512) or 512)
+    if getattr(p, "enable_hr", False):
+        hires = hires_size(
+            width,
+            height,
+            float(getattr(p, "hr_scale", 1) or 1),
+            int(getattr(p, "hr_resize_x", 0) or 0),
+            int(getattr(p, "hr_resize_y", 0) or 0),
+        )
+        width, height = max(width, hires[0]), max(height, hires[1])
+    device = torch.device(getattr(devices, "device", None) or "cpu")
+    dtype = getattr(devices, "dtype_unet", None)
+    dtype_bytes = dtype.itemsize if isinstance(dtype, torch.dtype) else (4 if device.type == "cpu" else 2)
+    free_mb: int | None = None
+    try:
+        free_mb = free_memory_bytes(device) // (1 << 20)
+    except (RuntimeError, OSError, ValueError, AssertionError):  # torch without this device's support
+        log.debug("free memory on %s unknown: auto plans without a memory limit", device, exc_info=True)
+    return {
+        "width": width,
+        "height": height,
+        "batch": int(getattr(p, "batch_size", 1) or 1),
+        "family": "sdxl" if getattr(getattr(p, "sd_model", None), "is_sdxl", False) else "sd15",
+        "device": "cpu" if device.type == "cpu" else "cuda",
+        "dtype_bytes": dtype_bytes,
+        "free_mb": free_mb,
+        "budget_mb": budget_mb if device.type != "cpu" else None,
+    }
