@@ -21,6 +21,7 @@ from torch import nn
 from lib_optim.bench import compile as cb
 from lib_optim.compile import availability, blocks, dynamo
 from lib_optim.compile import regional as rc
+from lib_optim.compile.availability import compile_availability, describe_compile_error
 from lib_optim.compile.regional import CompileStats, RegionalCompiler
 
 SD_BLOCKS = blocks.default_block_names("sd")
@@ -597,29 +598,29 @@ def test_forget_drops_compiled_code_and_failures():
 
 
 def test_availability_names_the_fix():
-    ok, reason = availability.compile_availability("cpu", which=lambda name: None, environ={}, platform="linux")
+    ok, reason = compile_availability("cpu", which=lambda name: None, environ={}, platform="linux")
     assert not ok and reason == "install a C++ compiler (gcc/clang) or set CXX"
-    ok, reason = availability.compile_availability("cpu", which=lambda name: f"/usr/bin/{name}", environ={}, platform="linux")
+    ok, reason = compile_availability("cpu", which=lambda name: f"/usr/bin/{name}", environ={}, platform="linux")
     assert ok and reason == ""
-    ok, reason = availability.compile_availability("cpu", which=lambda name: None, environ={"CXX": "/nope/g++"}, platform="linux")
+    ok, reason = compile_availability("cpu", which=lambda name: None, environ={"CXX": "/nope/g++"}, platform="linux")
     assert not ok and "set CXX" in reason
-    ok, reason = availability.compile_availability("mps")
+    ok, reason = compile_availability("mps")
     assert not ok and "DirectML/MPS" in reason
-    ok, _ = availability.compile_availability("mps", backend="aot_eager")
+    ok, _ = compile_availability("mps", backend="aot_eager")
     assert ok
 
 
 def test_availability_without_triton(monkeypatch):
     monkeypatch.setattr(availability.importlib.util, "find_spec", lambda name: None)
-    ok, reason = availability.compile_availability("cuda", platform="linux")
+    ok, reason = compile_availability("cuda", platform="linux")
     assert not ok and reason.startswith("install triton (pip install triton)")
-    ok, reason = availability.compile_availability("cuda", platform="win32")
+    ok, reason = compile_availability("cuda", platform="win32")
     assert not ok and "triton-windows" in reason
 
 
 def test_availability_on_old_torch(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.0.1")
-    ok, reason = availability.compile_availability("cpu")
+    ok, reason = compile_availability("cpu")
     assert not ok and reason.startswith("torch >= 2.1 needed") and "2.0.1" in reason
 
 
@@ -632,17 +633,17 @@ def test_describe_compile_error_names_the_fix():
 
     wrapped = BackendCompilerFailed("backend='inductor' raised")
     wrapped.__cause__ = InvalidCxxCompiler("No working C++ compiler found in cpp_builder")
-    assert "install a C++ compiler" in availability.describe_compile_error(wrapped)
-    assert "python3-dev" in availability.describe_compile_error(RuntimeError("fatal error: Python.h: No such file"))
+    assert "install a C++ compiler" in describe_compile_error(wrapped)
+    assert "python3-dev" in describe_compile_error(RuntimeError("fatal error: Python.h: No such file"))
     triton = RuntimeError("Cannot find a working triton installation. More information on installing Triton")
-    assert availability.describe_compile_error(triton).startswith("install triton")
-    assert availability.describe_compile_error(ValueError("odd\nmore")) == "ValueError: odd"
+    assert describe_compile_error(triton).startswith("install triton")
+    assert describe_compile_error(ValueError("odd\nmore")) == "ValueError: odd"
 
 
 # -------------------------------------------------------------------------------- inductor on CPU
 
 
-@pytest.mark.skipif(not availability.compile_availability("cpu")[0], reason="no C++ compiler for inductor's CPU backend")
+@pytest.mark.skipif(not compile_availability("cpu")[0], reason="no C++ compiler for inductor's CPU backend")
 def test_inductor_on_cpu_matches_eager_and_compiles_once(monkeypatch):
     import torch._inductor.config as inductor_config
 
