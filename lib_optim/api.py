@@ -228,61 +228,13 @@ def register_routes(
         return status()
 
     def post_check(body: Any = Body(None)) -> dict[str, Any]:  # noqa: B008 - FastAPI idiom
-        try:
-            host_name, argv, commandline, env = parse_check_request(body)
-        except SettingsError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
-        try:
-            target = parse_host(host_name) if host_name else host
-        except ValueError as exc:
-            raise HTTPException(status_code=422, detail=f"[Optim] {exc}") from None
-        if target is None or target not in CHECKED_HOSTS:
-            allowed = ", ".join(h.value for h in CHECKED_HOSTS)
-            raise HTTPException(
-                status_code=422, detail=f"[Optim] host: {host_name!r} is not allowed; allowed: {allowed}"
-            )
-        if commandline:
-            try:
-                argv += split_command_line(commandline)
-            except ValueError as exc:
-                raise HTTPException(
-                    status_code=422, detail=f"[Optim] commandline: {commandline!r} cannot be split: {exc}"
-                ) from None
-        findings = run_checks(CheckInput(target, argv, env, facts() if facts else RuntimeFacts()))
-        return {
-            "host": target.value,
-            "argv": argv,
-            "exit_code": exit_code(findings),
-            "findings": [f.to_dict() for f in findings],
-        }
+        return _check_response(body, host, facts)
 
     def get_schema() -> dict[str, Any]:
         return json_schema(host, allowed=available() if available is not None else None)
 
     def get_profiles() -> list[dict[str, Any]]:
-        out = []
-        for profile in PROFILES.values():
-            per_host = {}
-            for h in CHECKED_HOSTS:
-                try:
-                    hp = resolve(profile, h)
-                except ProfileError:
-                    continue
-                per_host[h.value] = {
-                    "flags": list(hp.flags),
-                    "env": dict(hp.env),
-                    "generation": hp.generation.to_dict(),
-                }
-            out.append(
-                {
-                    "name": profile.name,
-                    "title": profile.title,
-                    "vram_gb": profile.vram_gb,
-                    "description": profile.description,
-                    "hosts": per_host,
-                }
-            )
-        return out
+        return _profiles_listing()
 
     app.add_api_route(f"{PREFIX}/status", get_status, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/check", post_check, methods=["POST"], dependencies=dependencies)
@@ -291,3 +243,59 @@ def register_routes(
     for path, endpoint, methods in extra_routes:
         app.add_api_route(f"{PREFIX}{path}", endpoint, methods=methods, dependencies=dependencies)
     install_validation(app, host, validate, available)
+
+
+def _check_response(body: Any, host: HostKind | None, facts: Callable[[], RuntimeFacts] | None) -> dict[str, Any]:
+    """``POST /check``: the checker's findings for the request's host (default: this one), flags and env."""
+    try:
+        host_name, argv, commandline, env = parse_check_request(body)
+    except SettingsError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    try:
+        target = parse_host(host_name) if host_name else host
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=f"[Optim] {exc}") from None
+    if target is None or target not in CHECKED_HOSTS:
+        allowed = ", ".join(h.value for h in CHECKED_HOSTS)
+        raise HTTPException(status_code=422, detail=f"[Optim] host: {host_name!r} is not allowed; allowed: {allowed}")
+    if commandline:
+        try:
+            argv += split_command_line(commandline)
+        except ValueError as exc:
+            raise HTTPException(
+                status_code=422, detail=f"[Optim] commandline: {commandline!r} cannot be split: {exc}"
+            ) from None
+    findings = run_checks(CheckInput(target, argv, env, facts() if facts else RuntimeFacts()))
+    return {
+        "host": target.value,
+        "argv": argv,
+        "exit_code": exit_code(findings),
+        "findings": [f.to_dict() for f in findings],
+    }
+
+
+def _profiles_listing() -> list[dict[str, Any]]:
+    """``GET /profiles``: every profile with what it resolves to on each checked host."""
+    out = []
+    for profile in PROFILES.values():
+        per_host = {}
+        for h in CHECKED_HOSTS:
+            try:
+                hp = resolve(profile, h)
+            except ProfileError:
+                continue
+            per_host[h.value] = {
+                "flags": list(hp.flags),
+                "env": dict(hp.env),
+                "generation": hp.generation.to_dict(),
+            }
+        out.append(
+            {
+                "name": profile.name,
+                "title": profile.title,
+                "vram_gb": profile.vram_gb,
+                "description": profile.description,
+                "hosts": per_host,
+            }
+        )
+    return out

@@ -15,7 +15,7 @@ import pytest
 from fake_nvidia_smi import FAILED_DRIVER, skip_reason, write_fake_nvidia_smi
 from fake_nvml import FakeMemory, FakeNVMLError, fake_pynvml, names, names_missing_from
 
-from lib_optim.gpu import probe
+from lib_optim.gpu import nvidia_smi
 from lib_optim.gpu.probe import (
     DriverAccess,
     DriverReply,
@@ -118,7 +118,7 @@ def cpp_lib_for(torch_version: str, cuda: int | None = 1201, python: str | None 
 def no_driver_tools(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DriverAccess:
     """No nvidia-smi and no /proc/driver unless a test brings fakes: the machine's own must not leak in."""
     access = DriverAccess(path="", proc_version=tmp_path / "no-proc" / "driver" / "nvidia" / "version")
-    monkeypatch.setattr(probe, "DEFAULT_DRIVER_ACCESS", access)
+    monkeypatch.setattr(nvidia_smi, "DEFAULT_DRIVER_ACCESS", access)
     return access
 
 

@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from lib_optim.bench import compile as cb
+from lib_optim.compile import availability, blocks, dynamo
 from lib_optim.compile import regional as rc
+from lib_optim.compile.availability import compile_availability, describe_compile_error
 from lib_optim.compile.regional import CompileStats, RegionalCompiler
 
-SD_BLOCKS = rc.default_block_names("sd")
+SD_BLOCKS = blocks.default_block_names("sd")
 
 
 class Stack(nn.Module):
@@ -107,7 +109,7 @@ def messages() -> Iterator[list[str]]:
 def dynamo_limits() -> dict[str, int]:
     from torch._dynamo import config
 
-    names = [n for n in rc._limit_names() if n is not None]
+    names = [n for n in dynamo._limit_names() if n is not None]
     return {n: int(getattr(config, n)) for n in names}
 
 
@@ -115,16 +117,16 @@ def dynamo_limits() -> dict[str, int]:
 
 
 def test_default_block_names_per_family():
-    assert rc.default_block_names("sd") == ("ResBlock", "SpatialTransformer")
-    assert rc.default_block_names("SDXL") == rc.default_block_names("sd15") == rc.default_block_names("sd")
-    assert rc.default_block_names("chroma") == ("DoubleStreamBlock", "SingleStreamBlock")
+    assert blocks.default_block_names("sd") == ("ResBlock", "SpatialTransformer")
+    assert blocks.default_block_names("SDXL") == blocks.default_block_names("sd15") == blocks.default_block_names("sd")
+    assert blocks.default_block_names("chroma") == ("DoubleStreamBlock", "SingleStreamBlock")
     with pytest.raises(ValueError, match=r"family='kandinsky'.*allowed: .*flux"):
-        rc.default_block_names("kandinsky")
+        blocks.default_block_names("kandinsky")
 
 
 def test_select_blocks_keeps_the_outermost_matches_in_module_order():
     unet = cb.TinyUNet()
-    chosen = rc.select_blocks(unet, ["SpatialTransformer", "BasicTransformerBlock", "ResBlock"])
+    chosen = blocks.select_blocks(unet, ["SpatialTransformer", "BasicTransformerBlock", "ResBlock"])
     names = [type(m).__name__ for m in chosen]
     assert "BasicTransformerBlock" not in names  # inside a SpatialTransformer: covered by it
     assert names.count("ResBlock") == 8 and names.count("SpatialTransformer") == 7
@@ -136,9 +138,9 @@ def test_select_blocks_keeps_the_outermost_matches_in_module_order():
 
 
 def test_modes_and_inductor_mode_never_use_cuda_graphs():
-    assert rc.MODES == ("off", "on", "max-autotune")
-    assert rc.inductor_mode("on") is None
-    assert rc.inductor_mode("max-autotune") == "max-autotune-no-cudagraphs"
+    assert blocks.MODES == ("off", "on", "max-autotune")
+    assert blocks.inductor_mode("on") is None
+    assert blocks.inductor_mode("max-autotune") == "max-autotune-no-cudagraphs"
     with pytest.raises(ValueError, match=r"mode='reduce-overhead' is not allowed; allowed: off, on, max-autotune"):
         RegionalCompiler(backend="eager").apply(make_stack(), SD_BLOCKS, mode="reduce-overhead")
 
@@ -519,7 +521,7 @@ def dynamo_limit_of_one() -> Iterator[str]:
     """dynamo's per-function limit set to 1 for the test (monkeypatch would delete torch's config entry)."""
     from torch._dynamo import config
 
-    name = next(n for n in rc._limit_names() if n is not None)
+    name = next(n for n in dynamo._limit_names() if n is not None)
     old = getattr(config, name)
     setattr(config, name, 1)
     try:
@@ -596,29 +598,29 @@ def test_forget_drops_compiled_code_and_failures():
 
 
 def test_availability_names_the_fix():
-    ok, reason = rc.compile_availability("cpu", which=lambda name: None, environ={}, platform="linux")
+    ok, reason = compile_availability("cpu", which=lambda name: None, environ={}, platform="linux")
     assert not ok and reason == "install a C++ compiler (gcc/clang) or set CXX"
-    ok, reason = rc.compile_availability("cpu", which=lambda name: f"/usr/bin/{name}", environ={}, platform="linux")
+    ok, reason = compile_availability("cpu", which=lambda name: f"/usr/bin/{name}", environ={}, platform="linux")
     assert ok and reason == ""
-    ok, reason = rc.compile_availability("cpu", which=lambda name: None, environ={"CXX": "/nope/g++"}, platform="linux")
+    ok, reason = compile_availability("cpu", which=lambda name: None, environ={"CXX": "/nope/g++"}, platform="linux")
     assert not ok and "set CXX" in reason
-    ok, reason = rc.compile_availability("mps")
+    ok, reason = compile_availability("mps")
     assert not ok and "DirectML/MPS" in reason
-    ok, _ = rc.compile_availability("mps", backend="aot_eager")
+    ok, _ = compile_availability("mps", backend="aot_eager")
     assert ok
 
 
 def test_availability_without_triton(monkeypatch):
-    monkeypatch.setattr(rc.importlib.util, "find_spec", lambda name: None)
-    ok, reason = rc.compile_availability("cuda", platform="linux")
+    monkeypatch.setattr(availability.importlib.util, "find_spec", lambda name: None)
+    ok, reason = compile_availability("cuda", platform="linux")
     assert not ok and reason.startswith("install triton (pip install triton)")
-    ok, reason = rc.compile_availability("cuda", platform="win32")
+    ok, reason = compile_availability("cuda", platform="win32")
     assert not ok and "triton-windows" in reason
 
 
 def test_availability_on_old_torch(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.0.1")
-    ok, reason = rc.compile_availability("cpu")
+    ok, reason = compile_availability("cpu")
     assert not ok and reason.startswith("torch >= 2.1 needed") and "2.0.1" in reason
 
 
@@ -631,17 +633,17 @@ def test_describe_compile_error_names_the_fix():
 
     wrapped = BackendCompilerFailed("backend='inductor' raised")
     wrapped.__cause__ = InvalidCxxCompiler("No working C++ compiler found in cpp_builder")
-    assert "install a C++ compiler" in rc.describe_compile_error(wrapped)
-    assert "python3-dev" in rc.describe_compile_error(RuntimeError("fatal error: Python.h: No such file"))
+    assert "install a C++ compiler" in describe_compile_error(wrapped)
+    assert "python3-dev" in describe_compile_error(RuntimeError("fatal error: Python.h: No such file"))
     triton = RuntimeError("Cannot find a working triton installation. More information on installing Triton")
-    assert rc.describe_compile_error(triton).startswith("install triton")
-    assert rc.describe_compile_error(ValueError("odd\nmore")) == "ValueError: odd"
+    assert describe_compile_error(triton).startswith("install triton")
+    assert describe_compile_error(ValueError("odd\nmore")) == "ValueError: odd"
 
 
 # -------------------------------------------------------------------------------- inductor on CPU
 
 
-@pytest.mark.skipif(not rc.compile_availability("cpu")[0], reason="no C++ compiler for inductor's CPU backend")
+@pytest.mark.skipif(not compile_availability("cpu")[0], reason="no C++ compiler for inductor's CPU backend")
 def test_inductor_on_cpu_matches_eager_and_compiles_once(monkeypatch):
     import torch._inductor.config as inductor_config
 

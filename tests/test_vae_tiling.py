@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from lib_optim.vae import planner as vae_planner
+from lib_optim.vae import tiles as vae_tiles
 from lib_optim.vae import tiling as vae_tiling
 from lib_optim.vae.model import build_sd_vae
 
@@ -52,7 +53,7 @@ def test_tiles_cover_the_axis_and_their_weights_sum_to_one(length, tile, overlap
     for scale in (1, 8):
         total = torch.zeros(length * scale)
         for t in tiles:
-            lo, hi, w = vae_tiling._axis_weight(t, scale, length * scale, torch.device("cpu"))
+            lo, hi, w = vae_tiles._axis_weight(t, scale, length * scale, torch.device("cpu"))
             assert t.start * scale <= lo and hi <= t.end * scale  # no weight outside the tile
             total[lo:hi] += w
         torch.testing.assert_close(total, torch.ones_like(total))

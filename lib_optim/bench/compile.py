@@ -348,10 +348,7 @@ def run_compile_bench(
     is the stats' ``compile_seconds``. Then ``rounds`` interleaved eager/compiled calls (medians), so a
     machine that speeds up or slows down during the run affects both sides alike.
     """
-    if rounds < 1:
-        raise ValueError(f"[Optim] compile bench: rounds={rounds!r} must be >= 1")
-    if batch < 1 or min(latent) < 8:
-        raise ValueError(f"[Optim] compile bench: batch={batch!r} and latent={latent!r} must be >= 1 and >= 8")
+    _check_compile_bench(rounds, batch, latent)
     torch.manual_seed(seed)
     dev = torch.device(device)
     model = sd15_like_unet(model_channels).to(dev, dtype).eval()
@@ -359,13 +356,68 @@ def run_compile_bench(
     timesteps = torch.full((batch,), 500.0, device=dev)
     context = torch.randn(batch, 77, 64, device=dev, dtype=dtype)
     compiler = compiler or RegionalCompiler(backend=backend, clock=clock)
-    names = default_block_names("sd")
 
     def call() -> torch.Tensor:
         out = model(x, timesteps, context)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return out
+
+    timing = _time_eager_and_compiled(call, model, compiler, mode=mode, rounds=rounds, clock=clock)
+    setup = timing.setup
+    return CompileBenchResult(
+        latent=(int(latent[0]), int(latent[1])),
+        batch=batch,
+        model_channels=model_channels,
+        blocks=setup.blocks,
+        backend=backend if isinstance(backend, str) else getattr(backend, "__name__", "custom"),
+        mode=mode,
+        device=str(dev),
+        dtype=str(dtype).replace("torch.", ""),
+        rounds=rounds,
+        eager_s=statistics.median(timing.eager_samples),
+        compiled_s=statistics.median(timing.compiled_samples),
+        compile_s=setup.compile_seconds,
+        compiles=setup.compiles,
+        graphs=setup.graphs,
+        recompiles_while_timing=timing.recompiles,
+        eager_samples=timing.eager_samples,
+        compiled_samples=timing.compiled_samples,
+        fell_back=setup.fell_back,
+        fallback_reason=setup.fallback_reason,
+        max_abs_diff=timing.max_abs_diff,
+    )
+
+
+def _check_compile_bench(rounds: int, batch: int, latent: tuple[int, int]) -> None:
+    if rounds < 1:
+        raise ValueError(f"[Optim] compile bench: rounds={rounds!r} must be >= 1")
+    if batch < 1 or min(latent) < 8:
+        raise ValueError(f"[Optim] compile bench: batch={batch!r} and latent={latent!r} must be >= 1 and >= 8")
+
+
+@dataclass
+class _Timing:
+    """What :func:`_time_eager_and_compiled` measured."""
+
+    setup: Any  # the warm-up application's CompileStats: the compile's cost
+    max_abs_diff: float
+    eager_samples: list[float]
+    compiled_samples: list[float]
+    recompiles: int
+
+
+def _time_eager_and_compiled(
+    call: Callable[[], torch.Tensor],
+    model: torch.nn.Module,
+    compiler: RegionalCompiler,
+    *,
+    mode: str,
+    rounds: int,
+    clock: Callable[[], float],
+) -> _Timing:
+    """A warm-up (the compile), then ``rounds`` interleaved eager and compiled calls of ``call``."""
+    names = default_block_names("sd")
 
     def timed() -> tuple[float, torch.Tensor]:
         start = clock()
@@ -391,28 +443,7 @@ def run_compile_bench(
                 seconds, _ = timed()
             compiled_samples.append(seconds)
             recompiles += app.stats.compiles
-    return CompileBenchResult(
-        latent=(int(latent[0]), int(latent[1])),
-        batch=batch,
-        model_channels=model_channels,
-        blocks=setup.blocks,
-        backend=backend if isinstance(backend, str) else getattr(backend, "__name__", "custom"),
-        mode=mode,
-        device=str(dev),
-        dtype=str(dtype).replace("torch.", ""),
-        rounds=rounds,
-        eager_s=statistics.median(eager_samples),
-        compiled_s=statistics.median(compiled_samples),
-        compile_s=setup.compile_seconds,
-        compiles=setup.compiles,
-        graphs=setup.graphs,
-        recompiles_while_timing=recompiles,
-        eager_samples=eager_samples,
-        compiled_samples=compiled_samples,
-        fell_back=setup.fell_back,
-        fallback_reason=setup.fallback_reason,
-        max_abs_diff=diff,
-    )
+    return _Timing(setup, diff, eager_samples, compiled_samples, recompiles)
 
 
 def format_compile_table(result: CompileBenchResult | Sequence[CompileBenchResult]) -> str:

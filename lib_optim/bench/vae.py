@@ -203,6 +203,18 @@ def run_vae_bench(
     ``measure``/``load_image``: how one reading is taken and a saved image read (tests inject fakes)."""
     if dtype is None:
         dtype = "fp16" if device.startswith("cuda") else "fp32"
+    _check_vae_bench(dtype, variants, sizes, mem_fraction)
+    limit = int((free_bytes if free_bytes is not None else _free_bytes(device)) * mem_fraction)
+    result = VaeBenchResult(device, dtype, scale, inplace_silu, "none", limit)
+    plan = _plan(variants, norm, tile, overlap)
+    with tempfile.TemporaryDirectory(prefix="optim-vae-images-") as tmp:
+        run = _VaeRun(result, Path(tmp), norm, batch, seed, measure, load_image or _load_tensor)
+        for size in sizes:
+            run.one_size(size, plan)
+    return result
+
+
+def _check_vae_bench(dtype: str, variants: Sequence[str], sizes: Sequence[int], mem_fraction: float) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"[Optim] vae bench dtype: {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
     bad = [v for v in variants if v not in VARIANTS]
@@ -213,81 +225,108 @@ def run_vae_bench(
             raise ValueError(f"[Optim] vae bench size: {size!r} is not allowed; allowed: multiples of 8 from 64")
     if not 0 < mem_fraction <= 1:
         raise ValueError(f"[Optim] vae bench mem_fraction: {mem_fraction!r} is not allowed; allowed: (0, 1]")
-    elt = DTYPES[dtype]
-    channels = round(vae_planner.CH * scale)
-    limit = int((free_bytes if free_bytes is not None else _free_bytes(device)) * mem_fraction)
-    result = VaeBenchResult(device, dtype, scale, inplace_silu, "none", limit)
-    if load_image is None:
 
-        def load_image(path: str) -> Any:
-            import torch
 
-            return torch.load(path)
+def _load_tensor(path: str) -> Any:
+    import torch
 
+    return torch.load(path)
+
+
+def _plan(
+    variants: Sequence[str], norm: str, tile: int, overlap: int | None
+) -> list[tuple[str, int | None, int | None]]:
+    """The rows of one size: ``(variant name, tile, overlap)``, ``untiled`` first."""
     from lib_optim.vae import tiling as vae_tiling
 
-    with tempfile.TemporaryDirectory(prefix="optim-vae-images-") as tmp:
-        for size in sizes:
-            plan: list[tuple[str, int | None, int | None]] = [("untiled", None, None)]
-            for v in variants:
-                default = vae_tiling.MODULE_OVERLAP if v == "module" else vae_tiling.CALLABLE_OVERLAP
-                plan.append((f"module/{norm}" if v == "module" else v, tile, default if overlap is None else overlap))
-            reference = None
-            for name, t, ov in plan:
-                common: dict[str, Any] = {
-                    "batch": batch,
-                    "dtype_bytes": elt,
-                    "channels": channels,
-                    "inplace_silu": inplace_silu,
-                    "device": "cuda" if device.startswith("cuda") else "cpu",
-                }
-                if name == "untiled":
-                    predicted = vae_planner.predict_decode_peak_bytes(size, size, **common)
-                else:
-                    assert t is not None and ov is not None
-                    predicted = vae_planner.predict_tiled_peak_bytes(
-                        size, size, tile=t, overlap=ov, level=name.split("/")[0], norm=norm, **common
-                    )
-                row = VaeRow(size, name, t, ov, predicted)
-                result.rows.append(row)
-                if predicted > limit:
-                    row.skipped = f"predicted {predicted / MIB:.0f} MiB > limit {limit / MIB:.0f} MiB"
-                    continue
-                image_path = str(Path(tmp) / f"{size}-{name.replace('/', '-')}.pt")
-                spec = {
-                    "device": device,
-                    "dtype": dtype,
-                    "scale": scale,
-                    "inplace_silu": inplace_silu,
-                    "seed": seed,
-                    "size": size,
-                    "batch": batch,
-                    "variant": name.split("/")[0],
-                    "norm": norm,
-                    "tile": t,
-                    "overlap": ov,
-                    "save": image_path,
-                }
-                try:
-                    got = measure(spec)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    # one failed reading (out of memory, killed) must not lose the others: report it in its row
-                    log.debug("vae bench %s %s failed", size, name, exc_info=True)
-                    row.skipped = f"failed: {str(exc).splitlines()[0][:100]}"
-                    continue
-                result.memory_method = got.get("method", result.memory_method)
-                measured = got.get("peak_bytes")
-                row.measured_bytes, row.seconds = measured, got.get("seconds")
-                if measured:
-                    row.error_pct = 100.0 * (predicted - measured) / measured
-                image = load_image(got["image"]) if got.get("image") else None
-                if name == "untiled":
-                    reference = image
-                elif reference is not None and image is not None:
-                    row.psnr_db = psnr_db(image, reference)
-                del image
-                log.info("[Optim] vae bench %s %s: %s", size, name, asdict(row))
-    return result
+    plan: list[tuple[str, int | None, int | None]] = [("untiled", None, None)]
+    for v in variants:
+        default = vae_tiling.MODULE_OVERLAP if v == "module" else vae_tiling.CALLABLE_OVERLAP
+        plan.append((f"module/{norm}" if v == "module" else v, tile, default if overlap is None else overlap))
+    return plan
+
+
+@dataclass
+class _VaeRun:
+    """One benchmark run: its settings (in ``result`` and here) and where the saved images go."""
+
+    result: VaeBenchResult
+    images: Path
+    norm: str
+    batch: int
+    seed: int
+    measure: Callable[[dict[str, Any]], dict[str, Any]]
+    load_image: Callable[[str], Any]
+
+    def one_size(self, size: int, plan: list[tuple[str, int | None, int | None]]) -> None:
+        """The rows of one size; the tiled images are compared with the untiled one."""
+        reference = None
+        for name, t, ov in plan:
+            predicted = self.predict(size, name, t, ov)
+            row = VaeRow(size, name, t, ov, predicted)
+            self.result.rows.append(row)
+            limit = self.result.limit_bytes
+            if predicted > limit:
+                row.skipped = f"predicted {predicted / MIB:.0f} MiB > limit {limit / MIB:.0f} MiB"
+                continue
+            measured, image = self.take(row)
+            if not measured:
+                continue
+            if name == "untiled":
+                reference = image
+            elif reference is not None and image is not None:
+                row.psnr_db = psnr_db(image, reference)
+            del image
+            log.info("[Optim] vae bench %s %s: %s", size, name, asdict(row))
+
+    def predict(self, size: int, name: str, t: int | None, ov: int | None) -> int:
+        """The planner's peak for one row."""
+        common: dict[str, Any] = {
+            "batch": self.batch,
+            "dtype_bytes": DTYPES[self.result.dtype],
+            "channels": round(vae_planner.CH * self.result.scale),
+            "inplace_silu": self.result.inplace_silu,
+            "device": "cuda" if self.result.device.startswith("cuda") else "cpu",
+        }
+        if name == "untiled":
+            return vae_planner.predict_decode_peak_bytes(size, size, **common)
+        assert t is not None and ov is not None
+        return vae_planner.predict_tiled_peak_bytes(
+            size, size, tile=t, overlap=ov, level=name.split("/", maxsplit=1)[0], norm=self.norm, **common
+        )
+
+    def take(self, row: VaeRow) -> tuple[bool, Any]:
+        """Measure one row (its peak, seconds and error filled in); ``(False, None)`` when the reading failed,
+        else ``(True, the decoded image or None)``."""
+        result = self.result
+        image_path = str(self.images / f"{row.size}-{row.variant.replace('/', '-')}.pt")
+        spec = {
+            "device": result.device,
+            "dtype": result.dtype,
+            "scale": result.scale,
+            "inplace_silu": result.inplace_silu,
+            "seed": self.seed,
+            "size": row.size,
+            "batch": self.batch,
+            "variant": row.variant.split("/")[0],
+            "norm": self.norm,
+            "tile": row.tile,
+            "overlap": row.overlap,
+            "save": image_path,
+        }
+        try:
+            got = self.measure(spec)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            # one failed reading (out of memory, killed) must not lose the others: report it in its row
+            log.debug("vae bench %s %s failed", row.size, row.variant, exc_info=True)
+            row.skipped = f"failed: {str(exc).splitlines()[0][:100]}"
+            return False, None
+        result.memory_method = got.get("method", result.memory_method)
+        measured = got.get("peak_bytes")
+        row.measured_bytes, row.seconds = measured, got.get("seconds")
+        if measured:
+            row.error_pct = 100.0 * (row.predicted_bytes - measured) / measured
+        return True, (self.load_image(got["image"]) if got.get("image") else None)
 
 
 def _mib(n: int | None) -> str:

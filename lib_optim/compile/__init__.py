@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lib_optim.compile.regional import RegionalCompiler, compile_availability, default_block_names, get_compiler
+from lib_optim.compile.availability import compile_availability
+from lib_optim.compile.blocks import default_block_names
+from lib_optim.compile.regional import RegionalCompiler, get_compiler
 from lib_optim.compile.session import compile_blocks
 
 __all__ = [

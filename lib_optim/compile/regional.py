@@ -14,7 +14,7 @@ Why regional
     where the hosts hook in — eager. Module hooks on a block still run: ``nn.Module.__call__`` runs
     them around the block's ``forward``, and only ``forward`` (an instance attribute) is replaced.
 
-Which blocks (:func:`default_block_names`)
+Which blocks (:func:`lib_optim.compile.blocks.default_block_names`)
     SD1.x/SD2.x/SDXL UNets (ldm ``openaimodel.py`` in A1111, sgm for SDXL, Forge ``backend/nn/unet.py``,
     ldm_patched in Forge previous/reForge) all build from ``ResBlock`` and ``SpatialTransformer`` (which
     holds ``BasicTransformerBlock`` s), grouped into ``TimestepEmbedSequential`` input/middle/output
@@ -95,260 +95,68 @@ Failure policy
     as a compile failure: it propagates unchanged for the extension's OOM retry. ``BaseException`` s
     that are not ``Exception`` s (interrupts) propagate untouched. :func:`compile_availability` checks
     the usual causes up front.
+
+Where the parts live
+    This module holds the compiler, its applications and their stats; :mod:`lib_optim.compile.blocks` the
+    lever's values and the block selection, :mod:`lib_optim.compile.cache` what is kept per key, owner and
+    block (with the weight fingerprint), :mod:`lib_optim.compile.dynamo` the trampolines and dynamo's
+    counters, limits and log lines, :mod:`lib_optim.compile.availability` the up-front checks and the
+    one-line failure reasons.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import itertools
 import logging
-import os
-import shutil
-import sys
 import threading
 import time
 import types
-import warnings
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lib_optim.compile.availability import compile_availability, describe_compile_error
+from lib_optim.compile.blocks import (
+    _INDUCTOR_MODES,
+    MIN_TORCH,
+    _check_mode,
+    _dtype_device,
+    _is_module_list,
+    _outermost,
+    select_blocks,
+    torch_version,
+)
+from lib_optim.compile.cache import (
+    _MISSING,
+    DEFAULT_ENTRIES_PER_BLOCK,
+    _Compiled,
+    _fingerprint,
+    _KeyState,
+    _owner_of,
+    _RootState,
+    _Slot,
+)
+from lib_optim.compile.dynamo import (
+    _DYNAMO_LOGGERS,
+    TRAMPOLINE_PREFIX,
+    _call_bound,
+    _call_unbound,
+    _dynamo_counts,
+    _fresh_function,
+    _limit_names,
+    _LimitWatcher,
+    _quiet_backend_change_warning,
+    _shares_across_instances,
+)
 from lib_optim.log import get_logger
 from lib_optim.telemetry import is_out_of_memory
 
 log = get_logger(__name__)
 
-MODES = ("off", "on", "max-autotune")
-# Our value → inductor's mode. No CUDA graphs: see the module docstring.
-_INDUCTOR_MODES: dict[str, str | None] = {"on": None, "max-autotune": "max-autotune-no-cudagraphs"}
-
-MIN_TORCH = (2, 1)
-# Compiled entries one block (or one shared function per block using it) may need: a static graph, the
-# dynamic one after the first size change, a batch-1 specialisation, and one spare.
-DEFAULT_ENTRIES_PER_BLOCK = 4
-# Names our compiled functions' code objects start with, so dynamo's log lines about them can be told apart.
-TRAMPOLINE_PREFIX = "optim_regional_"
-
-FAMILY_BLOCKS: dict[str, tuple[str, ...]] = {
-    # ldm/sgm openaimodel.py (A1111), Forge backend/nn/unet.py, ldm_patched (Forge previous, reForge)
-    "sd": ("ResBlock", "SpatialTransformer"),
-    # Forge backend/nn/flux.py and chroma.py
-    "flux": ("DoubleStreamBlock", "SingleStreamBlock"),
-    # Forge backend/nn/mmditx.py
-    "sd3": ("JointBlock",),
-}
-_FAMILY_ALIASES = {
-    "sd1": "sd",
-    "sd15": "sd",
-    "sd2": "sd",
-    "sdxl": "sd",
-    "unet": "sd",
-    "chroma": "flux",
-}
-
-_MISSING = object()
 _name_counter = itertools.count(1)
-
-
-def default_block_names(family: str) -> tuple[str, ...]:
-    """Class names of the blocks to compile for a model family (``sd``/``sd1``/``sd2``/``sdxl``,
-    ``flux``/``chroma``, ``sd3``)."""
-    name = _FAMILY_ALIASES.get(family.lower(), family.lower())
-    if name not in FAMILY_BLOCKS:
-        allowed = ", ".join(sorted({*FAMILY_BLOCKS, *_FAMILY_ALIASES}))
-        raise ValueError(f"[Optim] regional compile: family={family!r} is unknown; allowed: {allowed}")
-    return FAMILY_BLOCKS[name]
-
-
-def select_blocks(root: Any, selector: Iterable[str] | Callable[[Any], bool]) -> list[Any]:
-    """The outermost submodules of ``root`` (not ``root`` itself) that the selector picks, in module order.
-
-    ``selector``: class names (matched against ``type(m).__name__``) or a predicate on a module. A match
-    inside another match is skipped: the outer one's compiled code covers it.
-    """
-    if callable(selector) and not isinstance(selector, (str, bytes)):
-        picks: Callable[[Any], bool] = selector
-    else:
-        names = frozenset([selector] if isinstance(selector, str) else selector)
-        if not names or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"[Optim] regional compile: blocks={selector!r} must be class names or a predicate")
-
-        def picks(module: Any) -> bool:
-            return type(module).__name__ in names
-
-    chosen: list[Any] = []
-    covered: set[int] = set()
-    for module in root.modules():
-        if module is root or id(module) in covered:
-            continue
-        if picks(module):
-            chosen.append(module)
-            covered.update(id(sub) for sub in module.modules())
-    return chosen
-
-
-def inductor_mode(mode: str) -> str | None:
-    """The ``torch.compile`` mode for one of our values (None = inductor's default)."""
-    _check_mode(mode)
-    if mode == "off":
-        raise ValueError("[Optim] regional compile: mode='off' has no torch.compile mode")
-    return _INDUCTOR_MODES[mode]
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"[Optim] regional compile: mode={mode!r} is not allowed; allowed: {', '.join(MODES)}")
-
-
-def torch_version(version: str | None = None) -> tuple[int, int]:
-    """(major, minor) of ``version`` or of the installed torch ((0, 0) when unknown)."""
-    if version is None:
-        try:
-            import torch
-        except ImportError:
-            return (0, 0)
-        version = str(torch.__version__)
-    parts = version.split("+")[0].split(".")
-    try:
-        return (int(parts[0]), int(parts[1]))
-    except (IndexError, ValueError):
-        return (0, 0)
-
-
-# ----------------------------------------------------------------------------------------- availability
-
-_COMPILERS_POSIX = ("g++", "c++", "clang++")
-_SMOKE_RESULTS: dict[tuple[str, str, str], tuple[bool, str]] = {}
-
-
-def compile_availability(
-    device: Any,
-    *,
-    mode: str = "on",
-    backend: str = "inductor",
-    smoke_test: bool = False,
-    which: Callable[[str], str | None] = shutil.which,
-    environ: Mapping[str, str] | None = None,
-    platform: str | None = None,
-) -> tuple[bool, str]:
-    """Whether regional compile can work for ``device``; when not, a reason that names the fix.
-
-    Cheap checks only (torch version, platform, device type, compiler/triton present), unless
-    ``smoke_test``: then a tiny function is really compiled and run on the device (a few seconds, once
-    per process per device/backend/mode). ``which``/``environ``/``platform`` are injectable for tests.
-    """
-    _check_mode(mode)
-    env = os.environ if environ is None else environ
-    plat = sys.platform if platform is None else platform
-    try:
-        import torch
-    except ImportError:
-        return False, "torch is not installed"
-    version = torch_version(str(torch.__version__))
-    if version < MIN_TORCH or not hasattr(torch, "compile"):
-        return False, f"torch >= 2.1 needed for torch.compile (found {torch.__version__}); upgrade torch"
-    try:
-        from torch._dynamo import eval_frame
-
-        check = getattr(eval_frame, "check_if_dynamo_supported", None)
-        if check is not None:
-            check()
-    except Exception as exc:  # the message is torch's own reason (Windows on 2.1, Python 3.12 before 2.4)
-        log.debug("dynamo unsupported here", exc_info=True)
-        return False, f"torch.compile is not supported here by torch {torch.__version__}: {exc}; upgrade torch"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        return False, f"unknown device {device!r}: {exc}"
-    if backend != "inductor":
-        return True, ""  # the test backends (eager, aot_eager) generate no code
-    kind = dev.type
-    if kind in ("mps", "privateuseone"):
-        return False, "not supported on DirectML/MPS: torch.compile's inductor has no code generator for this device"
-    if kind == "cpu":
-        if plat == "win32" and version < (2, 5):
-            return False, "inductor's CPU backend on Windows needs torch >= 2.5 and the MSVC Build Tools (cl.exe)"
-        if not _cxx_compiler(env, plat, which):
-            if plat == "win32":
-                return False, "install the MSVC Build Tools (cl.exe) and start from a Developer prompt, or set CXX"
-            return False, "install a C++ compiler (gcc/clang) or set CXX"
-    elif kind in ("cuda", "xpu"):
-        if importlib.util.find_spec("triton") is None:
-            hint = "pip install triton-windows" if plat == "win32" else "pip install triton"
-            return False, f"install triton ({hint}); inductor generates its {kind.upper()} kernels with it"
-        if kind == "cuda" and getattr(torch.version, "hip", None) is None and torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(dev)
-            if major < 7:
-                return False, (
-                    f"this GPU (compute capability {major}.{minor}) is too old for triton, which needs 7.0 or newer"
-                )
-    else:
-        return False, f"torch.compile's inductor has no code generator for device type {kind!r}"
-    if smoke_test:
-        return _smoke_test(dev, mode, backend)
-    return True, ""
-
-
-def _cxx_compiler(env: Mapping[str, str], plat: str, which: Callable[[str], str | None]) -> str | None:
-    configured = env.get("CXX")
-    if configured:
-        return which(configured) or (configured if os.path.isfile(configured) else None)
-    names = ("cl",) if plat == "win32" else _COMPILERS_POSIX
-    for name in names:
-        found = which(name)
-        if found:
-            return found
-    return None
-
-
-def _smoke_test(dev: Any, mode: str, backend: str) -> tuple[bool, str]:
-    cache_key = (str(dev), mode, backend)
-    if cache_key in _SMOKE_RESULTS:
-        return _SMOKE_RESULTS[cache_key]
-    import torch
-
-    def probe(x: Any) -> Any:
-        return torch.nn.functional.silu(x) * 2 + 1
-
-    kwargs: dict[str, Any] = {"backend": backend}
-    if backend == "inductor" and _INDUCTOR_MODES.get(mode):
-        kwargs["mode"] = _INDUCTOR_MODES[mode]
-    try:
-        compiled = torch.compile(_fresh_function(probe, TRAMPOLINE_PREFIX + "probe"), **kwargs)
-        x = torch.linspace(-2, 2, 16, device=dev)
-        ok = bool(torch.allclose(compiled(x), probe(x), atol=1e-5))
-        result = (True, "") if ok else (False, "a compiled test function gave wrong results")
-    except Exception as exc:  # any failure here is the answer the probe exists to give
-        log.debug("torch.compile smoke test failed", exc_info=True)
-        result = (False, describe_compile_error(exc))
-    _SMOKE_RESULTS[cache_key] = result
-    return result
-
-
-def describe_compile_error(exc: BaseException) -> str:
-    """A one-line reason for a compile failure, naming the fix when it is a known cause."""
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain and len(chain) < 16:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    names = {type(e).__name__ for e in chain}
-    text = " ".join(str(e) for e in chain).lower()
-    if "InvalidCxxCompiler" in names or "no working c++ compiler" in text or ("cxx" in text and "not found" in text):
-        return "no working C++ compiler: install a C++ compiler (gcc/clang) or set CXX"
-    if "python.h" in text:
-        return "the Python development headers are missing: install python3-dev (or your distribution's equivalent)"
-    if "CppCompileError" in names or "c++ compile error" in text:
-        return "the C++ compiler failed on inductor's code: update gcc/clang or set CXX to a working one"
-    if "triton" in text and ("cannot find" in text or "no module" in text or "install" in text or "not found" in text):
-        return "install triton (pip install triton; on Windows triton-windows)"
-    if "compute capability" in text and "triton" in text:
-        return "this GPU is too old for triton (needs compute capability 7.0 or newer)"
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------------- stats
@@ -389,141 +197,6 @@ class CompileStats:
 
 
 # ------------------------------------------------------------------------------------------ internals
-
-
-def _call_unbound(fn: Any, module: Any, *args: Any, **kwargs: Any) -> Any:
-    return fn(module, *args, **kwargs)
-
-
-def _call_bound(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    return fn(*args, **kwargs)
-
-
-def _fresh_function(template: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """A copy of ``template`` with its own code object: dynamo keeps its compiled entries on the code object."""
-    code = template.__code__.replace(co_name=name)
-    if hasattr(code, "co_qualname"):  # Python 3.11+; the name dynamo's logs and profiles show
-        replace: Any = code.replace  # co_qualname is unknown to the 3.10 stubs
-        code = replace(co_qualname=name)
-    fn = types.FunctionType(code, template.__globals__, name, template.__defaults__, template.__closure__)
-    return fn
-
-
-@functools.cache
-def _quiet_backend_change_warning() -> None:
-    """torch < 2.2 warns at every call that switches between differently configured ``torch.compile``
-    wrappers ("changing options to `torch.compile()` may require calling `torch._dynamo.reset()`"): its
-    cache was per code object, shared by all wrappers of one function. Ours each have their own code
-    object, so the warning never applies to them; without the filter every generation would print it."""
-    warnings.filterwarnings("ignore", message=r"changing options to `torch\.compile\(\)`", category=UserWarning)
-
-
-def _dynamo_counts() -> tuple[int, int, int]:
-    """(frames compiled, frames attempted, unique graphs) so far in this process."""
-    from torch._dynamo.utils import counters
-
-    return (int(counters["frames"]["ok"]), int(counters["frames"]["total"]), int(counters["stats"]["unique_graphs"]))
-
-
-def _shares_across_instances() -> bool:
-    """Whether dynamo treats module parameters as graph inputs (torch >= 2.5 by default)."""
-    from torch._dynamo import config
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated (always True) in recent torch
-        return bool(getattr(config, "inline_inbuilt_nn_modules", False))
-
-
-def _limit_names() -> tuple[str | None, str | None]:
-    from torch._dynamo import config
-
-    per_function = next((n for n in ("recompile_limit", "cache_size_limit") if hasattr(config, n)), None)
-    total = next(
-        (n for n in ("accumulated_recompile_limit", "accumulated_cache_size_limit") if hasattr(config, n)), None
-    )
-    return per_function, total
-
-
-def _reset_code(code: types.CodeType) -> None:
-    """Drop dynamo's compiled entries on ``code`` (frees their graphs now rather than at garbage collection)."""
-    try:
-        import torch._dynamo
-
-        reset = getattr(torch._dynamo, "reset_code", None)
-        if reset is not None:
-            reset(code)
-    except Exception:  # best effort: the entries also go when the code object is collected
-        log.debug("reset_code failed", exc_info=True)
-
-
-def _fingerprint(block: Any) -> tuple[Any, ...]:
-    """Identity, device and dtype of a block's submodules, parameters and buffers."""
-    modules = tuple(id(m) for m in block.modules())
-    tensors = tuple((id(t), t.device, t.dtype) for t in itertools.chain(block.parameters(), block.buffers()))
-    return (modules, tensors)
-
-
-class _Compiled:
-    """One compiled trampoline (its code object holds dynamo's cache) plus what it was built against."""
-
-    def __init__(self, fn: Callable[..., Any], code: types.CodeType, label: str):
-        self.fn = fn
-        self.code = code
-        self.label = label
-        self.fingerprint: tuple[Any, ...] | None = None
-
-    def discard(self) -> None:
-        _reset_code(self.code)
-
-
-class _KeyState:
-    """Everything cached for one full key under one owner (root module in shared mode, block otherwise)."""
-
-    def __init__(self) -> None:
-        self.compiled: dict[Any, _Compiled] = {}
-        self.announced = False
-        self.budget = DEFAULT_ENTRIES_PER_BLOCK
-
-
-class _Slot:
-    """One block inside one application."""
-
-    def __init__(self, block: Any, original: Any, eager: Callable[..., Any], bound: bool):
-        self.block = block
-        self.original = original  # the instance attribute that was there, or _MISSING
-        self.eager = eager
-        self.bound = bound  # the instance had its own forward: call it as is
-        self.calls = 0
-        self.compiled_calls = 0
-        self.eager_only = False
-        self.compiled: _Compiled | None = None
-        self.state: _KeyState | None = None
-        self.wrapper: Callable[..., Any] | None = None
-
-    def call_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self.bound:
-            return self.eager(*args, **kwargs)
-        # looked up now, as the compiled path does: a host may swap the class's forward between calls
-        return type(self.block).forward(self.block, *args, **kwargs)
-
-
-class _LimitWatcher(logging.Handler):
-    """Counts dynamo's "hit config.cache_size_limit / recompile_limit" warnings about our functions."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.hits = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):  # a malformed record from someone else's code: not ours to count
-            return
-        if "hit config." in message and TRAMPOLINE_PREFIX in message:
-            self.hits += 1
-
-
-_DYNAMO_LOGGERS = ("torch._dynamo.convert_frame",)
 
 
 class Application:
@@ -725,12 +398,6 @@ class Application:
 def _short(key: Hashable) -> str:
     text = getattr(key, "__qualname__", None) or str(key)
     return text if len(text) <= 120 else text[:117] + "..."
-
-
-class _RootState:
-    def __init__(self) -> None:
-        self.keys: dict[tuple[Any, ...], _KeyState] = {}  # shared mode
-        self.failures: dict[tuple[Any, ...], str] = {}
 
 
 class RegionalCompiler:
@@ -1008,42 +675,6 @@ class RegionalCompiler:
             for slot in app._slots:
                 if self._active_by_block.get(slot.block) is app:
                     del self._active_by_block[slot.block]
-
-
-def _owner_of(forward: Any) -> _Slot | None:
-    slot = getattr(forward, "__optim_slot__", None) if forward is not _MISSING else None
-    return slot if isinstance(slot, _Slot) else None
-
-
-def _is_module_list(blocks: Any) -> bool:
-    try:
-        import torch
-
-        items = list(blocks) if isinstance(blocks, Sequence) else None
-        return items is not None and all(isinstance(b, torch.nn.Module) for b in items)
-    except TypeError:
-        return False
-
-
-def _outermost(blocks: list[Any]) -> list[Any]:
-    inner: set[int] = set()
-    for block in blocks:
-        inner.update(id(sub) for sub in block.modules() if sub is not block)
-    seen: set[int] = set()
-    result = []
-    for block in blocks:
-        if id(block) in inner or id(block) in seen:
-            continue
-        seen.add(id(block))
-        result.append(block)
-    return result
-
-
-def _dtype_device(blocks: list[Any]) -> tuple[str, str]:
-    for block in blocks:
-        for tensor in itertools.chain(block.parameters(), block.buffers()):
-            return str(tensor.dtype), str(tensor.device)
-    return "none", "none"
 
 
 @functools.cache

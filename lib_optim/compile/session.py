@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from lib_optim.adapter import Session
-from lib_optim.compile.regional import RegionalCompiler, default_block_names, get_compiler
+from lib_optim.compile.blocks import default_block_names
+from lib_optim.compile.regional import RegionalCompiler, get_compiler
 from lib_optim.log import get_logger
 
 log = get_logger(__name__)

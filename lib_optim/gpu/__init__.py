@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lib_optim.gpu.probe import SystemFacts, probe_system
+from lib_optim.gpu.facts import SystemFacts
+from lib_optim.gpu.probe import probe_system
 
 __all__ = [
     "SystemFacts",

@@ -32,7 +32,7 @@ from lib_optim.log import get_logger
 from lib_optim.oom import is_out_of_memory
 from lib_optim.runtime import get_runtime
 from lib_optim.settings import FIELD_NAMES, GenerationSettings, SettingsError, from_dict
-from lib_optim.telemetry import GenerationMeter
+from lib_optim.telemetry import GenerationMeter, Telemetry
 
 log = get_logger(__name__)
 
@@ -118,8 +118,19 @@ def _generate(mods: HostModules, job: _Job, candidate: BenchCandidate) -> Candid
         except ValueError as exc:
             return CandidateResult(candidate.label, settings, error=str(exc))
     runner = scripts.scripts_txt2img
-    opts = shared.opts
-    p = processing.StableDiffusionProcessingTxt2Img(
+    p = _txt2img(processing, shared, shared.opts, job)
+    before = list(rt.history)
+    known = {id(r) for r in before}
+    meter = GenerationMeter(_device(mods), reset_peak_stats=True)
+    error, interrupted, telemetry = _process(processing, shared, rt, p, runner, candidate, meter)
+    record = next((r for r in reversed(rt.history) if id(r) not in known), None)
+    del before
+    return _candidate_result(mods, rt, candidate, record, telemetry, error, interrupted)
+
+
+def _txt2img(processing: Any, shared: Any, opts: Any, job: _Job) -> Any:
+    """The host's txt2img processing object for ``job`` (no images saved)."""
+    return processing.StableDiffusionProcessingTxt2Img(
         sd_model=shared.sd_model,
         outpath_samples=getattr(opts, "outdir_samples", "") or getattr(opts, "outdir_txt2img_samples", None),
         outpath_grids=getattr(opts, "outdir_grids", "") or getattr(opts, "outdir_txt2img_grids", None),
@@ -135,9 +146,19 @@ def _generate(mods: HostModules, job: _Job, candidate: BenchCandidate) -> Candid
         do_not_save_samples=True,
         do_not_save_grid=True,
     )
-    before = list(rt.history)
-    known = {id(r) for r in before}
-    meter = GenerationMeter(_device(mods), reset_peak_stats=True)
+
+
+def _process(
+    processing: Any,
+    shared: Any,
+    rt: Any,
+    p: Any,
+    runner: Any,
+    candidate: BenchCandidate,
+    meter: GenerationMeter,
+) -> tuple[BaseException | None, bool, Telemetry]:
+    """Run ``p`` through the host's processing with the candidate's settings in our script's slot, metered:
+    ``(the error it raised, whether the user interrupted it, the meter's reading)``."""
     error: BaseException | None = None
     interrupted = False
     with closing(p):  # p.close() restores Optim's changes whatever happens (docs/hosts.md §1.6)
@@ -146,7 +167,7 @@ def _generate(mods: HostModules, job: _Job, candidate: BenchCandidate) -> Candid
         # steps, its first sampler) over ours.
         p.is_api = True
         p.scripts = runner
-        p.script_args = script_args_for(runner, settings)
+        p.script_args = script_args_for(runner, candidate.settings)
         # a benchmark measures the settings given: no out-of-memory retry with other ones (hosts/webui.py)
         rt.forbid_retry(p)
         state = shared.state
@@ -165,8 +186,20 @@ def _generate(mods: HostModules, job: _Job, candidate: BenchCandidate) -> Candid
             total_tqdm = getattr(shared, "total_tqdm", None)
             if total_tqdm is not None:
                 total_tqdm.clear()
-    record = next((r for r in reversed(rt.history) if id(r) not in known), None)
-    del before
+    return error, interrupted, telemetry
+
+
+def _candidate_result(
+    mods: HostModules,
+    rt: Any,
+    candidate: BenchCandidate,
+    record: Any,
+    telemetry: Telemetry,
+    error: BaseException | None,
+    interrupted: bool,
+) -> CandidateResult:
+    """The candidate's result from what the generation raised and what our script recorded (``record``)."""
+    settings = candidate.settings
     inner = (record.telemetry or {}) if record is not None else {}
     common: dict[str, Any] = {
         "peak_vram_mb": inner.get("peak_allocated_mb") or telemetry.peak_allocated_mb,
@@ -234,6 +267,35 @@ def run_benchmark(
     job = _Job(prompt, width, height, steps, seed)
     compiling = [i for i, c in enumerate(candidates) if c.settings.compile.value != "off"]
     total = len(candidates) * repeats + (1 if warmup else 0) + len(compiling)
+    report = _reporter(progress, total)
+    if not candidates:
+        return []
+    run = _BenchRun(mods, job, candidates, report, [[] for _ in candidates])
+    report(0, "waiting for the current generation to finish")
+    with call_queue.queue_lock:
+        if warmup and not run.warm_up():
+            return [CandidateResult(c.label, c.settings, error="interrupted") for c in candidates]
+        compile_seconds = run.compile_first(compiling)
+        if compile_seconds is None:
+            return [CandidateResult(c.label, c.settings, error="interrupted") for c in candidates]
+        for round_index in range(repeats):
+            if not run.one_round(round_index, repeats):
+                break
+    report(total, "done")
+    results = [
+        generation_bench.combine_runs(done_runs)
+        if done_runs
+        else CandidateResult(c.label, c.settings, error="interrupted")
+        for c, done_runs in zip(candidates, run.runs, strict=True)
+    ]
+    return [
+        replace(r, compile_seconds=compile_seconds[i]) if i in compile_seconds and r.ok else r
+        for i, r in enumerate(results)
+    ]
+
+
+def _reporter(progress: Progress | None, total: int) -> Callable[[int, str], None]:
+    """``report(done, text)``: ``progress`` told the share of the ``total`` generations done."""
 
     def report(done: int, text: str) -> None:
         if progress is not None:
@@ -242,68 +304,74 @@ def run_benchmark(
             except Exception:  # a broken progress display must not stop the benchmark
                 log.debug("progress callback failed", exc_info=True)
 
-    if not candidates:
-        return []
-    runs: list[list[CandidateResult]] = [[] for _ in candidates]
-    report(0, "waiting for the current generation to finish")
-    with call_queue.queue_lock:
-        done = 0
-        if warmup:
-            report(0, "warm-up (loads the model; not counted)")
-            first = _generate(mods, job, BenchCandidate("warm-up", candidates[0].settings))
-            if first.error is not None:
-                log.warning("bench warm-up failed: %s", first.error)
-                if first.error == "interrupted":
-                    return [CandidateResult(c.label, c.settings, error="interrupted") for c in candidates]
-            done = 1
-        # A compiled candidate first compiles (seconds to minutes): that run is its own warm-up, not counted,
-        # so the timed runs are the steady state; its compile time is reported beside them.
+    return report
+
+
+@dataclass
+class _BenchRun:
+    """The generations of one :func:`run_benchmark`, under the queue lock: ``runs[i]`` holds candidate ``i``'s
+    results so far, ``done`` counts the generations for the progress report."""
+
+    mods: HostModules
+    job: _Job
+    candidates: Sequence[BenchCandidate]
+    report: Callable[[int, str], None]
+    runs: list[list[CandidateResult]]
+    done: int = 0
+
+    def warm_up(self) -> bool:
+        """One generation with the first candidate's settings, not counted; False when it was interrupted."""
+        self.report(0, "warm-up (loads the model; not counted)")
+        first = _generate(self.mods, self.job, BenchCandidate("warm-up", self.candidates[0].settings))
+        if first.error is not None:
+            log.warning("bench warm-up failed: %s", first.error)
+            if first.error == "interrupted":
+                return False
+        self.done = 1
+        return True
+
+    def compile_first(self, compiling: Sequence[int]) -> dict[int, float | None] | None:
+        """The compiled candidates' first run, not counted: their compile times, or None when interrupted.
+
+        A compiled candidate first compiles (seconds to minutes): that run is its own warm-up, so the timed runs
+        are the steady state; its compile time is reported beside them."""
         compile_seconds: dict[int, float | None] = {}
         for index in compiling:
-            report(done, f"compiling for {candidates[index].label} (first run only; not counted)")
-            first = _generate(mods, job, candidates[index])
-            done += 1
+            self.report(self.done, f"compiling for {self.candidates[index].label} (first run only; not counted)")
+            first = _generate(self.mods, self.job, self.candidates[index])
+            self.done += 1
             if first.error is not None:
-                runs[index].append(first)  # a candidate that cannot even compile-and-run is not timed
+                self.runs[index].append(first)  # a candidate that cannot even compile-and-run is not timed
                 if first.error == "interrupted":
-                    return [CandidateResult(c.label, c.settings, error="interrupted") for c in candidates]
+                    return None
             compile_seconds[index] = first.compile_seconds
-        interrupted = False
-        for round_index in range(repeats):
-            order = [(round_index + i) % len(candidates) for i in range(len(candidates))]
-            for index in order:
-                candidate = candidates[index]
-                if runs[index] and not runs[index][-1].ok:
-                    done += 1  # failed already: running it again would only fail again
-                    continue
-                where = f"round {round_index + 1}/{repeats}, " if repeats > 1 else ""
-                report(done, f"{where}{order.index(index) + 1}/{len(candidates)}: {candidate.label}")
-                result = _generate(mods, job, candidate)
-                done += 1
-                log.info(
-                    "bench %s: %s",
-                    candidate.label,
-                    result.error or f"{result.seconds:.2f} s, {result.it_per_s or 0:.2f} it/s",
-                )
-                if result.error == "interrupted":
-                    interrupted = True
-                    if not runs[index]:  # one that finished an earlier round keeps that
-                        runs[index].append(result)
-                    break
-                runs[index].append(result)
-            if interrupted:
-                break
-    report(total, "done")
-    results = [
-        generation_bench.combine_runs(done_runs)
-        if done_runs
-        else CandidateResult(c.label, c.settings, error="interrupted")
-        for c, done_runs in zip(candidates, runs, strict=True)
-    ]
-    return [
-        replace(r, compile_seconds=compile_seconds[i]) if i in compile_seconds and r.ok else r
-        for i, r in enumerate(results)
-    ]
+        return compile_seconds
+
+    def one_round(self, round_index: int, repeats: int) -> bool:
+        """One timed generation per candidate, starting one candidate later each round; False when interrupted."""
+        count = len(self.candidates)
+        order = [(round_index + i) % count for i in range(count)]
+        for index in order:
+            candidate = self.candidates[index]
+            runs = self.runs[index]
+            if runs and not runs[-1].ok:
+                self.done += 1  # failed already: running it again would only fail again
+                continue
+            where = f"round {round_index + 1}/{repeats}, " if repeats > 1 else ""
+            self.report(self.done, f"{where}{order.index(index) + 1}/{count}: {candidate.label}")
+            result = _generate(self.mods, self.job, candidate)
+            self.done += 1
+            log.info(
+                "bench %s: %s",
+                candidate.label,
+                result.error or f"{result.seconds:.2f} s, {result.it_per_s or 0:.2f} it/s",
+            )
+            if result.error == "interrupted":
+                if not runs:  # one that finished an earlier round keeps that
+                    runs.append(result)
+                return False
+            runs.append(result)
+        return True
 
 
 # --- where results go, and "make the winner my default" -----------------------------------------------

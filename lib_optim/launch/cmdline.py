@@ -109,10 +109,7 @@ def parse_args(
     flag the real parser knows).
     """
     tokens = split_command_line(argv) if isinstance(argv, str) else list(argv)
-    table: dict[str, FlagSpec] = dict(flags_for(host))
-    for extra in extra_flags:
-        for option in (extra.option, *extra.aliases):
-            table.setdefault(option, extra)
+    table = _flag_table(host, extra_flags)
     long_options = sorted(o for o in table if o.startswith("--"))
     result = ParsedArgs(host=host, argv=tuple(tokens))
 
@@ -133,58 +130,81 @@ def parse_args(
             continue
         name, has_inline, inline_value = token.partition("=")
         inline = inline_value if has_inline else None
-        spec: FlagSpec | None = table.get(name)
-        if spec is None and name.startswith("--"):
-            matches = [o for o in long_options if o.startswith(name)]
-            distinct = {table[o].dest: o for o in matches}
-            if len(distinct) > 1:
-                result.problems.append(
-                    ArgProblem("ambiguous", token, "could be " + ", ".join(sorted(distinct.values())))
-                )
-                continue
-            if len(distinct) == 1:
-                spec = table[next(iter(distinct.values()))]
+        spec, problem = _lookup(name, token, table, long_options)
+        if problem is not None:
+            result.problems.append(problem)
+            continue
         if spec is None:
             result.unknown.append(GivenFlag(token, name, inline, None, index))
             continue
-
-        value: str | None = None
-        if spec.takes_value == "none":
-            if inline is not None:
-                result.problems.append(ArgProblem("bad-type", token, f"{spec.option} takes no value"))
-                continue
-        elif spec.takes_value == "one":
-            if inline is not None:
-                value = inline
-            elif i < len(tokens) and not _looks_like_option(tokens[i], table):
-                value = tokens[i]
-                i += 1
-            else:
-                result.problems.append(ArgProblem("missing-value", token, f"{spec.option} expects one value"))
-                continue
-        elif spec.takes_value == "optional":
-            if inline is not None:
-                value = inline
-            elif i < len(tokens) and not _looks_like_option(tokens[i], table):
-                value = tokens[i]
-                i += 1
-        else:  # many
-            # argparse: "--use-cpu=all sd" gives the flag only "all"; the words after it are not its values.
-            values = [inline] if inline is not None else []
-            while inline is None and i < len(tokens) and not _looks_like_option(tokens[i], table):
-                values.append(tokens[i])
-                i += 1
-            if not values:
-                result.problems.append(ArgProblem("missing-value", token, f"{spec.option} expects at least one value"))
-                continue
-            value = " ".join(values)
-
-        problem = _check_value(spec, token, value)
+        value, i, problem = _take_value(spec, token, inline, tokens, i, table)
+        if problem is None:
+            problem = _check_value(spec, token, value)
         if problem is not None:
             result.problems.append(problem)
             continue
         result.known.append(GivenFlag(token, spec.option, value, spec, index))
     return result
+
+
+def _flag_table(host: HostKind, extra_flags: Iterable[FlagSpec]) -> dict[str, FlagSpec]:
+    """Every option string ``host`` knows (aliases included) with its flag; the host's own win over extras."""
+    table: dict[str, FlagSpec] = dict(flags_for(host))
+    for extra in extra_flags:
+        for option in (extra.option, *extra.aliases):
+            table.setdefault(option, extra)
+    return table
+
+
+def _lookup(
+    name: str, token: str, table: Mapping[str, FlagSpec], long_options: Sequence[str]
+) -> tuple[FlagSpec | None, ArgProblem | None]:
+    """The flag ``name`` means: an exact option, or (argparse's abbreviations) the one long option it is a
+    prefix of; an ``ambiguous`` problem when it abbreviates several flags; ``(None, None)`` when unknown."""
+    spec: FlagSpec | None = table.get(name)
+    if spec is None and name.startswith("--"):
+        matches = [o for o in long_options if o.startswith(name)]
+        distinct = {table[o].dest: o for o in matches}
+        if len(distinct) > 1:
+            return None, ArgProblem("ambiguous", token, "could be " + ", ".join(sorted(distinct.values())))
+        if len(distinct) == 1:
+            spec = table[next(iter(distinct.values()))]
+    return spec, None
+
+
+def _take_value(
+    spec: FlagSpec, token: str, inline: str | None, tokens: Sequence[str], i: int, table: Mapping[str, FlagSpec]
+) -> tuple[str | None, int, ArgProblem | None]:
+    """The value ``spec`` takes from ``inline`` (``--flag=value``) or from the words from ``tokens[i]`` on, as
+    argparse would: ``(value, the index of the next word, a problem or None)``."""
+    value: str | None = None
+    if spec.takes_value == "none":
+        if inline is not None:
+            return None, i, ArgProblem("bad-type", token, f"{spec.option} takes no value")
+    elif spec.takes_value == "one":
+        if inline is not None:
+            value = inline
+        elif i < len(tokens) and not _looks_like_option(tokens[i], table):
+            value = tokens[i]
+            i += 1
+        else:
+            return None, i, ArgProblem("missing-value", token, f"{spec.option} expects one value")
+    elif spec.takes_value == "optional":
+        if inline is not None:
+            value = inline
+        elif i < len(tokens) and not _looks_like_option(tokens[i], table):
+            value = tokens[i]
+            i += 1
+    else:  # many
+        # argparse: "--use-cpu=all sd" gives the flag only "all"; the words after it are not its values.
+        values = [inline] if inline is not None else []
+        while inline is None and i < len(tokens) and not _looks_like_option(tokens[i], table):
+            values.append(tokens[i])
+            i += 1
+        if not values:
+            return None, i, ArgProblem("missing-value", token, f"{spec.option} expects at least one value")
+        value = " ".join(values)
+    return value, i, None
 
 
 def _check_value(spec: FlagSpec, token: str, value: str | None) -> ArgProblem | None:

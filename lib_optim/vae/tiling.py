@@ -28,174 +28,52 @@ Both levels assemble into one preallocated output; the tiles' outputs are droppe
 Sizes: ``tile`` and ``overlap`` are in latent pixels (8 image pixels each). Tiles are all ``tile`` wide (the last
 is moved back, not shrunk), spaced evenly with at least ``overlap`` in common; an image no larger than one tile
 is processed in one piece (at the callable level: the plain call).
+
+This module holds both levels' entry points and the choice of tile; the tile grid and the argument checks are in
+:mod:`lib_optim.vae.tiles`, the module level's walk over the layers in :mod:`lib_optim.vae.walk`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from lib_optim.log import get_logger
 from lib_optim.vae import planner as vae_planner
+from lib_optim.vae.tiles import (
+    CALLABLE_OVERLAP,
+    DEFAULT_NORM,
+    MODULE_OVERLAP,
+    NORM_MODES,
+    SCALE,
+    AxisTile,
+    Tile,
+    _Canvas,
+    _check_sizes,
+    _checked_overlap,
+    _pixel_span,
+    check_layout,
+    tile_axis,
+    tile_grid,
+)
+from lib_optim.vae.walk import (
+    UPSAMPLE_BANDS,
+    _assemble,
+    _core_window,
+    _decoder_up,
+    _encoder_down,
+    _mid,
+    _park_device,
+    _Program,
+    _silu_,
+    _TileState,
+)
 
 log = get_logger(__name__)
-
-SCALE = 8  # image pixels per latent pixel in the SD VAE
-# How the module level's tiles normalize (each GroupNorm of the tiled part of the network):
-# - "exact": with the statistics of the whole image. Every tile runs to the next GroupNorm and reports the
-#   moments of its own region (the regions partition the image); the pooled statistics go back to all tiles.
-#   The result is the untiled one to rounding; the waiting tiles' activations are held meanwhile (in CPU memory
-#   when decoding on a GPU, see ``park``), and every tile is resumed once per GroupNorm.
-# - "tile": each tile with its own statistics, one tile after the other (no holding, no parking). Tiles of
-#   different content normalize differently: fine on stationary content, visible drift on real images.
-NORM_MODES = ("exact", "tile")
-DEFAULT_NORM = "exact"
-# The module level's default overlap (latent pixels): a margin of half of it around every kept pixel. The
-# receptive field of the tiled part is wider (decoder: six 3×3 convolutions at each of four resolutions plus the
-# resampling ones, about 13 latent pixels; encoder: about 10), but with exact statistics and the random-weight
-# SD VAE a margin of 2 / 4 / 8 latent pixels measured 41 / 58 / 110 dB against the untiled decode.
-MODULE_OVERLAP = 16
-CALLABLE_OVERLAP = 16
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The tile grid.
-
-
-@dataclass(frozen=True)
-class AxisTile:
-    """One tile along one axis, in latent pixels: it spans ``[start, end)`` and owns ``[core_start, core_end)``
-    (the owned parts of all tiles partition the axis; a boundary lies in the middle of the two tiles' overlap,
-    and ``ramp`` latent pixels around it are blended — 0 = a hard crop)."""
-
-    start: int
-    end: int
-    core_start: int
-    core_end: int
-    ramp_before: float
-    ramp_after: float
-
-
-def tile_axis(length: int, tile: int, overlap: int, blend: float = 1.0) -> list[AxisTile]:
-    """Tiles of ``tile`` pixels covering ``length`` with at least ``overlap`` in common, evenly spaced.
-
-    ``blend`` in [0, 1]: the width of each blending ramp as a fraction of what fits around its boundary
-    (the overlap, and half the distance to the neighbouring boundaries)."""
-    if length <= tile:
-        return [AxisTile(0, length, 0, length, 0.0, 0.0)]
-    step = tile - overlap
-    count = math.ceil((length - overlap) / step)
-    starts = [round(i * (length - tile) / (count - 1)) for i in range(count)]
-    ends = [s + tile for s in starts]
-    cuts = [(starts[i + 1] + ends[i]) // 2 for i in range(count - 1)]  # the middle of each overlap
-    bounds = [0, *cuts, length]
-    ramps = []
-    for i, cut in enumerate(cuts):
-        room: float = min(cut - starts[i + 1], ends[i] - cut)  # the ramp stays inside the overlap ...
-        if i > 0:
-            room = min(room, (cut - cuts[i - 1]) / 2)  # ... and clear of its neighbours' ramps
-        if i + 1 < len(cuts):
-            room = min(room, (cuts[i + 1] - cut) / 2)
-        ramps.append(2 * room * blend)
-    return [
-        AxisTile(
-            starts[i],
-            ends[i],
-            bounds[i],
-            bounds[i + 1],
-            ramps[i - 1] if i > 0 else 0.0,
-            ramps[i] if i < count - 1 else 0.0,
-        )
-        for i in range(count)
-    ]
-
-
-def _axis_weight(t: AxisTile, scale: int, out_length: int, device: torch.device) -> tuple[int, int, torch.Tensor]:
-    """The tile's blending weight along one axis in output pixels: ``(lo, hi, w)`` with ``w`` on ``[lo, hi)``
-    (zero outside). Adjacent tiles' ramps are complementary, so the weights of all tiles sum to 1."""
-    lo_cut, hi_cut = t.core_start * scale, (t.core_end * scale if t.core_end * scale < out_length else out_length)
-    ramp_lo, ramp_hi = t.ramp_before * scale, t.ramp_after * scale
-    lo = max(t.start * scale, math.floor(lo_cut - ramp_lo / 2)) if t.start else 0
-    hi = min(t.end * scale, math.ceil(hi_cut + ramp_hi / 2)) if hi_cut < out_length else out_length
-    centres = torch.arange(lo, hi, device=device, dtype=torch.float64) + 0.5
-
-    def rising(cut: float, ramp: float) -> torch.Tensor:
-        if ramp <= 0:
-            return (centres >= cut).double()
-        return ((centres - cut) / ramp + 0.5).clamp(0.0, 1.0)
-
-    w = torch.ones_like(centres)
-    if t.start:
-        w = rising(lo_cut, ramp_lo)
-    if hi_cut < out_length:
-        w = w - rising(hi_cut, ramp_hi)
-    return lo, hi, w.float()
-
-
-@dataclass(frozen=True)
-class Tile:
-    y: AxisTile
-    x: AxisTile
-
-
-def tile_grid(height: int, width: int, tile: int, overlap: int, blend: float = 1.0) -> list[Tile]:
-    """The tiles of a ``height × width`` latent, row by row."""
-    return [
-        Tile(ty, tx) for ty in tile_axis(height, tile, overlap, blend) for tx in tile_axis(width, tile, overlap, blend)
-    ]
-
-
-def _check_sizes(tile: int, overlap: int, blend: float) -> None:
-    if not isinstance(tile, int) or tile < 1:
-        raise ValueError(
-            f"[Optim] VAE tiling tile: {tile!r} is not allowed; allowed: a whole number of latent pixels ≥ 1"
-        )
-    if not isinstance(overlap, int) or not 0 <= overlap < tile:
-        raise ValueError(
-            f"[Optim] VAE tiling overlap: {overlap!r} is not allowed; allowed: a whole number from 0 to {tile - 1} "
-            "(less than the tile)"
-        )
-    if not 0.0 <= blend <= 1.0:
-        raise ValueError(f"[Optim] VAE tiling blend: {blend!r} is not allowed; allowed: a fraction from 0 to 1")
-
-
-class _Canvas:
-    """The output, allocated at the first tile (its dtype and device), accumulated in at least float32."""
-
-    def __init__(self, rows: int, cols: int, scale: int) -> None:
-        self.rows, self.cols, self.scale = rows, cols, scale
-        self.out: torch.Tensor | None = None
-        self.dtype: torch.dtype | None = None
-
-    def add(self, tile: Tile, piece: torch.Tensor) -> None:
-        """Blend in ``piece``, the output for ``tile`` (``self.scale`` output pixels per latent pixel)."""
-        s = self.scale
-        b, c = piece.shape[:2]
-        expected = ((tile.y.end - tile.y.start) * s, (tile.x.end - tile.x.start) * s)
-        out_h, out_w = self.rows * s, self.cols * s
-        if self.out is None:
-            self.dtype = piece.dtype
-            acc = torch.promote_types(piece.dtype, torch.float32)
-            self.out = torch.zeros((b, c, out_h, out_w), dtype=acc, device=piece.device)
-        if tuple(piece.shape[2:]) != expected or piece.shape[:2] != self.out.shape[:2]:
-            raise RuntimeError(
-                f"[Optim] VAE tiling: a tile came back as {tuple(piece.shape)}, expected "
-                f"{(*self.out.shape[:2], *expected)}; the function does not map latent pixels to {s} output pixels"
-            )
-        y0, y1, wy = _axis_weight(tile.y, s, out_h, piece.device)
-        x0, x1, wx = _axis_weight(tile.x, s, out_w, piece.device)
-        oy, ox = tile.y.start * s, tile.x.start * s
-        part = piece[:, :, y0 - oy : y1 - oy, x0 - ox : x1 - ox]
-        self.out[:, :, y0:y1, x0:x1].addcmul_(part, (wy[:, None] * wx[None, :]).to(self.out.dtype))
-
-    def result(self) -> torch.Tensor:
-        assert self.out is not None and self.dtype is not None
-        return self.out if self.out.dtype == self.dtype else self.out.to(self.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,11 +105,6 @@ def tiled_decode(
     return canvas.result()
 
 
-def _pixel_span(a: AxisTile, length_px: int) -> tuple[int, int]:
-    end = a.end * SCALE
-    return a.start * SCALE, (length_px if end >= length_px - length_px % SCALE else end)
-
-
 def tiled_encode(
     encode: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -254,329 +127,6 @@ def tiled_encode(
     for t in grid:
         (y0, y1), (x0, x1) = _pixel_span(t.y, height), _pixel_span(t.x, width)
         canvas.add(t, encode(x[:, :, y0:y1, x0:x1]))
-    return canvas.result()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Module level: our own walk over the VAE's layers, with GroupNorm statistics of the whole image.
-
-_Window = tuple[int, int, int, int]  # y0, y1, x0, x1 in an activation's pixels; -1 = to the end
-_Moments = tuple[int, torch.Tensor, torch.Tensor]  # count, mean, sum of squared deviations per (batch, group)
-_Stats = tuple[torch.Tensor, torch.Tensor]  # mean, variance per (batch, group), float64
-# A tile's program is a generator running the tile through the tiled part of the network. With exact
-# statistics it yields (GroupNorm key, its own region's moments) at every GroupNorm and is sent the
-# statistics of the whole image; with the tile's own statistics it never yields.
-_Program = Generator[tuple[Any, _Moments], _Stats, torch.Tensor]
-
-
-def _silu_(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x, inplace=True)  # our own temporary: in place saves one activation
-
-
-def _moments(x: torch.Tensor, groups: int, window: _Window | None) -> _Moments:
-    """Count, mean and sum of squared deviations per (batch, group) over ``window`` of ``x``, in float64.
-
-    Per channel first (a reduction over a strided view needs no copy), then per group; half-precision
-    activations are widened a few channels at a time so the float32 copy stays small."""
-    if window is not None:
-        y0, y1, x0, x1 = window
-        x = x[:, :, y0 : (y1 if y1 >= 0 else None), x0 : (x1 if x1 >= 0 else None)]
-    b, c = x.shape[:2]
-    n = x.shape[2] * x.shape[3]
-    means, variances = [], []
-    wide = x.dtype in (torch.float32, torch.float64)
-    step = c if wide else max(1, c // 8)
-    for c0 in range(0, c, step):
-        part = x[:, c0 : c0 + step]
-        var, mean = torch.var_mean(part if wide else part.float(), dim=(2, 3), correction=0)
-        means.append(mean.double())
-        variances.append(var.double())
-    mean_c, var_c = torch.cat(means, 1).view(b, groups, -1), torch.cat(variances, 1).view(b, groups, -1)
-    mean_g = mean_c.mean(-1)
-    # within-channel spread plus the spread of the channel means around the group mean
-    m2 = n * (var_c.sum(-1) + ((mean_c - mean_g[..., None]) ** 2).sum(-1))
-    return n * mean_c.shape[-1], mean_g, m2
-
-
-class _Pool:
-    """Combines moments of several regions (Chan et al.'s parallel variance) into (mean, var)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def add(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
-        self.n = total
-
-    def stats(self) -> _Stats:
-        assert self.mean is not None and self.m2 is not None
-        return self.mean, self.m2 / self.n
-
-
-def _normalize(norm: Any, x: torch.Tensor, stats: _Stats, *, inplace: bool) -> torch.Tensor:
-    """GroupNorm of ``x`` with given statistics and the module's affine weight and bias (in ``x`` itself when
-    ``inplace``)."""
-    mean, var = stats
-    per_group = x.shape[1] // norm.num_groups
-    scale = (var + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)
-    if norm.weight is not None:
-        scale = scale * norm.weight.double()
-    mean_c = mean.repeat_interleave(per_group, dim=1).to(x.dtype)[:, :, None, None]
-    # (x - mean)·scale + bias: subtracting first keeps half-precision activations as accurate as GroupNorm's
-    y = x.sub_(mean_c) if inplace else x - mean_c
-    y.mul_(scale.to(x.dtype)[:, :, None, None])
-    return y if norm.bias is None else y.add_(norm.bias.to(x.dtype)[None, :, None, None])
-
-
-class _TileState:
-    """What a tile's program holds between layers — the current activation ``h`` and a residual ``res`` — kept
-    here rather than in local variables, so a tile waiting for statistics can move them to ``park`` (another
-    device) and nothing else keeps them alive. ``window``: the tile's own region in ``h``'s pixels; ``owned``:
-    ``h`` is ours to overwrite (not a view of the input shared with other tiles)."""
-
-    def __init__(self, h: torch.Tensor, window: _Window, exact: bool, park: torch.device | None) -> None:
-        self.h: torch.Tensor | None = h
-        self.res: torch.Tensor | None = None
-        self.owned = False
-        self.window, self.exact, self.park = window, exact, park
-
-    def set(self, h: torch.Tensor) -> None:
-        self.h, self.owned = h, True
-
-    def move(self, device: torch.device) -> None:
-        if self.h is not None:
-            self.h = self.h.to(device)
-        if self.res is not None:
-            self.res = self.res.to(device)
-
-    def rescale(self, factor: float) -> None:
-        self.window = tuple(round(v * factor) if v >= 0 else v for v in self.window)  # type: ignore[assignment]
-
-
-def _stats(st: _TileState, norm: Any, key: Any) -> Generator[tuple[Any, _Moments], _Stats, _Stats]:
-    """The statistics to normalize ``st.h`` with: the tile's own, or the whole image's, for which the tile
-    yields the moments of its own region and waits (its activations parked, if a park device is set)."""
-    assert st.h is not None
-    if not st.exact:
-        pool = _Pool()
-        pool.add(*_moments(st.h, norm.num_groups, None))
-        return pool.stats()
-    moments = _moments(st.h, norm.num_groups, st.window)
-    home = st.h.device
-    park = st.park if st.park is not None and st.park != home else None
-    if park is not None:
-        st.move(park)
-    stats = yield key, moments
-    if park is not None:
-        st.move(home)
-    return stats
-
-
-def _take_normalized(st: _TileState, norm: Any, stats: _Stats, *, keep_input: bool = False) -> torch.Tensor:
-    """``st.h`` normalized, handed over (``st.h`` is cleared): in place when ``st.h`` is ours and not needed
-    afterwards, so normalizing costs no extra activation."""
-    assert st.h is not None
-    out = _normalize(norm, st.h, stats, inplace=st.owned and not keep_input)
-    st.h = None
-    return out
-
-
-def _resnet(st: _TileState, block: Any, key: Any) -> Generator[tuple[Any, _Moments], _Stats, None]:
-    """One ResNet block on ``st.h``. Where the block has a shortcut convolution, it runs first and the input is
-    then normalized in place: the block's input, a normalized copy and the shortcut are never alive together,
-    which the hosts' blocks hold at their peak."""
-    stats = yield from _stats(st, block.norm1, (key, 1))
-    shortcut = getattr(block, "nin_shortcut", None) or getattr(block, "conv_shortcut", None)
-    if shortcut is not None:
-        st.res = shortcut(st.h)
-        n = _take_normalized(st, block.norm1, stats)
-    else:
-        st.res = st.h  # the input is the residual: normalize a copy
-        n = _take_normalized(st, block.norm1, stats, keep_input=True)
-    st.set(block.conv1(_silu_(n)))
-    del n
-    stats = yield from _stats(st, block.norm2, (key, 2))
-    n = _take_normalized(st, block.norm2, stats)
-    out = block.conv2(_silu_(n))
-    del n
-    out.add_(st.res)
-    st.res = None
-    st.set(out)
-
-
-UPSAMPLE_BANDS = 8  # the 2× upsampling runs in this many horizontal bands (see _upsample)
-
-
-def _upsample(conv: Any, x: torch.Tensor) -> torch.Tensor:
-    """``conv(interpolate(x, 2×, nearest))`` written band by band into one output, so the full-size interpolated
-    copy never exists (it would be as large as the output). Each band takes one source row above and below, and
-    the rows next to a cut, which the convolution padded with zeros, are dropped."""
-    b, _c, h, w = x.shape
-    out: torch.Tensor | None = None
-    step = max(1, math.ceil(h / UPSAMPLE_BANDS))
-    for r0 in range(0, h, step):
-        r1 = min(h, r0 + step)
-        lo, hi = max(0, r0 - 1), min(h, r1 + 1)
-        band = conv(F.interpolate(x[:, :, lo:hi], scale_factor=2.0, mode="nearest"))
-        if out is None:
-            out = band.new_empty((b, band.shape[1], 2 * h, 2 * w))
-        out[:, :, 2 * r0 : 2 * r1] = band[:, :, 2 * (r0 - lo) : 2 * (r1 - lo)]
-        del band
-    assert out is not None
-    return out
-
-
-def _decoder_up(decoder: Any, st: _TileState) -> _Program:
-    """Everything after the mid block: the up levels (coarsest first), norm_out, SiLU, conv_out."""
-    for level in reversed(range(len(decoder.up))):
-        up = decoder.up[level]
-        for j, block in enumerate(up.block):
-            yield from _resnet(st, block, ("up", level, j))
-        if level != 0:
-            assert st.h is not None
-            st.set(_upsample(up.upsample.conv, st.h))
-            st.rescale(2)
-    stats = yield from _stats(st, decoder.norm_out, "norm_out")
-    return decoder.conv_out(_silu_(_take_normalized(st, decoder.norm_out, stats)))
-
-
-def _encoder_down(encoder: Any, st: _TileState) -> _Program:
-    """Everything before the mid block: conv_in and the down levels with their stride-2 convolutions."""
-    st.set(encoder.conv_in(st.h))
-    for level, down in enumerate(encoder.down):
-        for j, block in enumerate(down.block):
-            yield from _resnet(st, block, ("down", level, j))
-        if level != len(encoder.down) - 1:
-            # the asymmetric pad makes the stride-2 convolution map n pixels to floor(n/2)
-            assert st.h is not None
-            st.set(down.downsample.conv(F.pad(st.h, (0, 1, 0, 1))))
-            st.rescale(0.5)
-    out, st.h = st.h, None
-    assert out is not None
-    return out
-
-
-def _mid(mid: Any, h: torch.Tensor) -> torch.Tensor:
-    """The host's own mid block (its attention is the host's, over the whole latent)."""
-    h = mid.block_1(h, None)
-    h = mid.attn_1(h)
-    return mid.block_2(h, None)
-
-
-def _core_window(t: Tile, factor: int, rows: int, cols: int) -> _Window:
-    """The tile's own region in its activation at ``factor`` pixels per latent pixel (-1 = to the end)."""
-    y1 = (t.y.core_end - t.y.start) * factor if t.y.core_end < rows else -1
-    x1 = (t.x.core_end - t.x.start) * factor if t.x.core_end < cols else -1
-    return (t.y.core_start - t.y.start) * factor, y1, (t.x.core_start - t.x.start) * factor, x1
-
-
-def _drive(
-    tiles: Sequence[Tile],
-    programs: Callable[[Tile], _Program],
-    emit: Callable[[Tile, torch.Tensor], None],
-    exact: bool,
-) -> None:
-    """Run every tile's program and hand its output to ``emit`` (and drop it). Exact: all tiles advance
-    together from GroupNorm to GroupNorm, each normalized with the moments of all tiles' own regions pooled."""
-    if not exact:  # one tile after the other; their programs never wait
-        for t in tiles:
-            try:
-                next(programs(t))
-            except StopIteration as done:
-                emit(t, done.value)
-                continue
-            raise RuntimeError("[Optim] VAE tiling: a tile asked for shared statistics in tile mode")
-        return
-    running = [(t, programs(t)) for t in tiles]
-    requests = [next(p) for _, p in running]
-    while running:
-        key = requests[0][0]
-        pool = _Pool()
-        for k, moments in requests:
-            if k != key:
-                raise RuntimeError(f"[Optim] VAE tiling: tiles out of step at GroupNorm {k!r} and {key!r}")
-            pool.add(*moments)
-        stats = pool.stats()
-        still, requests = [], []
-        for t, p in running:
-            try:
-                requests.append(p.send(stats))
-                still.append((t, p))
-            except StopIteration as done:
-                emit(t, done.value)
-        running = still
-
-
-def _park_device(park: str | torch.device | None, device: torch.device) -> torch.device | None:
-    if park == "auto":
-        return torch.device("cpu") if device.type != "cpu" else None
-    if park is None or isinstance(park, torch.device):
-        return park
-    return torch.device(park)
-
-
-def check_layout(module: Any, part: str = "decoder") -> None:
-    """Raise ``TypeError`` naming what is missing when ``module`` is not an SD VAE ``part`` ("decoder" or
-    "encoder") of the ldm/sgm layout that this module can walk."""
-    if part not in ("decoder", "encoder"):
-        raise ValueError(f"[Optim] VAE tiling part: {part!r} is not allowed; allowed: decoder, encoder")
-    levels_name, resampler = ("up", "upsample") if part == "decoder" else ("down", "downsample")
-    missing = [n for n in ("conv_in", "mid", "norm_out", "conv_out", levels_name) if not hasattr(module, n)]
-    if not missing:
-        missing += [f"mid.{n}" for n in ("block_1", "attn_1", "block_2") if not hasattr(module.mid, n)]
-        if not isinstance(module.norm_out, torch.nn.GroupNorm):
-            missing.append("norm_out as a GroupNorm")
-        if getattr(module, "tanh_out", False) or getattr(module, "give_pre_end", False):
-            missing.append("the plain output (tanh_out/give_pre_end set)")
-        levels = getattr(module, levels_name)
-        for i, level in enumerate(levels):
-            name = f"{levels_name}[{i}]"
-            if len(getattr(level, "attn", ())):
-                missing.append(f"{name} without attention")
-            resampled = i != 0 if part == "decoder" else i != len(levels) - 1
-            if resampled and not hasattr(getattr(level, resampler, None), "conv"):
-                missing.append(f"{name}.{resampler}.conv")
-            for j, block in enumerate(getattr(level, "block", ())):
-                if not all(isinstance(getattr(block, n, None), torch.nn.GroupNorm) for n in ("norm1", "norm2")):
-                    missing.append(f"{name}.block[{j}].norm1/norm2 as GroupNorms")
-                if getattr(block, "temb_proj", None) is not None:
-                    missing.append(f"{name}.block[{j}] without a time embedding")
-    if missing:
-        raise TypeError(f"[Optim] VAE tiling: {type(module).__name__} {part} lacks {', '.join(missing)}")
-
-
-def _check_norm(norm: str) -> None:
-    if norm not in NORM_MODES:
-        raise ValueError(f"[Optim] VAE tiling norm: {norm!r} is not allowed; allowed: {', '.join(NORM_MODES)}")
-
-
-def _checked_overlap(tile: int, overlap: int | None, norm: str, blend: float) -> int:
-    """``overlap`` (default :data:`MODULE_OVERLAP`, at most half the tile) once the sizes and norm are checked."""
-    if overlap is None:
-        overlap = min(MODULE_OVERLAP, tile // 2)
-    _check_sizes(tile, overlap, blend)
-    _check_norm(norm)
-    return overlap
-
-
-def _assemble(
-    grid: list[Tile], program: Callable[[Tile], _Program], rows: int, cols: int, scale: int, exact: bool
-) -> torch.Tensor:
-    """Every tile's program run to the end, the outputs joined: one piece is returned as it is."""
-    if len(grid) == 1:
-        pieces: list[torch.Tensor] = []
-        _drive(grid, program, lambda _t, out: pieces.append(out), exact)
-        return pieces.pop()
-    canvas = _Canvas(rows, cols, scale)
-    _drive(grid, program, canvas.add, exact)
     return canvas.result()
 
 
@@ -859,3 +409,27 @@ class TilingEvent:
         """``decode 1024x1024 tiled (tiles of 64)`` / ``decode 512x512 untiled``, for the infotext."""
         how = f"tiled (tiles of {self.tile})" if self.tiled else "untiled"
         return f"{self.kind} {self.width}x{self.height} {how}"
+
+
+__all__ = [  # the tile grid and the layer walk live in lib_optim.vae.tiles and lib_optim.vae.walk
+    "CALLABLE_OVERLAP",
+    "DEFAULT_NORM",
+    "MODULE_OVERLAP",
+    "NORM_MODES",
+    "SCALE",
+    "UPSAMPLE_BANDS",
+    "AxisTile",
+    "Tile",
+    "TilingEvent",
+    "check_layout",
+    "choose_tile",
+    "tile_axis",
+    "tile_grid",
+    "tiled_decode",
+    "tiled_decode_vae",
+    "tiled_decoder",
+    "tiled_encode",
+    "tiled_encode_vae",
+    "tiled_encoder",
+    "tiling_forward",
+]
