@@ -5,9 +5,9 @@ This is the wing's face: other parts of lib_optim import from here, never from t
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from lib_optim import lazy_exports
 from lib_optim.attention.planner import (
     MIB,
     AttnShape,
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # the torch-heavy module loads on first use, so importing the
     from lib_optim.attention.impl import free_memory_bytes
     from lib_optim.attention.kernels import GuardedKernel, host_attention_function, sdpa_with_kernel
 
-_LAZY = {
+_LAZY: dict[str, tuple[str, str | None]] = {
     "free_memory_bytes": ("lib_optim.attention.impl", "free_memory_bytes"),
     "impl": ("lib_optim.attention.impl", None),  # our implementations of every algorithm, as a module
     # the kernels we call ourselves, and their glue for the hosts' call sites
@@ -57,13 +57,7 @@ _LAZY = {
     "sdpa_with_kernel": ("lib_optim.attention.kernels", "sdpa_with_kernel"),
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attribute = _LAZY[name]
-    loaded = importlib.import_module(module)
-    return loaded if attribute is None else getattr(loaded, attribute)
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from lib_optim import lazy_exports
 from lib_optim.bench import generation
 from lib_optim.bench.generation import (
     DEFAULT_PROMPT,
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the torch-heavy modules load on first use, so importing the
     from lib_optim.bench.vae import run_vae_bench
     from lib_optim.bench.vae import to_json as vae_bench_json
 
-_LAZY = {
+_LAZY: dict[str, tuple[str, str | None]] = {
     "attention_bench_json": ("lib_optim.bench.attention", "to_json"),
     "attention_bench_table": ("lib_optim.bench.attention", "format_table"),
     "format_compile_table": ("lib_optim.bench.compile", "format_compile_table"),
@@ -41,12 +41,7 @@ _LAZY = {
     "write_attention_plot": ("lib_optim.bench.attention", "write_plot"),
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attribute = _LAZY[name]
-    return getattr(importlib.import_module(module), attribute)
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

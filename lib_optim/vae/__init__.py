@@ -7,9 +7,9 @@ applies tiling to one generation (what the host adapters call).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from lib_optim import lazy_exports
 from lib_optim.vae import planner
 from lib_optim.vae.session import VAE_MAX_TILE_ENV, tile_vae, tiled_vae_fits, vae_max_tile
 
@@ -17,18 +17,12 @@ if TYPE_CHECKING:  # the torch-heavy modules load on first use, so importing the
     from lib_optim.vae import tiling
     from lib_optim.vae.model import build_sd_vae
 
-_LAZY = {
+_LAZY: dict[str, tuple[str, str | None]] = {
     "build_sd_vae": ("lib_optim.vae.model", "build_sd_vae"),
     "tiling": ("lib_optim.vae.tiling", None),
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attribute = _LAZY[name]
-    loaded = importlib.import_module(module)
-    return loaded if attribute is None else getattr(loaded, attribute)
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
