@@ -16,8 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lib_optim.host_specs import HostKind
-from lib_optim.launch.flagspec import FlagSpec
-from lib_optim.launch.flagtables import flags_for
+from lib_optim.launch.flagspec import FlagSpec, flags_by_option
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ def parse_args(
     flag the real parser knows).
     """
     tokens = split_command_line(argv) if isinstance(argv, str) else list(argv)
-    table: dict[str, FlagSpec] = dict(flags_for(host))
+    table: dict[str, FlagSpec] = flags_by_option(host)
     for extra in extra_flags:
         for option in (extra.option, *extra.aliases):
             table.setdefault(option, extra)
