@@ -23,7 +23,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
-from lib_optim.host_specs import CHECKED_HOSTS, HostKind, parse_host
+from lib_optim.host_specs import HostKind, checked_hosts, parse_host
 from lib_optim.launch import (
     PROFILES,
     CheckInput,
@@ -255,8 +255,8 @@ def _check_response(body: Any, host: HostKind | None, facts: Callable[[], Runtim
         target = parse_host(host_name) if host_name else host
     except ValueError as exc:
         raise HTTPException(status_code=422, detail=f"[Optim] {exc}") from None
-    if target is None or target not in CHECKED_HOSTS:
-        allowed = ", ".join(h.value for h in CHECKED_HOSTS)
+    if target is None or target not in checked_hosts():
+        allowed = ", ".join(h.value for h in checked_hosts())
         raise HTTPException(status_code=422, detail=f"[Optim] host: {host_name!r} is not allowed; allowed: {allowed}")
     if commandline:
         try:
@@ -279,7 +279,7 @@ def _profiles_listing() -> list[dict[str, Any]]:
     out = []
     for profile in PROFILES.values():
         per_host = {}
-        for h in CHECKED_HOSTS:
+        for h in checked_hosts():
             try:
                 hp = resolve(profile, h)
             except ProfileError:

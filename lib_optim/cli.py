@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lib_optim import __version__
-from lib_optim.host_specs import PROFILED_HOSTS, HostKind, detect_kind, extension_dir, find_webui_root, parse_host
+from lib_optim.host_specs import (
+    HostKind,
+    detect_kind,
+    extension_dir,
+    find_webui_root,
+    host_names,
+    parse_host,
+    profiled_hosts,
+)
 from lib_optim.launch import (
     LAUNCHER_FILE_RULE,
     RULES,
@@ -47,8 +55,17 @@ EX_USAGE = 64
 EX_REFUSED = 1
 # Covered when no WebUI checkout is found: the two hosts the extension is made for.
 FALLBACK_HOSTS = (HostKind.A1111, HostKind.FORGE)
-# The rule id of findings about the webui-user file itself (what bash/cmd do with it, not the flags).
-_HOST_CHOICES = "a1111, forge, forge-previous, reforge"
+
+
+def host_choices() -> tuple[str, ...]:
+    """What ``--host`` accepts: every registered host's name and aliases, and auto."""
+    return (*host_names(), "auto")
+
+
+def _profiled_host_options(joiner: str = ", ", last: str = " or ") -> str:
+    """``--host a1111, --host forge or --host forge-previous``: the hosts that have launch profiles."""
+    options = [f"--host {h.value}" for h in profiled_hosts()]
+    return joiner.join(options[:-1]) + last + options[-1] if len(options) > 1 else "".join(options)
 
 
 class UsageError(Exception):
@@ -84,14 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sd-webui-optim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_check(sub)
+    _add_doctor(sub)
+    _add_profile(sub)
+    _add_rules(sub)
+    _add_bench(sub)
+    return parser
 
-    host_help = (
-        f"{_HOST_CHOICES}, or auto: the WebUI checkout around the file or this folder "
-        "(none found: check, doctor and profile show cover A1111 and Forge f2)"
-    )
 
+def _host_help(
+    auto: str = "the WebUI checkout around the file or this folder "
+    "(none found: check, doctor and profile show cover A1111 and Forge f2)",
+) -> str:
+    """``--host``'s help: every registered host (the names users type), or auto."""
+    return f"{', '.join(host_choices()[:-1])}, or auto: {auto}"
+
+
+def _add_host(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    parser.add_argument("--host", default="auto", help=help_text or _host_help())
+
+
+def _add_check(sub: Any) -> None:
     check = sub.add_parser("check", help="check launch flags and environment variables for a host")
-    check.add_argument("--host", default="auto", help=host_help)
+    _add_host(check)
     check.add_argument(
         "--file",
         type=Path,
@@ -108,24 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("args", nargs=argparse.REMAINDER, help="launch arguments, after --")
 
+
+def _add_doctor(sub: Any) -> None:
     doctor = sub.add_parser("doctor", help="probe this machine, check its launch config, recommend a profile")
-    doctor.add_argument("--host", default="auto", help=host_help)
+    _add_host(doctor)
     doctor.add_argument("--file", type=Path, help="the webui-user file the WebUI is started with")
     doctor.add_argument("--json", action="store_true")
 
+
+def _add_profile(sub: Any) -> None:
     profile = sub.add_parser("profile", help="launch profiles for 8/12/16/24 GB cards")
     psub = profile.add_subparsers(dest="action", required=True, parser_class=_Parser)
     plist = psub.add_parser("list", help="list the profiles")
     plist.add_argument("--json", action="store_true")
     show = psub.add_parser("show", help="show what a profile sets on a host")
     show.add_argument("name")
-    show.add_argument("--host", default="auto", help=host_help)
+    _add_host(show)
     show.add_argument("--directml", action="store_true", help="AMD/Intel card through DirectML")
     show.add_argument("--json", action="store_true")
     apply = psub.add_parser("apply", help="write a profile's block into webui-user.sh/.bat (backup first)")
     apply.add_argument("name")
     apply.add_argument("--file", type=Path, required=True)
-    apply.add_argument("--host", default="auto", help=f"{_HOST_CHOICES}, or auto: the WebUI around the file")
+    _add_host(apply, _host_help("the WebUI around the file"))
     apply.add_argument("--directml", action="store_true", help="AMD/Intel card through DirectML")
     apply.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
     apply.add_argument("--create", action="store_true", help="make the file if it does not exist")
@@ -135,10 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--dry-run", action="store_true")
     remove.add_argument("--force", action="store_true", help="write the file even if it is read-only")
 
+
+def _add_rules(sub: Any) -> None:
     rules = sub.add_parser("rules", help="list the checker's rules")
     rules.add_argument("--json", action="store_true")
     rules.add_argument("--env", action="store_true", help="the environment variables the checker knows instead")
 
+
+def _add_bench(sub: Any) -> None:
     bench = sub.add_parser("bench", help="time the attention backends side by side and check the planner")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib)")
@@ -173,7 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: every attention backend, whether it runs here (CUDA when torch sees a GPU), and if not why "
         "and the fix (with --json: as JSON)",
     )
-    return parser
 
 
 # --------------------------------------------------------------------------------------------------- hosts
@@ -195,8 +234,7 @@ class HostChoice:
         where = ", ".join(str(p) for p in self.searched)
         names = " and ".join(h.display_name for h in FALLBACK_HOSTS)
         return (
-            f"No WebUI checkout found around {where}: showing {names}. "
-            "Pass --host a1111, --host forge or --host forge-previous for yours only."
+            f"No WebUI checkout found around {where}: showing {names}. Pass {_profiled_host_options()} for yours only."
         )
 
 
@@ -431,7 +469,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 "defaults there)"
             )
     if any(r.commandline for r in reports):
-        host_opt = "" if choice.kind is not None else " --host a1111|forge"
+        host_opt = "" if choice.kind is not None else " --host " + "|".join(h.value for h in profiled_hosts())
         _out(
             f"Write it with: python -m lib_optim profile apply {first.profile} --file {_webui_user_path(choice.root)}"
             + host_opt
@@ -456,36 +494,16 @@ def _auto_profile_name() -> str:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from lib_optim.launch import (
-        PROFILES,
         ProfileError,
         apply_profile,
-        file_kind,
         get_profile,
-        launch_line,
-        nothing_to_write,
         remove_profile,
         resolve,
     )
 
     if args.action == "list":
-        rows = [(p.name, p.title, p.description) for p in PROFILES.values()]
-        rows.append(("auto", "Auto", "Chosen from the detected GPU memory."))
-        if args.json:
-            _out(json.dumps([{"name": n, "title": t, "description": d} for n, t, d in rows], indent=2))
-        else:
-            for name, title, description in rows:
-                _out(f"{name:<11} {title:<14} {description}")
-        return 0
-    try:  # a misspelt profile name or a wrong --file is a usage error (64), not a refusal (1)
-        if getattr(args, "file", None) is not None:
-            if args.file.is_dir():  # said as such, before "not a webui-user file" for its missing suffix
-                _check_file_arg(args.file)
-            file_kind(args.file)
-            _check_file_arg(args.file, create=getattr(args, "create", False))
-        if args.action != "remove":
-            get_profile(args.name)
-    except ProfileError as exc:
-        raise UsageError(str(exc).removeprefix("[Optim] ")) from None
+        return _profile_list(args.json)
+    _check_profile_args(args)
     if args.action == "remove":
         edit = remove_profile(args.file, dry_run=args.dry_run, force=args.force)
         _report_edit(edit, args.dry_run, "removed")
@@ -496,11 +514,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if choice.kind is None and args.action == "apply":
         raise UsageError(
             f"--host: no WebUI checkout around {near}, so which WebUI this file starts is unknown; "
-            "pass --host a1111, --host forge or --host forge-previous"
+            f"pass {_profiled_host_options()}"
         )
     for host in choice.hosts:
-        if host not in PROFILED_HOSTS:
-            raise UsageError(f"--host: {host.value!r} has no profiles; allowed: a1111, forge, forge-previous")
+        if host not in profiled_hosts():
+            allowed = ", ".join(h.value for h in profiled_hosts())
+            raise UsageError(f"--host: {host.value!r} has no profiles; allowed: {allowed}")
     profile = get_profile(_auto_profile_name() if args.name.strip().lower() == "auto" else args.name)
     try:  # --directml with a host or a profile that has no DirectML variant: a bad combination of options
         resolved = [(host, resolve(profile, host, directml=args.directml)) for host in choice.hosts]
@@ -508,29 +527,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise UsageError(str(exc).removeprefix("[Optim] ")) from None
 
     if args.action == "show":
-        if args.json:
-            if choice.kind is not None:
-                _out(json.dumps(_profile_dict(profile.name, *resolved[0]), indent=2))
-            else:
-                by_host = {host.value: _profile_dict(profile.name, host, hp) for host, hp in resolved}
-                data = {"name": profile.name, "host": None, "note": choice.not_found_note(), "by_host": by_host}
-                _out(json.dumps(data, indent=2))
-            return 0
-        if choice.kind is None:
-            _out(choice.not_found_note())
-            _out("")
-        blocks = []
-        for host, hp in resolved:
-            lines = [f"{profile.title} ({profile.name}) on {host.display_name}: {profile.description}"]
-            pasted = launch_line(hp, _script_kind())
-            lines.append(pasted or nothing_to_write(profile, host, hp))
-            defaults = hp.generation.non_default()
-            lines.append("Per-generation defaults: " + (json.dumps(defaults) if defaults else "none"))
-            if hp.note:
-                lines.append(hp.note)
-            blocks.append("\n".join(lines))
-        _out("\n\n".join(blocks))
-        return 0
+        return _profile_show(args, profile, choice, resolved)
 
     host = resolved[0][0]
     outcome = apply_profile(
@@ -547,6 +544,65 @@ def cmd_profile(args: argparse.Namespace) -> int:
     _report_edit(outcome.edit, args.dry_run, f"profile {profile.name} written")
     if outcome.findings:
         _out(format_findings(outcome.findings, host))
+    return 0
+
+
+def _profile_list(as_json: bool) -> int:
+    from lib_optim.launch import PROFILES
+
+    rows = [(p.name, p.title, p.description) for p in PROFILES.values()]
+    rows.append(("auto", "Auto", "Chosen from the detected GPU memory."))
+    if as_json:
+        _out(json.dumps([{"name": n, "title": t, "description": d} for n, t, d in rows], indent=2))
+    else:
+        for name, title, description in rows:
+            _out(f"{name:<11} {title:<14} {description}")
+    return 0
+
+
+def _check_profile_args(args: argparse.Namespace) -> None:
+    """A misspelt profile name or a wrong --file is a usage error (64), not a refusal (1)."""
+    from lib_optim.launch import ProfileError, file_kind, get_profile
+
+    try:
+        if getattr(args, "file", None) is not None:
+            if args.file.is_dir():  # said as such, before "not a webui-user file" for its missing suffix
+                _check_file_arg(args.file)
+            file_kind(args.file)
+            _check_file_arg(args.file, create=getattr(args, "create", False))
+        if args.action != "remove":
+            get_profile(args.name)
+    except ProfileError as exc:
+        raise UsageError(str(exc).removeprefix("[Optim] ")) from None
+
+
+def _profile_show(
+    args: argparse.Namespace, profile: Any, choice: HostChoice, resolved: list[tuple[HostKind, Any]]
+) -> int:
+    from lib_optim.launch import launch_line, nothing_to_write
+
+    if args.json:
+        if choice.kind is not None:
+            _out(json.dumps(_profile_dict(profile.name, *resolved[0]), indent=2))
+        else:
+            by_host = {host.value: _profile_dict(profile.name, host, hp) for host, hp in resolved}
+            data = {"name": profile.name, "host": None, "note": choice.not_found_note(), "by_host": by_host}
+            _out(json.dumps(data, indent=2))
+        return 0
+    if choice.kind is None:
+        _out(choice.not_found_note())
+        _out("")
+    blocks = []
+    for host, hp in resolved:
+        lines = [f"{profile.title} ({profile.name}) on {host.display_name}: {profile.description}"]
+        pasted = launch_line(hp, _script_kind())
+        lines.append(pasted or nothing_to_write(profile, host, hp))
+        defaults = hp.generation.non_default()
+        lines.append("Per-generation defaults: " + (json.dumps(defaults) if defaults else "none"))
+        if hp.note:
+            lines.append(hp.note)
+        blocks.append("\n".join(lines))
+    _out("\n\n".join(blocks))
     return 0
 
 

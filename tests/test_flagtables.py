@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-from lib_optim.host_specs.kinds import CHECKED_HOSTS, HostKind
+from lib_optim.host_specs.kinds import HostKind, checked_hosts
 from lib_optim.launch.flagspec import FlagSpec
 from lib_optim.launch.flagtables import FLAGS, HOST_REVISIONS, flags_for
 
@@ -64,8 +64,8 @@ def _group(host: HostKind, name: str) -> set[str]:
 
 
 def test_tables_exist_for_every_host() -> None:
-    assert set(FLAGS) == set(CHECKED_HOSTS) == set(HostKind)
-    assert set(HOST_REVISIONS) == set(CHECKED_HOSTS)
+    assert set(FLAGS) == set(checked_hosts()) == set(HostKind)
+    assert set(HOST_REVISIONS) == set(checked_hosts())
 
 
 def test_reforge_table_is_its_own() -> None:
@@ -83,7 +83,7 @@ def test_reforge_table_is_its_own() -> None:
     assert "--reserve-vram" not in flags_for(PREVIOUS)
 
 
-@pytest.mark.parametrize("host", CHECKED_HOSTS)
+@pytest.mark.parametrize("host", checked_hosts())
 def test_spec_invariants(host: HostKind) -> None:
     seen: set[str] = set()
     for spec in FLAGS[host]:
@@ -122,7 +122,7 @@ def test_group_names() -> None:
 # --------------------------------------------------------------------------------------------- facts
 
 
-@pytest.mark.parametrize("host", CHECKED_HOSTS)
+@pytest.mark.parametrize("host", checked_hosts())
 def test_use_cuda_dsa_unknown_everywhere(host: HostKind) -> None:
     assert "--use-cuda-dsa" not in flags_for(host)
 
@@ -189,7 +189,7 @@ def test_value_shapes() -> None:
     for host in FORGE_HOSTS:
         directml = flags_for(host)["--directml"]
         assert (directml.takes_value, directml.value_type, directml.const) == ("optional", "int", "-1")
-    for host in CHECKED_HOSTS:
+    for host in checked_hosts():
         table = flags_for(host)
         assert table["--medvram"].takes_value == "none"
         assert table["--medvram"].origin == "webui"
@@ -216,7 +216,7 @@ def test_builtin_preload_flags() -> None:
 # ------------------------------------------------------------------------------------- against the mirrors
 
 
-@pytest.mark.parametrize("host", CHECKED_HOSTS)
+@pytest.mark.parametrize("host", checked_hosts())
 def test_sources_point_at_option_lines(host: HostKind) -> None:
     _skip_without_mirror(host)
     path, rev = gen.DEFAULT_SOURCES[host.name]
@@ -235,13 +235,13 @@ def test_sources_point_at_option_lines(host: HostKind) -> None:
 
 
 def test_generator_reproduces_committed_module() -> None:
-    _skip_without_mirror(*CHECKED_HOSTS)
+    _skip_without_mirror(*checked_hosts())
     text, _tables = gen.build(gen.default_sources())
     assert text == MODULE.read_text(encoding="utf-8"), "run: python tools/gen_flagtables.py"
 
 
 def test_generator_cli_check() -> None:
-    _skip_without_mirror(*CHECKED_HOSTS)
+    _skip_without_mirror(*checked_hosts())
     res = subprocess.run(
         [sys.executable, str(GENERATOR), "--check"], capture_output=True, text=True, check=False, cwd=ROOT
     )
@@ -266,7 +266,7 @@ def _export_checkout(host: HostKind, dest: Path) -> None:
             (dest / name).write_text(text, encoding="utf-8")
 
 
-@pytest.mark.parametrize("host", CHECKED_HOSTS)
+@pytest.mark.parametrize("host", checked_hosts())
 def test_checkout_directory_extraction(host: HostKind, tmp_path: Path) -> None:
     _skip_without_mirror(host)
     _export_checkout(host, tmp_path)

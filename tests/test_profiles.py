@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lib_optim.attention.registry import Attention
-from lib_optim.host_specs.kinds import PROFILED_HOSTS, HostKind
+from lib_optim.host_specs.kinds import HostKind, profiled_hosts
 from lib_optim.launch.checker import CheckInput, Severity, parse_alloc_conf, run_checks
 from lib_optim.launch.cmdline import parse_args
 from lib_optim.launch.profiles import (
@@ -47,7 +47,7 @@ BAT_ORIGINAL = (
 
 
 def _resolved_cases() -> list[tuple[str, HostKind, bool]]:
-    cases = [(name, host, False) for name in PROFILES for host in PROFILED_HOSTS]
+    cases = [(name, host, False) for name in PROFILES for host in profiled_hosts()]
     cases += [(name, host, True) for name in DIRECTML_PROFILES for host in FORGE_HOSTS]
     return cases
 
@@ -75,7 +75,7 @@ def test_profile_table_is_consistent() -> None:
     for key, profile in PROFILES.items():
         assert profile.name == key
         assert profile.title and profile.description
-        assert set(profile.hosts) == set(PROFILED_HOSTS), key
+        assert set(profile.hosts) == set(profiled_hosts()), key
     assert profile_names() == [*PROFILES, "auto"]
 
 
@@ -140,7 +140,7 @@ def test_cpu_profile_runs_on_the_cpu() -> None:
     assert resolve(cpu, A1111).flags == ("--use-cpu", "all", "--no-half", "--skip-torch-cuda-test")
     for host in FORGE_HOSTS:
         assert "--always-cpu" in resolve(cpu, host).flags
-    for host in PROFILED_HOSTS:
+    for host in profiled_hosts():
         assert resolve(cpu, host).env == {}
 
 
@@ -222,7 +222,7 @@ def test_directml_variant_on_forge(name: str, host: HostKind) -> None:
     assert "--directml" not in resolve(PROFILES[name], host).flags
 
 
-@pytest.mark.parametrize("host", PROFILED_HOSTS, ids=lambda h: h.value)
+@pytest.mark.parametrize("host", profiled_hosts(), ids=lambda h: h.value)
 @pytest.mark.parametrize("name", NO_DIRECTML_PROFILES)
 def test_directml_refused_for_big_cards_and_cpu(name: str, host: HostKind) -> None:
     with pytest.raises(ProfileError) as exc:
@@ -309,7 +309,7 @@ def test_warnings_do_not_refuse(tmp_path: Path) -> None:
 # --- apply / remove --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", PROFILED_HOSTS, ids=lambda h: h.value)
+@pytest.mark.parametrize("host", profiled_hosts(), ids=lambda h: h.value)
 @pytest.mark.parametrize(
     ("name", "original"), [("webui-user.sh", SH_ORIGINAL), ("webui-user.bat", BAT_ORIGINAL)], ids=["sh", "bat"]
 )

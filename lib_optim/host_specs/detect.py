@@ -1,8 +1,11 @@
 """Find a WebUI checkout on disk and tell which host it is, without importing any of its code.
 
-Signals (docs/hosts.md §8.1): Forge f2 has ``modules_forge/`` and ``backend/memory_management.py``; Forge previous
+Each registered host names its markers (:class:`lib_optim.host_specs.kinds.HostSpec`); the hosts are tried
+most specific first (more markers per set), in registration order among equals. The four built-in ones
+(docs/hosts.md §8.1): Forge f2 has ``modules_forge/`` and ``backend/memory_management.py``; Forge previous
 and reForge have ``modules_forge/`` and ``ldm_patched/`` but no ``backend/``; reForge's
-``modules_forge/forge_version.py`` says ``1.0.0...``; A1111 has none of them.
+``modules_forge/forge_version.py`` says ``1.0.0...`` (or its ``ldm_patched/modules/args_parser.py`` has
+``--reserve-vram``); A1111 has none of them.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib_optim.host_specs.kinds import HostKind
+from lib_optim.host_specs.kinds import HostKind, HostSpec, Marker, host_specs, known_names
 
 _VERSION_RE = re.compile(r"""version\s*=\s*['"]([^'"]+)['"]""")
+_FORGE_VERSION = "modules_forge/forge_version.py"
 
 
 @dataclass(frozen=True)
@@ -28,37 +32,45 @@ def is_webui_root(path: Path) -> bool:
 
 
 def detect_kind(root: Path) -> HostCheckout:
-    """Which host the checkout at ``root`` is. Raises ValueError if ``root`` is not a WebUI checkout."""
+    """Which host the checkout at ``root`` is. Raises ValueError if ``root`` is not a WebUI checkout or no
+    registered host's markers match it."""
     if not is_webui_root(root):
         raise ValueError(f"{root}: not a WebUI checkout (expected launch.py and modules/ there)")
-    version = _forge_version(root)
-    if (root / "modules_forge").is_dir():
-        if (root / "backend" / "memory_management.py").is_file():
-            return HostCheckout(root, HostKind.FORGE, version)
-        if version.startswith("1.") or (
-            (root / "ldm_patched" / "modules" / "args_parser.py").is_file() and _is_reforge(root)
-        ):
-            return HostCheckout(root, HostKind.REFORGE, version)
-        return HostCheckout(root, HostKind.FORGE_PREVIOUS, version)
-    return HostCheckout(root, HostKind.A1111, version)
+    version = _file_version(root / _FORGE_VERSION)
+    for spec in detection_order():
+        if any(all(_present(root, m) for m in markers) for markers in spec.markers):
+            return HostCheckout(root, spec.kind, version)
+    raise ValueError(f"{root}: no registered WebUI's markers match this checkout; known: {known_names()}")
 
 
-def _forge_version(root: Path) -> str:
-    path = root / "modules_forge" / "forge_version.py"
+def detection_order() -> list[HostSpec]:
+    """The registered hosts, most specific first (stable: registration order among equals)."""
+    return sorted((s for s in host_specs() if s.markers), key=lambda s: -s.specificity())
+
+
+def _present(root: Path, marker: Marker) -> bool:
+    path = root / marker.path
+    if marker.is_dir:
+        return path.is_dir()
+    if not path.is_file():
+        return False
+    if marker.version_prefix:
+        return _file_version(path).startswith(marker.version_prefix)
+    if marker.contains:
+        try:
+            return marker.contains in path.read_text(encoding="utf-8")
+        except OSError:
+            return False
+    return True
+
+
+def _file_version(path: Path) -> str:
+    """The first ``version = '...'`` in ``path``, "" when there is none."""
     try:
         match = _VERSION_RE.search(path.read_text(encoding="utf-8"))
     except OSError:
         return ""
     return match.group(1) if match else ""
-
-
-def _is_reforge(root: Path) -> bool:
-    # reForge's backend parser has --cuda-device and --reserve-vram (docs/hosts.md §8.1).
-    try:
-        text = (root / "ldm_patched" / "modules" / "args_parser.py").read_text(encoding="utf-8")
-    except OSError:
-        return False
-    return "--reserve-vram" in text
 
 
 def find_webui_root(*starts: Path) -> Path | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_optim.adapter import HostAdapter
-from lib_optim.host_specs import HostCheckout, HostKind, detect_kind
+from lib_optim.host_specs import HostCheckout, HostKind, detect_kind, host_spec, host_specs, resolve_ref
 from lib_optim.log import get_logger
 
 log = get_logger(__name__)
@@ -69,15 +69,16 @@ def detect_running_host() -> HostCheckout | None:
     return HostCheckout(root, kind, str(version) if version is not None else checkout.version)
 
 
-def create_adapter(kind: HostKind) -> HostAdapter:
-    if kind is HostKind.A1111:
-        from lib_optim.hosts.a1111 import A1111Adapter
-
-        return A1111Adapter()
-    if kind is HostKind.FORGE:
-        from lib_optim.hosts.forge import ForgeAdapter
-
-        return ForgeAdapter()
-    from lib_optim.hosts.ldm_patched import LdmPatchedAdapter
-
-    return LdmPatchedAdapter(kind)
+def create_adapter(kind: HostKind | str) -> HostAdapter:
+    """The adapter of a registered host, built from its spec (``adapter``: a class or ``"module:Class"``).
+    ValueError naming the known hosts for an unknown kind or a spec without an adapter."""
+    try:
+        spec = host_spec(kind)
+    except ValueError as exc:
+        raise ValueError(f"[Optim] {exc}") from None
+    if spec.adapter is None:
+        with_adapter = ", ".join(s.kind.value for s in host_specs() if s.adapter is not None)
+        raise ValueError(f"[Optim] host: {spec.kind.value!r} has no adapter; hosts with one: {with_adapter}")
+    factory = resolve_ref(spec.adapter)
+    adapter: HostAdapter = factory(spec.kind) if spec.adapter_takes_kind else factory()
+    return adapter

@@ -29,7 +29,6 @@ inference_memory_mb
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -37,13 +36,12 @@ from lib_optim.adapter import BackendInfo, EffectiveState, NotSupportedHere, Ses
 from lib_optim.attention import Attention, Kernel, algorithms, choose_auto_attention, host_attention_function
 from lib_optim.host_specs import HostKind
 from lib_optim.hosts import base
-from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.hosts.forge_shared import (
     MB,
+    ForgeFamilyAdapter,
     MemoryFormat,
     Rebinding,
     channels_last_state,
-    conv_weights,
     diffusion_model,
     dtype_name,
     in_format,
@@ -52,14 +50,12 @@ from lib_optim.hosts.forge_shared import (
     loaded_sd_model,
     patched_unless_changed,
     present_backend_info,
-    tile_vae_object,
     unload_model,
     usable_xformers,
-    vae_to_cpu,
 )
 from lib_optim.log import get_logger
 from lib_optim.patching import patched_attr
-from lib_optim.settings import GenerationSettings, Tri
+from lib_optim.settings import GenerationSettings
 
 log = get_logger(__name__)
 
@@ -97,34 +93,20 @@ def _lora_backups_to(loader: Any, host_format: Any) -> None:
             backup[key] = in_format(weight, host_format)
 
 
-class ForgeAdapter(HostBase):
+class ForgeAdapter(ForgeFamilyAdapter):
     kind = HostKind.FORGE
+    args_module = "backend.args"
+    own_vae_choice = "Forge's own choice at load"  # docs/hosts.md §5.3
 
-    def __init__(
-        self,
-        modules: Mapping[str, ModuleType] | None = None,
-        cuda_available: Callable[[], bool] | None = None,
-    ) -> None:
-        self._modules = HostModules(modules)
-        self._cuda_available = cuda_available
+    def memory_management(self) -> Any:
+        return self._modules.get("backend.memory_management")
 
     # --- reading ------------------------------------------------------------------------------------------
-
-    def version(self) -> str:
-        module = self._modules.get("modules_forge.forge_version")
-        return str(getattr(module, "version", "unknown"))
 
     def total_memory_mb(self) -> int | None:
         mm = self._modules.loaded("backend.memory_management")
         total = getattr(mm, "total_vram", None)
         return int(total) if isinstance(total, (int, float)) and total > 0 else None
-
-    def _cuda(self) -> bool:
-        if self._cuda_available is not None:
-            return self._cuda_available()
-        import torch
-
-        return bool(torch.cuda.is_available())
 
     def _xformers(self) -> tuple[ModuleType | None, str]:
         """The xformers module if it can run here, else None and why."""
@@ -285,25 +267,14 @@ class ForgeAdapter(HostBase):
     # channels-last -----------------------------------------------------------------------------------------
 
     def apply_channels_last(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        import torch
-
-        unet_patcher = getattr(getattr(p.sd_model, "forge_objects", None), "unet", None)
-        kmodel = getattr(unet_patcher, "model", None)
-        model = getattr(kmodel, "diffusion_model", None)
-        if model is None:
-            log.warning("channels_last: no UNet loaded; nothing changed")
+        target = self._channels_last_target(p, settings, session)
+        if target is None:
             return
-        if not conv_weights(model):
-            session.restorer.notes.append("channels_last: the model has no conv weights (DiT); nothing to do")
-            return
-        fmt = torch.channels_last if settings.channels_last is Tri.ON else torch.contiguous_format
+        _patcher, kmodel, model, fmt = target
         loader = getattr(kmodel, "lora_loader", None)
-        state = MemoryFormat(model, fmt, lambda host_format: _lora_backups_to(loader, host_format))
-        session.restorer.callback(state.restore)
-        count = state.ensure()
-        session.data["memory_format"] = state
-        label = "channels_last" if settings.channels_last is Tri.ON else "contiguous"
-        session.restorer.notes.append(f"UNet {label} ({count} conv weights converted)")
+        state = self._convert_memory_format(
+            settings, session, model, fmt, lambda host_format: _lora_backups_to(loader, host_format)
+        )
         refresh = getattr(loader, "refresh", None)
         if callable(refresh):
             # model_load → refresh_loras (§6.4) replaces LoRA-patched weights with new
@@ -314,36 +285,6 @@ class ForgeAdapter(HostBase):
                 return result
 
             session.restorer.enter(patched_attr(loader, "refresh", refresh_then_convert))
-
-    # VAE on CPU --------------------------------------------------------------------------------------------
-
-    def _why_vae_on_cpu(self) -> str:
-        """Which launch flag put Forge's VAE on the CPU (docs/hosts.md §5.3)."""
-        args = getattr(self._modules.loaded("backend.args"), "args", None)
-        if getattr(args, "always_cpu", False):
-            return "--always-cpu (everything runs on the CPU)"
-        if getattr(args, "vae_in_cpu", False):
-            return "--vae-in-cpu"
-        return "Forge's own choice at load"
-
-    def _vae(self, p: Any) -> Any:
-        return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "vae", None)
-
-    def apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        vae = self._vae(p)
-        if settings.vae_on_cpu is Tri.OFF:
-            # Nothing to undo per generation: a CPU VAE here was chosen at load (§5.3), by one of two flags.
-            if vae is not None and str(getattr(vae, "device", "")) == "cpu":
-                log.warning("vae_on_cpu=off: the VAE is on the CPU by %s; it stays there", self._why_vae_on_cpu())
-            return
-        patcher = getattr(vae, "patcher", None)
-        fsm = getattr(vae, "first_stage_model", None)
-        if vae is None or patcher is None or fsm is None:
-            log.warning("vae_on_cpu: no VAE loaded; nothing changed")
-            return
-        # §5.3; the VAE object of Forge f2 is read at call time like ldm_patched's
-        note = vae_to_cpu(vae, self._modules.get("backend.memory_management"), session.restorer)
-        session.restorer.notes.append(note)
 
     # compile -----------------------------------------------------------------------------------------------
 
@@ -363,11 +304,6 @@ class ForgeAdapter(HostBase):
         )
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
         self.compile_blocks(session, model, key=key, device=device)
-
-    # VAE tiling --------------------------------------------------------------------------------------------
-
-    def apply_vae_tiling(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        tile_vae_object(self, session, self._vae(p), self._modules.get("backend.memory_management"))
 
     # inference memory ------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from lib_optim.adapter import BackendInfo, Session
@@ -21,7 +21,7 @@ from lib_optim.attention import Attention, directml_reason
 from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
-from lib_optim.settings import VaeTiling
+from lib_optim.settings import GenerationSettings, Tri, VaeTiling
 
 log = get_logger(__name__)
 
@@ -396,3 +396,96 @@ def tiling_without_always_tiled(vae: Any, mm: Any, restorer: Restorer) -> str:
         restorer.enter(patched_attr(cls, name, call))
         wrapped.append(name)
     return f"VAE_ALWAYS_TILED ignored by {', '.join(wrapped)}" if wrapped else "no VAE_ALWAYS_TILED switch here"
+
+
+class ForgeFamilyAdapter(HostBase):
+    """What the Forge f2 adapter (:mod:`lib_optim.hosts.forge`) and the Forge previous / reForge one
+    (:mod:`lib_optim.hosts.ldm_patched`) do alike: the host modules they are given, the version, CUDA, the
+    ``forge_objects`` of the loaded model, the VAE on the CPU and VAE tiling (docs/hosts.md §5.3, §5.5).
+    Subclasses name their back end's modules (``args_module``, :meth:`memory_management`)."""
+
+    args_module = ""  # the module whose ``args`` holds the back end's launch flags
+    own_vae_choice = "the WebUI's own choice at load"  # what put the VAE on the CPU when no flag did
+
+    def __init__(
+        self,
+        modules: Mapping[str, types.ModuleType] | None = None,
+        cuda_available: Callable[[], bool] | None = None,
+    ) -> None:
+        self._modules = HostModules(modules)
+        self._cuda_available = cuda_available
+
+    def memory_management(self) -> Any:
+        """The back end's memory-management module (imported if need be)."""
+        raise NotImplementedError
+
+    def version(self) -> str:
+        module = self._modules.get("modules_forge.forge_version")
+        return str(getattr(module, "version", "unknown"))
+
+    def _cuda(self) -> bool:
+        if self._cuda_available is not None:
+            return self._cuda_available()
+        import torch
+
+        return bool(torch.cuda.is_available())
+
+    def _forge_object(self, p: Any, name: str) -> Any:
+        return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), name, None)
+
+    def _vae(self, p: Any) -> Any:
+        return self._forge_object(p, "vae")
+
+    def _channels_last_target(self, p: Any, settings: GenerationSettings, session: Session) -> tuple[Any, ...] | None:
+        """(UNet patcher, its model, the diffusion model, the wanted memory format), or None when there is
+        nothing to convert (no UNet loaded, or a DiT without conv weights)."""
+        import torch
+
+        patcher = self._forge_object(p, "unet")
+        kmodel = getattr(patcher, "model", None)
+        model = getattr(kmodel, "diffusion_model", None)
+        if model is None:
+            log.warning("channels_last: no UNet loaded; nothing changed")
+            return None
+        if not conv_weights(model):
+            session.restorer.notes.append("channels_last: the model has no conv weights (DiT); nothing to do")
+            return None
+        fmt = torch.channels_last if settings.channels_last is Tri.ON else torch.contiguous_format
+        return patcher, kmodel, model, fmt
+
+    def _convert_memory_format(
+        self, settings: GenerationSettings, session: Session, model: Any, fmt: Any, fix_backups: Callable[[Any], None]
+    ) -> MemoryFormat:
+        """Convert ``model``'s conv weights to ``fmt`` for the generation (restored when it ends)."""
+        state = MemoryFormat(model, fmt, fix_backups)
+        session.restorer.callback(state.restore)
+        count = state.ensure()
+        session.data["memory_format"] = state
+        label = "channels_last" if settings.channels_last is Tri.ON else "contiguous"
+        session.restorer.notes.append(f"UNet {label} ({count} conv weights converted)")
+        return state
+
+    def _why_vae_on_cpu(self) -> str:
+        """Which launch flag put the VAE on the CPU (docs/hosts.md §5.3, §4.6, §4.7)."""
+        args = getattr(self._modules.loaded(self.args_module), "args", None)
+        if getattr(args, "always_cpu", False):
+            return "--always-cpu (everything runs on the CPU)"
+        if getattr(args, "vae_in_cpu", False):
+            return "--vae-in-cpu"
+        return self.own_vae_choice
+
+    def apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        vae = self._vae(p)
+        if settings.vae_on_cpu is Tri.OFF:
+            # Nothing to undo per generation: a CPU VAE here was chosen at load (§5.3, §5.5), by a launch flag.
+            if vae is not None and str(getattr(vae, "device", "")) == "cpu":
+                log.warning("vae_on_cpu=off: the VAE is on the CPU by %s; it stays there", self._why_vae_on_cpu())
+            return
+        if vae is None or getattr(vae, "patcher", None) is None or getattr(vae, "first_stage_model", None) is None:
+            log.warning("vae_on_cpu: no VAE loaded; nothing changed")
+            return
+        # §5.3; the VAE object is read at call time on every Forge
+        session.restorer.notes.append(vae_to_cpu(vae, self.memory_management(), session.restorer))
+
+    def apply_vae_tiling(self, p: Any, settings: GenerationSettings, session: Session) -> None:
+        tile_vae_object(self, session, self._vae(p), self.memory_management())

@@ -54,14 +54,13 @@ from lib_optim.attention import (
 )
 from lib_optim.host_specs import HostKind
 from lib_optim.hosts import base
-from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.hosts.forge_shared import (
     MB,
+    ForgeFamilyAdapter,
     MemoryFormat,
     Rebinding,
     bindings_by_scan,
     channels_last_state,
-    conv_weights,
     diffusion_model,
     dtype_name,
     in_format,
@@ -69,14 +68,12 @@ from lib_optim.hosts.forge_shared import (
     loaded_sd_model,
     patched_unless_changed,
     present_backend_info,
-    tile_vae_object,
     unload_model,
     usable_xformers,
-    vae_to_cpu,
 )
 from lib_optim.log import get_logger
 from lib_optim.patching import patched_attr
-from lib_optim.settings import GenerationSettings, Tri
+from lib_optim.settings import GenerationSettings
 
 log = get_logger(__name__)
 
@@ -181,8 +178,10 @@ def _backups_to(patcher: Any, host_format: Any) -> None:
             backup[key] = entry._replace(weight=converted) if hasattr(entry, "_replace") else converted
 
 
-class LdmPatchedAdapter(HostBase):
+class LdmPatchedAdapter(ForgeFamilyAdapter):
     """Forge previous (tag ``previous``) and reForge: ``kind`` says which (see the module doc)."""
+
+    args_module = ARGS
 
     def __init__(
         self,
@@ -193,15 +192,13 @@ class LdmPatchedAdapter(HostBase):
         if kind not in HOSTS:
             allowed = ", ".join(h.value for h in HOSTS)
             raise ValueError(f"[Optim] host: {kind.value!r} does not run ldm_patched; allowed: {allowed}")
+        super().__init__(modules, cuda_available)
         self.kind = kind
-        self._modules = HostModules(modules)
-        self._cuda_available = cuda_available
+
+    def memory_management(self) -> Any:
+        return self._mm()
 
     # --- reading ------------------------------------------------------------------------------------------
-
-    def version(self) -> str:
-        module = self._modules.get("modules_forge.forge_version")
-        return str(getattr(module, "version", "unknown"))
 
     def _mm(self, *, import_: bool = True) -> Any:
         return self._modules.get(MODEL_MANAGEMENT) if import_ else self._modules.loaded(MODEL_MANAGEMENT)
@@ -214,13 +211,6 @@ class LdmPatchedAdapter(HostBase):
             return None  # the CPU's RAM, or DirectML's constant 1 GiB (§4.8): not a GPU size
         total = getattr(self._mm(import_=False), "total_vram", None)
         return int(total) if isinstance(total, (int, float)) and total > 0 else None
-
-    def _cuda(self) -> bool:
-        if self._cuda_available is not None:
-            return self._cuda_available()
-        import torch
-
-        return bool(torch.cuda.is_available())
 
     def _xformers(self) -> tuple[ModuleType | None, str]:
         args = getattr(self._modules.get(ARGS), "args", None)
@@ -317,11 +307,8 @@ class LdmPatchedAdapter(HostBase):
             if count:
                 log.debug("channels_last: re-applied to %d replaced conv weights", count)
 
-    def _vae(self, p: Any) -> Any:
-        return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "vae", None)
-
     def _unet_patcher(self, p: Any) -> Any:
-        return getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "unet", None)
+        return self._forge_object(p, "unet")
 
     # attention ---------------------------------------------------------------------------------------------
 
@@ -420,18 +407,10 @@ class LdmPatchedAdapter(HostBase):
     # channels-last -----------------------------------------------------------------------------------------
 
     def apply_channels_last(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        import torch
-
-        unet = self._unet_patcher(p)
-        kmodel = getattr(unet, "model", None)
-        model = getattr(kmodel, "diffusion_model", None)
-        if model is None:
-            log.warning("channels_last: no UNet loaded; nothing changed")
+        target = self._channels_last_target(p, settings, session)
+        if target is None:
             return
-        if not conv_weights(model):
-            session.restorer.notes.append("channels_last: the model has no conv weights (DiT); nothing to do")
-            return
-        fmt = torch.channels_last if settings.channels_last is Tri.ON else torch.contiguous_format
+        unet, kmodel, model, fmt = target
         patchers: list[Any] = [unet]
         session.data["unet_patchers"] = patchers
 
@@ -439,12 +418,7 @@ class LdmPatchedAdapter(HostBase):
             for patcher in patchers:
                 _backups_to(patcher, host_format)
 
-        state = MemoryFormat(model, fmt, backups_to)
-        session.restorer.callback(state.restore)
-        count = state.ensure()
-        session.data["memory_format"] = state
-        label = "channels_last" if settings.channels_last is Tri.ON else "contiguous"
-        session.restorer.notes.append(f"UNet {label} ({count} conv weights converted)")
+        state = self._convert_memory_format(settings, session, model, fmt, backups_to)
         loaded_model = getattr(self._mm(), "LoadedModel", None)
         original = getattr(loaded_model, "model_load", None)
         if callable(original):
@@ -480,32 +454,6 @@ class LdmPatchedAdapter(HostBase):
         key = (getattr(attn, "optimized_attention", None), getattr(attn, "optimized_attention_masked", None))
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
         self.compile_blocks(session, unet, key=key, device=device)
-
-    def _why_vae_on_cpu(self) -> str:
-        """Which launch flag put the VAE on the CPU (``vae_device()``, §4.6, §4.7)."""
-        args = getattr(self._modules.loaded(ARGS), "args", None)
-        if getattr(args, "always_cpu", False):
-            return "--always-cpu (everything runs on the CPU)"
-        if getattr(args, "vae_in_cpu", False):
-            return "--vae-in-cpu"
-        return "the WebUI's own choice at load"
-
-    def apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        vae = self._vae(p)
-        if settings.vae_on_cpu is Tri.OFF:
-            # Nothing to undo per generation: a CPU VAE here was chosen at load (§5.5), by a launch flag.
-            if vae is not None and str(getattr(vae, "device", "")) == "cpu":
-                log.warning("vae_on_cpu=off: the VAE is on the CPU by %s; it stays there", self._why_vae_on_cpu())
-            return
-        if vae is None or getattr(vae, "patcher", None) is None or getattr(vae, "first_stage_model", None) is None:
-            log.warning("vae_on_cpu: no VAE loaded; nothing changed")
-            return
-        session.restorer.notes.append(vae_to_cpu(vae, self._mm(), session.restorer))
-
-    # VAE tiling --------------------------------------------------------------------------------------------
-
-    def apply_vae_tiling(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        tile_vae_object(self, session, self._vae(p), self._mm())
 
     # inference memory ------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_optim.attention import Attention, algorithms
-from lib_optim.host_specs import CHECKED_HOSTS, HostKind
+from lib_optim.host_specs import HostKind, checked_hosts, host_spec
 from lib_optim.hosts import detect_running_host
 from lib_optim.launch import (
     CheckInput,
@@ -184,7 +184,7 @@ def preload(parser: argparse.ArgumentParser) -> None:
         return
     rt.host = checkout.kind
 
-    if not ours.optim_no_check and checkout.kind in CHECKED_HOSTS and saved_option("optim_check_at_startup", True):
+    if not ours.optim_no_check and checkout.kind in checked_hosts() and saved_option("optim_check_at_startup", True):
         from modules import paths_internal
 
         own_dir = Path(__file__).resolve().parents[2]
@@ -220,9 +220,10 @@ def apply_startup_profile(parser: argparse.ArgumentParser, name: str, host: Host
     rt.defaults = hp.generation
     later: list[str] = []
     applied: list[str] = []
-    if host is HostKind.A1111:
+    binding = host_spec(host).attention  # which host code the profile's settings go to
+    if binding == "a1111":
         applied, later = _apply_a1111(parser, hp)
-    elif host is HostKind.FORGE:
+    elif binding == "forge":
         applied, later = _apply_forge(hp)
     else:
         applied, later = _apply_ldm_patched(hp, host)

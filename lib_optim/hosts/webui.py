@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lib_optim.adapter import NotSupportedHere
-from lib_optim.host_specs import HostKind
+from lib_optim.host_specs import HostKind, host_spec
 from lib_optim.hosts import common, optim_tab
 from lib_optim.hosts.common import SECTION, SETTINGS_CATEGORY, defaults_from_options, ensure_runtime, optim_script
 from lib_optim.log import get_logger, setup_console_logging
@@ -177,7 +177,7 @@ def add_late_infotext(p: Any, key: str, compute: Callable[[], str | None], host:
     ``extra_generation_params`` when each image's infotext is written; Forge previous does not and fails every API
     request with one there (docs/hosts.md §7.5), so there the text is written by :func:`after_batch`
     (``postprocess_batch``: after decoding, before the batch's infotexts)."""
-    if host is HostKind.FORGE_PREVIOUS:
+    if host is not None and not host_spec(host).infotext_callables:
         pending = getattr(p, _LATE_INFOTEXT, None)
         if pending is None:
             pending = {}

@@ -16,8 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lib_optim.host_specs import HostKind
-from lib_optim.launch.flagspec import FlagSpec
-from lib_optim.launch.flagtables import flags_for
+from lib_optim.launch.flagspec import FlagSpec, flags_by_option
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ def parse_args(
 
 def _flag_table(host: HostKind, extra_flags: Iterable[FlagSpec]) -> dict[str, FlagSpec]:
     """Every option string ``host`` knows (aliases included) with its flag; the host's own win over extras."""
-    table: dict[str, FlagSpec] = dict(flags_for(host))
+    table: dict[str, FlagSpec] = flags_by_option(host)
     for extra in extra_flags:
         for option in (extra.option, *extra.aliases):
             table.setdefault(option, extra)

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lib_optim.gpu import SystemFacts
-from lib_optim.host_specs import HostKind
+from lib_optim.host_specs import HostKind, host_spec
 from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, run_checks
 from lib_optim.launch.cmdline import environment_command_line
-from lib_optim.launch.profiles import ProfileError, choose_auto, get_profile, launch_line, resolve
+from lib_optim.launch.profiles import HostProfile, ProfileError, choose_auto, get_profile, launch_line, resolve
+from lib_optim.settings import GenerationSettings
 
 # Where the GPU's size is unknown (this Python cannot ask the driver), a middle profile: it starts on any card
 # the WebUI supports and costs little speed; the exact one needs the WebUI's own Python (see exact_figures_hint).
@@ -166,13 +167,21 @@ def doctor(
     facts = runtime_facts(system, nvidia_present=nvidia_present)
     findings = run_checks(CheckInput(host, effective_argv(args, env), env, facts))
     name, reason = recommend_profile(system, nvidia_present)
-    checked_host = host if host is not HostKind.REFORGE else HostKind.FORGE_PREVIOUS
-    profile = get_profile(name)
-    try:
-        hp = resolve(profile, checked_host, directml=system.directml and not system.gpus)
-    except ProfileError:  # no DirectML on this host (A1111): the plain variant is the honest answer
-        hp = resolve(profile, checked_host)
+    hp = _doctor_profile(host, name, directml=system.directml and not system.gpus)
     kind: Literal["sh", "bat"] = "bat" if sys.platform == "win32" else "sh"
     extension = extension or Path(__file__).resolve().parents[2]
     hint = exact_figures_hint(system, nvidia_present, webui_root, extension)
     return DoctorReport(host, system, findings, name, hp.flags, hp.env, launch_line(hp, kind), reason, hint)
+
+
+def _doctor_profile(host: HostKind, name: str, *, directml: bool) -> HostProfile:
+    """The recommended profile on ``host``: on the host its spec borrows profiles from (reForge: Forge previous's);
+    nothing to set where it has none."""
+    source = host_spec(host).profiles_from
+    profile = get_profile(name)
+    if source is None:
+        return HostProfile((), {}, GenerationSettings(), f"{host.display_name} has no launch profiles")
+    try:
+        return resolve(profile, HostKind(source), directml=directml)
+    except ProfileError:  # no DirectML on this host (A1111): the plain variant is the honest answer
+        return resolve(profile, HostKind(source))

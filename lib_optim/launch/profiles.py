@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lib_optim.attention import backend as attention_backend
-from lib_optim.host_specs import HostKind
+from lib_optim.host_specs import HostKind, profiled_hosts
 from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, Severity, run_checks
 from lib_optim.settings import Attention, GenerationSettings, Tri, from_dict
 from lib_optim.webui_user import (
@@ -253,7 +253,8 @@ def resolve(profile: Profile, host: HostKind, *, directml: bool = False, windows
     expandable segments are not supported there, so nothing platform-specific is added.
     """
     if host not in profile.hosts:
-        raise ProfileError(f"[Optim] host: {host.value!r} has no profiles; allowed: a1111, forge, forge-previous")
+        allowed = ", ".join(h.value for h in profiled_hosts())
+        raise ProfileError(f"[Optim] host: {host.value!r} has no profiles; allowed: {allowed}")
     base = profile.hosts[host]
     if not directml:
         return base

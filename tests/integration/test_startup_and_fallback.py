@@ -12,7 +12,7 @@ pytestmark = pytest.mark.host
 
 # reForge has no launch profiles (lib_optim/launch/profiles.py): it starts without one, for the telemetry test
 PROFILE = {"a1111": "8gb-high", "forge": "8gb-low", "forge-previous": "8gb-low"}
-NO_PROFILE = "reForge has no launch profiles (lib_optim/launch/profiles.py PROFILED_HOSTS)"
+NO_PROFILE = "reForge has no launch profiles (lib_optim/host_specs/known.py profiles_from)"
 
 
 _NO_HOST = pytest.param(None, marks=pytest.mark.skip(reason=NO_HOST_REASON))
