@@ -29,12 +29,12 @@ from typing import Any, Literal
 
 from lib_optim import __version__
 from lib_optim.host_specs import (
+    FALLBACK_HOSTS,
+    HostChoice,
     HostKind,
-    detect_kind,
+    choose_host,
     extension_dir,
-    find_webui_root,
     host_names,
-    parse_host,
     profiled_hosts,
 )
 from lib_optim.launch import (
@@ -54,7 +54,6 @@ from lib_optim.launch import (
 EX_USAGE = 64
 EX_REFUSED = 1
 # Covered when no WebUI checkout is found: the two hosts the extension is made for.
-FALLBACK_HOSTS = (HostKind.A1111, HostKind.FORGE)
 
 
 def host_choices() -> tuple[str, ...]:
@@ -218,47 +217,19 @@ def _add_bench(sub: Any) -> None:
 # --------------------------------------------------------------------------------------------------- hosts
 
 
-@dataclasses.dataclass(frozen=True)
-class HostChoice:
-    """The host to check for: given, detected, or (``kind`` None) none found where ``searched`` says."""
-
-    kind: HostKind | None
-    root: Path | None = None
-    searched: tuple[Path, ...] = ()
-
-    @property
-    def hosts(self) -> tuple[HostKind, ...]:
-        return (self.kind,) if self.kind is not None else FALLBACK_HOSTS
-
-    def not_found_note(self) -> str:
-        where = ", ".join(str(p) for p in self.searched)
-        names = " and ".join(h.display_name for h in FALLBACK_HOSTS)
-        return (
-            f"No WebUI checkout found around {where}: showing {names}. Pass {_profiled_host_options()} for yours only."
-        )
-
-
-def _unique_dirs(*paths: Path | None) -> tuple[Path, ...]:
-    seen: dict[Path, None] = {}
-    for p in paths:
-        if p is not None:
-            seen.setdefault(p.resolve(), None)
-    return tuple(seen)
-
-
 def resolve_host(value: str, near: Path | None = None) -> HostChoice:
     """``--host``: a name, or auto (the checkout around ``near``, the current folder or this extension)."""
-    if value.strip().lower() != "auto":
-        try:
-            return HostChoice(parse_host(value))
-        except ValueError as exc:
-            # parse_host says "host: 'x' is not ..."; the option name is said once, here.
-            raise UsageError(f"--host: {str(exc).removeprefix('host: ')}; or auto") from None
-    searched = _unique_dirs(near, Path.cwd(), extension_dir())
-    root = find_webui_root(*searched)
-    if root is None:
-        return HostChoice(None, None, searched)
-    return HostChoice(detect_kind(root).kind, root, searched)
+    try:
+        return choose_host(value, near, extension_dir())
+    except ValueError as exc:
+        # parse_host says "host: 'x' is not ..."; the option name is said once, here.
+        raise UsageError(f"--host: {str(exc).removeprefix('host: ')}; or auto") from None
+
+
+def not_found_note(choice: HostChoice) -> str:
+    where = ", ".join(str(p) for p in choice.searched)
+    names = " and ".join(h.display_name for h in FALLBACK_HOSTS)
+    return f"No WebUI checkout found around {where}: showing {names}. Pass {_profiled_host_options()} for yours only."
 
 
 # ------------------------------------------------------------------------------------------------ findings
@@ -380,14 +351,14 @@ def cmd_check(args: argparse.Namespace) -> int:
             data = {
                 "host": None,
                 "hosts": [h.value for h in choice.hosts],
-                "note": choice.not_found_note(),
+                "note": not_found_note(choice),
                 "argv": launch.argv,
                 "findings": [_host_dict(f, host) for host, findings in results for f in findings],
             }
         _out(json.dumps(data, indent=2))
         return worst
     if choice.kind is None:
-        _out(choice.not_found_note())
+        _out(not_found_note(choice))
         _out("")
     _out("\n\n".join(format_findings(findings, host) for host, findings in results))
     return worst
@@ -430,7 +401,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             data = {
                 "host": None,
                 "hosts": [h.value for h in choice.hosts],
-                "note": choice.not_found_note(),
+                "note": not_found_note(choice),
                 "system": system.to_dict(),
                 "findings": [_host_dict(f, r.host) for r in reports for f in findings[r.host]],
                 "recommended_profile": {
@@ -452,7 +423,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     _out(system.format_text())
     _out("")
     if choice.kind is None:
-        _out(choice.not_found_note())
+        _out(not_found_note(choice))
         _out("")
     for r in reports:
         _out(format_findings(findings[r.host], r.host))
@@ -586,11 +557,11 @@ def _profile_show(
             _out(json.dumps(_profile_dict(profile.name, *resolved[0]), indent=2))
         else:
             by_host = {host.value: _profile_dict(profile.name, host, hp) for host, hp in resolved}
-            data = {"name": profile.name, "host": None, "note": choice.not_found_note(), "by_host": by_host}
+            data = {"name": profile.name, "host": None, "note": not_found_note(choice), "by_host": by_host}
             _out(json.dumps(data, indent=2))
         return 0
     if choice.kind is None:
-        _out(choice.not_found_note())
+        _out(not_found_note(choice))
         _out("")
     blocks = []
     for host, hp in resolved:
@@ -701,32 +672,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_list_backends(args: argparse.Namespace) -> int:
-    """``bench --list-backends``: the attention registry's algorithms, how each host runs them, and whether our
-    implementation or kernel runs here (else the entry's reason, which names the fix)."""
-    from lib_optim.attention import Kernel, algorithms
+    """``bench --list-backends``: the registry's algorithms, how each host runs them, and whether each runs here."""
+    from lib_optim.attention import backend_rows, backends_text
 
-    has_torch = _importable("torch")
-    device = "cpu"
-    if has_torch:
+    device, no_torch = "cpu", ""
+    if _importable("torch"):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows: list[dict[str, Any]] = []
-    for entry in algorithms():
-        reason = entry.unavailable_reason(device) if has_torch else f"needs torch in this Python ({sys.executable})"
-        kinds = {h.value: "kernel" if isinstance(b, Kernel) else "host" for h, b in entry.bindings.items()}
-        rows.append(
-            {"name": entry.name.value, "title": entry.title, "hosts": kinds, "available": not reason, "reason": reason}
-        )
-    if args.json:
-        _out(json.dumps({"device": device, "backends": rows}, indent=2, ensure_ascii=False))
-        return 0
-    lines = [f"attention backends on {device} (hosts: host = the WebUI's own, kernel = ours in its place)"]
-    for row in rows:
-        hosts = ", ".join(f"{h}:{k}" for h, k in row["hosts"].items())
-        status = "available" if row["available"] else f"not here: {row['reason']}"
-        lines.append(f"  {row['name']:<11} {status}\n  {'':<11} {row['title']}; {hosts}")
-    _out("\n".join(lines))
+    else:
+        no_torch = f"needs torch in this Python ({sys.executable})"
+    rows = backend_rows(device, no_torch)
+    _out(
+        json.dumps({"device": device, "backends": rows}, indent=2, ensure_ascii=False)
+        if args.json
+        else backends_text(device, rows)
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lib_optim import lazy_exports
+from lib_optim.attention.listing import backend_rows, backends_text
 from lib_optim.attention.planner import (
     MIB,
     AttnShape,
@@ -77,7 +78,9 @@ __all__ = [
     "algorithms",
     "attention_shapes",
     "backend",
+    "backend_rows",
     "backends",
+    "backends_text",
     "by_a1111_title",
     "by_forge_function",
     "by_ldm_patched_function",

@@ -4,7 +4,16 @@ detection markers, flag table, adapter, capabilities) and how to detect a checko
 from __future__ import annotations
 
 from lib_optim.host_specs import known as _known  # noqa: F401 - registers the built-in hosts
-from lib_optim.host_specs.detect import HostCheckout, detect_kind, detection_order, extension_dir, find_webui_root
+from lib_optim.host_specs.detect import (
+    FALLBACK_HOSTS,
+    HostCheckout,
+    HostChoice,
+    choose_host,
+    detect_kind,
+    detection_order,
+    extension_dir,
+    find_webui_root,
+)
 from lib_optim.host_specs.kinds import (
     HostKind,
     HostSpec,
@@ -22,11 +31,14 @@ from lib_optim.host_specs.kinds import (
 )
 
 __all__ = [
+    "FALLBACK_HOSTS",
     "HostCheckout",
+    "HostChoice",
     "HostKind",
     "HostSpec",
     "Marker",
     "checked_hosts",
+    "choose_host",
     "detect_kind",
     "detection_order",
     "extension_dir",

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib_optim.host_specs.kinds import HostKind, HostSpec, Marker, host_specs, known_names
+from lib_optim.host_specs.kinds import HostKind, HostSpec, Marker, host_specs, known_names, parse_host
 
 _VERSION_RE = re.compile(r"""version\s*=\s*['"]([^'"]+)['"]""")
 _FORGE_VERSION = "modules_forge/forge_version.py"
@@ -85,3 +85,39 @@ def find_webui_root(*starts: Path) -> Path | None:
 def extension_dir() -> Path:
     """This extension's folder (the parent of lib_optim/)."""
     return Path(__file__).resolve().parents[2]
+
+
+FALLBACK_HOSTS = (HostKind.A1111, HostKind.FORGE)  # what check and doctor show when no checkout is found
+
+
+@dataclass(frozen=True)
+class HostChoice:
+    """The host to check for: given, detected, or (``kind`` None) none found where ``searched`` says."""
+
+    kind: HostKind | None
+    root: Path | None = None
+    searched: tuple[Path, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[HostKind, ...]:
+        return (self.kind,) if self.kind is not None else FALLBACK_HOSTS
+
+
+def _unique_dirs(*paths: Path | None) -> tuple[Path, ...]:
+    seen: dict[Path, None] = {}
+    for p in paths:
+        if p is not None:
+            seen.setdefault(p.resolve(), None)
+    return tuple(seen)
+
+
+def choose_host(value: str, *near: Path | None) -> HostChoice:
+    """A host name (ValueError naming the known ones), or ``auto``: the checkout at or above ``near`` or the
+    current folder."""
+    if value.strip().lower() != "auto":
+        return HostChoice(parse_host(value))
+    searched = _unique_dirs(near[0] if near else None, Path.cwd(), *near[1:])
+    root = find_webui_root(*searched)
+    if root is None:
+        return HostChoice(None, None, searched)
+    return HostChoice(detect_kind(root).kind, root, searched)
