@@ -147,3 +147,22 @@ def test_names_are_unique() -> None:
     with pytest.raises(ValueError, match="'forge-f2' is registered already"):
         register_host("otherforge", "Another Forge", aliases=("forge-f2",))
     assert "otherforge" not in HostKind
+
+
+def test_a_host_registered_later_gets_its_family_attention_bindings() -> None:
+    """The attention entries were built before this host existed: it still gets what its binding family (the
+    spec's ``attention``) runs, and the kernels we call ourselves."""
+    from lib_optim.attention import Attention, backend, for_host
+
+    kind = register_host("fakeforge", "Fake Forge fork", flag_table=lambda: FAKE_FLAGS, attention="forge")
+    try:
+        sdp, split = backend(Attention.SDP), backend(Attention("split"))
+        assert sdp.binding(kind) is sdp.binding(HostKind.FORGE) is not None
+        assert split.binding(kind) is split.binding(HostKind.FORGE)
+        sage = backend(Attention("sage"))
+        assert sage.binding(kind) is sage.kernel is not None
+        # an A1111-only optimizer is not offered to a Forge-family host
+        assert backend(Attention("invokeai")).binding(kind) is None
+        assert Attention("invokeai") not in for_host(kind) and Attention.SDP in for_host(kind)
+    finally:
+        unregister_host(kind)

@@ -13,7 +13,8 @@ def backend_rows(device: str, no_torch_reason: str = "") -> list[dict[str, Any]]
     rows: list[dict[str, Any]] = []
     for entry in algorithms():
         reason = no_torch_reason or entry.unavailable_reason(device)
-        kinds = {h.value: "kernel" if isinstance(b, Kernel) else "host" for h, b in entry.bindings.items()}
+        bound = {host: entry.binding(host) for host in entry.hosts()}
+        kinds = {h.value: "kernel" if isinstance(b, Kernel) else "host" for h, b in bound.items()}
         rows.append(
             {"name": entry.name.value, "title": entry.title, "hosts": kinds, "available": not reason, "reason": reason}
         )

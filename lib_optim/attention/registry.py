@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lib_optim.attention import memory as mem
-from lib_optim.host_specs import HostKind
+from lib_optim.host_specs import HostKind, host_spec, host_specs
 
 
 class _AttentionMeta(type):
@@ -182,7 +182,12 @@ class Constraints:
 
 Availability = Callable[[str], str]  # device type → "" when it can run there, else why (naming the fix)
 
-_LDM_PATCHED_HOSTS = (HostKind.FORGE_PREVIOUS, HostKind.REFORGE)
+
+def _family(family: str) -> tuple[HostKind, ...]:
+    """The registered hosts whose adapter switches this binding family (their spec's ``attention``)."""
+    return tuple(spec.kind for spec in host_specs() if spec.attention == family)
+
+
 _BINDING_TYPES = (A1111Optimizer, ForgeFunctions, LdmPatchedFunctions, Kernel)
 
 
@@ -216,29 +221,27 @@ class AttentionBackend:
     directml_safe: bool = False  # known to run under torch-directml (docs/hosts.md §4.8)
 
     def __post_init__(self) -> None:
-        merged: dict[HostKind, Binding] = {}
         kernel = self.kernel if self.kernel is None or isinstance(self.kernel, Kernel) else Kernel(self.kernel)
-        if kernel is not None:
-            merged.update({host: kernel for host in HostKind})
-        if self.a1111 is not None:
-            merged[HostKind.A1111] = self.a1111
-        if self.forge is not None:
-            merged[HostKind.FORGE] = self.forge
-        if self.ldm_patched is not None:
-            merged.update({host: self.ldm_patched for host in _LDM_PATCHED_HOSTS})
+        merged: dict[HostKind, Binding] = {host: kernel for host in HostKind} if kernel is not None else {}
+        for family, shorthand in (("a1111", self.a1111), ("forge", self.forge), ("ldm_patched", self.ldm_patched)):
+            if shorthand is not None:
+                merged.update({host: shorthand for host in _family(family)})
         merged.update(self.bindings)
         for host, binding in merged.items():
             if not isinstance(host, HostKind) or not isinstance(binding, _BINDING_TYPES):
                 raise ValueError(f"[Optim] attention backend {self.name.value!r}: bad binding {host!r}: {binding!r}")
-        ldm = {id(merged.get(h)): merged.get(h) for h in _LDM_PATCHED_HOSTS}
-        shared = next(iter(ldm.values())) if len(ldm) == 1 else None
-        kernels = [b for b in merged.values() if isinstance(b, Kernel)]
-        a1111, forge = merged.get(HostKind.A1111), merged.get(HostKind.FORGE)
         object.__setattr__(self, "bindings", dict(merged))
-        object.__setattr__(self, "a1111", a1111 if isinstance(a1111, A1111Optimizer) else None)
-        object.__setattr__(self, "forge", forge if isinstance(forge, ForgeFunctions) else None)
-        object.__setattr__(self, "ldm_patched", shared if isinstance(shared, LdmPatchedFunctions) else None)
-        object.__setattr__(self, "kernel", kernels[0] if kernels else None)
+        object.__setattr__(self, "a1111", self._shared(merged, "a1111", A1111Optimizer))
+        object.__setattr__(self, "forge", self._shared(merged, "forge", ForgeFunctions))
+        object.__setattr__(self, "ldm_patched", self._shared(merged, "ldm_patched", LdmPatchedFunctions))
+        object.__setattr__(self, "kernel", next((b for b in merged.values() if isinstance(b, Kernel)), None))
+
+    @staticmethod
+    def _shared(merged: Mapping[HostKind, Binding], family: str, kind: type) -> Any:
+        """The host-function binding every host of ``family`` shares, or None (none, or they differ)."""
+        found = {id(merged.get(h)): merged.get(h) for h in _family(family)}
+        only = next(iter(found.values())) if len(found) == 1 else None
+        return only if isinstance(only, kind) else None
 
     @property
     def is_choice(self) -> bool:
@@ -249,15 +252,20 @@ class AttentionBackend:
         """The hosts that can switch to it per generation (host/auto: every host)."""
         if self.is_choice:
             return tuple(HostKind)
-        return tuple(host for host in HostKind if host in self.bindings)
+        return tuple(host for host in HostKind if self.binding(host) is not None)
 
     def binding(self, host: HostKind) -> Binding | None:
-        """How ``host`` runs it (its own optimizer/function, or our :class:`Kernel`), or None."""
-        return self.bindings.get(host)
+        """How ``host`` runs it (its own optimizer/function, or our :class:`Kernel`), or None. A host registered
+        after this entry gets the binding its family shares (its spec's ``attention``), or the kernel."""
+        if host in self.bindings:
+            return self.bindings[host]
+        shared: dict[str, Binding | None] = {"a1111": self.a1111, "forge": self.forge, "ldm_patched": self.ldm_patched}
+        kernel = self.kernel if isinstance(self.kernel, Kernel) else None
+        return shared.get(host_spec(host).attention) or kernel
 
     def flag(self, host: HostKind) -> str | None:
         """The launch flag that selects it on ``host``, if there is one."""
-        binding = self.bindings.get(host)
+        binding = self.binding(host)
         return binding.flag if binding is not None else None
 
     def not_on(self, host: HostKind) -> str:
