@@ -44,6 +44,7 @@ from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
 from lib_optim.settings import GenerationSettings, Tri, VaeTiling
+from lib_optim.vae import tile_vae
 
 log = get_logger(__name__)
 
@@ -561,4 +562,4 @@ class A1111Adapter(HostBase):
         if settings.vae_tiling is VaeTiling.OFF:
             session.restorer.notes.append("VAE tiling off (A1111 never tiles by itself)")
             return
-        self.tile_vae(session, getattr(getattr(p, "sd_model", None), "first_stage_model", None))
+        tile_vae(session, getattr(getattr(p, "sd_model", None), "first_stage_model", None))

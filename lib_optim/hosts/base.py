@@ -63,10 +63,6 @@ class HostBase(HostAdapter):
             session, root, key=key, device=device, blocks=blocks, label=label, compiler=compiler
         )
 
-    def tile_vae(self, session: Session, first_stage_model: Any) -> None:
-        """:func:`lib_optim.vae.tile_vae` for this adapter's ``apply_vae_tiling``."""
-        vae.tile_vae(session, first_stage_model)
-
     def tiled_vae_fits(self, p: Any) -> bool | None:
         """Whether the decode of ``p``'s largest image, in the smallest tiles, is predicted to fit in the free memory
         of the device the host generates on (the out-of-memory retry prefers tiling to the CPU then); None when

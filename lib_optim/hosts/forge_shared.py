@@ -22,6 +22,7 @@ from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.settings import GenerationSettings, Tri, VaeTiling
+from lib_optim.vae import tile_vae
 
 log = get_logger(__name__)
 
@@ -355,9 +356,9 @@ def kernel_backend_info(name: Attention, *, directml: bool, cuda: Callable[[], b
 # --- VAE tiling ------------------------------------------------------------------------------------------------
 
 
-def tile_vae_object(adapter: HostBase, session: Session, vae: Any, mm: Any) -> None:
+def tile_vae_object(session: Session, vae: Any, mm: Any) -> None:
     """``vae_tiling`` for a VAE object (Forge f2, ldm_patched): ``on``/``auto`` our tiled decoder/encoder on its
-    ``first_stage_model`` (docs/hosts.md §5.6, :meth:`HostBase.tile_vae`); with every value the Never OOM switch
+    ``first_stage_model`` (docs/hosts.md §5.6, :func:`lib_optim.vae.tile_vae`); with every value the Never OOM switch
     ``VAE_ALWAYS_TILED`` is ignored for this generation (§5.4, §5.5), so ``off`` means untiled up front (the host's
     own tiled retry after an out-of-memory error remains)."""
     if vae is None or getattr(vae, "first_stage_model", None) is None:
@@ -366,7 +367,7 @@ def tile_vae_object(adapter: HostBase, session: Session, vae: Any, mm: Any) -> N
         return
     session.restorer.notes.append(tiling_without_always_tiled(vae, mm, session.restorer))
     if session.settings.vae_tiling is not VaeTiling.OFF:
-        adapter.tile_vae(session, vae.first_stage_model)
+        tile_vae(session, vae.first_stage_model)
 
 
 def tiling_without_always_tiled(vae: Any, mm: Any, restorer: Restorer) -> str:
@@ -488,4 +489,4 @@ class ForgeFamilyAdapter(HostBase):
         session.restorer.notes.append(vae_to_cpu(vae, self.memory_management(), session.restorer))
 
     def apply_vae_tiling(self, p: Any, settings: GenerationSettings, session: Session) -> None:
-        tile_vae_object(self, session, self._vae(p), self.memory_management())
+        tile_vae_object(session, self._vae(p), self.memory_management())
