@@ -1,9 +1,11 @@
 """``python -m lib_optim``: the checker, the doctor and launch profiles, with no WebUI needed.
 
-Exit status: ``check`` and ``doctor`` return 0 when nothing is above info, 1 for warnings, 2 for errors;
-64 for every usage error (a bad option, value or combination); ``profile`` returns 0 on success and 1 when
-it refused (the result would not start, the file is read-only, another edit holds it). With ``--json`` the
-output is JSON whatever happens; an error is ``{"error": "...", "exit_code": N}``.
+Exit status: ``check`` and ``doctor`` return 0 when nothing is above info, 1 for warnings, 2 for errors (also
+for a ``--file`` that bash or cmd cannot read as written: saved as UTF-16, an unterminated quote); 64 for every
+usage error (a bad option, value or combination; a ``--file`` that is not a launcher file: a folder, a binary
+or huge file, webui.sh itself); ``profile`` returns 0 on success and 1 when it refused (the result would not
+start, the file is read-only, another edit holds it). With ``--json`` the output is JSON whatever happens; an
+error is ``{"error": "...", "exit_code": N}``.
 
 Without ``--host``, ``auto`` looks for the WebUI checkout around ``--file``, the current folder and this
 extension's folder. When there is none (a clone of this repository), ``check``, ``doctor`` and ``profile show``
@@ -38,20 +40,22 @@ from lib_optim.host_specs import (
     profiled_hosts,
 )
 from lib_optim.launch import (
-    LAUNCHER_FILE_RULE,
     RULES,
     CheckInput,
     Finding,
+    LaunchInput,
     RuntimeFacts,
-    Severity,
     env_notes_json,
     env_notes_markdown,
     exit_code,
+    hosts_defining,
+    read_launch_input,
     rules_markdown,
     run_checks,
 )
 
 EX_USAGE = 64
+EX_ERROR = 2  # check / doctor: an error finding, or a launcher file bash or cmd cannot read as written
 EX_REFUSED = 1
 # Covered when no WebUI checkout is found: the two hosts the extension is made for.
 
@@ -226,10 +230,10 @@ def resolve_host(value: str, near: Path | None = None) -> HostChoice:
         raise UsageError(f"--host: {str(exc).removeprefix('host: ')}; or auto") from None
 
 
-def not_found_note(choice: HostChoice) -> str:
+def not_found_note(choice: HostChoice, why: str = "") -> str:
     where = ", ".join(str(p) for p in choice.searched)
-    names = " and ".join(h.display_name for h in FALLBACK_HOSTS)
-    return f"No WebUI checkout found around {where}: showing {names}. Pass {_profiled_host_options()} for yours only."
+    shown = why or "showing " + " and ".join(h.display_name for h in FALLBACK_HOSTS)
+    return f"No WebUI checkout found around {where}: {shown}. Pass {_profiled_host_options()} for yours only."
 
 
 # ------------------------------------------------------------------------------------------------ findings
@@ -244,15 +248,6 @@ def format_findings(findings: Sequence[Finding], host: HostKind) -> str:
         lines.append(f"      {f.message}")
         lines.append(f"      fix: {f.fix}")
     return "\n".join(lines)
-
-
-@dataclasses.dataclass
-class LaunchInput:
-    argv: list[str]
-    env: dict[str, str]
-    file_findings: list[Finding] = dataclasses.field(default_factory=list)
-    # flag or variable -> "file:line" of the condition it was set under
-    conditional: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _check_file_arg(path: Path, *, create: bool = False) -> None:
@@ -274,30 +269,18 @@ def _check_file_arg(path: Path, *, create: bool = False) -> None:
 
 def _launch_input(args: argparse.Namespace) -> LaunchInput:
     env: dict[str, str] = {} if getattr(args, "no_env", False) else dict(os.environ)
-    result = LaunchInput([], env)
     if args.file is not None:
-        from lib_optim.webui_user import read_launch_config
-
         _check_file_arg(args.file)
-        config = read_launch_config(args.file, base_env=env)
-        for name in config.unset:
-            env.pop(name, None)
-        env.update(config.process_env())
-        env["COMMANDLINE_ARGS"] = " ".join(shlex.quote(t) for t in config.commandline_args)
-        for note in config.notes:
-            where = f"{args.file}:{note.line_no}" if note.line_no is not None else str(args.file)
-            result.file_findings.append(
-                Finding(LAUNCHER_FILE_RULE, Severity(note.severity), note.subject, f"{where}: {note.message}", note.fix)
-            )
-        for name, line in [*config.conditional_flags.items(), *config.conditional_vars.items()]:
-            result.conditional[name] = f"{args.file}:{line}"
-    extra = list(getattr(args, "args", []) or [])
-    if extra and extra[0] == "--":
-        extra = extra[1:]
-    from lib_optim.launch import effective_argv
+    return read_launch_input(args.file, env, getattr(args, "args", []) or [])
 
-    result.argv = effective_argv(extra, env)
-    return result
+
+def _hosts(choice: HostChoice, launch: LaunchInput) -> tuple[tuple[HostKind, ...], str]:
+    """The hosts to check and, with no checkout found, the note saying so (narrowed to the hosts that define
+    the flags given, when some of the usual two do not)."""
+    if choice.kind is not None:
+        return choice.hosts, ""
+    hosts, why = hosts_defining(launch.argv, choice.hosts)
+    return hosts, not_found_note(choice, why)
 
 
 def _with_file_findings(findings: list[Finding], launch: LaunchInput) -> list[Finding]:
@@ -328,6 +311,7 @@ def _host_dict(finding: Finding, host: HostKind) -> dict[str, Any]:
 def cmd_check(args: argparse.Namespace) -> int:
     choice = resolve_host(args.host, args.file.parent if args.file else None)
     launch = _launch_input(args)
+    hosts, note = _hosts(choice, launch)
     facts = _probe_facts() if args.probe else RuntimeFacts()
     results = [
         (
@@ -337,7 +321,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 launch,
             ),
         )
-        for host in choice.hosts
+        for host in hosts
     ]
     worst = max(exit_code(findings) for _, findings in results)
     if args.json:
@@ -350,15 +334,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             data = {
                 "host": None,
-                "hosts": [h.value for h in choice.hosts],
-                "note": not_found_note(choice),
+                "hosts": [h.value for h in hosts],
+                "note": note,
                 "argv": launch.argv,
                 "findings": [_host_dict(f, host) for host, findings in results for f in findings],
             }
         _out(json.dumps(data, indent=2))
         return worst
     if choice.kind is None:
-        _out(not_found_note(choice))
+        _out(note)
         _out("")
     _out("\n\n".join(format_findings(findings, host) for host, findings in results))
     return worst
@@ -382,13 +366,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     choice = resolve_host(args.host, args.file.parent if args.file else None)
     launch = _launch_input(args)
+    hosts, note = _hosts(choice, launch)
     env = dict(launch.env)
     env.pop("COMMANDLINE_ARGS", None)
     system = probe_system()
     nvidia_present = nvidia_on_pci_bus()
     reports = [
         run_doctor(host, system, args=launch.argv, env=env, pci=lambda: nvidia_present, webui_root=choice.root)
-        for host in choice.hosts
+        for host in hosts
     ]
     # doctor runs the checker on argv and env alone: the file's own findings join here
     findings = {r.host: _with_file_findings([*launch.file_findings, *r.findings], launch) for r in reports}
@@ -400,8 +385,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         else:
             data = {
                 "host": None,
-                "hosts": [h.value for h in choice.hosts],
-                "note": not_found_note(choice),
+                "hosts": [h.value for h in hosts],
+                "note": note,
                 "system": system.to_dict(),
                 "findings": [_host_dict(f, r.host) for r in reports for f in findings[r.host]],
                 "recommended_profile": {
@@ -423,7 +408,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     _out(system.format_text())
     _out("")
     if choice.kind is None:
-        _out(not_found_note(choice))
+        _out(note)
         _out("")
     for r in reports:
         _out(format_findings(findings[r.host], r.host))
@@ -777,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench": cmd_bench,
     }
     from lib_optim.launch import ProfileError
-    from lib_optim.webui_user import WriteRefused
+    from lib_optim.webui_user import BrokenLauncherFile, WriteRefused
 
     try:
         args, extra = parser.parse_known_args(argv)
@@ -791,6 +776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{exc.parser.prog}: error: {exc.message}", EX_USAGE, as_json)
     except UsageError as exc:
         return _fail(f"python -m lib_optim {command}: error: {exc}", EX_USAGE, as_json)
+    except BrokenLauncherFile as exc:  # bash or cmd cannot read it: for check and doctor, an error in the setup
+        return _fail(str(exc), EX_ERROR if command in ("check", "doctor") else EX_USAGE, as_json)
     except (ProfileError, WriteRefused) as exc:  # refused on purpose, nothing written
         return _fail(str(exc), EX_REFUSED, as_json)
     except ValueError as exc:  # bad file contents (webui_user) name file, line and problem

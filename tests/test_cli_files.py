@@ -56,8 +56,11 @@ def test_bat_call_with_dp0_gets_the_block_before_it(ext: Path, work: Path) -> No
         b'@echo off\r\nset COMMANDLINE_ARGS=--api\r\ncall "%~dp0webui.bat"\r\nset COMMANDLINE_ARGS=--use-cuda-dsa\r\n'
     )
     check = run_cli("check", "--host", "a1111", "--no-env", "--json", "--file", path, cwd=ext)
-    assert check.rc == 0, check  # the line after the call runs only after the WebUI exits
+    assert check.rc == 1, check  # the line after the call runs only after the WebUI exits: a warning says so
     assert check.json()["argv"] == ["--api"]
+    (late,) = check.json()["findings"]
+    assert (late["rule"], late["severity"]) == ("launcher-file", "warning")
+    assert late["message"].startswith(f"{path}:4: line 4 sets a variable after `call webui.bat` (line 3)")
     assert run_cli("profile", "apply", "8gb-high", "--host", "a1111", "--file", path, cwd=ext).rc == 0
     lines = path.read_bytes().decode().split("\r\n")
     assert lines[lines.index('call "%~dp0webui.bat"') - 1] == "@REM <<< sd-webui-optim <<<"
@@ -93,6 +96,129 @@ def test_conditions_and_command_substitutions_are_shown(ext: Path, work: Path) -
     assert condition["message"].startswith(f"{path}:3: --medvram is set inside a condition (line 3)")
     medvram = findings[("ignored-by-host", "--medvram")]
     assert f"This may apply: it is set inside a condition at {path}:3." in medvram["message"]
+
+
+# --- Windows launcher files as people write them (issue 15 §2) ----------------------------------------------
+
+BAT_TEXT = "@echo off\r\nset COMMANDLINE_ARGS=--xformers\r\ncall webui.bat\r\n"
+
+
+@pytest.mark.parametrize(("encoding", "name"), [("utf-16-le", "UTF-16 LE"), ("utf-16-be", "UTF-16 BE")])
+def test_a_utf16_bat_names_the_encoding_and_how_to_save_it(ext: Path, work: Path, encoding: str, name: str) -> None:
+    # PowerShell 5.1's `>` writes UTF-16 LE with a BOM; cmd.exe cannot run such a file. It read as empty.
+    path = work / "webui-user.bat"
+    original = "\ufeff".encode(encoding) + BAT_TEXT.encode(encoding)
+    path.write_bytes(original)
+    for command in ("check", "doctor"):
+        result = run_cli(command, "--host", "a1111", "--file", path, cwd=ext)
+        assert result.rc == 2, result  # it was 0, "No problems found"
+        assert f"{path}: is saved as {name}" in result.err
+        assert "cmd.exe cannot run" in result.err
+        assert "Save it as ANSI or UTF-8: in Notepad, File > Save as > Encoding: UTF-8" in result.err
+    refused = run_cli("profile", "apply", "8gb-high", "--host", "a1111", "--file", path, cwd=ext)
+    assert refused.rc == EX_USAGE, refused
+    assert path.read_bytes() == original
+
+
+def test_quotes_around_commandline_args_in_a_bat_are_named_with_the_right_fix(ext: Path, work: Path) -> None:
+    # cmd keeps the quotes in the value; paths_internal.py:13 shlex-splits it into ONE word, which argparse
+    # takes for a positional (it has a space) and rejects: "unrecognized arguments".
+    path = work / "webui-user.bat"
+    path.write_bytes(b'@echo off\r\nset COMMANDLINE_ARGS="--xformers --medvram"\r\ncall webui.bat\r\n')
+    result = run_cli("check", "--host", "a1111", "--no-env", "--json", "--file", path, cwd=ext)
+    assert result.rc == 2, result
+    assert result.json()["argv"] == ["--xformers --medvram"]
+    findings = {f["rule"]: f for f in result.json()["findings"]}
+    word = findings["bad-flag-value"]
+    assert "several flags in one word" in word["message"]
+    assert "quote values that contain spaces" not in word["fix"]  # the old advice made it worse
+    assert "in webui-user.bat set COMMANDLINE_ARGS=--xformers --medvram (no quotes)" in word["fix"]
+    note = findings["launcher-file"]
+    assert (note["subject"], note["severity"]) == ("COMMANDLINE_ARGS", "warning")
+    assert note["message"].startswith(f"{path}:2: COMMANDLINE_ARGS has quotes around several flags")
+    assert note["fix"] == "Remove the quotes around the flags: set COMMANDLINE_ARGS=--xformers --medvram"
+
+    path.write_bytes(b'@echo off\r\nset COMMANDLINE_ARGS=--ckpt "my model.safetensors"\r\ncall webui.bat\r\n')
+    fine = run_cli("check", "--host", "a1111", "--no-env", "--json", "--file", path, cwd=ext)
+    assert fine.rc == 0, fine  # quotes around one value with a space are right
+
+
+def test_set_lines_after_call_webui_bat_are_named_in_check_output(ext: Path, work: Path) -> None:
+    path = work / "webui-user.bat"
+    path.write_bytes(
+        b"@echo off\r\nset COMMANDLINE_ARGS=--api\r\ncall webui.bat\r\nset COMMANDLINE_ARGS=--medvram\r\n"
+        b"echo done\r\nset CUDA_VISIBLE_DEVICES=1\r\npause\r\n"
+    )
+    result = run_cli("check", "--host", "a1111", "--no-env", "--file", path, cwd=ext)
+    assert result.rc == 1, result  # it was 0, "No problems found"
+    assert "[warning] call webui.bat  (launcher-file)" in result.out
+    assert (
+        f"{path}:4: lines 4, 6 set variables after `call webui.bat` (line 3): cmd runs them only after the WebUI "
+        "has exited, so they never take effect for the WebUI"
+    ) in result.out
+    assert "fix: Move lines 4, 6 above `call webui.bat` (line 3), or delete them." in result.out
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "line"),
+    [
+        ("webui-user.sh", b'#!/bin/bash\nexport COMMANDLINE_ARGS="--xformers\n', 2),
+        ("webui-user.bat", b'@echo off\r\n\r\nset COMMANDLINE_ARGS="--xformers\r\ncall webui.bat\r\n', 3),
+    ],
+    ids=["sh", "bat"],
+)
+def test_an_unterminated_quote_exits_2_naming_file_and_line(
+    ext: Path, work: Path, name: str, data: bytes, line: int
+) -> None:
+    path = work / name
+    path.write_bytes(data)
+    result = run_cli("check", "--host", "forge", "--no-env", "--file", path, cwd=ext)
+    assert result.rc == 2, result  # it was 64, a usage error: the command was right, the file is broken
+    assert f"{path}:{line}: " in result.err
+    as_json = run_cli("check", "--host", "forge", "--no-env", "--json", "--file", path, cwd=ext)
+    assert as_json.json()["exit_code"] == 2
+
+
+def test_an_unbalanced_quote_in_sh_commandline_args_names_the_variable(ext: Path, work: Path) -> None:
+    path = work / "webui-user.sh"
+    path.write_text("export COMMANDLINE_ARGS='--ckpt \"my model.safetensors'\n")  # bash is fine; shlex is not
+    result = run_cli("check", "--host", "forge", "--no-env", "--file", path, cwd=ext)
+    assert result.rc == 2, result
+    assert f'{path}:1: COMMANDLINE_ARGS cannot be split as the host does: it has an unbalanced " quote' in result.err
+    assert 'Fix: close the " quote' in result.err
+
+
+def test_a_binary_file_and_the_webui_launcher_itself_are_refused(ext: Path, work: Path) -> None:
+    binary = work / "webui-user.bat"
+    binary.write_bytes(b"MZ\x90\x00\x03\x00\x00\x00")
+    result = run_cli("check", "--host", "a1111", "--file", binary, cwd=ext)
+    assert result.rc == EX_USAGE, result
+    assert f"{binary}: contains NUL bytes (the first at byte 3): it is not a text file" in result.err
+    for launcher, user_file in (("webui.sh", "webui-user.sh"), ("webui.bat", "webui-user.bat")):
+        (work / launcher).write_bytes(b"#!/usr/bin/env bash\n")
+        result = run_cli("check", "--host", "a1111", "--file", work / launcher, cwd=ext)
+        assert result.rc == EX_USAGE, result
+        assert f"{work / launcher}: is the WebUI's own launcher" in result.err
+        assert f"pass --file {work / user_file}" in result.err
+
+
+def test_directml_is_checked_against_a_host_that_has_it(ext: Path, work: Path) -> None:
+    # flagtables.py: --directml is a Forge f2, Forge previous and reForge flag, not an A1111 v1.10 one.
+    path = work / "webui-user.bat"
+    path.write_bytes(b"@echo off\r\nset COMMANDLINE_ARGS=--directml --api\r\ncall webui.bat\r\n")
+    auto = run_cli("check", "--no-env", "--json", "--file", path, cwd=ext)  # no WebUI checkout around
+    assert auto.rc == 0, auto  # it was 2: A1111's "unknown flag" for a file that cannot be for A1111
+    data = auto.json()
+    assert data["hosts"] == ["forge"]
+    assert "--directml is not a flag of AUTOMATIC1111 WebUI v1.10, so showing WebUI Forge f2" in data["note"]
+    text = run_cli("check", "--no-env", "--file", path, cwd=ext)
+    assert "showing WebUI Forge f2 (which defines it)" in text.out
+    assert "for AUTOMATIC1111" not in text.out
+
+    given = run_cli("check", "--host", "a1111", "--no-env", "--json", "--file", path, cwd=ext)
+    assert given.rc == 2, given
+    (unknown,) = [f for f in given.json()["findings"] if f["rule"] == "unknown-flag"]
+    assert "check with --host forge, --host forge-previous or --host reforge" in unknown["fix"]
 
 
 # --- files that are not there, not files, too big, read-only, busy -----------------------------------------

@@ -18,6 +18,7 @@ from lib_optim.launch.doctor import doctor as run_doctor
 from lib_optim.launch.doctor import effective_argv, nvidia_on_pci_bus, recommend_profile, runtime_facts
 from lib_optim.launch.env_notes import env_notes_json, env_notes_markdown
 from lib_optim.launch.flagspec import FlagSpec, TakesValue
+from lib_optim.launch.launcher_file import LaunchInput, hosts_defining, read_launch_input
 from lib_optim.launch.profiles import (
     PROFILES,
     HostProfile,
@@ -40,6 +41,7 @@ __all__ = [
     "Finding",
     "FlagSpec",
     "HostProfile",
+    "LaunchInput",
     "ProfileError",
     "RuntimeFacts",
     "Severity",
@@ -51,10 +53,12 @@ __all__ = [
     "exit_code",
     "file_kind",
     "get_profile",
+    "hosts_defining",
     "launch_line",
     "nothing_to_write",
     "nvidia_on_pci_bus",
     "profile_names",
+    "read_launch_input",
     "recommend_profile",
     "remove_profile",
     "resolve",

@@ -25,6 +25,8 @@ from lib_optim.launch.checks import (
     Severity,
     rule,
 )
+from lib_optim.launch.cmdline import parse_args
+from lib_optim.webui_user import joined_flags
 
 # --- start-up exits -------------------------------------------------------------------------------------
 
@@ -76,6 +78,7 @@ def _unknown_flags(ctx: CheckContext) -> Iterator[Finding]:
         hints = UNKNOWN_FLAG_HINTS.get(flag.option, {})
         hint = hints.get(ctx.host) or hints.get(EVERY)
         fix = hint or "Remove it, or install the extension that adds it (an extension's preload can add flags)."
+        fix += _other_hosts_with(flag.option, ctx.host)
         if ignored:
             yield Finding(
                 "unknown-flag",
@@ -96,6 +99,21 @@ def _unknown_flags(ctx: CheckContext) -> Iterator[Finding]:
             )
 
 
+def _other_hosts_with(option: str, host: HostKind) -> str:
+    """ " X is a flag of Y: if that is your WebUI, check with --host y.": a file checked for the wrong host."""
+    others = [h for h in checked_hosts() if h != host and not parse_args([option], h).unknown]
+    if not others:
+        return ""
+    names = _series([h.display_name for h in others], "and")
+    hosts = _series([f"--host {h.value}" for h in others], "or")
+    which = "that" if len(others) == 1 else "one of them"
+    return f" {option} is a flag of {names}: if {which} is your WebUI, check with {hosts}."
+
+
+def _series(items: list[str], conjunction: str) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {conjunction} {items[-1]}"
+
+
 @rule(
     "bad-flag-value",
     Severity.ERROR,
@@ -111,6 +129,9 @@ def _bad_values(ctx: CheckContext) -> Iterator[Finding]:
         "stray-argument": "is a word that is not a flag",
     }
     for problem in ctx.args.problems:
+        if problem.kind == "stray-argument" and joined_flags(problem.token):
+            yield _joined_flags_finding(problem.token)
+            continue
         yield Finding(
             "bad-flag-value",
             Severity.ERROR,
@@ -118,6 +139,20 @@ def _bad_values(ctx: CheckContext) -> Iterator[Finding]:
             f"{problem.token!r} {what[problem.kind]} ({problem.detail}); argparse makes the WebUI exit at start-up.",
             "Fix or remove it; quote values that contain spaces.",
         )
+
+
+def _joined_flags_finding(token: str) -> Finding:
+    """``"--xformers --medvram"`` as one word: the quotes are the problem, quoting more would not help."""
+    return Finding(
+        "bad-flag-value",
+        Severity.ERROR,
+        token,
+        f"{token!r} is several flags in one word: quotes around them kept them together (in webui-user.bat cmd keeps "
+        'the quotes of `set COMMANDLINE_ARGS="..."` in the value), and argparse takes a word with a space for a '
+        "positional argument, so the WebUI exits at start-up with 'unrecognized arguments'.",
+        f"Remove the quotes around the flags, so each is a word of its own: in webui-user.bat "
+        f'set COMMANDLINE_ARGS={token} (no quotes); in webui-user.sh export COMMANDLINE_ARGS="{token}".',
+    )
 
 
 @rule(

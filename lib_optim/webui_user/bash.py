@@ -12,6 +12,7 @@ from lib_optim.log import get_logger
 from lib_optim.webui_user.model import (
     ENV_NAME_RE,
     Assignment,
+    BrokenLauncherFile,
     LaunchConfig,
     NoteTaker,
     WebuiUserError,
@@ -137,7 +138,14 @@ class _ShLexer:
         return _Word(parts, start_line)
 
     def _unterminated(self, what: str, line_no: int) -> WebuiUserError:
-        return WebuiUserError(self.source, line_no, f"unterminated {what} (bash would fail to source this file)")
+        # bash runs the file up to this command, then stops with "unexpected EOF while looking for matching";
+        # webui.sh:20-23 goes on without the rest, so the settings from here on never reach the WebUI.
+        return BrokenLauncherFile(
+            self.source,
+            line_no,
+            f"unterminated {what} (bash would fail to source this file: nothing from line {line_no} on reaches "
+            "the WebUI). Fix: close it on that line",
+        )
 
     def _single_quoted(self) -> _Part:
         start_line = self.line

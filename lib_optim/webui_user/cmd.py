@@ -248,13 +248,14 @@ class BatInterpreter(NoteTaker):
                 logical = logical[:-1]
             if self._line(logical, line_no):
                 # webui.bat starts launch.py from here; what follows runs only after the WebUI exits.
+                self._note_after_handover(lines, i, line_no)
                 break
         env = {k: v for k, v in self.vars.items() if k in self.touched}
         unset = {k for k in self.touched if k not in self.vars}
         args: list[str] = []
         value = self.vars.get("COMMANDLINE_ARGS")
         if value is not None:
-            args = tokenise_args(value, self.source, self.last_args_line, self)
+            args = tokenise_args(value, self.source, self.last_args_line, self, "bat")
         conditional_flags = {t: line for t, line in self.conditional_flags.items() if t in args}
         conditional_vars = {n: line for n, line in self.conditional_vars.items() if n in env}
         for name, line in sorted(conditional_vars.items(), key=lambda item: item[1]):
@@ -272,6 +273,23 @@ class BatInterpreter(NoteTaker):
             notes=self.notes,
             conditional_flags=conditional_flags,
             conditional_vars=conditional_vars,
+        )
+
+    def _note_after_handover(self, lines: list[str], start: int, call_line: int) -> None:
+        """`set` lines after `call webui.bat`: they run only once the WebUI has exited, so they never reach it."""
+        late = [start + k + 1 for k, line in enumerate(lines[start:]) if _BAT_SET_RE.match(line.strip().lstrip("@"))]
+        if not late:
+            return
+        one = len(late) == 1
+        where = f"line {late[0]}" if one else f"lines {', '.join(map(str, late))}"
+        it, they = ("it", "it") if one else ("them", "they")
+        self.note(
+            late[0],
+            "warning",
+            "call webui.bat",
+            f"{where} set{'s a variable' if one else ' variables'} after `call webui.bat` (line {call_line}): cmd "
+            f"runs {it} only after the WebUI has exited, so {they} never take{'s' if one else ''} effect for the WebUI",
+            f"Move {where} above `call webui.bat` (line {call_line}), or delete {it}.",
         )
 
     def _line(self, logical: str, line_no: int) -> bool:

@@ -36,6 +36,11 @@ class WebuiUserError(ValueError):
         super().__init__(f"{where}: {what}")
 
 
+class BrokenLauncherFile(WebuiUserError):
+    """The launcher file is the right file, but bash or cmd (or the host, splitting COMMANDLINE_ARGS) cannot read
+    it as written: the WebUI would not get these settings. ``check`` and ``doctor`` count it as an error."""
+
+
 class WriteRefused(WebuiUserError):
     """The file was left as it is on purpose: read-only, not ours to write, or being edited by someone else."""
 
@@ -173,14 +178,12 @@ def added_tokens(before: str, after: str) -> list[str]:
     return added
 
 
-def tokenise_args(value: str, source: str, line_no: int | None, notes: NoteTaker) -> list[str]:
+def tokenise_args(value: str, source: str, line_no: int | None, notes: NoteTaker, kind: Kind = "sh") -> list[str]:
     try:
         tokens = shlex.split(value)
     except ValueError as exc:
         # The host would crash the same way at startup (paths_internal.py:13), so this is an error.
-        raise WebuiUserError(
-            source, line_no, f"COMMANDLINE_ARGS cannot be split as the host does (shlex: {exc}): {value!r}"
-        ) from exc
+        raise BrokenLauncherFile(source, line_no, _unsplittable(value, str(exc), kind)) from exc
     if value.count("\\") > sum(t.count("\\") for t in tokens):
         # POSIX shlex treats an unquoted backslash as an escape, so C:\models becomes C:models.
         notes.note(
@@ -190,7 +193,40 @@ def tokenise_args(value: str, source: str, line_no: int | None, notes: NoteTaker
             f"COMMANDLINE_ARGS loses backslashes when the host splits it (tokens: {tokens!r})",
             "Put Windows paths in double quotes, or write them with forward slashes.",
         )
+    joined = [t for t in tokens if joined_flags(t)]
+    if joined:
+        unquoted = " ".join(t if t in joined else shlex.quote(t) for t in tokens)
+        fix = f"set COMMANDLINE_ARGS={unquoted}" if kind == "bat" else f'export COMMANDLINE_ARGS="{unquoted}"'
+        keeps = "cmd keeps quotes: everything after '=' is the value" if kind == "bat" else "the inner quotes stay"
+        notes.note(
+            line_no,
+            "warning",
+            "COMMANDLINE_ARGS",
+            f"COMMANDLINE_ARGS has quotes around several flags ({keeps}), and the WebUI splits the value like a shell "
+            f"(modules/paths_internal.py:13), so {joined[0]!r} reaches it as one word: start-up exits with "
+            "'unrecognized arguments'",
+            f"Remove the quotes around the flags: {fix}",
+        )
     return tokens
+
+
+def joined_flags(token: str) -> bool:
+    """A word like ``--xformers --medvram``: several flags that quotes kept together (argparse takes a word with
+    a space for a positional, so the WebUI rejects it); ``--ckpt=my model.ckpt`` is one flag with its value."""
+    return token.startswith("-") and any(c.isspace() for c in token.partition("=")[0].strip())
+
+
+def _unsplittable(value: str, why: str, kind: Kind) -> str:
+    quote = next((q for q in ('"', "'") if value.count(q) % 2), '"')
+    if kind == "bat":
+        fix = f"remove the {quote} characters (set COMMANDLINE_ARGS={value.replace(quote, '')}), or close the quote"
+    else:
+        fix = f"close the {quote} quote, or escape it as \\{quote} if it is part of a value"
+    return (
+        f"COMMANDLINE_ARGS cannot be split as the host does: it has an unbalanced {quote} quote ({value!r}), and "
+        f"the WebUI splits it like a shell (modules/paths_internal.py:13), so it stops at start-up (shlex: {why}). "
+        f"Fix: {fix}"
+    )
 
 
 def human_size(n: int) -> str:
@@ -228,4 +264,39 @@ def read_launcher_bytes(path: Path) -> bytes:
         raise WebuiUserError(str(path), None, f"cannot read launcher config: {exc}") from exc
     if len(data) > MAX_FILE_BYTES:  # it grew since stat
         raise WebuiUserError(str(path), None, too_big.format(size=f"over {human_size(MAX_FILE_BYTES)}"))
+    refuse_content(path, data)
     return data
+
+
+_LAUNCHERS = {"webui.sh": "webui-user.sh", "webui.bat": "webui-user.bat"}
+_UTF16_BOMS = {b"\xff\xfe": "UTF-16 LE", b"\xfe\xff": "UTF-16 BE"}
+
+
+def refuse_content(path: Path, data: bytes) -> None:
+    """Refuse the WebUI's own launcher, a file saved as UTF-16 and a binary file, naming the fix."""
+    user_file = _LAUNCHERS.get(path.name.lower())
+    if user_file is not None:
+        raise WebuiUserError(
+            str(path),
+            None,
+            f"is the WebUI's own launcher, which reads your settings from {user_file}; "
+            f"pass --file {path.with_name(user_file)} (create it from the WebUI's template if it is missing)",
+        )
+    encoding = next((name for bom, name in _UTF16_BOMS.items() if data.startswith(bom)), None)
+    if encoding is not None:
+        shell = "bash" if path.suffix.lower() == ".sh" else "cmd.exe"
+        raise BrokenLauncherFile(
+            str(path),
+            None,
+            f"is saved as {encoding} (what PowerShell 5.1's `>` and Out-File write), which {shell} cannot run, so "
+            "the WebUI gets none of its settings. Save it as ANSI or UTF-8: in Notepad, File > Save as > "
+            "Encoding: UTF-8 (not 'UTF-8 with BOM') or ANSI; in PowerShell write it with Set-Content -Encoding Default",
+        )
+    first_nul = data.find(b"\0")
+    if first_nul >= 0:
+        raise WebuiUserError(
+            str(path),
+            None,
+            f"contains NUL bytes (the first at byte {first_nul}): it is not a text file, so it cannot be "
+            "webui-user.sh or webui-user.bat; give the path of that file (a text file next to webui.sh / webui.bat)",
+        )
