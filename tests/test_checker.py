@@ -1058,3 +1058,19 @@ def test_launcher_notes_must_be_launcher_file_findings() -> None:
     stray = Finding("unknown-flag", WARNING, "--x", "not from a file", "fix")
     with pytest.raises(ValueError, match="launcher_notes: 'unknown-flag' is not allowed"):
         check(A1111, launcher_notes=(stray,))
+
+
+def test_hosts_defining_picks_the_hosts_whose_tables_have_the_flags() -> None:
+    # With no WebUI checkout found, check/doctor show A1111 and Forge f2; a flag only some hosts define narrows that.
+    from lib_optim.host_specs import FALLBACK_HOSTS
+    from lib_optim.launch import hosts_defining
+
+    assert hosts_defining(["--api"], FALLBACK_HOSTS) == (FALLBACK_HOSTS, "")  # both know it
+    assert hosts_defining(["--no-such-flag"], FALLBACK_HOSTS) == (FALLBACK_HOSTS, "")  # none does: findings say so
+    hosts, why = hosts_defining(["--directml", "--api"], FALLBACK_HOSTS)  # flagtables.py: Forge f2 has it
+    assert hosts == (HostKind.FORGE,)
+    assert why == "--directml is not a flag of AUTOMATIC1111 WebUI v1.10, so showing WebUI Forge f2 (which defines it)"
+    # Neither of the two has it: the checked hosts that do (Forge previous's own launcher flags).
+    hosts, why = hosts_defining(["--is-windows-embedded-python"], FALLBACK_HOSTS)
+    assert HostKind.A1111 not in hosts and HostKind.FORGE not in hosts and HostKind("forge-previous") in hosts
+    assert why.startswith("--is-windows-embedded-python is not a flag of AUTOMATIC1111 WebUI v1.10 and WebUI Forge f2")

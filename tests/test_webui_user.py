@@ -979,3 +979,74 @@ def test_huge_or_wrong_files_are_refused_without_reading_them(tmp_path: Path) ->
     folder.mkdir()
     with pytest.raises(WebuiUserError, match="is a directory"):
         read_launch_config(folder)
+
+
+# --- Windows launcher files as people write them (issue 15 §2) ---------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_a_utf16_file_is_refused_for_reading_and_editing(tmp_path: Path, encoding: str) -> None:
+    # PowerShell 5.1's `>` writes UTF-16 LE with a BOM; it used to read as a file with no settings at all.
+    path = tmp_path / "webui-user.bat"
+    original = ("\ufeff" + A1111_BAT.replace("COMMANDLINE_ARGS=", "COMMANDLINE_ARGS=--xformers")).encode(encoding)
+    path.write_bytes(original)
+    label = encoding.replace("utf-16-", "UTF-16 ").upper()
+    with pytest.raises(wu.BrokenLauncherFile, match=rf"webui-user\.bat: is saved as {label} .* cmd\.exe cannot run"):
+        read_launch_config(path)
+    with pytest.raises(wu.BrokenLauncherFile, match="Save it as ANSI or UTF-8"):
+        apply_block(path, BAT_BLOCK)
+    assert path.read_bytes() == original
+
+
+def test_quotes_around_several_flags_are_a_note_with_the_unquoted_line() -> None:
+    cfg = parse_launch_config(
+        '@echo off\r\nset COMMANDLINE_ARGS="--xformers --medvram" --api\r\ncall webui.bat\r\n', "bat", source="w.bat"
+    )
+    # cmd keeps the quotes; shlex.split (paths_internal.py:13) then gives one word for the two flags.
+    assert cfg.commandline_args == ["--xformers --medvram", "--api"]
+    (note,) = cfg.notes
+    assert (note.line_no, note.severity, note.subject) == (2, "warning", "COMMANDLINE_ARGS")
+    assert "'--xformers --medvram' reaches it as one word" in note.message
+    assert note.fix == "Remove the quotes around the flags: set COMMANDLINE_ARGS=--xformers --medvram --api"
+
+    sh = parse_launch_config("export COMMANDLINE_ARGS=\"'--xformers --medvram'\"\n", "sh", source="w.sh")
+    assert [n.fix for n in sh.notes] == [
+        'Remove the quotes around the flags: export COMMANDLINE_ARGS="--xformers --medvram"'
+    ]
+    # One flag with its value, and a quoted value with a space, are no such thing.
+    for value in ('"--ckpt=my model.safetensors"', '--ckpt "my model.safetensors"'):
+        ok = parse_launch_config(f"set COMMANDLINE_ARGS={value}\r\ncall webui.bat\r\n", "bat")
+        assert ok.notes == [], value
+
+
+def test_set_lines_after_call_webui_bat_are_a_note() -> None:
+    text = "@echo off\r\ncall webui.bat\r\nrem set X=1\r\n@set COMMANDLINE_ARGS=--medvram\r\npause\r\n"
+    cfg = parse_launch_config(text, "bat", source="w.bat")
+    assert cfg.commandline_args == []
+    (note,) = cfg.notes
+    assert (note.line_no, note.severity, note.subject) == (4, "warning", "call webui.bat")
+    assert note.message.startswith("line 4 sets a variable after `call webui.bat` (line 2)")
+    assert note.fix == "Move line 4 above `call webui.bat` (line 2), or delete it."
+    # Only commands after it: `pause` or `echo` there are what people mean.
+    assert parse_launch_config("call webui.bat\r\npause\r\n", "bat").notes == []
+
+
+def test_bat_unbalanced_quote_in_commandline_args_names_line_and_fix() -> None:
+    text = '@echo off\r\nset COMMANDLINE_ARGS="--xformers\r\ncall webui.bat\r\n'
+    with pytest.raises(wu.BrokenLauncherFile, match=r"w\.bat:2: COMMANDLINE_ARGS cannot be split") as info:
+        parse_launch_config(text, "bat", source="w.bat")
+    assert 'Fix: remove the " characters (set COMMANDLINE_ARGS=--xformers)' in str(info.value)
+
+
+def test_binary_files_and_the_webui_launchers_are_refused(tmp_path: Path) -> None:
+    binary = tmp_path / "webui-user.sh"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00")
+    with pytest.raises(WebuiUserError, match=r"contains NUL bytes \(the first at byte 7\): it is not a text file"):
+        read_launch_config(binary)
+    launcher = tmp_path / "webui.bat"
+    launcher.write_bytes(b"@echo off\r\n")
+    with pytest.raises(WebuiUserError, match=r"is the WebUI's own launcher, which reads your settings from webui-user"):
+        read_launch_config(launcher)
+    with pytest.raises(WebuiUserError, match="own launcher"):
+        apply_block(launcher, BAT_BLOCK)
+    assert launcher.read_bytes() == b"@echo off\r\n"
