@@ -144,19 +144,19 @@ def _add_doctor(sub: Any) -> None:
     doctor = sub.add_parser("doctor", help="probe this machine, check its launch config, recommend a profile")
     _add_host(doctor)
     doctor.add_argument("--file", type=Path, help="the webui-user file the WebUI is started with")
-    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_profile(sub: Any) -> None:
     profile = sub.add_parser("profile", help="launch profiles for 8/12/16/24 GB cards")
     psub = profile.add_subparsers(dest="action", required=True, parser_class=_Parser)
     plist = psub.add_parser("list", help="list the profiles")
-    plist.add_argument("--json", action="store_true")
+    plist.add_argument("--json", action="store_true", help="print the list as JSON")
     show = psub.add_parser("show", help="show what a profile sets on a host")
     show.add_argument("name")
     _add_host(show)
     show.add_argument("--directml", action="store_true", help="AMD/Intel card through DirectML")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print the profile as JSON")
     apply = psub.add_parser("apply", help="write a profile's block into webui-user.sh/.bat (backup first)")
     apply.add_argument("name")
     apply.add_argument("--file", type=Path, required=True)
@@ -173,7 +173,7 @@ def _add_profile(sub: Any) -> None:
 
 def _add_rules(sub: Any) -> None:
     rules = sub.add_parser("rules", help="list the checker's rules")
-    rules.add_argument("--json", action="store_true")
+    rules.add_argument("--json", action="store_true", help="print the rules (or, with --env, the variables) as JSON")
     rules.add_argument("--env", action="store_true", help="the environment variables the checker knows instead")
 
 
@@ -376,11 +376,25 @@ def _webui_user_path(root: Path | None) -> str:
     return str(root / name) if root is not None else "<webui-user file>"
 
 
+def _found_webui_user(root: Path | None) -> Path | None:
+    """The WebUI's own webui-user file (the one its launcher runs on this system), when doctor found the WebUI
+    (at or above the current folder, e.g. from extensions/sd-webui-optim) and no --file was given."""
+    if root is None:
+        return None
+    path = root / f"webui-user.{_script_kind()}"
+    if path.is_file():
+        _err(f"[Optim] doctor: reading {path} (pass --file for another one)")
+        return path
+    return None
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from lib_optim.gpu import probe_system
     from lib_optim.launch import nvidia_on_pci_bus, run_doctor
 
     choice = resolve_host(args.host, args.file.parent if args.file else None)
+    if args.file is None:
+        args.file = _found_webui_user(choice.root)
     launch = _launch_input(args)
     env = dict(launch.env)
     env.pop("COMMANDLINE_ARGS", None)
@@ -440,7 +454,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 "defaults there)"
             )
     if any(r.commandline for r in reports):
-        host_opt = "" if choice.kind is not None else " --host " + "|".join(h.value for h in profiled_hosts())
+        # --host always: the file may lie outside any checkout (a --host given by name), where auto finds nothing
+        hosts = (choice.kind,) if choice.kind is not None else tuple(r.host for r in reports if r.commandline)
+        host_opt = " --host " + "|".join(h.value for h in hosts)
         _out(
             f"Write it with: python -m lib_optim profile apply {first.profile} --file {_webui_user_path(choice.root)}"
             + host_opt
@@ -764,6 +780,33 @@ def _unrecognized(args: argparse.Namespace, extra: list[str]) -> str:
     return message
 
 
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands of ``parser`` by name (empty when it has none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _did_you_mean(failed: argparse.ArgumentParser, argv: Sequence[str]) -> str:
+    """`` (did you mean 'doctor'?)`` for a mistyped command or profile action; "" when nothing is close."""
+    own = list(argv[: argv.index("--")]) if "--" in argv else list(argv)
+    words = [a for a in own if not a.startswith("-")]
+    parser: argparse.ArgumentParser = build_parser()
+    for word in words:
+        commands = _commands(parser)
+        if not commands:
+            return ""
+        if word in commands:
+            parser = commands[word]
+            continue
+        if parser.prog != failed.prog:
+            return ""
+        close = difflib.get_close_matches(word, list(commands), n=1, cutoff=0.6)
+        return f" (did you mean {close[0]!r}?)" if close else ""
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = _wants_json(argv)
@@ -779,6 +822,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lib_optim.launch import ProfileError
     from lib_optim.webui_user import WriteRefused
 
+    if not argv:  # what can this do? The commands, as pip and git answer: on stdout, and no error
+        parser.print_help(sys.stdout)
+        return 0
     try:
         args, extra = parser.parse_known_args(argv)
         command = args.command
@@ -788,7 +834,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handlers[command](args)
     except _ArgumentError as exc:
         exc.parser.print_usage(sys.stderr)
-        return _fail(f"{exc.parser.prog}: error: {exc.message}", EX_USAGE, as_json)
+        message = exc.message + _did_you_mean(exc.parser, argv)
+        return _fail(f"{exc.parser.prog}: error: {message}", EX_USAGE, as_json)
     except UsageError as exc:
         return _fail(f"python -m lib_optim {command}: error: {exc}", EX_USAGE, as_json)
     except (ProfileError, WriteRefused) as exc:  # refused on purpose, nothing written

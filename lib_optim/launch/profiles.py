@@ -33,6 +33,7 @@ from lib_optim.webui_user import (
 A1111 = HostKind.A1111
 FORGE = HostKind.FORGE
 FORGE_PREVIOUS = HostKind.FORGE_PREVIOUS
+REFORGE = HostKind.REFORGE
 
 
 def _flag(attention: Attention, host: HostKind) -> str:
@@ -83,9 +84,7 @@ def _gen(
     return from_dict({**values, "channels_last": channels_last, **others})
 
 
-PROFILES: dict[str, Profile] = {
-    p.name: p
-    for p in (
+_PROFILES: tuple[Profile, ...] = (
         Profile(
             "8gb-low",
             "8 GB — Low",
@@ -210,7 +209,26 @@ PROFILES: dict[str, Profile] = {
                 FORGE_PREVIOUS: HostProfile(("--always-cpu", "--skip-torch-cuda-test"), {}, _gen(Attention.SDP)),
             },
         ),
-    )
+)
+
+
+def _on_reforge(hp: HostProfile) -> HostProfile:
+    """reForge's variant of a Forge previous profile: the same back end (ldm_patched) and the same flags —
+    ``--always-cpu``, ``--disable-xformers``, ``--attention-*`` and ``--skip-torch-cuda-test`` are all in its
+    parsers (ldm_patched/modules/args_parser.py, modules/cmd_args.py at 3b56b268; flagtables.py's reForge table)
+    — with each attention flag taken from the registry for reForge, never copied by hand."""
+    by_flag = {
+        attention_backend(a).flag(FORGE_PREVIOUS): attention_backend(a).flag(REFORGE)
+        for a in Attention
+        if attention_backend(a).flag(FORGE_PREVIOUS) is not None
+    }
+    flags = tuple(by_flag.get(f) or f for f in hp.flags)
+    return HostProfile(flags, hp.env, hp.generation, hp.note)
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: Profile(p.name, p.title, p.vram_gb, p.description, {**p.hosts, REFORGE: _on_reforge(p.hosts[FORGE_PREVIOUS])})
+    for p in _PROFILES
 }
 
 AUTO = "auto"
