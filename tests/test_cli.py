@@ -318,7 +318,7 @@ def test_auto_host_outside_a_webui_covers_both_hosts(ext: Path) -> None:
     assert note.startswith("No WebUI checkout found around ")
     assert note.count(str(ext.resolve())) == 1  # the folder is named once (it was printed twice)
     assert "showing AUTOMATIC1111 WebUI v1.10 and WebUI Forge f2" in note
-    assert "Pass --host a1111, --host forge or --host forge-previous for yours only." in note
+    assert "Pass --host a1111, --host forge, --host forge-previous or --host reforge for yours only." in note
     assert "for AUTOMATIC1111 WebUI v1.10" in result.out
     assert "1 finding(s) for WebUI Forge f2:" in result.out
     assert "[warning] --medvram  (ignored-by-host)" in result.out
@@ -553,11 +553,11 @@ def test_profile_show_bad_name(ext: Path) -> None:
         assert name in result.err
 
 
-def test_profile_show_reforge_has_no_profiles(ext: Path) -> None:
-    result = run_cli("profile", "show", "12gb", "--host", "reforge", cwd=ext)
-    assert result.rc == EX_USAGE, result
-    assert "'reforge'" in result.err
-    assert "a1111, forge, forge-previous" in result.err
+def test_profile_show_reforge(ext: Path) -> None:
+    result = run_cli("profile", "show", "8gb-low", "--host", "reforge", cwd=ext)
+    assert result.rc == 0, result
+    assert "8 GB — Low (8gb-low) on reForge" in result.out
+    assert "--attention-quad --disable-xformers" in result.out
 
 
 # --- profile apply / remove ------------------------------------------------------------------------------

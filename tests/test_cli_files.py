@@ -230,9 +230,9 @@ def test_profile_apply_outside_a_webui_asks_for_the_host(ext: Path, work: Path) 
     result = run_cli("profile", "apply", "8gb-low", "--file", path, cwd=ext)
     assert result.rc == EX_USAGE, result
     assert f"--host: no WebUI checkout around {work.resolve()}" in result.err
-    assert "pass --host a1111, --host forge or --host forge-previous" in result.err
+    assert "pass --host a1111, --host forge, --host forge-previous or --host reforge" in result.err
     assert path.read_bytes() == SH
-    # Inside a WebUI the file's folder says which host it is (test_cli covers that); reForge has no profiles.
+    # Inside a WebUI the file's folder says which host it is (test_cli covers that).
     root = _fake_webui(work / "webui", "a1111")
     inside = root / "webui-user.sh"
     inside.write_bytes(SH)

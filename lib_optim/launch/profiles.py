@@ -44,6 +44,10 @@ def _flag(attention: Attention, host: HostKind) -> str:
     return flag
 
 
+# _MEDVRAM_NOTE: A1111's --medvram (--medvram-sdxl for SDXL) sets sd_model.lowvram and moves each part, the VAE
+# included, to the GPU only while it runs (A1111 v1.10.1 modules/lowvram.py:20-21, :38, :61-74); our VAE-on-CPU then steps aside
+# with a warning (lib_optim/hosts/a1111.py, apply_vae_on_cpu). So no A1111 profile with one of them sets it.
+
 # Fewer, larger cudaMalloc blocks and earlier reclaiming: the usual cure for fragmentation OOMs on small
 # cards. Only keys of the native allocator; never `backend:` (it must be decided before torch loads).
 _FRUGAL_ALLOC = "garbage_collection_threshold:0.6,max_split_size_mb:128"
@@ -94,8 +98,8 @@ _PROFILES: tuple[Profile, ...] = (
                 A1111: HostProfile(
                     ("--medvram", _flag(Attention.SUB_QUAD, A1111)),
                     {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
-                    _gen(Attention.SUB_QUAD, Tri.ON),
-                    "--medvram keeps one part of the model on the GPU at a time.",
+                    _gen(Attention.SUB_QUAD),  # no VAE on CPU: A1111 ignores it under --medvram (_MEDVRAM_NOTE)
+                    "--medvram keeps one part of the model on the GPU at a time, the VAE included.",
                 ),
                 FORGE: HostProfile(
                     (_flag(Attention.SUB_QUAD, FORGE), "--disable-xformers"),
@@ -149,7 +153,8 @@ _PROFILES: tuple[Profile, ...] = (
                 A1111: HostProfile(
                     ("--medvram-sdxl", _flag(Attention.SDP, A1111)),
                     {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
-                    _gen(Attention.SDP, Tri.ON),
+                    _gen(Attention.SDP),  # no VAE on CPU: ignored for SDXL under --medvram-sdxl (_MEDVRAM_NOTE)
+                    "--medvram-sdxl keeps one part of an SDXL model on the GPU at a time, the VAE included.",
                 ),
                 FORGE: HostProfile((), {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC}, _gen(Attention.SDP, Tri.ON, 1536)),
                 FORGE_PREVIOUS: HostProfile(
