@@ -453,14 +453,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 f"(nothing to put in webui-user on {r.host.display_name}: this profile only sets per-generation "
                 "defaults there)"
             )
-    if any(r.commandline for r in reports):
-        # --host always: the file may lie outside any checkout (a --host given by name), where auto finds nothing
-        hosts = (choice.kind,) if choice.kind is not None else tuple(r.host for r in reports if r.commandline)
-        host_opt = " --host " + "|".join(h.value for h in hosts)
-        _out(
-            f"Write it with: python -m lib_optim profile apply {first.profile} --file {_webui_user_path(choice.root)}"
-            + host_opt
-        )
+    for r in reports:
+        if r.commandline:  # exactly what was shown: --host always (the file may lie outside any checkout)
+            directml = " --directml" if r.directml else ""
+            _out(
+                f"Write it with: python -m lib_optim profile apply {first.profile} "
+                f"--file {_webui_user_path(choice.root)} --host {r.host.value}{directml}"
+            )
     if first.hint:
         _out("")
         _out(first.hint)
