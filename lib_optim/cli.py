@@ -179,7 +179,7 @@ def _add_rules(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     bench = sub.add_parser("bench", help="time the attention backends side by side and check the planner")
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--json", action="store_true", help="print the results (or, with --list-backends, the list) as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib)")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     bench.add_argument(

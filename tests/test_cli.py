@@ -686,3 +686,77 @@ def test_rules_env(ext: Path) -> None:
     assert as_json.rc == 0, as_json
     keys = [row["key"] for row in as_json.json() if row["rule"]]
     assert keys == [n.key for n in ENV_NOTES]
+
+
+# --- issue 15 §4-5: doctor from the extension's folder; the command line itself -------------------------------
+
+
+@pytest.mark.parametrize("where", ["root", "extension"])
+def test_doctor_finds_the_webui_and_its_file_walking_up(tmp_path: Path, where: str) -> None:
+    # From <webui>/extensions/sd-webui-optim (where a user lands after installing us) as from the WebUI's own
+    # folder: the checkout above is found, and its webui-user file (what its launcher runs) is read.
+    root = _fake_webui(tmp_path / "webui", "a1111")
+    extension = _install(root / "extensions" / "sd-webui-optim")
+    script = "webui-user.bat" if sys.platform == "win32" else "webui-user.sh"
+    line = 'set COMMANDLINE_ARGS=--attention-pytorch\n' if script.endswith(".bat") else 'export COMMANDLINE_ARGS="--attention-pytorch"\n'
+    (root / script).write_text(line, encoding="utf-8")
+    env = _base_env(PYTHONPATH=str(extension))
+    result = run_cli("doctor", "--json", cwd=root if where == "root" else extension, env=env)
+    data = result.json()
+    assert data["host"] == "a1111", result
+    assert "--attention-pytorch" in {f["subject"] for f in data["findings"]}, result  # a Forge flag on A1111
+    assert str(root / script) in result.err  # it says which file it read
+    text = run_cli("doctor", cwd=extension, env=env)
+    assert f"--file {root / script} --host a1111" in text.out or "nothing to put in webui-user" in text.out, text
+
+
+def test_no_arguments_lists_the_commands(ext: Path) -> None:
+    # What a user typing `python -m lib_optim` wants is the list of commands, as pip answers: on stdout, exit 0
+    # (not argparse's "the following arguments are required" and exit 2).
+    result = run_cli(cwd=ext)
+    assert result.rc == 0, result
+    from lib_optim.cli import _commands, build_parser
+
+    words = result.out.split()
+    for name in _commands(build_parser()):
+        assert name in words, name
+    for first_words in ("check launch flags", "probe this machine", "launch profiles for", "list the checker's"):
+        assert first_words in " ".join(words), first_words
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [(("doctr",), "'doctor'"), (("profil", "list"), "'profile'"), (("profile", "aply", "12gb"), "'apply'")],
+)
+def test_a_mistyped_command_gets_a_suggestion(ext: Path, argv: tuple[str, ...], suggestion: str) -> None:
+    result = run_cli(*argv, cwd=ext)
+    assert result.rc == EX_USAGE, result
+    assert f"(did you mean {suggestion}?)" in result.err
+
+
+def test_nothing_close_gets_no_suggestion(ext: Path) -> None:
+    result = run_cli("xyzzy", cwd=ext)
+    assert result.rc == EX_USAGE, result
+    assert "did you mean" not in result.err and "invalid choice: 'xyzzy'" in result.err
+
+
+def _all_parsers(parser: Any) -> Any:
+    from lib_optim.cli import _commands
+
+    for name, sub in _commands(parser).items():
+        yield name, sub
+        yield from _all_parsers(sub)
+
+
+def test_every_json_option_is_in_its_help() -> None:
+    from lib_optim.cli import build_parser
+
+    with_json = []
+    for name, sub in _all_parsers(build_parser()):
+        option = next((a for a in sub._actions if "--json" in a.option_strings), None)
+        if option is None:
+            continue
+        with_json.append(name)
+        assert option.help, f"{name}: --json has no help text"
+        assert "--json" in sub.format_help() and option.help.split()[0] in sub.format_help(), name
+    assert {"check", "doctor", "list", "show", "rules", "bench"} <= set(with_json)
