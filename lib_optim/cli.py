@@ -36,6 +36,7 @@ from lib_optim.host_specs import (
     extension_dir,
     host_names,
     profiled_hosts,
+    webui_user_file,
 )
 from lib_optim.launch import (
     LAUNCHER_FILE_RULE,
@@ -47,6 +48,7 @@ from lib_optim.launch import (
     env_notes_json,
     env_notes_markdown,
     exit_code,
+    format_findings,
     rules_markdown,
     run_checks,
 )
@@ -179,7 +181,9 @@ def _add_rules(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     bench = sub.add_parser("bench", help="time the attention backends side by side and check the planner")
-    bench.add_argument("--json", action="store_true", help="print the results (or, with --list-backends, the list) as JSON")
+    bench.add_argument(
+        "--json", action="store_true", help="print the results (or, with --list-backends, the list) as JSON"
+    )
     bench.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib)")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     bench.add_argument(
@@ -233,17 +237,6 @@ def not_found_note(choice: HostChoice) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ findings
-
-
-def format_findings(findings: Sequence[Finding], host: HostKind) -> str:
-    if not findings:
-        return f"No problems found for {host.display_name}."
-    lines = [f"{len(findings)} finding(s) for {host.display_name}:"]
-    for f in findings:
-        lines.append(f"  [{f.severity.value}] {f.subject}  ({f.rule})")
-        lines.append(f"      {f.message}")
-        lines.append(f"      fix: {f.fix}")
-    return "\n".join(lines)
 
 
 @dataclasses.dataclass
@@ -376,25 +369,14 @@ def _webui_user_path(root: Path | None) -> str:
     return str(root / name) if root is not None else "<webui-user file>"
 
 
-def _found_webui_user(root: Path | None) -> Path | None:
-    """The WebUI's own webui-user file (the one its launcher runs on this system), when doctor found the WebUI
-    (at or above the current folder, e.g. from extensions/sd-webui-optim) and no --file was given."""
-    if root is None:
-        return None
-    path = root / f"webui-user.{_script_kind()}"
-    if path.is_file():
-        _err(f"[Optim] doctor: reading {path} (pass --file for another one)")
-        return path
-    return None
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
     from lib_optim.gpu import probe_system
     from lib_optim.launch import nvidia_on_pci_bus, run_doctor
 
     choice = resolve_host(args.host, args.file.parent if args.file else None)
-    if args.file is None:
-        args.file = _found_webui_user(choice.root)
+    if args.file is None and (found := webui_user_file(choice.root, windows=sys.platform == "win32")):
+        _err(f"[Optim] doctor: reading {found} (pass --file for another one)")  # the WebUI found walking up
+        args.file = found
     launch = _launch_input(args)
     env = dict(launch.env)
     env.pop("COMMANDLINE_ARGS", None)
@@ -565,42 +547,21 @@ def _check_profile_args(args: argparse.Namespace) -> None:
 def _profile_show(
     args: argparse.Namespace, profile: Any, choice: HostChoice, resolved: list[tuple[HostKind, Any]]
 ) -> int:
-    from lib_optim.launch import launch_line, nothing_to_write
+    from lib_optim.launch import profile_dict, profile_text
 
     if args.json:
         if choice.kind is not None:
-            _out(json.dumps(_profile_dict(profile.name, *resolved[0]), indent=2))
+            _out(json.dumps(profile_dict(profile.name, *resolved[0]), indent=2))
         else:
-            by_host = {host.value: _profile_dict(profile.name, host, hp) for host, hp in resolved}
+            by_host = {host.value: profile_dict(profile.name, host, hp) for host, hp in resolved}
             data = {"name": profile.name, "host": None, "note": not_found_note(choice), "by_host": by_host}
             _out(json.dumps(data, indent=2))
         return 0
     if choice.kind is None:
         _out(not_found_note(choice))
         _out("")
-    blocks = []
-    for host, hp in resolved:
-        lines = [f"{profile.title} ({profile.name}) on {host.display_name}: {profile.description}"]
-        pasted = launch_line(hp, _script_kind())
-        lines.append(pasted or nothing_to_write(profile, host, hp))
-        defaults = hp.generation.non_default()
-        lines.append("Per-generation defaults: " + (json.dumps(defaults) if defaults else "none"))
-        if hp.note:
-            lines.append(hp.note)
-        blocks.append("\n".join(lines))
-    _out("\n\n".join(blocks))
+    _out("\n\n".join(profile_text(profile, host, hp, _script_kind()) for host, hp in resolved))
     return 0
-
-
-def _profile_dict(name: str, host: HostKind, hp: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "host": host.value,
-        "flags": list(hp.flags),
-        "env": dict(hp.env),
-        "generation": hp.generation.to_dict(),
-        "note": hp.note,
-    }
 
 
 def _report_edit(edit: Any, dry_run: bool, what: str) -> None:
@@ -781,27 +742,19 @@ def _unrecognized(args: argparse.Namespace, extra: list[str]) -> str:
 
 def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     """The subcommands of ``parser`` by name (empty when it has none)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
+    found = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(found[0]) if found else {}
 
 
 def _did_you_mean(failed: argparse.ArgumentParser, argv: Sequence[str]) -> str:
     """`` (did you mean 'doctor'?)`` for a mistyped command or profile action; "" when nothing is close."""
-    own = list(argv[: argv.index("--")]) if "--" in argv else list(argv)
-    words = [a for a in own if not a.startswith("-")]
     parser: argparse.ArgumentParser = build_parser()
-    for word in words:
+    for word in (a for a in (argv[: argv.index("--")] if "--" in argv else argv) if not a.startswith("-")):
         commands = _commands(parser)
-        if not commands:
-            return ""
         if word in commands:
             parser = commands[word]
             continue
-        if parser.prog != failed.prog:
-            return ""
-        close = difflib.get_close_matches(word, list(commands), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(word, list(commands), n=1) if parser.prog == failed.prog else []
         return f" (did you mean {close[0]!r}?)" if close else ""
     return ""
 

@@ -362,13 +362,12 @@ def test_json_errors_are_json_and_exit_64(ext: Path, argv: tuple[str, ...]) -> N
 @pytest.mark.parametrize(
     "argv",
     [
-        (),
         ("frobnicate",),
         ("check", "--no-such-option"),
         ("profile",),
         ("profile", "apply", "8gb-low"),  # --file is required
     ],
-    ids=["no-command", "bad-command", "bad-option", "no-action", "missing-file"],
+    ids=["bad-command", "bad-option", "no-action", "missing-file"],  # no command at all: the list, exit 0 (below)
 )
 def test_argparse_errors_exit_64(ext: Path, argv: tuple[str, ...]) -> None:
     result = run_cli(*argv, cwd=ext)
@@ -698,7 +697,11 @@ def test_doctor_finds_the_webui_and_its_file_walking_up(tmp_path: Path, where: s
     root = _fake_webui(tmp_path / "webui", "a1111")
     extension = _install(root / "extensions" / "sd-webui-optim")
     script = "webui-user.bat" if sys.platform == "win32" else "webui-user.sh"
-    line = 'set COMMANDLINE_ARGS=--attention-pytorch\n' if script.endswith(".bat") else 'export COMMANDLINE_ARGS="--attention-pytorch"\n'
+    line = (
+        "set COMMANDLINE_ARGS=--attention-pytorch\n"
+        if script.endswith(".bat")
+        else 'export COMMANDLINE_ARGS="--attention-pytorch"\n'
+    )
     (root / script).write_text(line, encoding="utf-8")
     env = _base_env(PYTHONPATH=str(extension))
     result = run_cli("doctor", "--json", cwd=root if where == "root" else extension, env=env)

@@ -170,7 +170,7 @@ def test_every_command_doctor_prints_runs(
     webui_user = tmp_path / "webui-user.sh"
     webui_user.write_text("#!/bin/bash\n", encoding="utf-8")
     cli.main(["doctor", "--host", host])
-    out, err = capsys.readouterr()
+    out = capsys.readouterr().out
     commands = _printed_commands(out, webui_user)
     # (none where the profile only sets per-generation defaults on this host)
     for argv in commands:

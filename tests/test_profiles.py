@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from lib_optim.attention.registry import Attention
-from lib_optim.settings import Tri
 from lib_optim.host_specs.kinds import HostKind, profiled_hosts
 from lib_optim.launch.checker import CheckInput, RuntimeFacts, Severity, parse_alloc_conf, run_checks
 from lib_optim.launch.cmdline import parse_args
@@ -23,6 +22,7 @@ from lib_optim.launch.profiles import (
     remove_profile,
     resolve,
 )
+from lib_optim.settings import Tri
 from lib_optim.webui_user import BACKUP_INFIX, find_block, parse_launch_config, read_launch_config
 
 A1111 = HostKind.A1111
@@ -596,7 +596,9 @@ def test_lines_removed_from_the_block_are_noticed(tmp_path: Path) -> None:
 def _facts_for(profile: Profile, directml: bool) -> RuntimeFacts:
     """A machine the profile is for: its card size with a CUDA torch, a CPU torch for ``cpu``, DirectML."""
     if directml:
-        return RuntimeFacts(torch_version="2.4.1+cpu", torch_has_cuda=False, cuda_available=False, directml_installed=True)
+        return RuntimeFacts(
+            torch_version="2.4.1+cpu", torch_has_cuda=False, cuda_available=False, directml_installed=True
+        )
     if profile.vram_gb is None:
         return RuntimeFacts(torch_version="2.3.1+cpu", torch_has_cuda=False, cuda_available=False, gpu_total_mb=None)
     return RuntimeFacts(
