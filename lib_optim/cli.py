@@ -38,6 +38,7 @@ from lib_optim.host_specs import (
     extension_dir,
     host_names,
     profiled_hosts,
+    webui_user_file,
 )
 from lib_optim.launch import (
     RULES,
@@ -48,6 +49,7 @@ from lib_optim.launch import (
     env_notes_json,
     env_notes_markdown,
     exit_code,
+    format_findings,
     hosts_defining,
     read_launch_input,
     rules_markdown,
@@ -148,19 +150,19 @@ def _add_doctor(sub: Any) -> None:
     doctor = sub.add_parser("doctor", help="probe this machine, check its launch config, recommend a profile")
     _add_host(doctor)
     doctor.add_argument("--file", type=Path, help="the webui-user file the WebUI is started with")
-    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_profile(sub: Any) -> None:
     profile = sub.add_parser("profile", help="launch profiles for 8/12/16/24 GB cards")
     psub = profile.add_subparsers(dest="action", required=True, parser_class=_Parser)
     plist = psub.add_parser("list", help="list the profiles")
-    plist.add_argument("--json", action="store_true")
+    plist.add_argument("--json", action="store_true", help="print the list as JSON")
     show = psub.add_parser("show", help="show what a profile sets on a host")
     show.add_argument("name")
     _add_host(show)
     show.add_argument("--directml", action="store_true", help="AMD/Intel card through DirectML")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print the profile as JSON")
     apply = psub.add_parser("apply", help="write a profile's block into webui-user.sh/.bat (backup first)")
     apply.add_argument("name")
     apply.add_argument("--file", type=Path, required=True)
@@ -177,13 +179,15 @@ def _add_profile(sub: Any) -> None:
 
 def _add_rules(sub: Any) -> None:
     rules = sub.add_parser("rules", help="list the checker's rules")
-    rules.add_argument("--json", action="store_true")
+    rules.add_argument("--json", action="store_true", help="print the rules (or, with --env, the variables) as JSON")
     rules.add_argument("--env", action="store_true", help="the environment variables the checker knows instead")
 
 
 def _add_bench(sub: Any) -> None:
     bench = sub.add_parser("bench", help="time the attention backends side by side and check the planner")
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument(
+        "--json", action="store_true", help="print the results (or, with --list-backends, the list) as JSON"
+    )
     bench.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib)")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     bench.add_argument(
@@ -237,17 +241,6 @@ def not_found_note(choice: HostChoice, why: str = "") -> str:
 
 
 # ------------------------------------------------------------------------------------------------ findings
-
-
-def format_findings(findings: Sequence[Finding], host: HostKind) -> str:
-    if not findings:
-        return f"No problems found for {host.display_name}."
-    lines = [f"{len(findings)} finding(s) for {host.display_name}:"]
-    for f in findings:
-        lines.append(f"  [{f.severity.value}] {f.subject}  ({f.rule})")
-        lines.append(f"      {f.message}")
-        lines.append(f"      fix: {f.fix}")
-    return "\n".join(lines)
 
 
 def _check_file_arg(path: Path, *, create: bool = False) -> None:
@@ -365,6 +358,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from lib_optim.launch import nvidia_on_pci_bus, run_doctor
 
     choice = resolve_host(args.host, args.file.parent if args.file else None)
+    if args.file is None and (found := webui_user_file(choice.root, windows=sys.platform == "win32")):
+        _err(f"[Optim] doctor: reading {found} (pass --file for another one)")  # the WebUI found walking up
+        args.file = found
     launch = _launch_input(args)
     hosts, note = _hosts(choice, launch)
     env = dict(launch.env)
@@ -424,12 +420,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 f"(nothing to put in webui-user on {r.host.display_name}: this profile only sets per-generation "
                 "defaults there)"
             )
-    if any(r.commandline for r in reports):
-        host_opt = "" if choice.kind is not None else " --host " + "|".join(h.value for h in profiled_hosts())
-        _out(
-            f"Write it with: python -m lib_optim profile apply {first.profile} --file {_webui_user_path(choice.root)}"
-            + host_opt
-        )
+    for r in reports:
+        if r.commandline:  # exactly what was shown: --host always (the file may lie outside any checkout)
+            directml = " --directml" if r.directml else ""
+            _out(
+                f"Write it with: python -m lib_optim profile apply {first.profile} "
+                f"--file {_webui_user_path(choice.root)} --host {r.host.value}{directml}"
+            )
     if first.hint:
         _out("")
         _out(first.hint)
@@ -535,42 +532,21 @@ def _check_profile_args(args: argparse.Namespace) -> None:
 def _profile_show(
     args: argparse.Namespace, profile: Any, choice: HostChoice, resolved: list[tuple[HostKind, Any]]
 ) -> int:
-    from lib_optim.launch import launch_line, nothing_to_write
+    from lib_optim.launch import profile_dict, profile_text
 
     if args.json:
         if choice.kind is not None:
-            _out(json.dumps(_profile_dict(profile.name, *resolved[0]), indent=2))
+            _out(json.dumps(profile_dict(profile.name, *resolved[0]), indent=2))
         else:
-            by_host = {host.value: _profile_dict(profile.name, host, hp) for host, hp in resolved}
+            by_host = {host.value: profile_dict(profile.name, host, hp) for host, hp in resolved}
             data = {"name": profile.name, "host": None, "note": not_found_note(choice), "by_host": by_host}
             _out(json.dumps(data, indent=2))
         return 0
     if choice.kind is None:
         _out(not_found_note(choice))
         _out("")
-    blocks = []
-    for host, hp in resolved:
-        lines = [f"{profile.title} ({profile.name}) on {host.display_name}: {profile.description}"]
-        pasted = launch_line(hp, _script_kind())
-        lines.append(pasted or nothing_to_write(profile, host, hp))
-        defaults = hp.generation.non_default()
-        lines.append("Per-generation defaults: " + (json.dumps(defaults) if defaults else "none"))
-        if hp.note:
-            lines.append(hp.note)
-        blocks.append("\n".join(lines))
-    _out("\n\n".join(blocks))
+    _out("\n\n".join(profile_text(profile, host, hp, _script_kind()) for host, hp in resolved))
     return 0
-
-
-def _profile_dict(name: str, host: HostKind, hp: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "host": host.value,
-        "flags": list(hp.flags),
-        "env": dict(hp.env),
-        "generation": hp.generation.to_dict(),
-        "note": hp.note,
-    }
 
 
 def _report_edit(edit: Any, dry_run: bool, what: str) -> None:
@@ -749,6 +725,25 @@ def _unrecognized(args: argparse.Namespace, extra: list[str]) -> str:
     return message
 
 
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands of ``parser`` by name (empty when it has none)."""
+    found = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(found[0]) if found else {}
+
+
+def _did_you_mean(failed: argparse.ArgumentParser, argv: Sequence[str]) -> str:
+    """`` (did you mean 'doctor'?)`` for a mistyped command or profile action; "" when nothing is close."""
+    parser: argparse.ArgumentParser = build_parser()
+    for word in (a for a in (argv[: argv.index("--")] if "--" in argv else argv) if not a.startswith("-")):
+        commands = _commands(parser)
+        if word in commands:
+            parser = commands[word]
+            continue
+        close = difflib.get_close_matches(word, list(commands), n=1) if parser.prog == failed.prog else []
+        return f" (did you mean {close[0]!r}?)" if close else ""
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = _wants_json(argv)
@@ -764,6 +759,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lib_optim.launch import ProfileError
     from lib_optim.webui_user import BrokenLauncherFile, WriteRefused
 
+    if not argv:  # what can this do? The commands, as pip and git answer: on stdout, and no error
+        parser.print_help(sys.stdout)
+        return 0
     try:
         args, extra = parser.parse_known_args(argv)
         command = args.command
@@ -773,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handlers[command](args)
     except _ArgumentError as exc:
         exc.parser.print_usage(sys.stderr)
-        return _fail(f"{exc.parser.prog}: error: {exc.message}", EX_USAGE, as_json)
+        message = exc.message + _did_you_mean(exc.parser, argv)
+        return _fail(f"{exc.parser.prog}: error: {message}", EX_USAGE, as_json)
     except UsageError as exc:
         return _fail(f"python -m lib_optim {command}: error: {exc}", EX_USAGE, as_json)
     except BrokenLauncherFile as exc:  # bash or cmd cannot read it: for check and doctor, an error in the setup

@@ -318,7 +318,7 @@ def test_auto_host_outside_a_webui_covers_both_hosts(ext: Path) -> None:
     assert note.startswith("No WebUI checkout found around ")
     assert note.count(str(ext.resolve())) == 1  # the folder is named once (it was printed twice)
     assert "showing AUTOMATIC1111 WebUI v1.10 and WebUI Forge f2" in note
-    assert "Pass --host a1111, --host forge or --host forge-previous for yours only." in note
+    assert "Pass --host a1111, --host forge, --host forge-previous or --host reforge for yours only." in note
     assert "for AUTOMATIC1111 WebUI v1.10" in result.out
     assert "1 finding(s) for WebUI Forge f2:" in result.out
     assert "[warning] --medvram  (ignored-by-host)" in result.out
@@ -362,13 +362,12 @@ def test_json_errors_are_json_and_exit_64(ext: Path, argv: tuple[str, ...]) -> N
 @pytest.mark.parametrize(
     "argv",
     [
-        (),
         ("frobnicate",),
         ("check", "--no-such-option"),
         ("profile",),
         ("profile", "apply", "8gb-low"),  # --file is required
     ],
-    ids=["no-command", "bad-command", "bad-option", "no-action", "missing-file"],
+    ids=["bad-command", "bad-option", "no-action", "missing-file"],  # no command at all: the list, exit 0 (below)
 )
 def test_argparse_errors_exit_64(ext: Path, argv: tuple[str, ...]) -> None:
     result = run_cli(*argv, cwd=ext)
@@ -553,11 +552,11 @@ def test_profile_show_bad_name(ext: Path) -> None:
         assert name in result.err
 
 
-def test_profile_show_reforge_has_no_profiles(ext: Path) -> None:
-    result = run_cli("profile", "show", "12gb", "--host", "reforge", cwd=ext)
-    assert result.rc == EX_USAGE, result
-    assert "'reforge'" in result.err
-    assert "a1111, forge, forge-previous" in result.err
+def test_profile_show_reforge(ext: Path) -> None:
+    result = run_cli("profile", "show", "8gb-low", "--host", "reforge", cwd=ext)
+    assert result.rc == 0, result
+    assert "8 GB — Low (8gb-low) on reForge" in result.out
+    assert "--attention-quad --disable-xformers" in result.out
 
 
 # --- profile apply / remove ------------------------------------------------------------------------------
@@ -686,3 +685,81 @@ def test_rules_env(ext: Path) -> None:
     assert as_json.rc == 0, as_json
     keys = [row["key"] for row in as_json.json() if row["rule"]]
     assert keys == [n.key for n in ENV_NOTES]
+
+
+# --- issue 15 §4-5: doctor from the extension's folder; the command line itself -------------------------------
+
+
+@pytest.mark.parametrize("where", ["root", "extension"])
+def test_doctor_finds_the_webui_and_its_file_walking_up(tmp_path: Path, where: str) -> None:
+    # From <webui>/extensions/sd-webui-optim (where a user lands after installing us) as from the WebUI's own
+    # folder: the checkout above is found, and its webui-user file (what its launcher runs) is read.
+    root = _fake_webui(tmp_path / "webui", "a1111")
+    extension = _install(root / "extensions" / "sd-webui-optim")
+    script = "webui-user.bat" if sys.platform == "win32" else "webui-user.sh"
+    line = (
+        "set COMMANDLINE_ARGS=--attention-pytorch\n"
+        if script.endswith(".bat")
+        else 'export COMMANDLINE_ARGS="--attention-pytorch"\n'
+    )
+    (root / script).write_text(line, encoding="utf-8")
+    env = _base_env(PYTHONPATH=str(extension))
+    result = run_cli("doctor", "--json", cwd=root if where == "root" else extension, env=env)
+    data = result.json()
+    assert data["host"] == "a1111", result
+    assert "--attention-pytorch" in {f["subject"] for f in data["findings"]}, result  # a Forge flag on A1111
+    assert str(root / script) in result.err  # it says which file it read
+    text = run_cli("doctor", cwd=extension, env=env)
+    assert f"--file {root / script} --host a1111" in text.out or "nothing to put in webui-user" in text.out, text
+
+
+def test_no_arguments_lists_the_commands(ext: Path) -> None:
+    # What a user typing `python -m lib_optim` wants is the list of commands, as pip answers: on stdout, exit 0
+    # (not argparse's "the following arguments are required" and exit 2).
+    result = run_cli(cwd=ext)
+    assert result.rc == 0, result
+    from lib_optim.cli import _commands, build_parser
+
+    words = result.out.split()
+    for name in _commands(build_parser()):
+        assert name in words, name
+    for first_words in ("check launch flags", "probe this machine", "launch profiles for", "list the checker's"):
+        assert first_words in " ".join(words), first_words
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [(("doctr",), "'doctor'"), (("profil", "list"), "'profile'"), (("profile", "aply", "12gb"), "'apply'")],
+)
+def test_a_mistyped_command_gets_a_suggestion(ext: Path, argv: tuple[str, ...], suggestion: str) -> None:
+    result = run_cli(*argv, cwd=ext)
+    assert result.rc == EX_USAGE, result
+    assert f"(did you mean {suggestion}?)" in result.err
+
+
+def test_nothing_close_gets_no_suggestion(ext: Path) -> None:
+    result = run_cli("xyzzy", cwd=ext)
+    assert result.rc == EX_USAGE, result
+    assert "did you mean" not in result.err and "invalid choice: 'xyzzy'" in result.err
+
+
+def _all_parsers(parser: Any) -> Any:
+    from lib_optim.cli import _commands
+
+    for name, sub in _commands(parser).items():
+        yield name, sub
+        yield from _all_parsers(sub)
+
+
+def test_every_json_option_is_in_its_help() -> None:
+    from lib_optim.cli import build_parser
+
+    with_json = []
+    for name, sub in _all_parsers(build_parser()):
+        option = next((a for a in sub._actions if "--json" in a.option_strings), None)
+        if option is None:
+            continue
+        with_json.append(name)
+        assert option.help, f"{name}: --json has no help text"
+        assert "--json" in sub.format_help() and option.help.split()[0] in sub.format_help(), name
+    assert {"check", "doctor", "list", "show", "rules", "bench"} <= set(with_json)

@@ -6,8 +6,10 @@ Same setting as test_cli.py: a copy of the package alone, outside any WebUI unle
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -356,9 +358,9 @@ def test_profile_apply_outside_a_webui_asks_for_the_host(ext: Path, work: Path) 
     result = run_cli("profile", "apply", "8gb-low", "--file", path, cwd=ext)
     assert result.rc == EX_USAGE, result
     assert f"--host: no WebUI checkout around {work.resolve()}" in result.err
-    assert "pass --host a1111, --host forge or --host forge-previous" in result.err
+    assert "pass --host a1111, --host forge, --host forge-previous or --host reforge" in result.err
     assert path.read_bytes() == SH
-    # Inside a WebUI the file's folder says which host it is (test_cli covers that); reForge has no profiles.
+    # Inside a WebUI the file's folder says which host it is (test_cli covers that).
     root = _fake_webui(work / "webui", "a1111")
     inside = root / "webui-user.sh"
     inside.write_bytes(SH)
@@ -392,3 +394,119 @@ def test_bench_usage_errors(ext: Path, argv: tuple[str, ...], message: str) -> N
     assert proc.returncode == EX_USAGE, proc
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- issue 15 §4: --force on read-only, hard-linked files, or files this user may not fully write --------------
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes and hard links")
+def test_force_on_a_read_only_hard_linked_file_keeps_mode_and_links(ext: Path, work: Path) -> None:
+    # --force writes a read-only file and it stays read-only; with another name on the same inode the file is
+    # written in place (a renamed-in copy would leave the other name with the old text).
+    path = work / "webui-user.sh"
+    path.write_bytes(SH)
+    other = work / "launcher-copy.sh"
+    os.link(path, other)
+    path.chmod(0o444)
+    before = path.stat()
+    result = run_cli("profile", "apply", "8gb-low", "--host", "forge", "--file", path, "--force", cwd=ext)
+    assert result.rc == 0, result
+    after = path.stat()
+    assert (after.st_ino, after.st_nlink, after.st_mode & 0o777) == (before.st_ino, 2, 0o444)
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+    assert other.read_bytes() == path.read_bytes() != SH
+    assert [b.read_bytes() for b in _backups(path)] == [SH]
+
+
+def test_a_failed_write_leaves_nothing_behind(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The write itself fails (e.g. a read-only file of another user, EACCES): the file is as it was, so its
+    # backup goes too, and the error says so — a refusal (exit 1), not a usage error with a stray backup.
+    from lib_optim.webui_user import WriteRefused, apply_block, block
+
+    path = work / "webui-user.sh"
+    path.write_bytes(SH)
+
+    def refuse(target: Path, data: bytes) -> None:
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(block, "_write_file", refuse)
+    text = block.render_block("sh", "8gb-low", ["--attention-quad"], {})
+    with pytest.raises(WriteRefused) as exc:
+        apply_block(path, text, force=True)
+    assert "nothing written, the file is as it was" in str(exc.value)
+    assert str(path) in str(exc.value)
+    assert path.read_bytes() == SH
+    assert _backups(path) == []
+
+
+def test_a_half_written_file_keeps_its_backup(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lib_optim.webui_user import WebuiUserError, apply_block, block
+
+    path = work / "webui-user.sh"
+    path.write_bytes(SH)
+
+    def half(target: Path, data: bytes) -> None:
+        target.write_bytes(data[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(block, "_write_file", half)
+    with pytest.raises(WebuiUserError) as exc:
+        apply_block(path, block.render_block("sh", "8gb-low", ["--attention-quad"], {}))
+    (backup,) = _backups(path)
+    assert backup.read_bytes() == SH
+    assert f"restore it from {backup}" in str(exc.value)
+
+
+def _as_nobody() -> list[str] | None:
+    """A command prefix that runs as an unprivileged user, where this root test machine has setpriv."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return None
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "pass"], capture_output=True, check=False)
+    return prefix if probe.returncode == 0 else None
+
+
+@pytest.mark.skipif(_as_nobody() is None, reason="needs root, setpriv and a Python an unprivileged user may run")
+@pytest.mark.parametrize("owner", ["self", "root"])
+def test_force_as_an_ordinary_user(owner: str) -> None:
+    # Not root, the mode bites: the owner's read-only hard-linked file is made writable for the write and gets
+    # its mode back; someone else's read-only file is refused with nothing left behind.
+    top = Path(tempfile.mkdtemp(prefix="optim-nobody-"))  # pytest's tmp_path is root's alone (0700 above it)
+    try:
+        _run_as_nobody(top, owner)
+    finally:
+        shutil.rmtree(top)
+
+
+def _run_as_nobody(tmp_path: Path, owner: str) -> None:
+    base = tmp_path / "shared"
+    _install(base)
+    folder = base / "w"
+    folder.mkdir()
+    path = folder / "webui-user.sh"
+    path.write_bytes(SH)
+    os.link(path, folder / "copy.sh")
+    for p in (base, tmp_path):
+        p.chmod(0o755)
+    os.chown(folder, 65534, 65534)
+    if owner == "self":
+        os.chown(path, 65534, 65534)
+    path.chmod(0o444)
+    argv = [sys.executable, "-m", "lib_optim", "profile", "apply", "8gb-low", "--host", "forge"]
+    proc = subprocess.run(
+        [*(_as_nobody() or []), *argv, "--file", str(path), "--force"],
+        cwd=base,
+        env=_base_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert path.stat().st_mode & 0o777 == 0o444
+    if owner == "self":
+        assert proc.returncode == 0, proc
+        assert (folder / "copy.sh").read_bytes() == path.read_bytes() != SH
+        assert len(_backups(path)) == 1
+    else:
+        assert proc.returncode == 1, proc
+        assert "nothing written, the file is as it was" in proc.stderr
+        assert path.read_bytes() == SH and _backups(path) == []

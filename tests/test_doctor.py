@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -113,3 +116,67 @@ def test_which_python_to_run(tmp_path: Path) -> None:
     assert exact_figures_hint(facts(torch=CPU_TORCH), True, root, extension) is not None
     assert exact_figures_hint(facts(torch=CPU_TORCH), False, root, extension) is None
     assert exact_figures_hint(facts(torch=CUDA_TORCH), True, root, extension) is None
+
+
+# --- issue 15 §4: every command doctor prints runs ----------------------------------------------------------
+
+_PLACEHOLDER = "<webui-user file>"
+_COMMAND = re.compile(r"python -m lib_optim ([^()\n]*)")
+_MACHINES = {
+    "no-gpu": facts(torch=CPU_TORCH),
+    "directml": dataclasses.replace(facts(torch=CPU_TORCH), directml=True),
+    **{
+        f"{gb}gb": facts(
+            torch=CUDA_TORCH,
+            gpus=(GpuInfo(0, f"GPU {gb} GB", "nvidia", gb * 1024, None, (8, 6), "nvidia-smi"),),
+            driver="550.54",
+        )
+        for gb in (6, 8, 12, 16, 24)
+    },
+}
+
+
+def _printed_commands(text: str, webui_user: Path) -> list[list[str]]:
+    """Every ``python -m lib_optim …`` in doctor's output as argv, with the placeholder file replaced by
+    ``webui_user``, one argv per alternative of ``--host a|b``, and --dry-run added where the command writes."""
+    commands: list[list[str]] = []
+    for match in _COMMAND.finditer(text):
+        argv = shlex.split(match.group(1).rstrip(" .,;:").replace(_PLACEHOLDER, shlex.quote(str(webui_user))))
+        variants = [argv]
+        if "--host" in argv:
+            i = argv.index("--host") + 1
+            variants = [[*argv[:i], host, *argv[i + 1 :]] for host in argv[i].split("|")]
+        for v in variants:
+            writes = v[:2] in (["profile", "apply"], ["profile", "remove"])
+            commands.append([*v, "--dry-run"] if writes and "--dry-run" not in v else v)
+    return commands
+
+
+@pytest.mark.parametrize("machine", list(_MACHINES))
+@pytest.mark.parametrize("host", [*(h.value for h in HostKind), "auto"])
+def test_every_command_doctor_prints_runs(
+    host: str, machine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # doctor on reForge used to recommend `profile apply …`, which then refused reForge (exit 64).
+    import lib_optim.gpu
+    import lib_optim.launch
+    from lib_optim import cli
+
+    monkeypatch.setattr(lib_optim.gpu, "probe_system", lambda *a, **k: _MACHINES[machine])
+    monkeypatch.setattr(lib_optim.launch, "nvidia_on_pci_bus", lambda *a, **k: machine.endswith("gb"))
+    for name in ("COMMANDLINE_ARGS", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no WebUI checkout around: auto covers the fallback hosts
+    webui_user = tmp_path / "webui-user.sh"
+    webui_user.write_text("#!/bin/bash\n", encoding="utf-8")
+    cli.main(["doctor", "--host", host])
+    out = capsys.readouterr().out
+    commands = _printed_commands(out, webui_user)
+    # (none where the profile only sets per-generation defaults on this host)
+    for argv in commands:
+        rc = cli.main(argv)
+        done = capsys.readouterr()
+        assert rc == 0, (argv, done.out, done.err)
+    assert webui_user.read_text(encoding="utf-8") == "#!/bin/bash\n"  # every write was a dry run
+    if machine == "directml" and host not in ("a1111", "auto"):  # it writes the DirectML lines it showed
+        assert any(argv[:2] == ["profile", "apply"] and "--directml" in argv for argv in commands), out

@@ -61,7 +61,7 @@ def test_the_builtin_hosts_work_like_the_enum_they_were() -> None:
     assert HostKind.REFORGE.is_forge_family and not HostKind.A1111.is_forge_family
     assert HostKind.FORGE_PREVIOUS.display_name == "WebUI Forge (previous)"
     assert checked_hosts() == tuple(HostKind)
-    assert profiled_hosts() == (HostKind.A1111, HostKind.FORGE, HostKind.FORGE_PREVIOUS)
+    assert profiled_hosts() == tuple(HostKind)  # reForge too (issue 15 §4)
     assert parse_host(" Forge-F2 ") is HostKind.FORGE  # an alias, any case
 
 

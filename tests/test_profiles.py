@@ -8,7 +8,7 @@ import pytest
 
 from lib_optim.attention.registry import Attention
 from lib_optim.host_specs.kinds import HostKind, profiled_hosts
-from lib_optim.launch.checker import CheckInput, Severity, parse_alloc_conf, run_checks
+from lib_optim.launch.checker import CheckInput, RuntimeFacts, Severity, parse_alloc_conf, run_checks
 from lib_optim.launch.cmdline import parse_args
 from lib_optim.launch.profiles import (
     PROFILES,
@@ -22,6 +22,7 @@ from lib_optim.launch.profiles import (
     remove_profile,
     resolve,
 )
+from lib_optim.settings import Tri
 from lib_optim.webui_user import BACKUP_INFIX, find_block, parse_launch_config, read_launch_config
 
 A1111 = HostKind.A1111
@@ -478,12 +479,13 @@ def test_bad_profile_name() -> None:
 
 
 def test_bad_host() -> None:
+    partial = Profile("a1111-only", "Only A1111", 8, "test", {A1111: PROFILES["12gb"].hosts[A1111]})
     with pytest.raises(ProfileError) as exc:
-        resolve(PROFILES["8gb-low"], HostKind.REFORGE)
+        resolve(partial, HostKind.REFORGE)
     message = str(exc.value)
     assert "host" in message
     assert "'reforge'" in message
-    assert "allowed: a1111, forge, forge-previous" in message
+    assert "allowed: a1111, forge, forge-previous, reforge" in message
 
 
 def test_profile_without_a_host_entry() -> None:
@@ -589,3 +591,62 @@ def test_lines_removed_from_the_block_are_noticed(tmp_path: Path) -> None:
     path.write_text("\n".join(line for line in text.splitlines() if "ALLOC_CONF" not in line) + "\n")
     (note,) = apply_profile(path, PROFILES["8gb-low"], FORGE).notes
     assert "was changed by hand (lines removed or reordered)" in note
+
+
+def _facts_for(profile: Profile, directml: bool) -> RuntimeFacts:
+    """A machine the profile is for: its card size with a CUDA torch, a CPU torch for ``cpu``, DirectML."""
+    if directml:
+        return RuntimeFacts(
+            torch_version="2.4.1+cpu", torch_has_cuda=False, cuda_available=False, directml_installed=True
+        )
+    if profile.vram_gb is None:
+        return RuntimeFacts(torch_version="2.3.1+cpu", torch_has_cuda=False, cuda_available=False, gpu_total_mb=None)
+    return RuntimeFacts(
+        torch_version="2.3.1+cu121",
+        torch_has_cuda=True,
+        cuda_available=True,
+        gpu_total_mb=profile.vram_gb * 1024,
+        compute_capability=(8, 6),
+    )
+
+
+def _every_variant() -> list[tuple[str, HostKind, bool]]:
+    cases = []
+    for name, profile in PROFILES.items():
+        for host in profiled_hosts():
+            for directml in (False, True):
+                try:
+                    resolve(profile, host, directml=directml)
+                except ProfileError:  # no DirectML variant of this profile, or none on this host (A1111)
+                    continue
+                cases.append((name, host, directml))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "host", "directml"), _every_variant(), ids=str)
+def test_no_profile_writes_what_the_checker_warns_about(name: str, host: HostKind, directml: bool) -> None:
+    # Issue 15 §4: every flag and variable a profile writes passes the same host's checker, on no machine facts and
+    # on the machine the profile is for.
+    profile = PROFILES[name]
+    hp = resolve(profile, host, directml=directml)
+    for facts in (RuntimeFacts(), _facts_for(profile, directml)):
+        findings = run_checks(CheckInput(host, list(hp.flags), dict(hp.env), facts))
+        loud = [(f.rule, f.subject, f.message) for f in findings if f.severity is not Severity.INFO]
+        assert loud == [], (name, host.value, directml, facts)
+
+
+def test_every_host_has_profiles() -> None:
+    # Issue 15 §4: doctor recommends a profile on every host, so every host has them (reForge its own).
+    assert set(profiled_hosts()) == set(HostKind)
+    hp = resolve(PROFILES["8gb-low"], HostKind.REFORGE)
+    assert hp.flags == ("--attention-quad", "--disable-xformers")  # reForge args_parser.py:125, :130
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_no_a1111_profile_asks_for_what_medvram_ignores(name: str) -> None:
+    # Issue 15 §4 (8gb-xl): --medvram/--medvram-sdxl/--lowvram set sd_model.lowvram and move the VAE to the GPU when
+    # it runs (A1111 v1.10.1 modules/lowvram.py:20-21, :38, :61-74), where apply_vae_on_cpu steps aside with a
+    # warning (lib_optim/hosts/a1111.py): a profile asking for both would warn on every generation.
+    hp = PROFILES[name].hosts[A1111]
+    if {"--medvram", "--medvram-sdxl", "--lowvram"} & set(hp.flags):
+        assert hp.generation.vae_on_cpu is not Tri.ON, name

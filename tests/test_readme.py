@@ -238,3 +238,15 @@ def test_host_help_lists_every_host():
             if ("--host" in line and re.search(r"--host [a-z0-9-]+(\\?\|[a-z0-9-]+)+", line)) or line in lists:
                 missing = [name for name in hosts if name not in line]
                 assert not missing, f"this line lists the hosts without {missing}: {line}"
+
+
+def test_no_page_says_a_host_lacks_profiles_it_has():
+    # Issue 15 §4: reForge got its profiles; the README said "launch profiles on all but reForge".
+    from lib_optim.host_specs import host_spec, profiled_hosts
+
+    for page in (README, *(p.read_text(encoding="utf-8") for p in DOCS.glob("*.md"))):
+        text = " ".join(page.split())
+        for kind in profiled_hosts():
+            name = host_spec(kind).display_name
+            for claim in (f"all but {name}", f"No launch profiles for {name}", f"{name} has no launch profiles"):
+                assert claim not in text, claim

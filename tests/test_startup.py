@@ -230,9 +230,11 @@ def test_ldm_patched_profile_leaves_attention_once_chosen_and_sets_the_reserve(m
     assert runtime.defaults.inference_memory_mb == 1792
 
 
-def test_reforge_has_no_profiles_yet(monkeypatch):
+def test_reforge_profile_sets_what_forge_previous_does(monkeypatch):
+    """reForge has its own profiles (issue 15 §4), applied like Forge previous's: same ldm_patched back end, same
+    flags (reForge ldm_patched/modules/args_parser.py:123-130, :138-144)."""
     args, _mm, runtime = ldm_backend(monkeypatch, attention_imported=False)
     monkeypatch.setattr(sys, "argv", ["launch.py", "--optim-profile", "8gb-low", "--optim-no-check"])
-    with pytest.raises(startup.ProfileError, match="'reforge' has no profiles"):
-        startup.apply_startup_profile(host_parser(), "8gb-low", HostKind.REFORGE)
-    assert args.attention_quad is False and runtime.startup_profile is None
+    startup.apply_startup_profile(host_parser(), "8gb-low", HostKind.REFORGE)
+    assert (args.attention_quad, args.attention_split, args.attention_pytorch) == (True, False, False)
+    assert runtime.startup_profile == "8gb-low" and runtime.defaults.attention is Attention.SUB_QUAD

@@ -13,6 +13,7 @@ from lib_optim.host_specs.detect import (
     detection_order,
     extension_dir,
     find_webui_root,
+    webui_user_file,
 )
 from lib_optim.host_specs.kinds import (
     HostKind,
@@ -52,4 +53,5 @@ __all__ = [
     "register_host",
     "resolve_ref",
     "unregister_host",
+    "webui_user_file",
 ]

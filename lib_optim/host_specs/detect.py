@@ -82,6 +82,13 @@ def find_webui_root(*starts: Path) -> Path | None:
     return None
 
 
+def webui_user_file(root: Path | None, *, windows: bool) -> Path | None:
+    """The webui-user file the launcher of the checkout at ``root`` runs on this system (webui.sh sources
+    webui-user.sh, webui.bat calls webui-user.bat), if it is there."""
+    path = root / ("webui-user.bat" if windows else "webui-user.sh") if root is not None else None
+    return path if path is not None and path.is_file() else None
+
+
 def extension_dir() -> Path:
     """This extension's folder (the parent of lib_optim/)."""
     return Path(__file__).resolve().parents[2]

@@ -53,6 +53,6 @@ register_host(
     flag_table=_FLAG_TABLES,
     adapter="lib_optim.hosts.ldm_patched:LdmPatchedAdapter",
     adapter_takes_kind=True,
-    profiles_from="forge-previous",  # it uses Forge previous's profiles (same back end)
+    profiles_from="reforge",  # its own: Forge previous's, checked against reForge's flags (launch/profiles.py)
     default_torch=None,  # the environment notes were not read against reForge
 )

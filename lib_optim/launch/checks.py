@@ -229,3 +229,13 @@ def rules_markdown() -> str:
         hosts = ", ".join(h.value for h in r.hosts)
         lines.append(f"| `{r.id}` | {r.severity.value} | {hosts} | {r.title} |")
     return "\n".join(lines)
+
+
+def format_findings(findings: Sequence[Finding], host: HostKind) -> str:
+    """The findings as text, for the command line."""
+    if not findings:
+        return f"No problems found for {host.display_name}."
+    lines = [f"{len(findings)} finding(s) for {host.display_name}:"]
+    for f in findings:
+        lines += [f"  [{f.severity.value}] {f.subject}  ({f.rule})", f"      {f.message}", f"      fix: {f.fix}"]
+    return "\n".join(lines)

@@ -133,6 +133,7 @@ class DoctorReport:
     commandline: str  # what to paste into webui-user; empty when the profile sets nothing before start-up
     profile_reason: str = ""
     hint: str | None = None  # which Python to run for exact figures, when this one cannot give them
+    directml: bool = False  # the recommended flags are the profile's DirectML variant (profile apply --directml)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,21 +168,22 @@ def doctor(
     facts = runtime_facts(system, nvidia_present=nvidia_present)
     findings = run_checks(CheckInput(host, effective_argv(args, env), env, facts))
     name, reason = recommend_profile(system, nvidia_present)
-    hp = _doctor_profile(host, name, directml=system.directml and not system.gpus)
+    hp, directml = _doctor_profile(host, name, directml=system.directml and not system.gpus)
     kind: Literal["sh", "bat"] = "bat" if sys.platform == "win32" else "sh"
     extension = extension or Path(__file__).resolve().parents[2]
     hint = exact_figures_hint(system, nvidia_present, webui_root, extension)
-    return DoctorReport(host, system, findings, name, hp.flags, hp.env, launch_line(hp, kind), reason, hint)
+    line = launch_line(hp, kind)
+    return DoctorReport(host, system, findings, name, hp.flags, hp.env, line, reason, hint, directml)
 
 
-def _doctor_profile(host: HostKind, name: str, *, directml: bool) -> HostProfile:
-    """The recommended profile on ``host``: on the host its spec borrows profiles from (reForge: Forge previous's);
-    nothing to set where it has none."""
+def _doctor_profile(host: HostKind, name: str, *, directml: bool) -> tuple[HostProfile, bool]:
+    """The recommended profile on ``host`` (on the host its spec borrows profiles from, if another) and whether it
+    is the DirectML variant; nothing to set where it has none."""
     source = host_spec(host).profiles_from
     profile = get_profile(name)
     if source is None:
-        return HostProfile((), {}, GenerationSettings(), f"{host.display_name} has no launch profiles")
+        return HostProfile((), {}, GenerationSettings(), f"{host.display_name} has no launch profiles"), False
     try:
-        return resolve(profile, HostKind(source), directml=directml)
+        return resolve(profile, HostKind(source), directml=directml), directml
     except ProfileError:  # no DirectML on this host (A1111): the plain variant is the honest answer
-        return resolve(profile, HostKind(source))
+        return resolve(profile, HostKind(source)), False

@@ -9,6 +9,7 @@ defaults fill the Optim accordion.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from lib_optim.webui_user import (
 A1111 = HostKind.A1111
 FORGE = HostKind.FORGE
 FORGE_PREVIOUS = HostKind.FORGE_PREVIOUS
+REFORGE = HostKind.REFORGE
 
 
 def _flag(attention: Attention, host: HostKind) -> str:
@@ -42,6 +44,11 @@ def _flag(attention: Attention, host: HostKind) -> str:
         raise ValueError(f"[Optim] profiles: {attention.value!r} has no launch flag on {host.display_name}")
     return flag
 
+
+# _MEDVRAM_NOTE: A1111's --medvram (--medvram-sdxl for SDXL) sets sd_model.lowvram and moves each part, the VAE
+# included, to the GPU only while it runs (A1111 v1.10.1 modules/lowvram.py:20-21, :38, :61-74); our VAE-on-CPU
+# then steps aside with a warning (lib_optim/hosts/a1111.py, apply_vae_on_cpu). So no A1111 profile with one of
+# them sets it.
 
 # Fewer, larger cudaMalloc blocks and earlier reclaiming: the usual cure for fragmentation OOMs on small
 # cards. Only keys of the native allocator; never `backend:` (it must be decided before torch loads).
@@ -83,134 +90,150 @@ def _gen(
     return from_dict({**values, "channels_last": channels_last, **others})
 
 
+_PROFILES: tuple[Profile, ...] = (
+    Profile(
+        "8gb-low",
+        "8 GB — Low",
+        8,
+        "Fits the most: large images, hires fix and SDXL on 8 GB, at some cost in speed.",
+        {
+            A1111: HostProfile(
+                ("--medvram", _flag(Attention.SUB_QUAD, A1111)),
+                {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
+                _gen(Attention.SUB_QUAD),  # no VAE on CPU: A1111 ignores it under --medvram (_MEDVRAM_NOTE)
+                "--medvram keeps one part of the model on the GPU at a time, the VAE included.",
+            ),
+            FORGE: HostProfile(
+                (_flag(Attention.SUB_QUAD, FORGE), "--disable-xformers"),
+                {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
+                _gen(Attention.SUB_QUAD, Tri.ON, 2048),
+                "2 GB inference memory makes Forge offload more weights to keep room for big images.",
+            ),
+            FORGE_PREVIOUS: HostProfile(
+                (_flag(Attention.SUB_QUAD, FORGE_PREVIOUS), "--disable-xformers"),
+                {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
+                _gen(Attention.SUB_QUAD, Tri.ON),
+            ),
+        },
+    ),
+    Profile(
+        "8gb-medium",
+        "8 GB — Medium",
+        8,
+        "Balanced for 8 GB: SD1.5 at full speed, SDXL offloaded part by part.",
+        {
+            A1111: HostProfile(
+                ("--medvram-sdxl", _flag(Attention.SDP, A1111)),
+                {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
+                _gen(Attention.SDP),
+            ),
+            FORGE: HostProfile(
+                (),
+                {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
+                _gen(Attention.SDP, inference_memory_mb=1536),
+            ),
+            FORGE_PREVIOUS: HostProfile((), {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC}, _gen(Attention.SDP)),
+        },
+    ),
+    Profile(
+        "8gb-high",
+        "8 GB — High",
+        8,
+        "Fastest on 8 GB for SD1.5-size images; may run out of memory with SDXL or big hires fix.",
+        {
+            A1111: HostProfile((_flag(Attention.SDP, A1111),), {}, _gen(Attention.SDP)),
+            FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024)),
+            FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP)),
+        },
+    ),
+    Profile(
+        "8gb-xl",
+        "8 GB — XL",
+        8,
+        "SDXL on 8 GB: offload SDXL part by part and decode on the CPU so 1024² fits.",
+        {
+            A1111: HostProfile(
+                ("--medvram-sdxl", _flag(Attention.SDP, A1111)),
+                {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
+                _gen(Attention.SDP),  # no VAE on CPU: ignored for SDXL under --medvram-sdxl (_MEDVRAM_NOTE)
+                "--medvram-sdxl keeps one part of an SDXL model on the GPU at a time, the VAE included.",
+            ),
+            FORGE: HostProfile((), {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC}, _gen(Attention.SDP, Tri.ON, 1536)),
+            FORGE_PREVIOUS: HostProfile((), {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC}, _gen(Attention.SDP, Tri.ON)),
+        },
+    ),
+    Profile(
+        "12gb",
+        "12 GB",
+        12,
+        "SD1.5 and SDXL without offloading; room for hires fix.",
+        {
+            A1111: HostProfile(
+                (_flag(Attention.SDP, A1111),),
+                {"PYTORCH_CUDA_ALLOC_CONF": _BALANCED_ALLOC},
+                _gen(Attention.SDP),
+            ),
+            FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024)),
+            FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP)),
+        },
+    ),
+    Profile(
+        "16gb",
+        "16 GB",
+        16,
+        "Everything on the GPU; channels-last for tensor-core speed.",
+        {
+            A1111: HostProfile((_flag(Attention.SDP, A1111),), {}, _gen(Attention.SDP, channels_last=Tri.ON)),
+            FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024, channels_last=Tri.ON)),
+            FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP, channels_last=Tri.ON)),
+        },
+    ),
+    Profile(
+        "24gb",
+        "24 GB",
+        24,
+        "Everything on the GPU, fastest attention; keeps models loaded.",
+        {
+            A1111: HostProfile(
+                (_flag(Attention.SDP_NO_MEM, A1111),), {}, _gen(Attention.SDP_NO_MEM, channels_last=Tri.ON)
+            ),
+            FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024, channels_last=Tri.ON)),
+            FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP, channels_last=Tri.ON)),
+        },
+    ),
+    Profile(
+        "cpu",
+        "CPU only",
+        None,
+        "No usable GPU: run everything on the CPU in float32 (slow, but it works).",
+        {
+            A1111: HostProfile(("--use-cpu", "all", "--no-half", "--skip-torch-cuda-test"), {}, _gen(Attention.SDP)),
+            FORGE: HostProfile(("--always-cpu", "--skip-torch-cuda-test"), {}, _gen(Attention.SDP)),
+            FORGE_PREVIOUS: HostProfile(("--always-cpu", "--skip-torch-cuda-test"), {}, _gen(Attention.SDP)),
+        },
+    ),
+)
+
+
+def _on_reforge(hp: HostProfile) -> HostProfile:
+    """reForge's variant of a Forge previous profile: the same back end (ldm_patched) and the same flags —
+    ``--always-cpu``, ``--disable-xformers``, ``--attention-*`` and ``--skip-torch-cuda-test`` are all in its
+    parsers (ldm_patched/modules/args_parser.py, modules/cmd_args.py at 3b56b268; flagtables.py's reForge table)
+    — with each attention flag taken from the registry for reForge, never copied by hand."""
+    by_flag = {
+        attention_backend(a).flag(FORGE_PREVIOUS): attention_backend(a).flag(REFORGE)
+        for a in Attention
+        if attention_backend(a).flag(FORGE_PREVIOUS) is not None
+    }
+    flags = tuple(by_flag.get(f) or f for f in hp.flags)
+    return HostProfile(flags, hp.env, hp.generation, hp.note)
+
+
 PROFILES: dict[str, Profile] = {
-    p.name: p
-    for p in (
-        Profile(
-            "8gb-low",
-            "8 GB — Low",
-            8,
-            "Fits the most: large images, hires fix and SDXL on 8 GB, at some cost in speed.",
-            {
-                A1111: HostProfile(
-                    ("--medvram", _flag(Attention.SUB_QUAD, A1111)),
-                    {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
-                    _gen(Attention.SUB_QUAD, Tri.ON),
-                    "--medvram keeps one part of the model on the GPU at a time.",
-                ),
-                FORGE: HostProfile(
-                    (_flag(Attention.SUB_QUAD, FORGE), "--disable-xformers"),
-                    {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
-                    _gen(Attention.SUB_QUAD, Tri.ON, 2048),
-                    "2 GB inference memory makes Forge offload more weights to keep room for big images.",
-                ),
-                FORGE_PREVIOUS: HostProfile(
-                    (_flag(Attention.SUB_QUAD, FORGE_PREVIOUS), "--disable-xformers"),
-                    {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
-                    _gen(Attention.SUB_QUAD, Tri.ON),
-                ),
-            },
-        ),
-        Profile(
-            "8gb-medium",
-            "8 GB — Medium",
-            8,
-            "Balanced for 8 GB: SD1.5 at full speed, SDXL offloaded part by part.",
-            {
-                A1111: HostProfile(
-                    ("--medvram-sdxl", _flag(Attention.SDP, A1111)),
-                    {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
-                    _gen(Attention.SDP),
-                ),
-                FORGE: HostProfile(
-                    (),
-                    {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
-                    _gen(Attention.SDP, inference_memory_mb=1536),
-                ),
-                FORGE_PREVIOUS: HostProfile((), {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC}, _gen(Attention.SDP)),
-            },
-        ),
-        Profile(
-            "8gb-high",
-            "8 GB — High",
-            8,
-            "Fastest on 8 GB for SD1.5-size images; may run out of memory with SDXL or big hires fix.",
-            {
-                A1111: HostProfile((_flag(Attention.SDP, A1111),), {}, _gen(Attention.SDP)),
-                FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024)),
-                FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP)),
-            },
-        ),
-        Profile(
-            "8gb-xl",
-            "8 GB — XL",
-            8,
-            "SDXL on 8 GB: offload SDXL part by part and decode on the CPU so 1024² fits.",
-            {
-                A1111: HostProfile(
-                    ("--medvram-sdxl", _flag(Attention.SDP, A1111)),
-                    {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC},
-                    _gen(Attention.SDP, Tri.ON),
-                ),
-                FORGE: HostProfile((), {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC}, _gen(Attention.SDP, Tri.ON, 1536)),
-                FORGE_PREVIOUS: HostProfile(
-                    (), {"PYTORCH_CUDA_ALLOC_CONF": _FRUGAL_ALLOC}, _gen(Attention.SDP, Tri.ON)
-                ),
-            },
-        ),
-        Profile(
-            "12gb",
-            "12 GB",
-            12,
-            "SD1.5 and SDXL without offloading; room for hires fix.",
-            {
-                A1111: HostProfile(
-                    (_flag(Attention.SDP, A1111),),
-                    {"PYTORCH_CUDA_ALLOC_CONF": _BALANCED_ALLOC},
-                    _gen(Attention.SDP),
-                ),
-                FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024)),
-                FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP)),
-            },
-        ),
-        Profile(
-            "16gb",
-            "16 GB",
-            16,
-            "Everything on the GPU; channels-last for tensor-core speed.",
-            {
-                A1111: HostProfile((_flag(Attention.SDP, A1111),), {}, _gen(Attention.SDP, channels_last=Tri.ON)),
-                FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024, channels_last=Tri.ON)),
-                FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP, channels_last=Tri.ON)),
-            },
-        ),
-        Profile(
-            "24gb",
-            "24 GB",
-            24,
-            "Everything on the GPU, fastest attention; keeps models loaded.",
-            {
-                A1111: HostProfile(
-                    (_flag(Attention.SDP_NO_MEM, A1111),), {}, _gen(Attention.SDP_NO_MEM, channels_last=Tri.ON)
-                ),
-                FORGE: HostProfile((), {}, _gen(Attention.SDP, inference_memory_mb=1024, channels_last=Tri.ON)),
-                FORGE_PREVIOUS: HostProfile((), {}, _gen(Attention.SDP, channels_last=Tri.ON)),
-            },
-        ),
-        Profile(
-            "cpu",
-            "CPU only",
-            None,
-            "No usable GPU: run everything on the CPU in float32 (slow, but it works).",
-            {
-                A1111: HostProfile(
-                    ("--use-cpu", "all", "--no-half", "--skip-torch-cuda-test"), {}, _gen(Attention.SDP)
-                ),
-                FORGE: HostProfile(("--always-cpu", "--skip-torch-cuda-test"), {}, _gen(Attention.SDP)),
-                FORGE_PREVIOUS: HostProfile(("--always-cpu", "--skip-torch-cuda-test"), {}, _gen(Attention.SDP)),
-            },
-        ),
+    p.name: Profile(
+        p.name, p.title, p.vram_gb, p.description, {**p.hosts, REFORGE: _on_reforge(p.hosts[FORGE_PREVIOUS])}
     )
+    for p in _PROFILES
 }
 
 AUTO = "auto"
@@ -320,6 +343,21 @@ def nothing_to_write(profile: Profile, host: HostKind, hp: HostProfile) -> str:
         + profile.name
         + "."
     )
+
+
+def profile_text(profile: Profile, host: HostKind, hp: HostProfile, kind: Literal["sh", "bat"]) -> str:
+    """``profile show``: what ``profile`` sets on ``host``, the lines to paste first."""
+    lines = [f"{profile.title} ({profile.name}) on {host.display_name}: {profile.description}"]
+    lines.append(launch_line(hp, kind) or nothing_to_write(profile, host, hp))
+    defaults = hp.generation.non_default()
+    lines.append("Per-generation defaults: " + (json.dumps(defaults) if defaults else "none"))
+    return "\n".join([*lines, hp.note] if hp.note else lines)
+
+
+def profile_dict(name: str, host: HostKind, hp: HostProfile) -> dict[str, Any]:
+    """``profile show --json``: the same as a dict."""
+    flags, env, generation = list(hp.flags), dict(hp.env), hp.generation.to_dict()
+    return {"name": name, "host": host.value, "flags": flags, "env": env, "generation": generation, "note": hp.note}
 
 
 @dataclass(frozen=True)

@@ -329,7 +329,8 @@ def _torch_without_cuda(ctx: CheckContext) -> Iterator[Finding]:
         )
         return
     cpu_profile = (
-        "run on the CPU with the cpu profile (python -m lib_optim profile apply cpu --file <webui-user file>), "
+        "run on the CPU with the cpu profile "
+        f"(python -m lib_optim profile apply cpu --file <webui-user file> --host {ctx.host.value}), "
         f"which adds {cpu_flags} --skip-torch-cuda-test"
     )
     if no_gpu:

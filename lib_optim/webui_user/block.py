@@ -291,11 +291,24 @@ def _write_backup(path: Path, data: bytes, original: os.stat_result) -> Path:
 
 def _write_in_place(path: Path, data: bytes) -> None:
     # Not atomic, but keeps the inode: its hard links, owner, group, mode and ACLs. The backup is written first.
-    with path.open("r+b") as fh:
+    # A read-only file (written only with force, _check_writable) is made writable for its owner meanwhile and
+    # gets its mode back whatever happens.
+    mode = os.stat(path).st_mode & 0o7777
+    opened = contextlib.nullcontext() if os.access(path, os.W_OK) else _owner_writable(path, mode)
+    with opened, path.open("r+b") as fh:
         fh.write(data)
         fh.truncate()
         fh.flush()
         os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def _owner_writable(path: Path, mode: int) -> Iterator[None]:
+    os.chmod(path, mode | stat.S_IWUSR)
+    try:
+        yield
+    finally:
+        os.chmod(path, mode)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -477,16 +490,34 @@ def _commit(path: Path, old_data: bytes | None, old_text: str, new_text: str, dr
     diff = _unified_diff(path, old_text, new_text)
     if dry_run:
         return EditResult(changed=True, diff=diff, backup_path=None, new_text=new_text)
+    backup = None
     try:
-        backup = None
         if old_data is not None:
             _check_writable(path, force)
             backup = _write_backup(path, old_data, os.stat(path))
         _write_file(path, encode_text(new_text))
     except OSError as exc:
-        raise WebuiUserError(str(path), None, f"cannot write launcher config: {exc}") from exc
+        raise _write_failed(path, old_data, backup, exc) from exc
     log.info("updated %s%s", path, f" (backup: {backup.name})" if backup else "")
     return EditResult(changed=True, diff=diff, backup_path=backup, new_text=new_text)
+
+
+def _write_failed(path: Path, old_data: bytes | None, backup: Path | None, exc: OSError) -> WebuiUserError:
+    """The error for a write that failed: nothing left behind when the file is as it was (its backup removed),
+    else the backup kept and named, for the file may be half written."""
+    try:
+        untouched = old_data is None or read_launcher_bytes(path) == old_data
+    except OSError:
+        untouched = False
+    if not untouched:
+        where = f"; restore it from {backup}" if backup else ""
+        return WebuiUserError(str(path), None, f"cannot write launcher config: {exc}; it may be half written{where}")
+    if backup is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(backup)
+    return WriteRefused(
+        str(path), None, f"cannot write it ({exc.strerror or exc}); nothing written, the file is as it was"
+    )
 
 
 def _target(path: str | os.PathLike[str]) -> Path:
