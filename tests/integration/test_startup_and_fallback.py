@@ -10,9 +10,9 @@ from conftest import NO_HOST_REASON, configured_hosts, start_webui, stop_webui
 
 pytestmark = pytest.mark.host
 
-# reForge has no launch profiles (lib_optim/launch/profiles.py): it starts without one, for the telemetry test
-PROFILE = {"a1111": "8gb-high", "forge": "8gb-low", "forge-previous": "8gb-low"}
-NO_PROFILE = "reForge has no launch profiles (lib_optim/host_specs/known.py profiles_from)"
+# Every host has launch profiles (reForge its own, built from Forge previous's: lib_optim/launch/profiles.py)
+PROFILE = {"a1111": "8gb-high", "forge": "8gb-low", "forge-previous": "8gb-low", "reforge": "8gb-low"}
+NO_PROFILE = "no launch profile for this host (lib_optim/host_specs/known.py profiles_from)"
 
 
 _NO_HOST = pytest.param(None, marks=pytest.mark.skip(reason=NO_HOST_REASON))
@@ -53,13 +53,15 @@ def test_startup_profile_is_applied(profiled):
         assert "python -m lib_optim profile apply 8gb-low" in log  # --attention-quad etc. need a restart
         assert status["effective"]["vae_device"] == "cpu"
     else:
-        # Forge previous: attention is chosen when ldm_patched.ldm.modules.attention is imported, after preload
-        # (docs/hosts.md §1.2, §3.5), so the profile's attention takes effect at start-up; its reserve replaces
-        # minimum_inference_memory() (1024 MB, §4.6) when it has one
+        # Forge previous and reForge: attention is chosen when ldm_patched.ldm.modules.attention is imported, after
+        # preload (docs/hosts.md §1.2, §3.5), so the profile's attention takes effect at start-up; its reserve
+        # replaces minimum_inference_memory() (Forge previous: 1024 MB, §4.6; reForge: 0.8 GB + the OS reserve,
+        # §4.7) when it has one
         generation = _profile_generation(profiled)
         assert "python -m lib_optim profile apply 8gb-low" in log  # its flags need a restart
         assert status["effective"]["vae_device"] == "cpu"
-        assert status["effective"]["inference_memory_mb"] == (generation.get("inference_memory_mb") or 1024)
+        if profiled.host == "forge-previous" or generation.get("inference_memory_mb"):
+            assert status["effective"]["inference_memory_mb"] == (generation.get("inference_memory_mb") or 1024)
         backends = [b for b in status["attention_backends"] if b["host_name"] and b["attention"] != "host"]
         label = {b["host_name"]: b["attention"] for b in backends}
         assert label.get(status["effective"]["attention"]) == generation["attention"]
@@ -71,7 +73,7 @@ def test_profile_defaults_fill_the_accordion_fields(profiled):
     code, body = profiled.txt2img([{"channels_last": True}])
     assert code == 200, body
     text = json.loads(body["info"])["infotexts"][0]
-    if profiled.host == "forge-previous":
+    if profiled.host in ("forge-previous", "reforge"):
         expected = f"attention={_profile_generation(profiled)['attention']}"
     else:
         expected = "attention=sdp" if profiled.host == "a1111" else "attention=sub-quad"
