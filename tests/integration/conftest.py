@@ -144,6 +144,20 @@ def _limit_address_space(limit: int | None):
     return apply
 
 
+def host_python(host: str) -> str:
+    dir_var, python_var, _ = HOSTS[host]
+    return os.environ.get(python_var, str(Path(os.environ[dir_var]) / "venv" / "bin" / "python"))
+
+
+def torch_address_space(host: str) -> int:
+    """Bytes of virtual memory the host's Python maps once torch is imported: about 0.5 GiB for a CPU build of
+    torch, 3 GiB for the CUDA 12.1 wheels of torch 2.1.2 (its CUDA libraries are mapped at import), 4.4 GiB for
+    2.9.0's — so an address-space limit is set as headroom above it, whichever torch the host pins."""
+    code = "import re, torch; print(re.search(r'VmSize:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    out = subprocess.run([host_python(host), "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    return int(out.stdout.split()[-1]) * 1024
+
+
 def start_webui(
     host: str,
     extra_args: list[str] | None = None,
@@ -152,9 +166,9 @@ def start_webui(
 ) -> WebUI:
     """``address_space_limit``: bytes of virtual memory for the WebUI process, so a big enough tensor fails
     to allocate — a real out-of-memory error on a machine without a GPU. ``extra_env``: more environment."""
-    dir_var, python_var, cpu_flags = HOSTS[host]
+    dir_var, _, cpu_flags = HOSTS[host]
     root = Path(os.environ[dir_var])
-    python = os.environ.get(python_var, str(root / "venv" / "bin" / "python"))
+    python = host_python(host)
     models = _checkpoint(python)
     _install_extension(root)
     _install_lora(root, models)

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import NO_HOST_REASON, configured_hosts, start_webui, stop_webui
+from conftest import NO_HOST_REASON, configured_hosts, start_webui, stop_webui, torch_address_space
 
 pytestmark = pytest.mark.host
 
@@ -99,10 +99,12 @@ def test_telemetry_in_status_and_infotext(profiled):
 
 # The hosts whose 'none' attention builds the full score matrix: A1111's (no optimization) and the ldm_patched
 # hosts' attention_basic (docs/hosts.md §3.5, §3.6). Forge f2 has no 'none'. Per host: the address space the WebUI
-# gets and the image side. 10 GiB: the WebUI runs, but 'none' attention at 640x640 needs two 2.6 GB score matrices
-# at once and fails to allocate; sub-quadratic attention fits. reForge maps more while it loads a checkpoint (its
-# VmPeak was 11.7 GB here, VmSize 6.1 GB after the load): 14 GiB, and at 768x768 'none' needs two 5.4 GB matrices.
-FULL_MATRIX_HOSTS = {"a1111": (10, 640), "forge-previous": (10, 640), "reforge": (14, 768)}
+# gets above what importing its torch maps (conftest.torch_address_space: a CUDA wheel maps gigabytes more than a
+# CPU build) and the image side. 9.5 GiB: the WebUI runs, but 'none' attention at 640x640 needs two 2.6 GB score
+# matrices at once and fails to allocate; sub-quadratic attention fits. reForge maps more while it loads a
+# checkpoint (its VmPeak was 11.7 GB with a CPU torch, VmSize 6.1 GB after the load): 13.5 GiB, and at 768x768
+# 'none' needs two 5.4 GB matrices.
+FULL_MATRIX_HOSTS = {"a1111": (9.5, 640), "forge-previous": (9.5, 640), "reforge": (13.5, 768)}
 _NO_FULL_MATRIX_HOST = pytest.param(
     None, marks=pytest.mark.skip(reason="needs OPTIM_A1111_DIR, OPTIM_FORGE_PREVIOUS_DIR or OPTIM_REFORGE_DIR")
 )
@@ -111,7 +113,7 @@ _NO_FULL_MATRIX_HOST = pytest.param(
 @pytest.mark.parametrize("host", [h for h in configured_hosts() if h in FULL_MATRIX_HOSTS] or [_NO_FULL_MATRIX_HOST])
 def test_real_out_of_memory_is_retried_once_with_frugal_settings(host):
     gib, side = FULL_MATRIX_HOSTS[host]
-    webui = start_webui(host, address_space_limit=gib * 1024**3)
+    webui = start_webui(host, address_space_limit=torch_address_space(host) + int(gib * 1024**3))
     try:
         assert webui.txt2img()[0] == 200  # load the model first
         before = webui.get("/optim/v1/status")["effective"]
