@@ -379,3 +379,11 @@ def test_bench_lists_every_backend_with_why_and_the_fix() -> None:
         check=True,
     ).stdout
     assert "sage" in text and "flash" in text
+
+
+def test_auto_never_trades_sdpa_for_an_unmeasured_kernel() -> None:
+    # sage and flash carry no speed figure until measured on a GPU: auto keeps SDPA where both fit
+    from lib_optim.attention import Attention, choose_auto_attention
+
+    choice = choose_auto_attention([Attention.SAGE, Attention.FLASH, Attention.SDP], device="cuda")
+    assert choice.attention is Attention.SDP

@@ -547,14 +547,14 @@ Attention.NONE = register(
 )
 
 # Kernels we call ourselves (Kernel bindings: every host), each checked per call (Constraints) and falling back to
-# SDPA for a call it cannot take. Speed: not measured here (no GPU was lent); the projects' own figures put both
-# ahead of SDPA on sm80+ GPUs (SageAttention's INT8 QK further ahead), so they rank first on CUDA.
+# SDPA for a call it cannot take. Speed: not measured here (no GPU was lent), so no figure: `auto` ranks them last
+# and never trades SDPA for an unmeasured kernel (SageAttention's INT8 QK also changes the image slightly); a user
+# picks them by name until `bench --device cuda` figures go here.
 Attention.SAGE = register(
     "sage",
     "SageAttention (INT8-quantized kernel)",
     aliases=("sageattention", "sage-attention", "sageattn"),
     memory=mem.lse_peak,  # a fused kernel: no score matrix, like xformers/flash
-    speed={"cuda": 0.7},
     kernel="lib_optim.attention.kernels:sage",
     # sageattention/core.py:139-157 (thu-ml/SageAttention d1a57a5): fp16/bf16 only, CUDA sm80/86/89/90/120/121
     # ("Unsupported CUDA architecture" else); :270-271 "Unsupported head_dim" above 128; sageattn takes no mask
@@ -573,7 +573,6 @@ Attention.FLASH = register(
     "FlashAttention-2 kernel",
     aliases=("flash-attn", "flash_attn", "flash-attention", "flashattention", "fa2"),
     memory=mem.lse_peak,
-    speed={"cuda": 0.85},
     kernel="lib_optim.attention.kernels:flash",
     # flash-attention README "Requirements": Ampere/Ada/Hopper, fp16 and bf16, head dims up to 256;
     # flash_attn/flash_attn_interface.py:33 `assert head_dim <= 256`; flash_attn_func takes no mask (:1156-1168)
