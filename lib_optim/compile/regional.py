@@ -77,13 +77,23 @@ Cache keys and lifetime
     on 2.1.2/2.3.1: the old compiled attention would keep running. A new key gets new compiled
     functions; switching back reuses the old ones (both variants stay cached).
 
-First call of each block per application is eager
+First call of a block is eager when its weights may have changed
     Hosts apply some weight changes lazily in the first forward of a layer (A1111
     ``extensions-builtin/Lora/networks.py:578-590`` applies the selected LoRAs in place on the first
-    forward after the selection changed, and may make a new bias Parameter). Running each block's first
-    call of an application eagerly lets such one-time edits finish outside the compiled code (so a trace
-    never captures the edit itself), and is the point where the weight fingerprint is checked. It costs
-    one eager UNet step per generation; ``eager_first_call=False`` turns it off.
+    forward after the selection changed, and may make a new bias Parameter). Running that first call
+    eagerly lets such one-time edits finish outside the compiled code (so a trace never captures the edit
+    itself); it is also where the weight fingerprint is checked. The host passes a ``weights_token`` (A1111:
+    the LoRA selection as ``network_apply_weights`` compares it); a block whose token is unchanged since
+    its last eager call runs compiled from its first call, so a repeated generation pays no eager step.
+    Without a token every application's first call of each block is eager; ``eager_first_call=False``
+    turns it off altogether.
+
+What runs inside the compiled code (:mod:`lib_optim.compile.region`)
+    While a block's compiled code runs (and is traced) our wrapper leaves the block's ``__dict__`` (before
+    torch 2.5 dynamo traces a module with an instance ``forward`` unspecialised, and breaks on
+    ``self.parameters()``), and the host's patches apply: what in its blocks dynamo cannot trace, swapped
+    for equivalents it can (einops patterns as reshape/permute, a free-memory figure measured before the
+    region, A1111's ``CondFunc`` resolved to the function it calls). One graph per block, no graph break.
 
 Failure policy
     A compile error surfaces at the first *call* of a compiled function (no C++ compiler for inductor's
@@ -151,6 +161,8 @@ from lib_optim.compile.dynamo import (
     _quiet_backend_change_warning,
     _shares_across_instances,
 )
+from lib_optim.compile.region import RegionPatch, patched, specialisable
+from lib_optim.compile.sharing import SharedGraphBackend
 from lib_optim.log import get_logger
 from lib_optim.telemetry import is_out_of_memory
 
@@ -211,8 +223,17 @@ class Application:
         key: Hashable,
         mode: str,
         dynamic: bool | None,
+        patches: Sequence[RegionPatch] = (),
+        weights_token: Callable[[], Hashable] | None = None,
+        interrupt: Callable[[], None] | None = None,
+        prepare: Callable[[], None] | None = None,
     ):
         self.compiler = compiler
+        self.prepare = prepare
+        self.patches = tuple(patches)
+        self.weights_token = weights_token
+        self.interrupt = interrupt
+        self._token: Any = _MISSING
         self.root: Any = root
         self.blocks = blocks
         self.key = key
@@ -310,9 +331,16 @@ class Application:
         slot.calls += 1
         if slot.calls == 1:
             self.compiler._check_weights(self, slot)
-            if self.compiler.eager_first_call:
+            if self._needs_eager_first_call(slot):
                 self.stats.eager_calls += 1
-                return slot.call_eager(args, kwargs)
+                out = slot.call_eager(args, kwargs)
+                self.compiler._weights_seen[slot.block] = self._current_token()
+                return out
+        if self.prepare is not None:
+            prepare, self.prepare = self.prepare, None
+            prepare()  # once, outside the region: e.g. the free-memory figure the patches answer with
+        if slot.compiled_calls == 0 and self.interrupt is not None:
+            self.interrupt()  # the host's Interrupt/Skip, honoured before a call that may compile (between blocks)
         compiled = slot.compiled
         state = slot.state
         assert compiled is not None and state is not None
@@ -324,10 +352,11 @@ class Application:
         ok0, total0, graphs0 = _dynamo_counts()
         start = clock()
         try:
-            if slot.bound:
-                out = compiled.fn(slot.eager, *args, **kwargs)
-            else:
-                out = compiled.fn(type(slot.block).forward, slot.block, *args, **kwargs)
+            with specialisable(slot.block), patched(self.patches):
+                if slot.bound:
+                    out = compiled.fn(slot.eager, *args, **kwargs)
+                else:
+                    out = compiled.fn(type(slot.block).forward, slot.block, *args, **kwargs)
         except Exception as exc:
             self._account(start, ok0, total0, graphs0)
             if is_out_of_memory(exc):
@@ -339,6 +368,24 @@ class Application:
         if self._watcher is not None and self._watcher.hits > hits_before:
             self._limit_hit(slot, state)
         return out
+
+    def _current_token(self) -> Any:
+        """The host's weights token, read once per application (at the first block call: during sampling, after
+        the host has selected this generation's LoRAs)."""
+        if self._token is _MISSING:
+            self._token = self.weights_token() if self.weights_token is not None else _MISSING
+        return self._token
+
+    def _needs_eager_first_call(self, slot: _Slot) -> bool:
+        """Whether this block's first call runs eagerly: only when its weights may have changed since its last
+        compiled run (a host that applies weight edits lazily in the first forward, like A1111's LoRA, does so
+        then, outside the compiled code). Without a token from the host: always."""
+        if not self.compiler.eager_first_call:
+            return False
+        token = self._current_token()
+        if token is _MISSING:
+            return True
+        return self.compiler._weights_seen.get(slot.block, _MISSING) != token
 
     def _account(self, start: float, ok0: int, total0: int, graphs0: int) -> None:
         elapsed = self.compiler.clock() - start
@@ -406,8 +453,9 @@ class RegionalCompiler:
     ``backend``: ``"inductor"`` for real use; tests pass ``"eager"``/``"aot_eager"`` or a callable.
     ``clock``: seconds, for the compile/run accounting. ``on_compile(message)``: called once per model and
     key, just before its first compile (default: an ``[Optim]`` info line). ``entries_per_block``: the
-    dynamo cache budget per block (see the module docstring). ``eager_first_call``: run each block's first
-    call of an application eagerly.
+    dynamo cache budget per block (see the module docstring). ``eager_first_call``: run a block's first call
+    eagerly when its weights may have changed. ``share_graphs``: before torch 2.5, compile identical blocks
+    once (:mod:`lib_optim.compile.sharing`; with the ``inductor`` and ``aot_eager`` backends).
     """
 
     def __init__(
@@ -418,6 +466,7 @@ class RegionalCompiler:
         on_compile: Callable[[str], None] | None = None,
         entries_per_block: int = DEFAULT_ENTRIES_PER_BLOCK,
         eager_first_call: bool = True,
+        share_graphs: bool = True,
     ):
         if entries_per_block < 1:
             raise ValueError(f"[Optim] regional compile: entries_per_block={entries_per_block!r} must be >= 1")
@@ -426,6 +475,8 @@ class RegionalCompiler:
         self.on_compile = on_compile
         self.entries_per_block = entries_per_block
         self.eager_first_call = eager_first_call
+        self.share_graphs = share_graphs
+        self._sharing: dict[tuple[Any, ...], SharedGraphBackend] = {}
         self.total_compiles = 0
         self.total_compile_seconds = 0.0
         self._lock = threading.RLock()
@@ -434,6 +485,8 @@ class RegionalCompiler:
         self._per_block: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _KeyState]] = weakref.WeakKeyDictionary()
         self._active_by_block: weakref.WeakKeyDictionary[Any, Application] = weakref.WeakKeyDictionary()
         self._active_by_root: weakref.WeakKeyDictionary[Any, Application] = weakref.WeakKeyDictionary()
+        # block → the host's weights token when its weights were last brought up to date by an eager call
+        self._weights_seen: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     # -- public API
     def apply(
@@ -444,6 +497,10 @@ class RegionalCompiler:
         key: Hashable = None,
         mode: str = "on",
         dynamic: bool | None = None,
+        patches: Sequence[RegionPatch] = (),
+        weights_token: Callable[[], Hashable] | None = None,
+        interrupt: Callable[[], None] | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> Application:
         """An :class:`Application` (context manager) compiling ``blocks`` of ``root`` for one generation.
 
@@ -451,7 +508,12 @@ class RegionalCompiler:
         :func:`select_blocks`). ``key``: must identify the attention implementation (and anything else the
         blocks read that dynamo does not guard, see the module docstring). ``mode``: one of :data:`MODES`;
         ``off`` changes nothing. Entering it first closes any application still active on ``root`` or on
-        one of these blocks.
+        one of these blocks. ``patches``: what the host's code in the blocks would break dynamo's graph with,
+        swapped while compiled code runs (:mod:`lib_optim.compile.region`). ``weights_token``: called once per
+        application, at the first block call; a block whose token is unchanged since its last run skips the eager
+        first call (see the module docstring). ``interrupt``: called before a block's first compiled call of the
+        application; the host's Interrupt/Skip exception it raises propagates, and what compiled stays cached.
+        ``prepare``: called once, before the application's first compiled call, outside the region.
         """
         _check_mode(mode)
         if dynamic not in (None, True, False):
@@ -460,7 +522,18 @@ class RegionalCompiler:
             chosen = select_blocks(root, blocks)
         else:
             chosen = _outermost(list(blocks))
-        return Application(self, root, chosen, key=key, mode=mode, dynamic=dynamic)
+        return Application(
+            self,
+            root,
+            chosen,
+            key=key,
+            mode=mode,
+            dynamic=dynamic,
+            patches=patches,
+            weights_token=weights_token,
+            interrupt=interrupt,
+            prepare=prepare,
+        )
 
     def availability(self, device: Any, mode: str = "on") -> tuple[bool, str]:
         """:func:`compile_availability` for the real backend, checked once per device and mode in this process
@@ -607,11 +680,20 @@ class RegionalCompiler:
         name = f"{TRAMPOLINE_PREFIX}{cls.__name__}_{next(_name_counter)}"
         fn = _fresh_function(_call_bound if bound else _call_unbound, name)
         kwargs: dict[str, Any] = {"backend": self.backend, "dynamic": app.dynamic}
-        if self.backend == "inductor" and _INDUCTOR_MODES[app.mode] is not None:
+        if self.share_graphs and not app.stats.shared and self.backend in ("inductor", "aot_eager"):
+            kwargs["backend"] = self._shared_backend(app)  # torch < 2.5: identical blocks compile once
+        elif self.backend == "inductor" and _INDUCTOR_MODES[app.mode] is not None:
             kwargs["mode"] = _INDUCTOR_MODES[app.mode]
         _quiet_backend_change_warning()
         compiled = torch.compile(fn, **kwargs)
         return _Compiled(compiled, fn.__code__, name)
+
+    def _shared_backend(self, app: Application) -> SharedGraphBackend:
+        key = (app.mode, app.dynamic, self.backend)
+        if key not in self._sharing:
+            inner = None if self.backend == "inductor" else self.backend
+            self._sharing[key] = SharedGraphBackend(_INDUCTOR_MODES[app.mode], app.dynamic, inner=inner)
+        return self._sharing[key]
 
     def _check_weights(self, app: Application, slot: _Slot) -> None:
         """Per-instance mode: rebuild a block's compiled function if its weights were replaced."""

@@ -38,8 +38,9 @@ from typing import Any
 
 from lib_optim.adapter import BackendInfo, EffectiveState, NotSupportedHere, Session
 from lib_optim.attention import A1111_NONE_TITLE, Attention, Kernel, algorithms, choose_auto_attention, sdpa_with_kernel
+from lib_optim.compile import CompileRegion
 from lib_optim.host_specs import HostKind
-from lib_optim.hosts import base
+from lib_optim.hosts import base, compile_regions
 from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, patched_item
@@ -523,7 +524,21 @@ class A1111Adapter(HostBase):
                 for n in loaded
             )
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
-        self.compile_blocks(session, unet, key=key, device=device)
+        self.compile_blocks(session, unet, key=key, device=device, region=self._compile_region(unet))
+
+    def _compile_region(self, unet: Any) -> CompileRegion:
+        """What keeps A1111's block code traceable (docs/hosts.md §6.10): our einops, its ``CondFunc`` s resolved,
+        the layers' own forwards once the LoRA weights are applied; the LoRA selection as the weights token."""
+        patches = [
+            *compile_regions.einops_patches(self._modules, "a1111"),
+            *compile_regions.condfunc_patches(unet),
+            *compile_regions.lora_patches(self._modules),
+        ]
+        return CompileRegion(
+            patches=patches,
+            weights_token=compile_regions.lora_token(self._modules),
+            interrupt=compile_regions.interrupt_check(self._modules),
+        )
 
     # VAE on CPU --------------------------------------------------------------------------------------------
 

@@ -54,13 +54,21 @@ class HostBase(HostAdapter):
         return getattr(device, "type", None) if device is not None else None
 
     def compile_blocks(
-        self, session: Session, root: Any, *, key: Any, device: Any, blocks: Any = None, label: str = "UNet"
+        self,
+        session: Session,
+        root: Any,
+        *,
+        key: Any,
+        device: Any,
+        blocks: Any = None,
+        label: str = "UNet",
+        region: Any = None,
     ) -> None:
         """:func:`lib_optim.compile.compile_blocks` for this adapter's ``apply_compile``, with the compiler the wing's
-        face gives now."""
+        face gives now. ``region``: the host's :class:`lib_optim.compile.CompileRegion`."""
         compiler = regional_compile.get_compiler()
         regional_compile.compile_blocks(
-            session, root, key=key, device=device, blocks=blocks, label=label, compiler=compiler
+            session, root, key=key, device=device, blocks=blocks, label=label, compiler=compiler, region=region
         )
 
     def tiled_vae_fits(self, p: Any) -> bool | None:

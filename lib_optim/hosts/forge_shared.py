@@ -18,6 +18,8 @@ from typing import Any
 
 from lib_optim.adapter import BackendInfo, Session
 from lib_optim.attention import Attention, directml_reason
+from lib_optim.compile import CompileRegion
+from lib_optim.hosts import compile_regions
 from lib_optim.hosts.base import HostBase, HostModules
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
@@ -419,6 +421,18 @@ class ForgeFamilyAdapter(HostBase):
     def memory_management(self) -> Any:
         """The back end's memory-management module (imported if need be)."""
         raise NotImplementedError
+
+    def compile_region(self, family: str) -> CompileRegion:
+        """What keeps the family's block code traceable (docs/hosts.md §6.10): our einops and the free-memory
+        figure measured before the region. No weights token: the Forges apply LoRA weights before sampling
+        (replaced Parameters, which the compiler's weight fingerprint sees), never lazily in a forward."""
+        free_patches, measure = compile_regions.free_memory_patch(self._modules, family)
+        return CompileRegion(
+            patches=[*compile_regions.einops_patches(self._modules, family), *free_patches],
+            weights_token=lambda: "applied before sampling",
+            interrupt=compile_regions.interrupt_check(self._modules),
+            prepare=measure,
+        )
 
     def version(self) -> str:
         module = self._modules.get("modules_forge.forge_version")

@@ -1,0 +1,196 @@
+"""What each host's blocks call that dynamo cannot trace on the torch it pins, and what runs instead while
+compiled code runs (lib_optim.compile.region; the host sites are in docs/hosts.md §6.10):
+
+- einops' ``rearrange``/``repeat`` (module globals of the block code): einops 0.4.1 fails on symbolic sizes;
+- A1111's ``CondFunc`` class attributes (``modules/sd_hijack_utils.py``): ``if not self.__cond_func`` on a
+  function is a graph break on torch 2.1;
+- A1111's built-in LoRA forwards on ``torch.nn`` layers (``extensions-builtin/Lora/lora_patches.py``): Python
+  bookkeeping per layer; once the eager first call has applied the LoRA weights in place, the layers' own
+  torch forwards compute the same;
+- the Forges' ``get_free_memory`` inside the attention functions (``psutil``/CUDA statistics): measured once,
+  before the region.
+
+Every replacement is built once per process and reused: dynamo guards on the identity of what it read.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from lib_optim.compile import FrozenFreeMemory, RegionPatch, einops_namespace, einops_stand_in
+from lib_optim.hosts.base import HostModules
+from lib_optim.log import get_logger
+
+log = get_logger(__name__)
+
+# (module, global) the block code of each host family reads einops through (docs/hosts.md §6.10)
+EINOPS_GLOBALS: dict[str, tuple[tuple[str, str], ...]] = {
+    "a1111": (
+        ("ldm.modules.attention", "rearrange"),
+        ("ldm.modules.attention", "repeat"),
+        ("sgm.modules.attention", "rearrange"),
+        ("sgm.modules.attention", "repeat"),
+        ("sgm.modules.diffusionmodules.openaimodel", "rearrange"),
+    ),
+    "forge": (
+        ("backend.nn.unet", "rearrange"),
+        ("backend.nn.unet", "repeat"),
+        ("backend.attention", "einops"),
+    ),
+    "ldm_patched": (
+        ("ldm_patched.ldm.modules.attention", "rearrange"),
+        ("ldm_patched.ldm.modules.attention", "repeat"),
+        ("ldm_patched.ldm.modules.diffusionmodules.openaimodel", "rearrange"),
+    ),
+}
+
+# the module whose get_free_memory the attention functions call (docs/hosts.md §6.10)
+FREE_MEMORY_MODULE = {
+    "forge": "backend.memory_management",
+    "ldm_patched": "ldm_patched.modules.model_management",
+}
+
+_LORA_PATCH_KEY = "lora_patches"  # A1111 lora_patches.py patches under its module name (modules/patches.py)
+_LORA_LAYERS = ("Linear", "Conv2d", "GroupNorm", "LayerNorm")
+
+
+def einops_patches(modules: HostModules, family: str) -> list[RegionPatch]:
+    """Our traceable einops for the globals the family's block code reads (loaded modules only)."""
+    patches = []
+    for module_name, attr in EINOPS_GLOBALS.get(family, ()):
+        module = modules.loaded(module_name)
+        original = getattr(module, attr, None) if module is not None else None
+        if original is None:
+            continue
+        replacement = einops_namespace(original) if attr == "einops" else einops_stand_in(attr, original)
+        patches.append(RegionPatch(module, attr, replacement, f"{module_name}.{attr}: einops"))
+    return patches
+
+
+def condfunc_patches(root: Any) -> list[RegionPatch]:
+    """A1111's ``CondFunc`` class attributes on the classes in ``root`` (``SpatialTransformer.forward`` always;
+    ``GroupNorm32.forward``/``GEGLU.forward`` when the UNet is upcast), as functions dynamo can trace."""
+    patches = []
+    classes = {cls for module in root.modules() for cls in type(module).__mro__}
+    for cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        forward = vars(cls).get("forward")
+        condfunc = _condfunc_of(forward)
+        if condfunc is not None:
+            patches.append(RegionPatch(cls, "forward", _traceable_condfunc(forward, condfunc), "CondFunc"))
+    return patches
+
+
+def _condfunc_of(function: Any) -> Any:
+    """The ``CondFunc`` instance behind one of its ``lambda *args, **kwargs: self(*args, **kwargs)`` wrappers
+    (``modules/sd_hijack_utils.py``), or None."""
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if type(value).__name__ == "CondFunc" and hasattr(value, "_CondFunc__sub_func"):
+            return value
+    return None
+
+
+@functools.cache
+def _traceable_condfunc(wrapper: Any, condfunc: Any) -> Callable[..., Any]:
+    """``CondFunc.__call__`` without its ``not self.__cond_func`` test on a function (a graph break on torch 2.1);
+    one per wrapper for the process."""
+    original = condfunc._CondFunc__orig_func
+    sub = condfunc._CondFunc__sub_func
+    cond = condfunc._CondFunc__cond_func
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if cond is None or cond(original, *args, **kwargs):
+            return sub(original, *args, **kwargs)
+        return original(*args, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = f"optim_condfunc_{getattr(wrapper, '__name__', 'forward')}"
+    return forward
+
+
+def lora_patches(modules: HostModules) -> list[RegionPatch]:
+    """The ``torch.nn`` layers' own forwards in place of A1111's LoRA forwards (``lora_patches.py``), unless
+    the "functional" LoRA option is on (then the LoRA is computed in the forward itself and must stay)."""
+    opts = getattr(modules.loaded("modules.shared"), "opts", None)
+    if getattr(opts, "lora_functional", False):
+        return []
+    patches_module = modules.loaded("modules.patches")
+    originals = getattr(patches_module, "originals", {}).get(_LORA_PATCH_KEY, {})
+    import torch
+
+    result = []
+    for name in _LORA_LAYERS:
+        cls = getattr(torch.nn, name)
+        original = originals.get((cls, "forward"))
+        if original is not None and vars(cls).get("forward") is not original:
+            result.append(RegionPatch(cls, "forward", original, f"torch.nn.{name}.forward: A1111 LoRA"))
+    return result
+
+
+@functools.cache
+def _frozen(real: Callable[..., Any]) -> FrozenFreeMemory:
+    return FrozenFreeMemory(real)
+
+
+def free_memory_patch(modules: HostModules, family: str) -> tuple[list[RegionPatch], Callable[[], None] | None]:
+    """The family's ``get_free_memory`` answered from a figure measured before the region, and the function that
+    measures it (called at the first compiled call of a generation: after the host has loaded the model)."""
+    module = modules.loaded(FREE_MEMORY_MODULE.get(family, ""))
+    real = getattr(module, "get_free_memory", None) if module is not None else None
+    if real is None:
+        return [], None
+    if isinstance(real, FrozenFreeMemory):  # left in place by an interrupted restore: look through it
+        real = real.real
+    frozen = _frozen(real)
+    device = getattr(modules.loaded("modules.devices"), "device", None)
+
+    def measure() -> None:
+        frozen.measure(device)
+
+    return [RegionPatch(module, "get_free_memory", frozen, f"{FREE_MEMORY_MODULE[family]}.get_free_memory")], measure
+
+
+def interrupt_check(modules: HostModules) -> Callable[[], None] | None:
+    """Raise the host's ``InterruptedException`` when Interrupt or Skip was pressed (what the host's own denoiser
+    does at each step, ``modules/sd_samplers_cfg_denoiser.py``; the sampler returns the last latent)."""
+    shared = modules.loaded("modules.shared")
+    common = modules.loaded("modules.sd_samplers_common")
+    exception = getattr(common, "InterruptedException", None)
+    if shared is None or exception is None:
+        return None
+
+    def check() -> None:
+        state = getattr(shared, "state", None)
+        if getattr(state, "interrupted", False) or getattr(state, "skipped", False):
+            log.info("[Optim] compile: Interrupt/Skip pressed; stopping between blocks")
+            raise exception
+
+    return check
+
+
+def lora_token(modules: HostModules) -> Callable[[], Any]:
+    """A1111's LoRA selection as ``network_apply_weights`` compares it (``extensions-builtin/Lora/networks.py``):
+    while it is unchanged, the weights the blocks hold are the ones a previous eager call left."""
+
+    def token() -> Any:
+        networks = modules.loaded("networks")
+        loaded: Iterable[Any] = getattr(networks, "loaded_networks", None) or ()
+        return tuple(
+            (
+                getattr(n, "name", None),
+                getattr(n, "te_multiplier", None),
+                getattr(n, "unet_multiplier", None),
+                getattr(n, "dyn_dim", None),
+            )
+            for n in loaded
+        )
+
+    return token
+
+
+def all_patches(groups: Sequence[Sequence[RegionPatch]]) -> list[RegionPatch]:
+    return [patch for group in groups for patch in group]
