@@ -1,16 +1,42 @@
-"""Regional torch.compile: each UNet/DiT block compiled on its own, reused, restored exactly."""
+"""Regional torch.compile: each UNet/DiT block compiled on its own, reused, restored exactly; ``compile=auto``
+compiles only when the job pays for it."""
 
 from __future__ import annotations
 
+from lib_optim.compile.auto import (
+    AutoDecision,
+    AutoJob,
+    AutoKey,
+    AutoMemory,
+    AutoPlanner,
+    AutoRecord,
+    AutoRun,
+    decide,
+    default_auto_memory_path,
+    get_auto_planner,
+    make_job,
+)
 from lib_optim.compile.availability import compile_availability
 from lib_optim.compile.blocks import default_block_names
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
-from lib_optim.compile.session import compile_blocks
+from lib_optim.compile.session import AUTO_DATA_KEY, compile_blocks
 
 __all__ = [
+    "AUTO_DATA_KEY",
+    "AutoDecision",
+    "AutoJob",
+    "AutoKey",
+    "AutoMemory",
+    "AutoPlanner",
+    "AutoRecord",
+    "AutoRun",
     "RegionalCompiler",
     "compile_availability",
     "compile_blocks",
+    "decide",
+    "default_auto_memory_path",
     "default_block_names",
+    "get_auto_planner",
     "get_compiler",
+    "make_job",
 ]

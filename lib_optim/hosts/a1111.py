@@ -523,7 +523,7 @@ class A1111Adapter(HostBase):
                 for n in loaded
             )
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
-        self.compile_blocks(session, unet, key=key, device=device)
+        self.compile_blocks(session, unet, key=key, device=device, p=p)
 
     # VAE on CPU --------------------------------------------------------------------------------------------
 
