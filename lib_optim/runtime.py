@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # only a type here: the benchmark's module is not needed to r
 log = get_logger(__name__)
 
 HISTORY_LENGTH = 20
+# session.data key of a generation's compile plan (lib_optim.compile.AUTO_DATA_KEY; named here, as ``compile`` is,
+# so that the core need not import the compile wing)
+AUTO_PLAN = "compile_auto"
 
 
 @dataclass
@@ -119,8 +122,11 @@ class Runtime:
         """One sampling step of the running generation(s) (the host's per-step callback)."""
         with self._lock:
             meters = list(self._meters.values())
+            plans = [s.data[AUTO_PLAN] for s in self._sessions.values() if AUTO_PLAN in s.data]
         for meter in meters:
             meter.step()
+        for plan in plans:  # compile auto times the steps (lib_optim.compile.auto.AutoRun)
+            plan.step()
 
     def telemetry_now(self, p: Any) -> Telemetry | None:
         with self._lock:
@@ -227,6 +233,12 @@ class Runtime:
                 if record is not None:
                     record.telemetry = result.to_dict()
                     record.telemetry_text = format_status(result)
+            plan = session.data.get(AUTO_PLAN)
+            if plan is not None:
+                try:
+                    plan.finish()  # remembers what compile auto measured
+                except Exception:  # a measurement must never fail the generation's end
+                    log.warning("[Optim] compile auto: this generation's figures were not remembered", exc_info=True)
             if record is not None:
                 compiled = compile_summary(session)
                 if compiled is not None:
@@ -291,14 +303,23 @@ class Runtime:
 
 
 def compile_summary(session: Session) -> dict[str, Any] | None:
-    """What regional compile did in ``session`` (its stats), or why it did not run; None when not asked for."""
+    """What regional compile did in ``session`` (its stats), or why it did not run; None when not asked for. With
+    ``compile=auto``, ``auto`` holds the decision and its figures."""
     if session.settings.compile.value == "off":
         return None
     application = session.data.get("compile")
+    plan = session.data.get(AUTO_PLAN)
+    auto = plan.summary() if plan is not None and plan.auto else None
+    stats: dict[str, Any]
     if application is not None:
-        stats: dict[str, Any] = application.stats.to_dict()
-        return stats
-    return {"fell_back": True, "fallback_reason": session.data.get("compile_unavailable", "not applied")}
+        stats = application.stats.to_dict()
+    elif auto is not None and not auto["unavailable"]:
+        stats = {"compiles": 0, "fell_back": False}
+    else:
+        stats = {"fell_back": True, "fallback_reason": session.data.get("compile_unavailable", "not applied")}
+    if auto is not None:
+        stats["auto"] = auto
+    return stats
 
 
 def vae_tiling_summary(session: Session) -> dict[str, Any] | None:
@@ -317,12 +338,18 @@ def vae_tiling_summary(session: Session) -> dict[str, Any] | None:
 
 def compiled_text(summary: dict[str, Any]) -> str:
     """``compiled: 14 graphs in 52.0 s`` / ``compiled (cached)`` / ``compile failed, ran eagerly: …`` —
-    compile seconds apart from sampling, as telemetry and infotext show them."""
+    compile seconds apart from sampling, as telemetry and infotext show them. ``compile=auto`` says first what it
+    decided and why: ``auto→eager (compile ≈ 120 s cold, …)`` / ``auto→compile (…) · compiled: …``."""
+    auto = summary.get("auto")
+    if auto is not None and not auto.get("compile"):
+        return str(auto.get("text", "auto→eager"))
     if summary.get("fell_back"):
-        return f"compile failed, ran eagerly ({summary.get('fallback_reason') or 'see the console'})"
-    if summary.get("compiles"):
-        return f"compiled: {summary.get('graphs', 0)} graphs in {summary.get('compile_seconds', 0.0):.1f} s"
-    return "compiled (reused)"
+        text = f"compile failed, ran eagerly ({summary.get('fallback_reason') or 'see the console'})"
+    elif summary.get("compiles"):
+        text = f"compiled: {summary.get('graphs', 0)} graphs in {summary.get('compile_seconds', 0.0):.1f} s"
+    else:
+        text = "compiled (reused)"
+    return f"{auto.get('text')} · {text}" if auto is not None else text
 
 
 def compiler_totals() -> dict[str, Any] | None:

@@ -41,6 +41,7 @@ class Compile(str, Enum):
     OFF = "off"
     ON = "on"  # inductor, default mode
     MAX_AUTOTUNE = "max-autotune"  # inductor "max-autotune-no-cudagraphs": longer compile, tuned GPU kernels
+    AUTO = "auto"  # "on" only when the job pays for the compile (lib_optim.compile.auto)
 
 
 class VaeTiling(str, Enum):
@@ -378,7 +379,8 @@ _SPECS: list[FieldSpec] = [
         "Compile UNet blocks",
         "torch.compile the UNet's repeated blocks for this generation: the first generation compiles (tens of "
         "seconds to minutes), later ones with the same model, attention and dtype reuse it and run faster. "
-        "max-autotune compiles longer for tuned GPU kernels.",
+        "max-autotune compiles longer for tuned GPU kernels; auto compiles only when the job's saving (measured "
+        "on this machine, else estimated) outweighs the compile and its extra memory fits.",
         ChoiceKind(Compile),
         bench_values=(Compile.ON,),  # max-autotune's compile alone can outlast the whole benchmark
     ),

@@ -27,3 +27,19 @@ def planner_requests(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[di
         return calls
 
     return spy
+
+
+@pytest.fixture(autouse=True)
+def _compile_auto_memory_in_tmp(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> None:
+    """``compile=auto`` remembers its figures in ``~/.cache``: never from a test (each test gets its own file, and a
+    fresh process planner)."""
+    import hashlib
+
+    from lib_optim.compile import auto
+
+    name = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
+    path = tmp_path_factory.getbasetemp() / f"compile-auto-{name}.json"
+    monkeypatch.setattr(auto, "default_auto_memory_path", lambda: path)
+    auto.get_auto_planner.cache_clear()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib_optim.oom.retry import FallbackStep, infotext_note, is_out_of_memory, next_frugal
-from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, Attention, GenerationSettings, Tri, VaeTiling
+from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, Attention, Compile, GenerationSettings, Tri, VaeTiling
 
 A1111_BACKENDS = (Attention.SDP, Attention.SPLIT, Attention.SUB_QUAD, Attention.XFORMERS, Attention.V1)
 FORGE_BACKENDS = (Attention.SDP, Attention.SPLIT, Attention.SUB_QUAD, Attention.XFORMERS)
@@ -292,3 +292,28 @@ def test_no_tiling_rung_where_the_host_cannot_tile() -> None:
         tiled_vae_fits=True,
     )
     assert step is not None and step.changes == ("vae_on_cpu=on",)
+
+
+# ------------------------------------------------------------------------------------------ compile rung
+
+
+@pytest.mark.parametrize("compile_", [Compile.ON, Compile.MAX_AUTOTUNE, Compile.AUTO])
+def test_compile_is_turned_off_first(compile_: Compile) -> None:
+    """Compile's own buffers (+0.5–4 GB by mode) are the first thing an eager retry does without; ``auto`` too, so
+    that the retry cannot decide to compile."""
+    step = next_frugal(
+        enabled(compile=compile_, attention=Attention.SUB_QUAD),
+        available=A1111_BACKENDS,
+        supports_inference_memory=False,
+        current_attention=Attention.SUB_QUAD,
+    )
+    assert step is not None and step.settings.compile is Compile.OFF
+    assert step.changes == ("compile=off", "vae_on_cpu=on")
+    assert step.reason == "out of memory: retrying once with compile off and the VAE on the CPU"
+
+
+def test_compile_off_is_no_rung() -> None:
+    frugal = enabled(attention=Attention.SUB_QUAD, vae_on_cpu=Tri.ON, compile=Compile.OFF)
+    assert (
+        next_frugal(frugal, available=A1111_BACKENDS, supports_inference_memory=False, current_attention=None) is None
+    )

@@ -897,3 +897,64 @@ def test_compile_unavailable_runs_eagerly_with_one_line(
     assert "compile" not in session.data and "C++ compiler" in session.data["compile_unavailable"]
     assert [r for r in caplog.records if "compile: not available" in r.getMessage()]
     session.restorer.close()
+
+
+@pytest.fixture
+def cpu_from_torch_2_5(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile auto's CPU estimate from torch 2.5 (×1.10), whichever torch runs the test (before 2.5 it is ×1.0)."""
+    from lib_optim.compile import auto
+
+    monkeypatch.setattr(auto, "estimated_speedup", lambda device_type, torch: auto.SPEEDUP_CPU)
+
+
+def test_compile_auto_one_image_runs_eagerly_twenty_compile(
+    world: FakeA1111, adapter: A1111Adapter, eager_compiler: Any, cpu_from_torch_2_5: None
+) -> None:
+    """The job is ``p.steps`` × ``p.n_iter`` × ``p.batch_size`` (docs/hosts.md §7.7: ``state.job_count`` is -1 at
+    the ``process`` hook outside a grid); nothing measured yet on this CPU: 120 s of cold compile against
+    ≈ 0.36 s saved per image-step. The decision and its figures are what infotext's ``Optim compile`` shows."""
+    from lib_optim.runtime import compile_summary, compiled_text
+    from lib_optim.settings import Compile
+
+    world.sd_model.model.diffusion_model = torch.nn.Sequential(ResBlock(), ResBlock())
+    world.shared.state = SimpleNamespace(job_count=-1, job_no=0, processing_has_refined_job_count=False)
+    p = make_p(world, steps=20, n_iter=1, sd_model_hash="0123456789")
+    session = adapter.begin(p, on(compile=Compile.AUTO))
+    assert "compile" not in session.data
+    plan = session.data["compile_auto"]
+    assert plan.job.key.model == "sd15:0123456789" and plan.job.key.attention == "split" and plan.job.images == 1
+    assert compiled_text(compile_summary(session) or {}) == (
+        "auto→eager (compile ≈ 120 s cold, estimated; saves ≈ 0.36 s/step × 20 steps = 7 s, estimated)"
+    )
+    session.restorer.close()
+
+    p = make_p(world, steps=20, n_iter=10)
+    p.batch_size = 2
+    session = adapter.begin(p, on(compile=Compile.AUTO))
+    assert "compile" in session.data and session.data["compile_auto"].job.images == 20
+    assert compiled_text(compile_summary(session) or {}).startswith(
+        "auto→compile (compile ≈ 120 s cold, estimated; saves ≈ 0.36 s/step × 400 steps (20 images) = 145 s"
+    )
+    session.restorer.close()
+    assert all("forward" not in vars(b) for b in world.sd_model.model.diffusion_model)
+
+
+def test_compile_auto_counts_the_cells_left_in_an_xyz_grid(
+    world: FakeA1111, adapter: A1111Adapter, eager_compiler: Any, cpu_from_torch_2_5: None
+) -> None:
+    """X/Y/Z sets ``state.job_count`` for the whole grid before its first cell (scripts/xyz_grid.py:296), each
+    batch then counts one ``job_no`` (modules/processing.py:1014), and txt2img's ``init`` doubles the count once
+    for hires fix (:1290-1299): a one-image cell compiles when twenty cells follow."""
+    from lib_optim.hosts.base import job_images
+    from lib_optim.settings import Compile
+
+    world.sd_model.model.diffusion_model = torch.nn.Sequential(ResBlock())
+    world.shared.state = SimpleNamespace(job_count=20, job_no=0, processing_has_refined_job_count=False)
+    session = adapter.begin(make_p(world, steps=20, n_iter=1), on(compile=Compile.AUTO))
+    assert session.data["compile_auto"].job.images == 20 and "compile" in session.data
+    session.restorer.close()
+    hires = SimpleNamespace(batch_size=2, n_iter=1, enable_hr=True)
+    refined = SimpleNamespace(job_count=40, job_no=10, processing_has_refined_job_count=True)
+    assert job_images(hires, refined) == 15 * 2
+    assert job_images(SimpleNamespace(batch_size=1, n_iter=3), SimpleNamespace(job_count=4, job_no=3)) == 3
+    assert job_images(SimpleNamespace(), None) == 1

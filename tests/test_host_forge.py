@@ -766,3 +766,42 @@ def test_directml_offers_only_what_runs_there(forge: SimpleNamespace) -> None:
     session = forge.adapter.begin(forge.p, on(attention=Attention.AUTO))
     assert session.attention_used in ("split", "sub-quad")
     session.restorer.close()
+
+
+# --------------------------------------------------------------------------------------------- compile auto
+
+
+class ResBlock(torch.nn.Module):
+    """Named like backend/nn/unet.py's ResBlock, a block regional compile selects (docs/hosts.md §6.3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+def test_compile_auto_counts_the_grid_and_compiles_when_it_pays(
+    forge: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forge f2's X/Y/Z sets ``shared.state.job_count`` for the grid before its first cell (scripts/xyz_grid.py:320;
+    docs/hosts.md §7.7): a one-image cell compiles when twenty cells are left, and runs eagerly on its own."""
+    from lib_optim.compile import RegionalCompiler, auto
+    from lib_optim.settings import Compile
+
+    compiler = RegionalCompiler(backend="eager")
+    monkeypatch.setattr("lib_optim.compile.get_compiler", lambda: compiler)  # the face the adapter reads
+    monkeypatch.setattr(auto, "estimated_speedup", lambda device_type, torch: auto.SPEEDUP_CPU)  # any torch
+    shared = make_module(monkeypatch, "modules.shared")
+    shared.state = SimpleNamespace(job_count=-1, job_no=0, processing_has_refined_job_count=False)
+    forge.kmodel.diffusion_model = torch.nn.Sequential(ResBlock(), ResBlock())
+    forge.p.steps, forge.p.n_iter = 20, 1
+    session = forge.adapter.begin(forge.p, on(compile=Compile.AUTO))
+    assert "compile" not in session.data and session.data["compile_auto"].job.images == 1
+    session.restorer.close()
+    shared.state.job_count = 20
+    session = forge.adapter.begin(forge.p, on(compile=Compile.AUTO))
+    assert "compile" in session.data and session.data["compile_auto"].decision.compile
+    session.restorer.close()
+    assert all("forward" not in vars(b) for b in forge.kmodel.diffusion_model)

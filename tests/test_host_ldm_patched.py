@@ -954,3 +954,36 @@ def test_registry_bindings_exist_in_the_hosts_code(kind: HostKind) -> None:
         assert f"\n{name} = " in unet
     for name in VAE_FUNCTIONS:
         assert f"\ndef {name}(" in vae
+
+
+# --------------------------------------------------------------------------------------------- compile auto
+
+
+class ResBlock(torch.nn.Module):
+    """Named like ldm_patched's openaimodel.ResBlock, a block regional compile selects (docs/hosts.md §6.5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+def test_compile_auto_one_image_eager_twenty_compiled(host: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job is ``steps`` × ``n_iter`` × ``batch_size`` outside a grid (docs/hosts.md §7.7)."""
+    from lib_optim.compile import RegionalCompiler, auto
+    from lib_optim.settings import Compile
+
+    compiler = RegionalCompiler(backend="eager")
+    monkeypatch.setattr("lib_optim.compile.get_compiler", lambda: compiler)  # the face the adapter reads
+    monkeypatch.setattr(auto, "estimated_speedup", lambda device_type, torch: auto.SPEEDUP_CPU)  # any torch
+    host.base_model.diffusion_model = torch.nn.Sequential(ResBlock())
+    host.p.steps, host.p.n_iter = 20, 1
+    session = host.adapter.begin(host.p, on(compile=Compile.AUTO))
+    assert "compile" not in session.data and not session.data["compile_auto"].decision.compile
+    session.restorer.close()
+    host.p.n_iter = 20
+    session = host.adapter.begin(host.p, on(compile=Compile.AUTO))
+    assert "compile" in session.data and session.data["compile_auto"].job.images == 20
+    session.restorer.close()

@@ -1,23 +1,49 @@
-"""Regional torch.compile: each UNet/DiT block compiled on its own, reused, restored exactly."""
+"""Regional torch.compile: each UNet/DiT block compiled on its own, reused, restored exactly; ``compile=auto``
+compiles only when the job pays for it."""
 
 from __future__ import annotations
 
+from lib_optim.compile.auto import (
+    AutoDecision,
+    AutoJob,
+    AutoKey,
+    AutoMemory,
+    AutoPlanner,
+    AutoRecord,
+    AutoRun,
+    decide,
+    default_auto_memory_path,
+    get_auto_planner,
+    make_job,
+)
 from lib_optim.compile.availability import compile_availability
 from lib_optim.compile.blocks import default_block_names
 from lib_optim.compile.region import RegionPatch
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
-from lib_optim.compile.session import CompileRegion, compile_blocks
+from lib_optim.compile.session import AUTO_DATA_KEY, CompileRegion, compile_blocks
 from lib_optim.compile.traceable import FrozenFreeMemory, einops_namespace, einops_stand_in
 
 __all__ = [
+    "AUTO_DATA_KEY",
+    "AutoDecision",
+    "AutoJob",
+    "AutoKey",
+    "AutoMemory",
+    "AutoPlanner",
+    "AutoRecord",
+    "AutoRun",
     "CompileRegion",
     "FrozenFreeMemory",
     "RegionPatch",
     "RegionalCompiler",
     "compile_availability",
     "compile_blocks",
+    "decide",
+    "default_auto_memory_path",
     "default_block_names",
     "einops_namespace",
     "einops_stand_in",
+    "get_auto_planner",
     "get_compiler",
+    "make_job",
 ]

@@ -524,7 +524,7 @@ class A1111Adapter(HostBase):
                 for n in loaded
             )
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
-        self.compile_blocks(session, unet, key=key, device=device, region=self._compile_region(unet))
+        self.compile_blocks(session, unet, key=key, device=device, p=p, region=self._compile_region(unet))
 
     def _compile_region(self, unet: Any) -> CompileRegion:
         """What keeps A1111's block code traceable (docs/hosts.md §6.10): our einops, its ``CondFunc`` s resolved,

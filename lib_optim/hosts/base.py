@@ -53,6 +53,8 @@ class HostBase(HostAdapter):
         device = getattr(sys.modules.get("modules.devices"), "device", None)
         return getattr(device, "type", None) if device is not None else None
 
+    _modules: HostModules
+
     def compile_blocks(
         self,
         session: Session,
@@ -62,13 +64,28 @@ class HostBase(HostAdapter):
         device: Any,
         blocks: Any = None,
         label: str = "UNet",
+        p: Any = None,
         region: Any = None,
     ) -> None:
-        """:func:`lib_optim.compile.compile_blocks` for this adapter's ``apply_compile``, with the compiler the wing's
-        face gives now. ``region``: the host's :class:`lib_optim.compile.CompileRegion`."""
-        compiler = regional_compile.get_compiler()
+        """:func:`lib_optim.compile.compile_blocks` for this adapter's ``apply_compile``, with the compiler and the
+        ``auto`` planner the wing's face gives now, and the job of the generation ``p`` (:func:`compile_job`). ``region``: the host's
+        :class:`lib_optim.compile.CompileRegion`."""
+        job = None
+        if p is not None:
+            job = compile_job(
+                p, session, self._modules.loaded("modules.devices"), self._modules.loaded("modules.shared")
+            )
         regional_compile.compile_blocks(
-            session, root, key=key, device=device, blocks=blocks, label=label, compiler=compiler, region=region
+            session,
+            root,
+            key=key,
+            device=device,
+            blocks=blocks,
+            label=label,
+            compiler=regional_compile.get_compiler(),
+            job=job,
+            planner=regional_compile.get_auto_planner(),
+            region=region,
         )
 
     def tiled_vae_fits(self, p: Any) -> bool | None:
@@ -148,3 +165,53 @@ def auto_attention_request(p: Any, devices: Any, *, budget_mb: int | None = None
         "free_mb": free_mb,
         "budget_mb": budget_mb if device.type != "cpu" else None,
     }
+
+
+def job_images(p: Any, state: Any) -> int:
+    """The images the job ahead makes, as the hosts count jobs (one job = one batch of ``batch_size`` images; all
+    four hosts alike, docs/hosts.md §7.7): ``state.job_count`` is -1 when our ``process`` hook runs for a single
+    generation, or the whole X/Y/Z grid's (or img2img batch's) job count, of which ``state.job_no`` are done;
+    a hires job counts twice once the first cell's ``init`` refined the count."""
+    batch = max(1, int(getattr(p, "batch_size", 1) or 1))
+    jobs = max(1, int(getattr(p, "n_iter", 1) or 1))
+    count = getattr(state, "job_count", -1)
+    done = getattr(state, "job_no", 0)
+    if isinstance(count, int) and isinstance(done, int) and count > 0:
+        left = count - done
+        if getattr(p, "enable_hr", False) and getattr(state, "processing_has_refined_job_count", False):
+            left //= 2
+        jobs = max(jobs, left)
+    return jobs * batch
+
+
+def compile_job(p: Any, session: Session, devices: Any, shared: Any) -> Any:
+    """The :class:`lib_optim.compile.AutoJob` of the generation ``p`` — its largest pass's size, batch, family,
+    device and free memory (:func:`auto_attention_request`), steps (a hires job: the hires steps at the hires size
+    plus the first pass's, docs/hosts.md §7.2), images (:func:`job_images`), the model's hash (``p.sd_model_hash``,
+    set before the ``process`` hook, §7.7), the attention that runs and the UNet's dtype; None when it cannot be
+    told (then ``auto`` runs eagerly)."""
+    try:
+        import torch
+
+        request = auto_attention_request(p, devices)
+        steps = max(1, int(getattr(p, "steps", 20) or 20))
+        first_pass = None
+        if getattr(p, "enable_hr", False):
+            hires_steps = int(getattr(p, "hr_second_pass_steps", 0) or 0) or steps
+            first_pass = (int(getattr(p, "width", 512) or 512), int(getattr(p, "height", 512) or 512), steps)
+            steps = hires_steps
+        model = getattr(p, "sd_model_hash", None) or getattr(getattr(p, "sd_model", None), "sd_model_hash", None)
+        dtype = getattr(devices, "dtype_unet", None)
+        return regional_compile.make_job(
+            request,
+            device=torch.device(getattr(devices, "device", None) or "cpu"),
+            steps=steps,
+            images=job_images(p, getattr(shared, "state", None)),
+            model=str(model or ""),
+            attention=session.attention_used,
+            dtype=str(dtype).removeprefix("torch.") if dtype is not None else "",
+            first_pass=first_pass,
+        )
+    except (ImportError, RuntimeError, OSError, ValueError, TypeError) as exc:
+        log.debug("compile auto: the job is unknown (%s)", exc, exc_info=True)
+        return None

@@ -303,7 +303,7 @@ class ForgeAdapter(ForgeFamilyAdapter):
             if name != "backend.nn.chroma"
         )
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
-        self.compile_blocks(session, model, key=key, device=device, region=self.compile_region("forge"))
+        self.compile_blocks(session, model, key=key, device=device, p=p, region=self.compile_region("forge"))
 
     # inference memory ------------------------------------------------------------------------------------
 

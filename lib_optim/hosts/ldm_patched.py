@@ -453,7 +453,7 @@ class LdmPatchedAdapter(ForgeFamilyAdapter):
         attn = self._modules.loaded(ATTENTION)
         key = (getattr(attn, "optimized_attention", None), getattr(attn, "optimized_attention_masked", None))
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
-        self.compile_blocks(session, unet, key=key, device=device, region=self.compile_region("ldm_patched"))
+        self.compile_blocks(session, unet, key=key, device=device, p=p, region=self.compile_region("ldm_patched"))
 
     # inference memory ------------------------------------------------------------------------------------
 

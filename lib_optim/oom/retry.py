@@ -6,6 +6,9 @@ fails again would be a wasted generation. The caller retries once and never loop
 
 The ladder, all applied together where they apply:
 
+0. compile off, first: compile (``on``, ``max-autotune``, or ``auto``, which may decide to compile) adds its own
+   buffers and workspace (+0.5–4 GB by mode, :data:`lib_optim.compile.auto.COMPILE_EXTRA_MB`), and an eager
+   retry needs none of it;
 1. attention → the most frugal backend that is available and more frugal than the one in use (the
    registry's ``frugal_rank``: sub-quad, the smallest attention footprint, then split);
 2. the VAE tiled (``vae_tiling=on``) where the host supports it, tiling is not already on and the tiled decode
@@ -27,7 +30,7 @@ from typing import Any
 
 from lib_optim.attention import Attention, frugal_order
 from lib_optim.log import get_logger
-from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, GenerationSettings, Tri, VaeTiling
+from lib_optim.settings import INFERENCE_MEMORY_MAX_MB, Compile, GenerationSettings, Tri, VaeTiling
 from lib_optim.telemetry import is_out_of_memory
 
 log = get_logger(__name__)
@@ -73,6 +76,10 @@ def next_frugal(
     base = settings if settings.enabled else GenerationSettings(enabled=True)
     changes: dict[str, Any] = {}
     said: list[str] = []
+
+    if base.compile is not Compile.OFF:
+        changes["compile"] = Compile.OFF
+        said.append("compile off")
 
     attention = _frugal_attention(base, available, current_attention)
     if attention is not None:
@@ -123,7 +130,7 @@ def _more_inference_memory(base: GenerationSettings, current: int | None, total:
 
 
 def _value_text(value: object) -> str:
-    return str(value.value) if isinstance(value, (Attention, Tri, VaeTiling)) else str(value)
+    return str(value.value) if isinstance(value, (Attention, Compile, Tri, VaeTiling)) else str(value)
 
 
 def _join(items: list[str]) -> str:
