@@ -38,7 +38,7 @@ class SharedGraphBackend:
         import torch
 
         if inner is None:
-            inner = torch._TorchCompileInductorWrapper(mode, None, dynamic)  # type: ignore[attr-defined]
+            inner = torch._TorchCompileInductorWrapper(mode, None, dynamic)
         elif isinstance(inner, str):
             from torch._dynamo.backends.registry import lookup_backend
 

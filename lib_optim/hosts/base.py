@@ -68,8 +68,8 @@ class HostBase(HostAdapter):
         region: Any = None,
     ) -> None:
         """:func:`lib_optim.compile.compile_blocks` for this adapter's ``apply_compile``, with the compiler and the
-        ``auto`` planner the wing's face gives now, and the job of the generation ``p`` (:func:`compile_job`). ``region``: the host's
-        :class:`lib_optim.compile.CompileRegion`."""
+        ``auto`` planner the wing's face gives now, and the job of the generation ``p`` (:func:`compile_job`).
+        ``region``: the host's :class:`lib_optim.compile.CompileRegion`."""
         job = None
         if p is not None:
             job = compile_job(
