@@ -45,11 +45,17 @@ def _quiet_backend_change_warning() -> None:
     warnings.filterwarnings("ignore", message=r"changing options to `torch\.compile\(\)`", category=UserWarning)
 
 
-def _dynamo_counts() -> tuple[int, int, int]:
-    """(frames compiled, frames attempted, unique graphs) so far in this process."""
+def _dynamo_counts() -> tuple[int, int, int, int]:
+    """(frames compiled, frames attempted, unique graphs, graph breaks) so far in this process."""
     from torch._dynamo.utils import counters
 
-    return (int(counters["frames"]["ok"]), int(counters["frames"]["total"]), int(counters["stats"]["unique_graphs"]))
+    breaks = sum(int(n) for n in counters["graph_break"].values())
+    return (
+        int(counters["frames"]["ok"]),
+        int(counters["frames"]["total"]),
+        int(counters["stats"]["unique_graphs"]),
+        breaks,
+    )
 
 
 def _shares_across_instances() -> bool:

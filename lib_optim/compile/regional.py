@@ -179,9 +179,11 @@ class CompileStats:
     """What one application did. Seconds are from the compiler's clock.
 
     ``compiles``: dynamo frames compiled during this application (a graph break adds frames);
-    ``graphs``: graphs dynamo produced; ``process_compiles``: frames compiled by this compiler in this
-    process, this application included. ``compile_seconds``: wall time of the calls that triggered a
-    compile (compile plus that run); ``run_seconds``: the other compiled calls.
+    ``graphs``: graphs dynamo produced (``shared_graphs`` of them reused another block's compiled code,
+    torch < 2.5); ``graph_breaks``: dynamo's graph breaks (0 when every block is one graph);
+    ``process_compiles``: frames compiled by this compiler in this process, this application included.
+    ``compile_seconds``: wall time of the calls that triggered a compile (compile plus that run);
+    ``run_seconds``: the other compiled calls.
     """
 
     mode: str = "off"
@@ -196,6 +198,8 @@ class CompileStats:
     compile_seconds: float = 0.0
     run_seconds: float = 0.0
     eager_frames: int = 0
+    graph_breaks: int = 0
+    shared_graphs: int = 0
     limit_hits: int = 0
     rebuilt_for_weights: int = 0
     fell_back: bool = False
@@ -349,7 +353,7 @@ class Application:
             self.compiler._announce(self)
         clock = self.compiler.clock
         hits_before = self._watcher.hits if self._watcher else 0
-        ok0, total0, graphs0 = _dynamo_counts()
+        before = (*_dynamo_counts(), self.compiler._shared_reuses())
         start = clock()
         try:
             with specialisable(slot.block), patched(self.patches):
@@ -358,11 +362,11 @@ class Application:
                 else:
                     out = compiled.fn(type(slot.block).forward, slot.block, *args, **kwargs)
         except Exception as exc:
-            self._account(start, ok0, total0, graphs0)
+            self._account(start, before)
             if is_out_of_memory(exc):
                 raise  # not a compile problem: the extension's OOM retry handles it
             return self._fall_back(slot, exc, args, kwargs)
-        self._account(start, ok0, total0, graphs0)
+        self._account(start, before)
         self.stats.calls += 1
         slot.compiled_calls += 1
         if self._watcher is not None and self._watcher.hits > hits_before:
@@ -387,9 +391,12 @@ class Application:
             return True
         return self.compiler._weights_seen.get(slot.block, _MISSING) != token
 
-    def _account(self, start: float, ok0: int, total0: int, graphs0: int) -> None:
+    def _account(self, start: float, before: tuple[int, ...]) -> None:
         elapsed = self.compiler.clock() - start
-        ok1, total1, graphs1 = _dynamo_counts()
+        ok0, total0, graphs0, breaks0, shared0 = before
+        ok1, total1, graphs1, breaks1 = _dynamo_counts()
+        self.stats.graph_breaks += breaks1 - breaks0
+        self.stats.shared_graphs += self.compiler._shared_reuses() - shared0
         compiled = ok1 - ok0
         if compiled > 0:
             self.stats.compiles += compiled
@@ -687,6 +694,9 @@ class RegionalCompiler:
         _quiet_backend_change_warning()
         compiled = torch.compile(fn, **kwargs)
         return _Compiled(compiled, fn.__code__, name)
+
+    def _shared_reuses(self) -> int:
+        return sum(backend.reused for backend in self._sharing.values())
 
     def _shared_backend(self, app: Application) -> SharedGraphBackend:
         key = (app.mode, app.dynamic, self.backend)
