@@ -355,7 +355,7 @@ def _webui_user_path(root: Path | None) -> str:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from lib_optim.gpu import probe_system
-    from lib_optim.launch import nvidia_on_pci_bus, run_doctor
+    from lib_optim.launch import doctor_json, gpu_lines, nvidia_on_pci_bus, run_doctor
 
     choice = resolve_host(args.host, args.file.parent if args.file else None)
     if args.file is None and (found := webui_user_file(choice.root, windows=sys.platform == "win32")):
@@ -368,7 +368,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     system = probe_system()
     nvidia_present = nvidia_on_pci_bus()
     reports = [
-        run_doctor(host, system, args=launch.argv, env=env, pci=lambda: nvidia_present, webui_root=choice.root)
+        run_doctor(
+            host,
+            system,
+            args=launch.argv,
+            env=env,
+            pci=lambda: nvidia_present,
+            webui_root=choice.root,
+            launcher_vars=launch.file_vars,
+        )
         for host in hosts
     ]
     # doctor runs the checker on argv and env alone: the file's own findings join here
@@ -376,32 +384,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     worst = max(exit_code(f) for f in findings.values())
     first = reports[0]
     if args.json:
-        if choice.kind is not None:
-            data = {**first.to_dict(), "findings": [f.to_dict() for f in findings[first.host]]}
-        else:
-            data = {
-                "host": None,
-                "hosts": [h.value for h in hosts],
-                "note": note,
-                "system": system.to_dict(),
-                "findings": [_host_dict(f, r.host) for r in reports for f in findings[r.host]],
-                "recommended_profile": {
-                    "name": first.profile,
-                    "reason": first.profile_reason,
-                    "by_host": {
-                        r.host.value: {
-                            "flags": list(r.profile_flags),
-                            "env": dict(r.profile_env),
-                            "commandline": r.commandline,
-                        }
-                        for r in reports
-                    },
-                },
-                "hint": first.hint,
-            }
-        _out(json.dumps(data, indent=2))
+        _out(json.dumps(doctor_json(reports, findings, None if choice.kind is not None else note), indent=2))
         return worst
     _out(system.format_text())
+    for line in gpu_lines(reports):
+        _out(line)
     _out("")
     if choice.kind is None:
         _out(note)
@@ -411,8 +398,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         _out("")
     _out(f"Recommended profile: {first.profile} ({first.profile_reason})")
     for r in reports:
-        if choice.kind is None:
-            _out(f"On {r.host.display_name}:")
+        if choice.kind is None:  # the profile differs where a host's GPU flag picks another card
+            _out(
+                f"On {r.host.display_name}:"
+                + (f" {r.profile} ({r.profile_reason})" if r.profile != first.profile else "")
+            )
         if r.commandline:
             _out(r.commandline)
         else:
@@ -424,7 +414,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if r.commandline:  # exactly what was shown: --host always (the file may lie outside any checkout)
             directml = " --directml" if r.directml else ""
             _out(
-                f"Write it with: python -m lib_optim profile apply {first.profile} "
+                f"Write it with: python -m lib_optim profile apply {r.profile} "
                 f"--file {_webui_user_path(choice.root)} --host {r.host.value}{directml}"
             )
     if first.hint:

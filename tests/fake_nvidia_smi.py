@@ -1,10 +1,12 @@
 """A stand-in for ``nvidia-smi`` on the PATH: an executable script that answers ``--query-gpu`` as the real one does.
 
 The real tool prints one line per GPU, the asked fields in order, separated by ", " (``--format=csv,noheader,nounits``:
-memory in MiB without the unit), e.g. ``0, NVIDIA GeForce RTX 3060, 12288, 11893, 550.54.14, 8.6``. Drivers before
-510 refuse the ``compute_cap`` field (``Field "compute_cap" is not a valid field to query.``, exit status 2); a driver
-it cannot reach makes it print ``NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver...``
-and exit with status 9.
+memory in MiB without the unit), e.g. ``0, NVIDIA GeForce RTX 3060, 12288, 11893, 550.54.14, 8.6``; ``uuid`` is
+``GPU-`` and 32 hex digits in 5 groups, ``pci.bus_id`` ``00000000:01:00.0``. A field it does not know makes it refuse
+the whole query with ``Field "compute_cap" is not a valid field to query.`` on stdout and exit status 2 (drivers
+before 510 do not know ``compute_cap``); a driver it cannot reach makes it print ``NVIDIA-SMI has failed because it
+couldn't communicate with the NVIDIA driver...`` and exit with status 9. ``hang_s`` imitates a wedged driver: it
+sleeps before answering (writing its pid to ``pid_file`` first).
 """
 
 from __future__ import annotations
@@ -19,20 +21,36 @@ FAILED_DRIVER = (
     "NVIDIA driver is installed and running."
 )
 
-_SCRIPT = """import json, sys
+_SCRIPT = """import json, os, sys, time
 config = json.loads({config!r})
+if config["pid_file"]:
+    with open(config["pid_file"], "w") as f:
+        f.write(str(os.getpid()))
+time.sleep(config["hang_s"])
 if config["fail"]:
     print(config["fail"])
     sys.exit(9)
 query = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--query-gpu=")), "")
 fields = query.split(",")
-if "compute_cap" in fields and config["old_driver"]:
-    print('Field "compute_cap" is not a valid field to query.')
-    sys.exit(2)
+for field in fields:
+    if field in config["unknown_fields"]:
+        print('Field "%s" is not a valid field to query.' % field)
+        print()
+        sys.exit(2)
 for index, gpu in enumerate(config["gpus"]):
     row = dict(gpu, index=str(index))
     print(", ".join(row[f] for f in fields))
 """
+
+
+def fake_uuid(index: int) -> str:
+    """The UUID the fake gives GPU ``index``."""
+    return f"GPU-{index:08x}-1111-2222-3333-444455556666"
+
+
+def fake_bus_id(index: int) -> str:
+    """The PCI bus id the fake gives GPU ``index`` (one bus per GPU, in index order, as nvidia-smi numbers them)."""
+    return f"00000000:{index + 1:02X}:00.0"
 
 
 def write_fake_nvidia_smi(
@@ -41,15 +59,38 @@ def write_fake_nvidia_smi(
     *,
     fail: str = "",
     old_driver: bool = False,
+    unknown_fields: tuple[str, ...] = (),
+    hang_s: float = 0.0,
+    pid_file: Path | None = None,
 ) -> Path:
-    """Write ``folder/nvidia-smi`` answering for ``gpus`` as (name, total MiB, free MiB, driver, compute cap)."""
+    """Write ``folder/nvidia-smi`` answering for ``gpus`` as (name, total MiB, free MiB, driver, compute cap).
+
+    ``old_driver``: a driver before 510 (it does not know ``compute_cap``); ``unknown_fields``: more fields it
+    refuses."""
     rows = [
-        {"name": n, "memory.total": str(t), "memory.free": str(f), "driver_version": d, "compute_cap": c}
-        for n, t, f, d, c in (
+        {
+            "name": n,
+            "memory.total": str(t),
+            "memory.free": str(f),
+            "driver_version": d,
+            "compute_cap": c,
+            "uuid": fake_uuid(i),
+            "pci.bus_id": fake_bus_id(i),
+        }
+        for i, (n, t, f, d, c) in enumerate(
             gpus if gpus is not None else [("NVIDIA GeForce RTX 3060", 12288, 11893, "550.54.14", "8.6")]
         )
     ]
-    config = json.dumps({"gpus": rows, "fail": fail, "old_driver": old_driver})
+    unknown = [*unknown_fields, *(["compute_cap"] if old_driver else [])]
+    config = json.dumps(
+        {
+            "gpus": rows,
+            "fail": fail,
+            "unknown_fields": unknown,
+            "hang_s": hang_s,
+            "pid_file": str(pid_file) if pid_file else "",
+        }
+    )
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "nvidia-smi"
     script.write_text(f"#!{sys.executable}\n" + _SCRIPT.format(config=config), encoding="utf-8")

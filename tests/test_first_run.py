@@ -90,7 +90,7 @@ def test_readme_first_command_in_a_fresh_clone(clone: Path, bare_python_bin: Pat
     assert "Traceback" not in result.stderr, result.stderr
     out = result.stdout
     assert out.startswith("Python   ")
-    assert "torch    not available" in out
+    assert "torch    not installed in this Python" in out
     assert f"No WebUI checkout found around {clone.resolve()}: showing " in out
     assert "Recommended profile: " in out
     assert "-m lib_optim doctor" in out  # which Python to run for exact figures

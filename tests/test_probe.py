@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_nvidia_smi import FAILED_DRIVER, skip_reason, write_fake_nvidia_smi
+from fake_nvidia_smi import FAILED_DRIVER, fake_bus_id, fake_uuid, skip_reason, write_fake_nvidia_smi
 from fake_nvml import FakeMemory, FakeNVMLError, fake_pynvml, names, names_missing_from
 
 from lib_optim.gpu import nvidia_smi
@@ -194,7 +196,7 @@ def test_torch_absent(no_torch: None, no_nvml: None) -> None:
     assert "torch not installed" in facts.notes
     assert facts.gpus == ()
     assert facts.gpu_source == "none"
-    assert "torch    not available" in facts.format_text()
+    assert "torch    not installed in this Python" in facts.format_text()
     json.dumps(facts.to_dict())
 
 
@@ -501,8 +503,12 @@ def test_nvidia_smi_reads_gpus_and_driver(tmp_path: Path) -> None:
     assert reply == DriverReply(
         "550.54.14",
         (
-            GpuInfo(0, "NVIDIA GeForce RTX 3060", "nvidia", 12288, 11893, (8, 6), "nvidia-smi"),
-            GpuInfo(1, "NVIDIA A100-SXM4-80GB", "nvidia", 81920, 81000, (8, 0), "nvidia-smi"),
+            GpuInfo(
+                0, "NVIDIA GeForce RTX 3060", "nvidia", 12288, 11893, (8, 6), "nvidia-smi", fake_uuid(0), fake_bus_id(0)
+            ),
+            GpuInfo(
+                1, "NVIDIA A100-SXM4-80GB", "nvidia", 81920, 81000, (8, 0), "nvidia-smi", fake_uuid(1), fake_bus_id(1)
+            ),
         ),
     )
     assert notes == []
@@ -515,6 +521,47 @@ def test_nvidia_smi_of_an_old_driver_without_compute_cap(tmp_path: Path) -> None
     assert reply is not None
     assert reply.driver == "470.82.01"
     assert [(g.name, g.total_mb, g.compute_capability) for g in reply.gpus] == [("Tesla P40", 24576, None)]
+
+
+@needs_fake_smi
+def test_nvidia_smi_asked_again_without_each_field_it_refuses(tmp_path: Path) -> None:
+    # issue 15 §3: a refused field is asked again without it, whichever field it is, instead of "no GPU".
+    write_fake_nvidia_smi(
+        tmp_path, [("Tesla P40", 24576, 24000, "470.82.01", "6.1")], old_driver=True, unknown_fields=("pci.bus_id",)
+    )
+    notes: list[str] = []
+    reply = probe_nvidia_smi(notes, DriverAccess(path=str(tmp_path)))
+    assert reply is not None and reply.error is None
+    (gpu,) = reply.gpus
+    assert (gpu.name, gpu.total_mb, gpu.compute_capability, gpu.uuid, gpu.pci_bus_id) == (
+        "Tesla P40",
+        24576,
+        None,
+        fake_uuid(0),
+        None,
+    )
+    assert notes == []
+
+
+@needs_fake_smi
+def test_a_hung_nvidia_smi_is_a_hung_driver_within_the_timeout(tmp_path: Path) -> None:
+    # issue 15 §3: a wedged driver makes nvidia-smi hang; it is killed after the timeout, with that diagnosis.
+    pid_file = tmp_path / "pid"
+    write_fake_nvidia_smi(tmp_path / "bin", hang_s=60, pid_file=pid_file)
+    notes: list[str] = []
+    started = time.monotonic()
+    reply = probe_nvidia_smi(notes, DriverAccess(path=str(tmp_path / "bin"), timeout_s=0.5))
+    assert time.monotonic() - started < 30  # far below the fake's 60 s: it was not waited for
+    diagnosis = "nvidia-smi did not answer within 0.5 s: the NVIDIA driver looks hung — reboot, or reinstall the driver"
+    assert reply == DriverReply(error=diagnosis, hung=True)
+    assert notes == [diagnosis]
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
+        os.kill(pid, 0)
+
+
+def test_nvidia_smi_waits_a_few_seconds_by_default() -> None:
+    assert DriverAccess().timeout_s <= 10
 
 
 @needs_fake_smi

@@ -120,6 +120,28 @@ def test_a1111_profile_keeps_the_users_allocator_setting(a1111, monkeypatch):
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
+def test_auto_profile_is_for_the_gpu_this_webui_runs_on(a1111, monkeypatch, capsys):
+    # issue 15 §3: --device-id 1 runs A1111 on cuda:1, here the 12 GB card (CUDA numbers the 4090 first)
+    import lib_optim.gpu
+    import lib_optim.launch
+    from lib_optim.gpu import GpuInfo, SystemFacts
+
+    _, runtime = a1111
+    gpus = (
+        GpuInfo(0, "NVIDIA GeForce RTX 3060", "nvidia", 12288, None, (8, 6), "nvml", "GPU-a", "00000000:01:00.0"),
+        GpuInfo(1, "NVIDIA GeForce RTX 4090", "nvidia", 24564, None, (8, 9), "nvml", "GPU-b", "00000000:02:00.0"),
+    )
+    system = SystemFacts("3.10.14", "Linux", None, None, False, None, "550.54.14", gpus, "nvml", ())
+    monkeypatch.setattr(lib_optim.gpu, "probe_system", lambda *a, **k: system)
+    monkeypatch.setattr(lib_optim.launch, "nvidia_on_pci_bus", lambda *a, **k: True)
+    for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["launch.py", "--device-id", "1", "--optim-profile", "auto", "--optim-no-check"])
+    startup.preload(host_parser())
+    assert runtime.startup_profile == "12gb"
+    assert "--optim-profile auto: 12gb (for the NVIDIA GeForce RTX 3060 (12288 MB))" in capsys.readouterr().err
+
+
 def test_bad_profile_name_is_reported_not_raised(a1111, monkeypatch, capsys):
     _, runtime = a1111
     monkeypatch.setattr(sys, "argv", ["launch.py", "--optim-profile", "9gb", "--optim-no-check"])

@@ -49,6 +49,11 @@ class XformersInfo:
 
 @dataclass(frozen=True)
 class GpuInfo:
+    """One GPU. ``index``: its number in the source's list (NVML and nvidia-smi: PCI bus order over every GPU, as
+    nvidia-smi shows them; torch: ``cuda:index`` in the probing process). ``uuid`` (``GPU-…``) and ``pci_bus_id``
+    (``00000000:01:00.0``) when the driver told them: they place the card in CUDA's numbering
+    (:mod:`lib_optim.gpu.visible`)."""
+
     index: int
     name: str
     vendor: Vendor
@@ -56,6 +61,8 @@ class GpuInfo:
     free_mb: int | None
     compute_capability: tuple[int, int] | None
     source: GpuSource
+    uuid: str | None = None
+    pci_bus_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class SystemFacts:
     # or when nothing here could ask it (no pynvml, no nvidia-smi, not Linux).
     nvidia_driver_error: str | None = None
     nvidia_driver_source: Literal["nvml", "nvidia-smi", "proc"] | None = None
+    # nvidia-smi hung: a driver is installed and stuck, so an NVIDIA GPU is there even where nothing else says so.
+    nvidia_driver_hung: bool = False
 
     def best_gpu_memory_mb(self) -> int | None:
         """Total MB of the GPU with the most memory, or ``None`` when no GPU reports its size."""
@@ -108,7 +117,7 @@ class SystemFacts:
 
 def _format_torch(info: TorchInfo | None) -> str:
     if info is None:
-        return "not available"
+        return "not installed in this Python"
     parts = [info.version or "unknown version"]
     if info.cuda:
         parts.append(f"CUDA {info.cuda}")
@@ -187,3 +196,4 @@ class DriverReply:
     driver: str | None = None
     gpus: tuple[GpuInfo, ...] = ()
     error: str | None = None
+    hung: bool = False  # the driver did not answer in time (nvidia-smi timed out)

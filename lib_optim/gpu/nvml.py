@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lib_optim.gpu.facts import _MB, DriverReply, GpuInfo, _describe
@@ -105,4 +106,15 @@ def _nvml_gpu(pynvml: Any, index: int, notes: list[str]) -> GpuInfo:
         free_mb=free_mb,
         compute_capability=capability,
         source="nvml",
+        uuid=_optional(lambda: _text(pynvml.nvmlDeviceGetUUID(handle)), "nvmlDeviceGetUUID", index),
+        pci_bus_id=_optional(lambda: _text(pynvml.nvmlDeviceGetPciInfo(handle).busId), "nvmlDeviceGetPciInfo", index),
     )
+
+
+def _optional(read: Callable[[], str], what: str, index: int) -> str | None:
+    """An identifier that only places the card in CUDA's numbering (lib_optim.gpu.visible): None when unreadable."""
+    try:
+        return read() or None
+    except Exception:  # an old driver or pynvml without it: the card is still there
+        log.debug("%s(%d) failed", what, index, exc_info=True)
+        return None

@@ -98,6 +98,7 @@ def probe_system(
         notes=tuple(notes),
         nvidia_driver_error=driver_error,
         nvidia_driver_source=driver_source,
+        nvidia_driver_hung=any(reply.hung for _, reply in replies),
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 
 AttentionBinding = Literal["a1111", "forge", "ldm_patched"]
 Family = Literal["a1111", "forge"]
+GpuFlagEffect = Literal["index", "visible-devices"]
 
 
 class _HostKindMeta(type):
@@ -139,6 +140,12 @@ class HostSpec:
     # (lib_optim/launch/env_notes.py) were read against it. None: those notes do not cover this host.
     default_torch: str | None = None
     supports_inference_memory: bool = True  # a per-generation computation budget (Forge's inference memory)
+    # The launch flag that picks the GPU (docs/hosts.md §2.6) and what its number N does: "index" runs on cuda:N,
+    # the N-th GPU CUDA shows; "visible-devices" sets CUDA_VISIBLE_DEVICES=N (replacing the user's) before torch
+    # starts, then runs on cuda:0. ignored_gpu_flags: flags the host parses but never uses to pick the GPU.
+    gpu_flag: str | None = None
+    gpu_flag_effect: GpuFlagEffect = "index"
+    ignored_gpu_flags: tuple[str, ...] = ()
     infotext_callables: bool = True  # calls a callable in extra_generation_params (docs/hosts.md §7.5)
 
     @property

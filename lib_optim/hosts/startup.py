@@ -207,11 +207,14 @@ def preload(parser: argparse.ArgumentParser) -> None:
 
 def apply_startup_profile(parser: argparse.ArgumentParser, name: str, host: HostKind) -> None:
     if name.strip().lower() == "auto":
-        # the doctor's choice: never `cpu` while a GPU is present, even one whose size cannot be read here
+        # the doctor's choice, for the GPU this WebUI runs on: never `cpu` while a GPU is present, even one whose
+        # size cannot be read here
         from lib_optim.gpu import probe_system
-        from lib_optim.launch import nvidia_on_pci_bus, recommend_profile
+        from lib_optim.launch import choose_gpu, nvidia_on_pci_bus, recommend_profile
 
-        name, why = recommend_profile(probe_system(use_torch=False), nvidia_on_pci_bus())
+        system = probe_system(use_torch=False)
+        choice = choose_gpu(host, system, sys.argv[1:], os.environ, os.environ)
+        name, why = recommend_profile(system, nvidia_on_pci_bus(), choice)
         log.info("--optim-profile auto: %s (%s)", name, why)
     profile = get_profile(name)
     hp = resolve(profile, host)

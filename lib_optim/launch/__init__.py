@@ -16,9 +16,17 @@ from lib_optim.launch.checker import (
 )
 from lib_optim.launch.cmdline import split_command_line
 from lib_optim.launch.doctor import doctor as run_doctor
-from lib_optim.launch.doctor import effective_argv, nvidia_on_pci_bus, recommend_profile, runtime_facts
+from lib_optim.launch.doctor import (
+    doctor_json,
+    effective_argv,
+    gpu_lines,
+    nvidia_on_pci_bus,
+    recommend_profile,
+    runtime_facts,
+)
 from lib_optim.launch.env_notes import env_notes_json, env_notes_markdown
 from lib_optim.launch.flagspec import FlagSpec, TakesValue
+from lib_optim.launch.gpu_choice import GpuChoice, choose_gpu
 from lib_optim.launch.launcher_file import LaunchInput, hosts_defining, read_launch_input
 from lib_optim.launch.profiles import (
     PROFILES,
@@ -43,6 +51,7 @@ __all__ = [
     "CheckInput",
     "Finding",
     "FlagSpec",
+    "GpuChoice",
     "HostProfile",
     "LaunchInput",
     "ProfileError",
@@ -50,6 +59,8 @@ __all__ = [
     "Severity",
     "TakesValue",
     "apply_profile",
+    "choose_gpu",
+    "doctor_json",
     "effective_argv",
     "env_notes_json",
     "env_notes_markdown",
@@ -57,6 +68,7 @@ __all__ = [
     "file_kind",
     "format_findings",
     "get_profile",
+    "gpu_lines",
     "hosts_defining",
     "launch_line",
     "nothing_to_write",

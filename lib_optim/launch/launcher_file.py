@@ -26,6 +26,8 @@ class LaunchInput:
     file_findings: list[Finding] = field(default_factory=list)
     # flag or variable -> "file:line" of the condition it was set under
     conditional: dict[str, str] = field(default_factory=dict)
+    # every variable the file sets, exported or not (webui.sh reads plain ones such as venv_dir itself)
+    file_vars: dict[str, str] = field(default_factory=dict)
 
 
 def read_launch_input(file: Path | None, env: dict[str, str], extra: Sequence[str]) -> LaunchInput:
@@ -42,6 +44,7 @@ def read_launch_input(file: Path | None, env: dict[str, str], extra: Sequence[st
         for name in config.unset:
             env.pop(name, None)
         env.update(config.process_env())
+        result.file_vars = dict(config.env)
         env["COMMANDLINE_ARGS"] = " ".join(shlex.quote(t) for t in config.commandline_args)
         for note in config.notes:
             where = f"{file}:{note.line_no}" if note.line_no is not None else str(file)
