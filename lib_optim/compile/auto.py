@@ -521,7 +521,7 @@ class AutoRun:
             root = self.root() if self.root is not None else None
             if root is not None:
                 self.planner.mark_compiled(root, self.job.key)
-            if stats.compiles > 0 and self.decision.cost in ("cold", "warm"):
+            if stats.compiles > 0 and self.decision.cost in ("cold", "warm") and not stats.interrupted:
                 measured[f"{self.decision.cost}_compile_s"] = float(stats.compile_seconds)
             if step is not None:
                 measured["compiled_step_s"] = step

@@ -200,6 +200,7 @@ class CompileStats:
     eager_frames: int = 0
     graph_breaks: int = 0
     shared_graphs: int = 0
+    interrupted: bool = False
     limit_hits: int = 0
     rebuilt_for_weights: int = 0
     fell_back: bool = False
@@ -344,7 +345,11 @@ class Application:
             prepare, self.prepare = self.prepare, None
             prepare()  # once, outside the region: e.g. the free-memory figure the patches answer with
         if slot.compiled_calls == 0 and self.interrupt is not None:
-            self.interrupt()  # the host's Interrupt/Skip, honoured before a call that may compile (between blocks)
+            try:
+                self.interrupt()  # the host's Interrupt/Skip, honoured before a call that may compile (between blocks)
+            except BaseException:
+                self.stats.interrupted = True
+                raise
         compiled = slot.compiled
         state = slot.state
         assert compiled is not None and state is not None
