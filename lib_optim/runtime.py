@@ -33,6 +33,7 @@ HISTORY_LENGTH = 20
 # session.data key of a generation's compile plan (lib_optim.compile.AUTO_DATA_KEY; named here, as ``compile`` is,
 # so that the core need not import the compile wing)
 AUTO_PLAN = "compile_auto"
+VAE_DATA_KEY = "compile_vae"  # the VAE's compile application (lib_optim.compile.VAE_DATA_KEY)
 
 
 @dataclass
@@ -319,6 +320,9 @@ def compile_summary(session: Session) -> dict[str, Any] | None:
         stats = {"fell_back": True, "fallback_reason": session.data.get("compile_unavailable", "not applied")}
     if auto is not None:
         stats["auto"] = auto
+    vae = session.data.get(VAE_DATA_KEY)
+    if vae is not None:
+        stats["vae"] = vae.stats.to_dict()
     return stats
 
 

@@ -879,6 +879,33 @@ def test_compile_applies_per_generation_keyed_by_the_attention(
     session.restorer.close()
 
 
+class ResnetBlock(ResBlock):
+    """Named like the VAE's ResnetBlock (stablediffusion ldm/modules/diffusionmodules/model.py:90)."""
+
+
+def test_compile_also_compiles_the_vae_blocks_and_restores_them(
+    world: FakeA1111, adapter: A1111Adapter, eager_compiler: Any
+) -> None:
+    """With compile on, the VAE's ResnetBlock/AttnBlock are regions of their own for the generation (the decode
+    and encode of ``first_stage_model``), in the UNet's mode; restored exactly afterwards; nothing when the UNet
+    did not compile."""
+    from lib_optim.settings import Compile
+
+    world.sd_model.model.diffusion_model = torch.nn.Sequential(ResBlock())
+    world.sd_model.first_stage_model = vae = torch.nn.Sequential(ResnetBlock(), ResnetBlock())
+    session = adapter.begin(make_p(world), on(compile=Compile.ON))
+    assert all("forward" in vars(b) for b in vae)
+    vae(torch.zeros(1, 4, 8, 8))
+    vae(torch.zeros(1, 4, 8, 8))
+    stats = session.data["compile_vae"].stats
+    assert (stats.blocks, stats.mode) == (2, "on") and stats.compiles >= 1 and stats.graph_breaks == 0
+    session.restorer.close()
+    assert all("forward" not in vars(b) for b in vae)
+    session = adapter.begin(make_p(world), on(compile=Compile.OFF))
+    assert "compile_vae" not in session.data and all("forward" not in vars(b) for b in vae)
+    session.restorer.close()
+
+
 def test_compile_unavailable_runs_eagerly_with_one_line(
     world: FakeA1111, adapter: A1111Adapter, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:

@@ -20,11 +20,12 @@ from lib_optim.compile.availability import compile_availability
 from lib_optim.compile.blocks import default_block_names
 from lib_optim.compile.region import RegionPatch
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
-from lib_optim.compile.session import AUTO_DATA_KEY, CompileRegion, compile_blocks
+from lib_optim.compile.session import AUTO_DATA_KEY, VAE_DATA_KEY, CompileRegion, compile_blocks, compile_vae_blocks
 from lib_optim.compile.traceable import FrozenFreeMemory, einops_namespace, einops_stand_in
 
 __all__ = [
     "AUTO_DATA_KEY",
+    "VAE_DATA_KEY",
     "AutoDecision",
     "AutoJob",
     "AutoKey",
@@ -38,6 +39,7 @@ __all__ = [
     "RegionalCompiler",
     "compile_availability",
     "compile_blocks",
+    "compile_vae_blocks",
     "decide",
     "default_auto_memory_path",
     "default_block_names",

@@ -22,6 +22,9 @@ FAMILY_BLOCKS: dict[str, tuple[str, ...]] = {
     "flux": ("DoubleStreamBlock", "SingleStreamBlock"),
     # Forge backend/nn/mmditx.py
     "sd3": ("JointBlock",),
+    # the VAE's decoder and encoder: ldm/sgm diffusionmodules/model.py (A1111), Forge backend/nn/vae.py,
+    # ldm_patched/ldm/modules/diffusionmodules/model.py
+    "vae": ("ResnetBlock", "AttnBlock", "MemoryEfficientAttnBlock"),
 }
 _FAMILY_ALIASES = {
     "sd1": "sd",

@@ -99,3 +99,39 @@ def compile_blocks(
     if run is not None:
         run.application = application
     session.restorer.notes.append(f"{label} blocks compiled ({mode}, {application.stats.blocks} blocks)")
+
+
+VAE_DATA_KEY = "compile_vae"
+
+
+def compile_vae_blocks(
+    session: Session,
+    vae: Any,
+    *,
+    key: Any,
+    compiler: RegionalCompiler | None = None,
+    region: CompileRegion | None = None,
+) -> None:
+    """The VAE's decoder and encoder blocks as regions of their own (``ResnetBlock``/``AttnBlock``), in the mode
+    the UNet compiled in — only when the UNet's blocks compiled this generation (``compile`` on, or ``auto``
+    decided to). Composes with tiled VAE: each tile runs the compiled blocks (a new tile size recompiles once,
+    with dynamic sizes). ``key``: what the VAE's attention reads that torch does not guard."""
+    unet = session.data.get("compile")
+    if unet is None or not getattr(unet, "active", False) or vae is None:
+        return
+    compiler = compiler if compiler is not None else get_compiler()
+    region = region if region is not None else CompileRegion()
+    application = session.restorer.enter(
+        compiler.apply(
+            vae,
+            default_block_names("vae"),
+            key=("vae", key),
+            mode=unet.mode,
+            patches=region.patches,
+            weights_token=region.weights_token,
+            interrupt=region.interrupt,
+            prepare=region.prepare,
+        )
+    )
+    session.data[VAE_DATA_KEY] = application
+    session.restorer.notes.append(f"VAE blocks compiled ({unet.mode}, {application.stats.blocks} blocks)")

@@ -525,6 +525,16 @@ class A1111Adapter(HostBase):
             )
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
         self.compile_blocks(session, unet, key=key, device=device, p=p, region=self._compile_region(unet))
+        vae = getattr(getattr(p, "sd_model", None), "first_stage_model", None)
+        vae_key = tuple(  # the VAE's attention, bound as a class attribute like the UNet's (§3.2)
+            vars(block).get("forward") if block is not None else None
+            for block in (
+                getattr(self._modules.loaded(name), "AttnBlock", None)
+                for name in ("ldm.modules.diffusionmodules.model", "sgm.modules.diffusionmodules.model")
+            )
+        )
+        if vae is not None:
+            self.compile_vae(session, vae, key=vae_key, region=self._compile_region(vae))
 
     def _compile_region(self, unet: Any) -> CompileRegion:
         """What keeps A1111's block code traceable (docs/hosts.md §6.10): our einops, its ``CondFunc`` s resolved,

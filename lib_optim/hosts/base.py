@@ -88,6 +88,12 @@ class HostBase(HostAdapter):
             region=region,
         )
 
+    def compile_vae(self, session: Session, vae: Any, *, key: Any, region: Any = None) -> None:
+        """:func:`lib_optim.compile.compile_vae_blocks` for this adapter's ``apply_compile`` (after the UNet's)."""
+        regional_compile.compile_vae_blocks(
+            session, vae, key=key, compiler=regional_compile.get_compiler(), region=region
+        )
+
     def tiled_vae_fits(self, p: Any) -> bool | None:
         """Whether the decode of ``p``'s largest image, in the smallest tiles, is predicted to fit in the free memory
         of the device the host generates on (the out-of-memory retry prefers tiling to the CPU then); None when

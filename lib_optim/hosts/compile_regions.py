@@ -30,19 +30,27 @@ EINOPS_GLOBALS: dict[str, tuple[tuple[str, str], ...]] = {
     "a1111": (
         ("ldm.modules.attention", "rearrange"),
         ("ldm.modules.attention", "repeat"),
+        ("ldm.modules.diffusionmodules.model", "rearrange"),
         ("sgm.modules.attention", "rearrange"),
         ("sgm.modules.attention", "repeat"),
         ("sgm.modules.diffusionmodules.openaimodel", "rearrange"),
+        ("sgm.modules.diffusionmodules.model", "rearrange"),
+        ("modules.sd_hijack_optimizations", "rearrange"),  # split, InvokeAI, sub-quad attention (§3.2)
     ),
     "forge": (
         ("backend.nn.unet", "rearrange"),
         ("backend.nn.unet", "repeat"),
+        ("backend.nn.flux", "rearrange"),
+        ("backend.nn.flux", "repeat"),
+        ("backend.nn.chroma", "rearrange"),
+        ("backend.nn.chroma", "repeat"),
         ("backend.attention", "einops"),
     ),
     "ldm_patched": (
         ("ldm_patched.ldm.modules.attention", "rearrange"),
         ("ldm_patched.ldm.modules.attention", "repeat"),
         ("ldm_patched.ldm.modules.diffusionmodules.openaimodel", "rearrange"),
+        ("ldm_patched.ldm.modules.diffusionmodules.model", "rearrange"),
     ),
 }
 

@@ -304,6 +304,8 @@ class ForgeAdapter(ForgeFamilyAdapter):
         )
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
         self.compile_blocks(session, model, key=key, device=device, p=p, region=self.compile_region("forge"))
+        vae_key = getattr(self._modules.loaded("backend.nn.vae"), "attention_function_single_head_spatial", None)
+        self.compile_vae(session, self._vae_model(p), key=vae_key, region=self.compile_region("forge"))
 
     # inference memory ------------------------------------------------------------------------------------
 

@@ -451,6 +451,10 @@ class ForgeFamilyAdapter(HostBase):
     def _vae(self, p: Any) -> Any:
         return self._forge_object(p, "vae")
 
+    def _vae_model(self, p: Any) -> Any:
+        """The VAE's ``nn.Module`` (``forge_objects.vae.first_stage_model``, docs/hosts.md §5.3)."""
+        return getattr(self._vae(p), "first_stage_model", None)
+
     def _channels_last_target(self, p: Any, settings: GenerationSettings, session: Session) -> tuple[Any, ...] | None:
         """(UNet patcher, its model, the diffusion model, the wanted memory format), or None when there is
         nothing to convert (no UNet loaded, or a DiT without conv weights)."""

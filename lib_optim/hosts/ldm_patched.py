@@ -454,6 +454,8 @@ class LdmPatchedAdapter(ForgeFamilyAdapter):
         key = (getattr(attn, "optimized_attention", None), getattr(attn, "optimized_attention_masked", None))
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
         self.compile_blocks(session, unet, key=key, device=device, p=p, region=self.compile_region("ldm_patched"))
+        # the VAE's AttnBlock chose its attention function at construction (an instance attribute): no key
+        self.compile_vae(session, self._vae_model(p), key=None, region=self.compile_region("ldm_patched"))
 
     # inference memory ------------------------------------------------------------------------------------
 
