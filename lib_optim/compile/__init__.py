@@ -21,7 +21,7 @@ from lib_optim.compile.blocks import default_block_names
 from lib_optim.compile.region import RegionPatch
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
 from lib_optim.compile.session import AUTO_DATA_KEY, VAE_DATA_KEY, CompileRegion, compile_blocks, compile_vae_blocks
-from lib_optim.compile.traceable import FrozenFreeMemory, einops_namespace, einops_stand_in
+from lib_optim.compile.traceable import FrozenAvailableMemory, FrozenFreeMemory, einops_namespace, einops_stand_in
 
 __all__ = [
     "AUTO_DATA_KEY",
@@ -34,6 +34,7 @@ __all__ = [
     "AutoRecord",
     "AutoRun",
     "CompileRegion",
+    "FrozenAvailableMemory",
     "FrozenFreeMemory",
     "RegionPatch",
     "RegionalCompiler",

@@ -216,5 +216,22 @@ class FrozenFreeMemory:
         return figures if torch_free_too else figures[0]
 
 
+class FrozenAvailableMemory:
+    """A host's zero-argument free-memory query (A1111 ``get_available_vram``) answered from :meth:`measure`'s
+    figure, rounded down to a power of two; one instance per host function (see :class:`FrozenFreeMemory`)."""
+
+    def __init__(self, real: Callable[[], Any]):
+        self.real = real
+        self.figure: int | None = None
+
+    def measure(self, device: Any = None) -> None:
+        """Ask the real function now, outside the region (``device``: unused, the host's own choice)."""
+        self.figure = _floor_pow2(int(self.real()))
+
+    def __call__(self) -> Any:
+        figure = self.figure
+        return self.real() if figure is None else figure
+
+
 def _floor_pow2(value: int) -> int:
     return 1 << (value.bit_length() - 1) if value > 0 else 0

@@ -19,7 +19,7 @@ import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from lib_optim.compile import FrozenFreeMemory, RegionPatch, einops_namespace, einops_stand_in
+from lib_optim.compile import FrozenAvailableMemory, FrozenFreeMemory, RegionPatch, einops_namespace, einops_stand_in
 from lib_optim.hosts.base import HostModules
 from lib_optim.log import get_logger
 
@@ -54,10 +54,12 @@ EINOPS_GLOBALS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 
-# the module whose get_free_memory the attention functions call (docs/hosts.md §6.10)
-FREE_MEMORY_MODULE = {
-    "forge": "backend.memory_management",
-    "ldm_patched": "ldm_patched.modules.model_management",
+# (module, function) the attention functions ask for free memory (docs/hosts.md §6.10): Forge-style
+# get_free_memory(dev, torch_free_too) or A1111's get_available_vram()
+FREE_MEMORY_FUNCTION = {
+    "forge": ("backend.memory_management", "get_free_memory"),
+    "ldm_patched": ("ldm_patched.modules.model_management", "get_free_memory"),
+    "a1111": ("modules.sd_hijack_optimizations", "get_available_vram"),
 }
 
 _LORA_PATCH_KEY = "lora_patches"  # A1111 lora_patches.py patches under its module name (modules/patches.py)
@@ -140,26 +142,27 @@ def lora_patches(modules: HostModules) -> list[RegionPatch]:
 
 
 @functools.cache
-def _frozen(real: Callable[..., Any]) -> FrozenFreeMemory:
-    return FrozenFreeMemory(real)
+def _frozen(real: Callable[..., Any], zero_args: bool) -> FrozenFreeMemory | FrozenAvailableMemory:
+    return FrozenAvailableMemory(real) if zero_args else FrozenFreeMemory(real)
 
 
 def free_memory_patch(modules: HostModules, family: str) -> tuple[list[RegionPatch], Callable[[], None] | None]:
-    """The family's ``get_free_memory`` answered from a figure measured before the region, and the function that
+    """The family's free-memory query answered from a figure measured before the region, and the function that
     measures it (called at the first compiled call of a generation: after the host has loaded the model)."""
-    module = modules.loaded(FREE_MEMORY_MODULE.get(family, ""))
-    real = getattr(module, "get_free_memory", None) if module is not None else None
+    module_name, attr = FREE_MEMORY_FUNCTION.get(family, ("", ""))
+    module = modules.loaded(module_name) if module_name else None
+    real = getattr(module, attr, None) if module is not None else None
     if real is None:
         return [], None
-    if isinstance(real, FrozenFreeMemory):  # left in place by an interrupted restore: look through it
+    if isinstance(real, (FrozenFreeMemory, FrozenAvailableMemory)):  # left by an interrupted restore
         real = real.real
-    frozen = _frozen(real)
+    frozen = _frozen(real, family == "a1111")
     device = getattr(modules.loaded("modules.devices"), "device", None)
 
     def measure() -> None:
         frozen.measure(device)
 
-    return [RegionPatch(module, "get_free_memory", frozen, f"{FREE_MEMORY_MODULE[family]}.get_free_memory")], measure
+    return [RegionPatch(module, attr, frozen, f"{module_name}.{attr}")], measure
 
 
 def interrupt_check(modules: HostModules) -> Callable[[], None] | None:
