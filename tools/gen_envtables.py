@@ -117,7 +117,8 @@ NOT_VARIABLES = re.compile(
 )
 
 # --- documented readers ---------------------------------------------------------------------------------
-# name → (reader, citation, documented default or None).  Entries ending in "*" are prefixes.
+# name → (reader, citation, documented default or None).  Entries ending in "*" are prefixes.  A default is
+# given only where the cited page states it ("0 or 1 (default is 0)"): redundant-env relies on it.
 _CUDA_GUIDE = "CUDA C++ Programming Guide, 'CUDA Environment Variables'"
 _MPS_GUIDE = "NVIDIA Multi-Process Service guide, 'Environment Variables'"
 _CTK = "NVIDIA Container Toolkit, 'Specialized Configurations with Docker' (read when a container is created)"
@@ -138,8 +139,8 @@ DOCUMENTED: dict[str, tuple[str, str, str | None]] = {
     "CUDA_CACHE_MAXSIZE": ("the CUDA driver", _CUDA_GUIDE, None),
     "CUDA_FORCE_PTX_JIT": ("the CUDA driver", _CUDA_GUIDE, "0"),
     "CUDA_DISABLE_PTX_JIT": ("the CUDA driver", _CUDA_GUIDE, "0"),
-    "CUDA_FORCE_JIT": ("the CUDA driver", _CUDA_GUIDE, "0"),
-    "CUDA_DISABLE_JIT": ("the CUDA driver", _CUDA_GUIDE, "0"),
+    "CUDA_FORCE_JIT": ("the CUDA driver", _CUDA_GUIDE, None),
+    "CUDA_DISABLE_JIT": ("the CUDA driver", _CUDA_GUIDE, None),
     "CUDA_LAUNCH_BLOCKING": ("the CUDA driver", _CUDA_GUIDE, "0"),
     "CUDA_DEVICE_MAX_CONNECTIONS": ("the CUDA driver", _CUDA_GUIDE, "8"),
     "CUDA_DEVICE_MAX_COPY_CONNECTIONS": ("the CUDA driver", _CUDA_GUIDE, None),
@@ -151,8 +152,8 @@ DOCUMENTED: dict[str, tuple[str, str, str | None]] = {
     "CUDA_MODULE_DATA_LOADING": ("the CUDA driver", _CUDA_GUIDE, None),
     "CUDA_ENABLE_COREDUMP_ON_EXCEPTION": ("the CUDA driver", _CUDA_GUIDE, "0"),
     "CUDA_ENABLE_CPU_COREDUMP_ON_EXCEPTION": ("the CUDA driver", _CUDA_GUIDE, None),
-    "CUDA_ENABLE_LIGHTWEIGHT_COREDUMP": ("the CUDA driver", _CUDA_GUIDE, "0"),
-    "CUDA_ENABLE_USER_TRIGGERED_COREDUMP": ("the CUDA driver", _CUDA_GUIDE, "0"),
+    "CUDA_ENABLE_LIGHTWEIGHT_COREDUMP": ("the CUDA driver", _CUDA_GUIDE, None),
+    "CUDA_ENABLE_USER_TRIGGERED_COREDUMP": ("the CUDA driver", _CUDA_GUIDE, None),
     "CUDA_COREDUMP_FILE": ("the CUDA driver", _CUDA_GUIDE, None),
     "CUDA_COREDUMP_PIPE": ("the CUDA driver", _CUDA_GUIDE, None),
     "CUDA_COREDUMP_SHOW_PROGRESS": ("the CUDA driver", _CUDA_GUIDE, None),
@@ -166,14 +167,14 @@ DOCUMENTED: dict[str, tuple[str, str, str | None]] = {
     "NVIDIA_DISABLE_REQUIRE": ("the NVIDIA Container Toolkit", _CTK, None),
     "NVIDIA_MIG_CONFIG_DEVICES": ("the NVIDIA Container Toolkit", _CTK, None),
     "NVIDIA_MIG_MONITOR_DEVICES": ("the NVIDIA Container Toolkit", _CTK, None),
-    "CUDNN_LOGINFO_DBG": ("cuDNN 8", _CUDNN, "0"),
-    "CUDNN_LOGWARN_DBG": ("cuDNN 8", _CUDNN, "0"),
-    "CUDNN_LOGERR_DBG": ("cuDNN 8", _CUDNN, "0"),
-    "CUDNN_LOGLEVEL_DBG": ("cuDNN 9", _CUDNN, "0"),
+    "CUDNN_LOGINFO_DBG": ("cuDNN 8", _CUDNN, None),
+    "CUDNN_LOGWARN_DBG": ("cuDNN 8", _CUDNN, None),
+    "CUDNN_LOGERR_DBG": ("cuDNN 8", _CUDNN, None),
+    "CUDNN_LOGLEVEL_DBG": ("cuDNN 9", _CUDNN, None),
     "CUDNN_LOGDEST_DBG": ("cuDNN", _CUDNN, None),
     "CUDNN_CONV_WSCAP_DBG": ("cuDNN", _TORCH_CUDA, None),
     "CUDNN_ERRATA_JSON_FILE": ("cuDNN (cudnn-frontend)", _TORCH_CUDA, None),
-    "CUDNN_FRONTEND_LOG_INFO": ("cudnn-frontend", "cudnn-frontend documentation, 'Logging'", "0"),
+    "CUDNN_FRONTEND_LOG_INFO": ("cudnn-frontend", "cudnn-frontend documentation, 'Logging'", None),
     "CUDNN_FRONTEND_LOG_FILE": ("cudnn-frontend", "cudnn-frontend documentation, 'Logging'", None),
     "NCCL_*": ("NCCL (multi-GPU communication; only torch.distributed starts it)", _NCCL, None),
     "MALLOC_ARENA_MAX": ("glibc malloc", _MALLOPT, None),
