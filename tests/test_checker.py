@@ -949,8 +949,20 @@ def test_alloc_conf_two_backends() -> None:
 
 
 def test_alloc_conf_new_variable_name_is_checked() -> None:
-    (finding,) = check(FORGE, env={"PYTORCH_ALLOC_CONF": "nonsense:1"})
+    # torch 2.9.0 reads PYTORCH_ALLOC_CONF (libc10.so); reForge installs it (lib_optim/launch/envtables.py)
+    (finding,) = check(HostKind.REFORGE, env={"PYTORCH_ALLOC_CONF": "nonsense:1"})
     assert finding.subject == "PYTORCH_ALLOC_CONF" and finding.severity is ERROR
+    newer = RuntimeFacts(torch_version="2.9.0+cu128")
+    (finding,) = check(FORGE, env={"PYTORCH_ALLOC_CONF": "nonsense:1"}, facts=newer)
+    assert finding.rule == "alloc-conf" and finding.severity is ERROR
+
+
+def test_alloc_conf_new_variable_name_on_a_torch_that_does_not_read_it() -> None:
+    # torch 2.3.1 (Forge f2) has no PYTORCH_ALLOC_CONF in any file: its value cannot crash it, and it does nothing
+    (finding,) = check(FORGE, env={"PYTORCH_ALLOC_CONF": "nonsense:1"})
+    assert (finding.rule, finding.severity, finding.subject) == ("no-effect-env", WARNING, "PYTORCH_ALLOC_CONF")
+    assert "torch 2.3.1" in finding.message and "2.9.0" in finding.message
+    assert "PYTORCH_CUDA_ALLOC_CONF" in finding.fix
 
 
 def test_forge_prefixed_inference_memory_variable() -> None:

@@ -278,6 +278,19 @@ def test_check_honours_the_shell_environment(ext: Path) -> None:
     assert quiet.rc == 0, quiet
 
 
+def test_check_judges_variables_no_row_names(ext: Path) -> None:
+    # Issue 15 §1: the generated table of who reads what (lib_optim/launch/envtables.py), from the command line
+    env = _base_env(TORCH_ALLOW_TF32="1", PYTORCH_CUDA_ALOC_CONF="expandable_segments:True")
+    result = run_cli("check", "--host", "forge", "--json", cwd=ext, env=env)
+    assert result.rc == 1, result
+    findings = {f["subject"]: f for f in result.json()["findings"]}
+    assert findings["TORCH_ALLOW_TF32"]["rule"] == "no-effect-env"
+    assert "torch.backends.cuda.matmul.allow_tf32" in findings["TORCH_ALLOW_TF32"]["message"]
+    assert "Did you mean PYTORCH_CUDA_ALLOC_CONF?" in findings["PYTORCH_CUDA_ALOC_CONF"]["message"]
+    text = run_cli("check", "--host", "forge", cwd=ext, env=env)
+    assert "TORCH_ALLOW_TF32  (no-effect-env)" in text.out, text
+
+
 def test_check_reads_commandline_args_from_the_shell(ext: Path) -> None:
     env = _base_env(COMMANDLINE_ARGS="--api --use-cuda-dsa")
     result = run_cli("check", "--host", "a1111", "--json", cwd=ext, env=env)

@@ -421,3 +421,15 @@ def test_every_command_doctor_prints_runs(
     assert webui_user.read_text(encoding="utf-8") == "#!/bin/bash\n"  # every write was a dry run
     if machine == "directml" and host not in ("a1111", "auto"):  # it writes the DirectML lines it showed
         assert any(argv[:2] == ["profile", "apply"] and "--directml" in argv for argv in commands), out
+
+
+def test_doctor_reports_variables_from_the_generated_table() -> None:
+    # Issue 15 §1: doctor runs the same checker; the probed torch decides which release's reads count
+    env = {"TORCH_ALLOW_TF32": "1", "PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    report = doctor(HostKind.FORGE, facts(torch=CUDA_TORCH), env=env, pci=lambda: False)
+    found = {f.subject: f for f in report.findings if f.rule == "no-effect-env"}
+    assert set(found) == {"TORCH_ALLOW_TF32", "PYTORCH_ALLOC_CONF"}
+    assert "torch 2.3.1+cu121 does not read PYTORCH_ALLOC_CONF" in found["PYTORCH_ALLOC_CONF"].message
+    newer = TorchInfo("2.9.0+cu128", "12.8", None, True, False, 1)
+    report = doctor(HostKind.FORGE, facts(torch=newer), env=env, pci=lambda: False)
+    assert [f.subject for f in report.findings if f.rule == "no-effect-env"] == ["TORCH_ALLOW_TF32"]

@@ -25,6 +25,8 @@ class EnvCase:
     argv: tuple[str, ...] = ()
     facts: RuntimeFacts = field(default_factory=RuntimeFacts)
     name: str = ""
+    # a near miss that another environment rule rightly reports (a value at its documented default)
+    others: tuple[str, ...] = ()
 
     def findings(self) -> list[Finding]:
         return run_checks(CheckInput(self.host, list(self.argv), dict(self.env), self.facts))
@@ -111,6 +113,10 @@ FIRES: list[EnvCase] = [
     EnvCase("SAFETENSORS_FAST_GPU", FORGE, {"SAFETENSORS_FAST_GPU": "1"}),
     EnvCase("TORCH_CUDNN_V8_API_ENABLED", A1111, {"TORCH_CUDNN_V8_API_ENABLED": "1"}),
     EnvCase("MALLOC_CHECK_", A1111, {"MALLOC_CHECK_": "3"}),
+    EnvCase("TORCH_COMPILE_DEBUG", A1111, {"TORCH_COMPILE_DEBUG": "1"}),
+    EnvCase(
+        "TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT:no-cache", HostKind.REFORGE, {"TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT": "-1"}
+    ),
 ]
 
 NEAR_MISSES: list[EnvCase] = [
@@ -118,7 +124,7 @@ NEAR_MISSES: list[EnvCase] = [
     EnvCase("ATTN_PRECISION:forge", A1111, {"ATTN_PRECISION": "fp16"}, name="attn-precision-read-by-a1111-ldm"),
     EnvCase("ATTN_PRECISION:forge-previous", A1111, {"ATTN_PRECISION": "fp32"}),
     EnvCase("TORCH_CUDNN_BENCHMARK", A1111, {"TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT": "10000"}),
-    EnvCase("TORCH_USE_CUDA_DSA", FORGE, {"CUDA_LAUNCH_BLOCKING": "0"}),
+    EnvCase("TORCH_USE_CUDA_DSA", FORGE, {"PYTORCH_USE_CUDA_DSA": "1"}),
     EnvCase("NCCL_*", A1111, {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}),
     EnvCase("build-only", A1111, {"TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu121"}),
     EnvCase("XFORMERS_*:a1111", A1111, {"XFORMERS_FORCE_DISABLE_TRITON": "1"}, ("--xformers",)),
@@ -181,21 +187,30 @@ NEAR_MISSES: list[EnvCase] = [
     EnvCase("CUDA_VISIBLE_DEVICES:hidden", A1111, {"CUDA_VISIBLE_DEVICES": "1,0"}),
     EnvCase("CUDA_VISIBLE_DEVICES:hidden", FORGE, {"CUDA_VISIBLE_DEVICES": "GPU-8932f937"}, name="visible-by-uuid"),
     EnvCase("CUDA_VISIBLE_DEVICES:hidden", A1111, {"CUDA_VISIBLE_DEVICES": "-1"}, CPU_A1111, name="hidden-on-purpose"),
-    EnvCase("CUDA_FORCE_PTX_JIT", A1111, {"CUDA_FORCE_PTX_JIT": "0"}),
-    EnvCase("CUDA_CACHE_DISABLE", PREVIOUS, {"CUDA_CACHE_DISABLE": "0"}),
+    EnvCase("CUDA_FORCE_PTX_JIT", A1111, {"CUDA_FORCE_PTX_JIT": "0"}, others=("redundant-env",)),
+    EnvCase("CUDA_CACHE_DISABLE", PREVIOUS, {"CUDA_CACHE_DISABLE": "0"}, others=("redundant-env",)),
     EnvCase("CUDA_CACHE_MAXSIZE", A1111, {"CUDA_CACHE_MAXSIZE": "4294967296"}),
     EnvCase("CUDA_DEVICE_MAX_CONNECTIONS:one", FORGE, {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}, name="one-queue-no-stream"),
     EnvCase("cuDNN API logging", A1111, {"CUDNN_LOGINFO_DBG": "1"}, name="cudnn-log-without-destination"),
     EnvCase("cuDNN API logging (cuDNN 9)", FORGE, {"CUDNN_LOGLEVEL_DBG": "1", "CUDNN_LOGDEST_DBG": "stderr"}),
     EnvCase("MALLOC_MMAP_THRESHOLD_", A1111, {"MALLOC_MMAP_THRESHOLD_": "65536"}),
     EnvCase("MALLOC_MMAP_THRESHOLD_", FORGE, {"MALLOC_MMAP_THRESHOLD_": "-1"}, name="mmap-threshold-negative-ignored"),
-    EnvCase("MALLOC_PERTURB_", A1111, {"MALLOC_PERTURB_": "0"}),
+    EnvCase("MALLOC_PERTURB_", A1111, {"MALLOC_PERTURB_": "0"}, others=("redundant-env",)),
     EnvCase("MALLOC_PERTURB_", A1111, {"MALLOC_PERTURB_": "256"}, name="perturb-low-byte-zero"),
     EnvCase("OMP_NUM_THREADS", A1111, {"OMP_NUM_THREADS": "1"}, name="omp-one-thread-gpu"),
     EnvCase("OMP_NUM_THREADS", A1111, {"OMP_NUM_THREADS": "8"}, CPU_A1111, name="omp-eight-threads-cpu"),
     EnvCase("SAFETENSORS_FAST_GPU", FORGE, {"HF_HUB_OFFLINE": "1"}),
     EnvCase("TORCH_CUDNN_V8_API_ENABLED", A1111, {"TORCH_CUDNN_V8_API_DISABLED": "1"}),
     EnvCase("MALLOC_CHECK_", A1111, {"MALLOC_ARENA_MAX": "2"}),
+    EnvCase("TORCH_COMPILE_DEBUG", A1111, {"TORCH_COMPILE_DEBUG": "0"}, others=("redundant-env",)),
+    EnvCase("TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT:no-cache", FORGE, {"TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT": "0"}),
+    EnvCase(
+        "TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT:no-cache",
+        A1111,
+        {"TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT": "-1"},
+        CPU_A1111,
+        name="no-plan-cache-on-cpu",
+    ),
 ]
 
 
@@ -214,7 +229,7 @@ def test_row_fires(case: EnvCase) -> None:
 
 @pytest.mark.parametrize("case", NEAR_MISSES, ids=str)
 def test_near_miss_is_quiet(case: EnvCase) -> None:
-    assert not case.env_findings(), case.env_findings()
+    assert sorted(f.rule for f in case.env_findings()) == sorted(case.others), case.env_findings()
 
 
 def test_every_row_has_a_firing_case_and_a_near_miss() -> None:
@@ -279,7 +294,8 @@ def test_forge_gpu_device_id_message_names_both_values() -> None:
 # Examples for QUIET_NOTES: variables that were researched and must never produce an environment finding.
 QUIET_EXAMPLES: list[tuple[HostKind, tuple[str, ...], dict[str, str]]] = [
     (FORGE, (), {"TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_root", "TORCHINDUCTOR_MAX_AUTOTUNE": "1"}),
-    (A1111, (), {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_LAUNCH_BLOCKING": "0"}),
+    # CUDA_LAUNCH_BLOCKING=1 is the cuda-launch-blocking rule's (and =0 redundant-env's: the driver's default)
+    (A1111, (), {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_LAUNCH_BLOCKING": "1"}),
     (FORGE, (), {"CUDA_MODULE_LOADING": "LAZY"}),
     (A1111, (), {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}),
     (FORGE, (), {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}),

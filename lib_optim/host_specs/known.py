@@ -64,6 +64,6 @@ register_host(
     adapter="lib_optim.hosts.ldm_patched:LdmPatchedAdapter",
     adapter_takes_kind=True,
     profiles_from="reforge",  # its own: Forge previous's, checked against reForge's flags (launch/profiles.py)
-    default_torch=None,  # the environment notes were not read against reForge
+    default_torch="2.9.0",  # reForge modules/launch_utils.py:372
     **{**_SETS_VISIBLE_DEVICES, "gpu_flag": "--cuda-device"},
 )

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from lib_optim.host_specs import HostKind
+from lib_optim.launch import env_readers
 from lib_optim.launch.env_model import RULE_IDS, EnvContext, EnvNote, QuietNote, env_hosts, glibc_number
 from lib_optim.launch.env_rows import ENV_NOTES, QUIET_NOTES
 
@@ -29,9 +30,14 @@ __all__ = [
     "env_notes_json",
     "env_notes_markdown",
     "glibc_number",
+    "has_row",
+    "researched",
     "rule_hosts",
     "rule_severity",
 ]
+
+# The rules whose findings also come from the generated table (lib_optim.launch.env_readers).
+TABLE_RULES = ("no-effect-env", "redundant-env")
 
 # --- applying the rows --------------------------------------------------------------------------------
 
@@ -75,9 +81,28 @@ def applicable(rule_id: str, ctx: EnvContext) -> Iterator[tuple[EnvNote, EnvItem
                 yield note, item
 
 
+def _name_matches(patterns: tuple[str, ...], name: str) -> bool:
+    upper = name.upper()
+    return any(upper.startswith(p[:-1]) if p.endswith("*") else upper == p for p in patterns)
+
+
+def researched(name: str) -> bool:
+    """A hand-written row (of any rule, for any host) or a quiet note knows ``name``: the table stays out."""
+    return any(n.matches(name) for n in ENV_NOTES) or any(_name_matches(q.names, name) for q in QUIET_NOTES)
+
+
+def has_row(name: str, rule_id: str) -> bool:
+    """A hand-written row of ``rule_id`` (for any host) knows ``name``."""
+    return any(n.rule == rule_id and n.matches(name) for n in ENV_NOTES)
+
+
 def rule_hosts(rule_id: str) -> tuple[HostKind, ...]:
-    """The hosts that rows of ``rule_id`` cover, now (in registration order)."""
-    return tuple(h for h in HostKind if any(n.rule == rule_id and n.applies_to(h) for n in ENV_NOTES))
+    """The hosts that rows of ``rule_id`` cover, now (in registration order); the generated table's hosts too for
+    the rules it feeds."""
+    table = env_readers.covered_hosts() if rule_id in TABLE_RULES else ()
+    return tuple(
+        h for h in HostKind if h.value in table or any(n.rule == rule_id and n.applies_to(h) for n in ENV_NOTES)
+    )
 
 
 def rule_severity(rule_id: str) -> str:
@@ -89,7 +114,8 @@ def _cell(text: str) -> str:
 
 
 def env_notes_markdown() -> str:
-    """The environment-variable table for README.md (``python -m lib_optim rules --env``)."""
+    """The environment-variable table for docs/rules.md (``python -m lib_optim rules --env``), then the families
+    and sources of the generated table that judges the variables no row names."""
     lines = [
         "| Variable | Hosts | Rule | Applies to | What it does here | Fix | Source |",
         "|---|---|---|---|---|---|---|",
@@ -105,7 +131,7 @@ def env_notes_markdown() -> str:
         names = ", ".join(f"`{name}`" for name in q.names)
         what = _cell(f"{q.summary} {q.why_quiet}")
         lines.append(f"| {names} | all | none | — | {what} | — | {_cell(q.source)} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + env_readers.sources_markdown()
 
 
 def env_notes_json() -> str:

@@ -9,9 +9,11 @@ so. ``lib_optim.launch.checker`` turns the rows into findings (rules ``no-effect
 set by the host itself so that a finding could not tell the user's value from the host's).
 
 How the sources were read. PyTorch: the PyPI wheels torch 2.1.2 (A1111 v1.10.1 and Forge ``previous``
-install it, modules/launch_utils.py:320 and :364) and torch 2.3.1 (Forge f2, modules/launch_utils.py:365):
-their Python files, and the names in ``torch/lib/*.so`` (a variable whose name is not in a library is
-read by nothing in it). PyTorch's C++ file names are from its repository; line numbers for C++ could not
+install it, modules/launch_utils.py:320 and :364), torch 2.3.1 (Forge f2, modules/launch_utils.py:365) and
+torch 2.9.0 (reForge, modules/launch_utils.py:372): their Python files, and the names in ``torch/lib/*.so`` (a
+variable whose name is not in a library is read by nothing in it); ``tools/gen_envtables.py`` makes that reading
+a table (:mod:`lib_optim.launch.envtables`), which also answers for the variables no row here names
+(:mod:`lib_optim.launch.env_readers`). PyTorch's C++ file names are from its repository; line numbers for C++ could not
 be pinned to a tag (the repository snapshot is too large to fetch). glibc: mallopt(3), the glibc manual
 ("Memory Allocation Tunables") and glibc 2.34 NEWS; the MALLOC_* behaviour was also measured with
 glibc 2.36. CUDA: the CUDA Programming Guide, "CUDA Environment Variables". Hosts: the mirrors named in
@@ -100,7 +102,10 @@ def _cudnn_logging_on(name: str) -> Condition:
 
 # --- the rows -----------------------------------------------------------------------------------------
 
-_TORCH_WHEELS = "the Python files and torch/lib libraries of the torch 2.1.2 and 2.3.1 PyPI wheels"
+_TORCH_WHEELS = (
+    "the Python files and torch/lib libraries of the torch 2.1.2, 2.3.1 and 2.9.0 PyPI wheels "
+    "(lib_optim/launch/envtables.py)"
+)
 _XFORMERS_VARS = (
     "XFORMERS_FORCE_DISABLE_TRITON",
     "XFORMERS_ENABLE_TRITON",
@@ -151,7 +156,7 @@ ENV_NOTES: tuple[EnvNote, ...] = (
     EnvNote(
         "inference_memory",
         ("INFERENCE_MEMORY", "FORGE_INFERENCE_MEMORY"),
-        EVERY_HOST,
+        (A1111, *FORGE_HOSTS),
         "no-effect-env",
         "warning",
         _any,
@@ -233,7 +238,8 @@ ENV_NOTES: tuple[EnvNote, ...] = (
         "{name} configures NCCL, the multi-GPU communication library that only torch.distributed uses; the "
         "WebUI is one process on one GPU and never starts it.",
         "Remove it (it is advice for multi-GPU training).",
-        "no init_process_group in A1111 v1.10.1, Forge f2 or Forge previous",
+        "no init_process_group in the hosts' own code (A1111 v1.10.1, Forge f2 and previous, reForge); the "
+        "ControlNet preprocessors' vendored mmcv has one for training, which the WebUI never calls",
     ),
     EnvNote(
         "build-only",
@@ -356,7 +362,7 @@ ENV_NOTES: tuple[EnvNote, ...] = (
         "The launcher runs {name} only when torch or torchvision is missing or with --reinstall-torch "
         "(modules/launch_utils.py, prepare_environment); torch {torch} is installed, so it changes nothing now.",
         "To switch torch, launch once with --reinstall-torch (then remove that flag).",
-        "A1111 v1.10.1 modules/launch_utils.py:380-381; Forge f2 :427-428; Forge previous :424-425",
+        "A1111 v1.10.1 modules/launch_utils.py:380-381; Forge f2 :427-428; Forge previous :424-425; reForge :432-433",
     ),
     EnvNote(
         "XFORMERS_PACKAGE",
@@ -369,7 +375,7 @@ ENV_NOTES: tuple[EnvNote, ...] = (
         "Installed only with --xformers when xformers is missing or with --reinstall-xformers.",
         _xformers_package_message,
         "To switch xformers, launch once with --xformers --reinstall-xformers.",
-        "A1111 v1.10.1 modules/launch_utils.py:401-402; Forge f2 :450-451; Forge previous :445-446",
+        "A1111 v1.10.1 modules/launch_utils.py:401-402; Forge f2 :450-451; Forge previous :445-446; reForge :469-470",
     ),
     # --- costly --------------------------------------------------------------------------------------
     EnvNote(
@@ -398,10 +404,10 @@ ENV_NOTES: tuple[EnvNote, ...] = (
         "any value",
         "Turns on PyTorch's CUDA sanitizer: every operation is checked in Python.",
         "When {name} exists, 'import torch' turns on PyTorch's CUDA sanitizer (torch/__init__.py:1753 in "
-        "2.1.2, :1924 in 2.3.1): every tensor operation is intercepted and checked for stream races in "
-        "Python, a large slowdown meant for debugging.",
+        "2.1.2, :1924 in 2.3.1, :2683 in 2.9.0): every tensor operation is intercepted and checked for stream "
+        "races in Python, a large slowdown meant for debugging.",
         "Unset it.",
-        "torch 2.1.2 torch/__init__.py:1753, torch 2.3.1 torch/__init__.py:1924",
+        "torch 2.1.2 torch/__init__.py:1753, torch 2.3.1 :1924, torch 2.9.0 :2683",
     ),
     EnvNote(
         "CUBLAS_WORKSPACE_CONFIG:small",
@@ -584,6 +590,39 @@ ENV_NOTES: tuple[EnvNote, ...] = (
         "Unset it (torch then picks the thread count from the CPU) or set it to your number of cores.",
         "aten/src/ATen/ParallelCommon.cpp intraop_default_num_threads",
     ),
+    EnvNote(
+        "TORCH_COMPILE_DEBUG",
+        ("TORCH_COMPILE_DEBUG",),
+        EVERY_HOST,
+        "costly-env",
+        "info",
+        _is("1"),
+        "1",
+        "Every torch.compile logs at DEBUG level and writes its graphs and generated code to disk.",
+        "{name}=1 makes every torch.compile (this extension's 'Compile UNet blocks') log dynamo, AOT and "
+        "inductor at DEBUG level and write a torch_compile_debug/ folder with every graph, the inductor IR and "
+        "the generated code (torch {torch}: torch/_dynamo/utils.py setup_compile_debug, torch/_inductor/config.py "
+        "trace.enabled): compiling takes longer and the folder grows with each compile. It is a debugging switch.",
+        "Unset it (0 is the default).",
+        "torch 2.1.2 torch/_dynamo/utils.py:288, torch/_inductor/config.py:406; torch 2.3.1 :361, :688; "
+        "torch 2.9.0 :886, :1829",
+    ),
+    EnvNote(
+        "TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT:no-cache",
+        ("TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT",),
+        EVERY_HOST,
+        "costly-env",
+        "warning",
+        lambda value, ctx: (n := _int(value)) is not None and n < 0 and _uses_gpu(ctx),
+        "a negative value",
+        "A negative limit turns off the cache of cuDNN execution plans.",
+        "A negative {name} turns off PyTorch's cache of cuDNN v8 execution plans: every convolution of a new "
+        "call builds its plan again (heuristics and plan finalisation on the CPU), which slows the UNet's and "
+        "the VAE's convolutions.",
+        "Unset it (the default keeps 10000 plans, about 2 GiB by PyTorch's estimate), or use 0 for no limit.",
+        "PyTorch documentation, 'CUDA Environment Variables' (TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT); present in "
+        "libtorch_cuda.so of torch 2.1.2, 2.3.1 and 2.9.0",
+    ),
     # --- obsolete ------------------------------------------------------------------------------------
     EnvNote(
         "SAFETENSORS_FAST_GPU",
@@ -593,11 +632,11 @@ ENV_NOTES: tuple[EnvNote, ...] = (
         "info",
         _any,
         "any value",
-        "Read only by safetensors 0.2.x; the hosts install 0.4.2.",
-        "Only safetensors 0.2.x read {name} (a direct-to-GPU copy in its Rust core). All three hosts install "
-        "safetensors 0.4.2 (requirements_versions.txt), which reads no environment variable.",
+        "Read only by safetensors 0.2.x; the hosts install 0.4.2 or 0.5.2.",
+        "Only safetensors 0.2.x read {name} (a direct-to-GPU copy in its Rust core). A1111 and the Forges install "
+        "safetensors 0.4.2 and reForge 0.5.2 (requirements_versions.txt); neither reads an environment variable.",
         "Remove it.",
-        "safetensors 0.2.8 and 0.4.2 wheels (the name is in 0.2.8's library only); requirements_versions.txt",
+        "safetensors 0.2.8, 0.4.2 and 0.5.2 wheels (the name is in 0.2.8's library only); requirements_versions.txt",
     ),
     EnvNote(
         "TORCH_CUDNN_V8_API_ENABLED",
@@ -690,7 +729,8 @@ QUIET_NOTES: tuple[QuietNote, ...] = (
     QuietNote(
         ("CUDA_DEVICE_ORDER", "TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT", "XFORMERS_FORCE_DISABLE_TRITON"),
         "GPU numbering; cuDNN plan cache size; xformers without Triton kernels.",
-        "Do what they say and cost nothing for generation.",
+        "Do what they say and cost nothing for generation (a negative plan cache size is a costly-env row; "
+        "the documented defaults are redundant-env).",
         "CUDA Programming Guide; torch 2.1.2/2.3.1 libraries; xformers/__init__.py",
     ),
 )

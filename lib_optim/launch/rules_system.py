@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 
-from lib_optim.launch import env_notes
+from lib_optim.launch import env_notes, env_readers
 from lib_optim.launch.checks import A1111, EVERY_HOST, FORGE, CheckContext, Finding, RuleCheck, Severity, rule
 
 # --- exposure ---------------------------------------------------------------------------------------------
@@ -157,8 +157,8 @@ _ALLOC_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 def _alloc_conf(ctx: CheckContext) -> Iterator[Finding]:
     for var in _ALLOC_VARS:
         text = ctx.env.get(var)
-        if text is None:
-            continue
+        if text is None or env_readers.torch_ignores(var, ctx):
+            continue  # e.g. PYTORCH_ALLOC_CONF, which torch 2.1.2 and 2.3.1 do not read: no-effect-env says so
         values, problems = parse_alloc_conf(text)
         for problem in problems:
             yield Finding(
@@ -233,8 +233,11 @@ def _module_loading(ctx: CheckContext) -> Iterator[Finding]:
 
 # Variables that optimisation notes recommend, against what really reads them (lib_optim/launch/env_notes.py).
 _ENV_RULE_TITLES = {
-    "no-effect-env": "Environment variables that nothing in this WebUI reads (or not at these values).",
-    "redundant-env": "Environment variables set to what is already the default, or that the host replaces.",
+    "no-effect-env": "Environment variables that nothing in this WebUI reads (or not at these values); in the families "
+    f"{env_readers.families_text()} any name that torch {env_readers.torch_releases_text()}, xformers, the host and "
+    'the documented readers do not read, with "did you mean".',
+    "redundant-env": "Environment variables set to what is already the default (documented, or torch's own literal "
+    "default), or that the host replaces.",
     "costly-env": "Environment variables that slow generation down (debugging switches, malloc tuning, …).",
     "obsolete-env": "Environment variables read only by older versions of PyTorch, safetensors or glibc.",
 }
@@ -245,6 +248,13 @@ def _env_note_rule(rule_id: str) -> RuleCheck:
         for note, item in env_notes.applicable(rule_id, ctx):
             message = note.explain(item.shown, item.value, ctx)
             yield Finding(rule_id, Severity(note.severity), item.subject, message, note.fix)
+        # then what the generated table says about the variables no row knows (lib_optim/launch/env_readers.py)
+        if rule_id == "no-effect-env":
+            for verdict in env_readers.unread(ctx, env_notes.researched):
+                yield Finding(rule_id, Severity.WARNING, verdict.subject, verdict.message, verdict.fix)
+        elif rule_id == "redundant-env":
+            for verdict in env_readers.at_default(ctx, lambda name: env_notes.has_row(name, rule_id)):
+                yield Finding(rule_id, Severity.INFO, verdict.subject, verdict.message, verdict.fix)
 
     return check
 
