@@ -279,6 +279,7 @@ def test_forge_gpu_device_id_message_names_both_values() -> None:
 # Examples for QUIET_NOTES: variables that were researched and must never produce an environment finding.
 QUIET_EXAMPLES: list[tuple[HostKind, tuple[str, ...], dict[str, str]]] = [
     (FORGE, (), {"TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_root", "TORCHINDUCTOR_MAX_AUTOTUNE": "1"}),
+    (A1111, (), {"OPTIM_COMPILE_CACHE": "/srv/compile-cache", "TRITON_CACHE_DIR": "/srv/triton"}),
     (A1111, (), {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_LAUNCH_BLOCKING": "0"}),
     (FORGE, (), {"CUDA_MODULE_LOADING": "LAZY"}),
     (A1111, (), {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}),

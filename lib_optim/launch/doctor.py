@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lib_optim.compile import CompileAdvice, CompileProbe, compile_advice, compile_section_dict
 from lib_optim.gpu import SystemFacts
 from lib_optim.host_specs import HostKind, host_spec
 from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, run_checks
@@ -134,6 +135,7 @@ class DoctorReport:
     profile_reason: str = ""
     hint: str | None = None  # which Python to run for exact figures, when this one cannot give them
     directml: bool = False  # the recommended flags are the profile's DirectML variant (profile apply --directml)
+    compile: CompileAdvice | None = None  # can regional compile work here, its cache, the torch upgrade path
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +150,7 @@ class DoctorReport:
                 "commandline": self.commandline,
             },
             "hint": self.hint,
+            "compile": compile_section_dict([self.compile]) if self.compile is not None else None,
         }
 
 
@@ -160,9 +163,11 @@ def doctor(
     pci: Callable[[], bool | None] = nvidia_on_pci_bus,
     webui_root: Path | None = None,
     extension: Path | None = None,
+    compile_probe: CompileProbe | None = None,
 ) -> DoctorReport:
     """Check this environment for ``host`` and recommend a profile. ``pci`` says whether an NVIDIA card is on
-    the bus (tests replace it); ``webui_root``/``extension`` only shape the hint about which Python to run."""
+    the bus (tests replace it); ``webui_root``/``extension`` shape the hint about which Python to run (and
+    ``webui_root`` where the compile cache is); ``compile_probe``: what the compile section reads (tests)."""
     env = dict(os.environ if env is None else env)
     nvidia_present = pci()
     facts = runtime_facts(system, nvidia_present=nvidia_present)
@@ -173,7 +178,9 @@ def doctor(
     extension = extension or Path(__file__).resolve().parents[2]
     hint = exact_figures_hint(system, nvidia_present, webui_root, extension)
     line = launch_line(hp, kind)
-    return DoctorReport(host, system, findings, name, hp.flags, hp.env, line, reason, hint, directml)
+    argv = effective_argv(args, env)
+    advice = compile_advice(host, system, environ=env, argv=argv, webui_root=webui_root, probe=compile_probe)
+    return DoctorReport(host, system, findings, name, hp.flags, hp.env, line, reason, hint, directml, advice)
 
 
 def _doctor_profile(host: HostKind, name: str, *, directml: bool) -> tuple[HostProfile, bool]:
