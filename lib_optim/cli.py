@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lib_optim import __version__
+from lib_optim.compile import add_compile_cache_parser, compile_section_text, run_compile_cache
 from lib_optim.host_specs import (
     FALLBACK_HOSTS,
     HostChoice,
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_rules(sub)
     _add_bench(sub)
+    add_compile_cache_parser(sub, _Parser)  # the compile wing's command (lib_optim/compile/persist_cli.py)
     return parser
 
 
@@ -417,6 +419,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 f"Write it with: python -m lib_optim profile apply {r.profile} "
                 f"--file {_webui_user_path(choice.root)} --host {r.host.value}{directml}"
             )
+    _out("\n" + compile_section_text([r.compile for r in reports if r.compile is not None]))
     if first.hint:
         _out("")
         _out(first.hint)
@@ -745,6 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profile": cmd_profile,
         "rules": cmd_rules,
         "bench": cmd_bench,
+        "compile-cache": lambda args: run_compile_cache(args, _out, _err),
     }
     from lib_optim.launch import ProfileError
     from lib_optim.webui_user import BrokenLauncherFile, WriteRefused

@@ -28,7 +28,17 @@ PACKAGE = Path(lib_optim.__file__).resolve().parent
 EX_USAGE = 64
 FINDING_KEYS = {"rule", "severity", "subject", "message", "fix", "key"}
 # Variables of the test runner's own shell that would leak into the checks.
-_LEAKY_PREFIXES = ("PYTORCH_", "CUDA_", "COMMANDLINE_ARGS", "IGNORE_CMD_ARGS_ERRORS", "XFORMERS", "TORCHINDUCTOR_")
+_LEAKY_PREFIXES = (
+    "PYTORCH_",
+    "CUDA_",
+    "COMMANDLINE_ARGS",
+    "IGNORE_CMD_ARGS_ERRORS",
+    "XFORMERS",
+    "TORCHINDUCTOR_",
+    "TRITON_",
+    "OPTIM_COMPILE_CACHE",
+    "SD_WEBUI_CACHE",
+)
 _DROPPED = ("PYTHONPATH", "PYTHONSAFEPATH", "PYTHONSTARTUP", "PYTHONHOME", "PYTHONINSPECT")
 
 

@@ -296,6 +296,7 @@ QUIET_EXAMPLES: list[tuple[HostKind, tuple[str, ...], dict[str, str]]] = [
     (FORGE, (), {"TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_root", "TORCHINDUCTOR_MAX_AUTOTUNE": "1"}),
     # CUDA_LAUNCH_BLOCKING=1 is the cuda-launch-blocking rule's (and =0 redundant-env's: the driver's default)
     (A1111, (), {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_LAUNCH_BLOCKING": "1"}),
+    (A1111, (), {"OPTIM_COMPILE_CACHE": "/srv/compile-cache", "TRITON_CACHE_DIR": "/srv/triton"}),
     (FORGE, (), {"CUDA_MODULE_LOADING": "LAZY"}),
     (A1111, (), {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}),
     (FORGE, (), {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}),

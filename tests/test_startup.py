@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,9 @@ def a1111(tmp_path, monkeypatch):
     monkeypatch.setattr("lib_optim.runtime._runtime", runtime)
     monkeypatch.setattr(startup, "get_runtime", lambda: runtime)
     monkeypatch.setattr(startup, "_facts", startup.RuntimeFacts)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "OPTIM_COMPILE_CACHE"):
+        monkeypatch.delenv(name, raising=False)  # preload sets the compile cache up: undone after each test
+    monkeypatch.setattr("lib_optim.compile.persist._DONE", {})
     return root, runtime
 
 
@@ -76,6 +80,15 @@ def test_preload_checks_real_argv_and_knows_other_extensions_flags(a1111, monkey
     assert not any("--other-ext-dir" in k for k in keys)  # another extension's preload defines it
     assert runtime.host is HostKind.A1111
     assert "[Optim] checked launch flags and environment" in capsys.readouterr().err
+
+
+def test_preload_puts_the_compile_cache_in_the_data_folder(a1111):
+    import os
+
+    root, _runtime = a1111
+    startup.preload(host_parser())
+    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert folder.parent == root / "cache" / "optim-compile" and folder.name.startswith("torch-")
 
 
 def test_saved_setting_turns_the_check_off(a1111, monkeypatch):

@@ -3,6 +3,13 @@ compiles only when the job pays for it."""
 
 from __future__ import annotations
 
+from lib_optim.compile.advice import (
+    CompileAdvice,
+    CompileProbe,
+    compile_advice,
+    compile_section_dict,
+    compile_section_text,
+)
 from lib_optim.compile.auto import (
     AutoDecision,
     AutoJob,
@@ -18,6 +25,8 @@ from lib_optim.compile.auto import (
 )
 from lib_optim.compile.availability import compile_availability
 from lib_optim.compile.blocks import default_block_names
+from lib_optim.compile.persist import setup_compile_cache
+from lib_optim.compile.persist_cli import add_compile_cache_parser, run_compile_cache
 from lib_optim.compile.region import RegionPatch
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
 from lib_optim.compile.session import AUTO_DATA_KEY, VAE_DATA_KEY, CompileRegion, compile_blocks, compile_vae_blocks
@@ -33,13 +42,19 @@ __all__ = [
     "AutoPlanner",
     "AutoRecord",
     "AutoRun",
+    "CompileAdvice",
+    "CompileProbe",
     "CompileRegion",
     "FrozenAvailableMemory",
     "FrozenFreeMemory",
     "RegionPatch",
     "RegionalCompiler",
+    "add_compile_cache_parser",
+    "compile_advice",
     "compile_availability",
     "compile_blocks",
+    "compile_section_dict",
+    "compile_section_text",
     "compile_vae_blocks",
     "decide",
     "default_auto_memory_path",
@@ -49,4 +64,6 @@ __all__ = [
     "get_auto_planner",
     "get_compiler",
     "make_job",
+    "run_compile_cache",
+    "setup_compile_cache",
 ]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_optim.attention import Attention, algorithms
+from lib_optim.compile import setup_compile_cache
 from lib_optim.host_specs import HostKind, checked_hosts, host_spec
 from lib_optim.hosts import detect_running_host
 from lib_optim.launch import (
@@ -183,6 +184,7 @@ def preload(parser: argparse.ArgumentParser) -> None:
         log.warning("preload: no WebUI found around this process; nothing to do")
         return
     rt.host = checkout.kind
+    _setup_compile_cache()
 
     if not ours.optim_no_check and checkout.kind in checked_hosts() and saved_option("optim_check_at_startup", True):
         from modules import paths_internal
@@ -203,6 +205,14 @@ def preload(parser: argparse.ArgumentParser) -> None:
             apply_startup_profile(parser, ours.optim_profile, checkout.kind)
         except ProfileError as exc:
             log.error("%s", exc)
+
+
+def _setup_compile_cache() -> None:
+    """torch.compile's caches in the WebUI's data folder (``paths_internal.data_path``, ``--data-dir``: docs/hosts.md
+    §1.13), set before any model loads: torch 2.1-2.4 fix inductor's folder at the first compile."""
+    from modules import paths_internal
+
+    setup_compile_cache(paths_internal.data_path)
 
 
 def apply_startup_profile(parser: argparse.ArgumentParser, name: str, host: HostKind) -> None:

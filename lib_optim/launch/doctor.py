@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 
+from lib_optim.compile import CompileAdvice, CompileProbe, compile_advice, compile_section_dict
 from lib_optim.gpu import GpuInfo, SystemFacts
 from lib_optim.host_specs import HostKind, host_spec
 from lib_optim.launch.checker import CheckInput, Finding, RuntimeFacts, run_checks
@@ -186,6 +187,7 @@ class DoctorReport:
     hint: str | None = None  # which Python to run for exact figures, when this one cannot give them
     directml: bool = False  # the recommended flags are the profile's DirectML variant (profile apply --directml)
     gpu: GpuChoice | None = None  # the GPU the WebUI will run on (None: no GPU found)
+    compile: CompileAdvice | None = None  # can regional compile work here, its cache, the torch upgrade path
 
     def gpu_lines(self) -> list[str]:
         """Doctor's lines about the GPU the WebUI will use; none on a one-GPU machine where nothing chose."""
@@ -207,6 +209,7 @@ class DoctorReport:
             },
             "hint": self.hint,
             "gpu": self.gpu.to_dict() if self.gpu is not None else None,
+            "compile": compile_section_dict([self.compile]) if self.compile is not None else None,
         }
 
 
@@ -221,11 +224,13 @@ def doctor(
     extension: Path | None = None,
     launcher_vars: Mapping[str, str] | None = None,
     probed_env: Mapping[str, str] | None = None,
+    compile_probe: CompileProbe | None = None,
 ) -> DoctorReport:
     """Check this environment for ``host`` and recommend a profile for the GPU it will run on. ``pci`` says
     whether an NVIDIA card is on the bus (tests replace it); ``webui_root``/``extension``/``launcher_vars`` (what
-    the webui-user file sets) only shape the hint about which Python to run. ``probed_env``: the environment
-    ``system`` was probed in (default: this process's)."""
+    the webui-user file sets) shape the hint about which Python to run (and ``webui_root`` where the compile cache
+    is). ``probed_env``: the environment ``system`` was probed in (default: this process's); ``compile_probe``: what
+    the compile section reads (tests)."""
     env = dict(os.environ if env is None else env)
     nvidia_present = pci()
     argv = effective_argv(args, env)
@@ -239,7 +244,8 @@ def doctor(
     extension = extension or Path(__file__).resolve().parents[2]
     hint = exact_figures_hint(system, nvidia_present, webui_root, extension, launcher_vars)
     line = launch_line(hp, kind)
-    return DoctorReport(host, system, findings, name, hp.flags, hp.env, line, reason, hint, directml, choice)
+    advice = compile_advice(host, system, environ=env, argv=argv, webui_root=webui_root, probe=compile_probe)
+    return DoctorReport(host, system, findings, name, hp.flags, hp.env, line, reason, hint, directml, choice, advice)
 
 
 def gpu_lines(reports: Sequence[DoctorReport]) -> list[str]:
@@ -279,6 +285,7 @@ def doctor_json(
         },
         "hint": first.hint,
         "gpu": {r.host.value: r.gpu.to_dict() if r.gpu else None for r in reports},
+        "compile": compile_section_dict([r.compile for r in reports if r.compile is not None]),
     }
 
 

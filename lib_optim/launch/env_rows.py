@@ -673,9 +673,17 @@ QUIET_NOTES: tuple[QuietNote, ...] = (
     QuietNote(
         ("TORCHINDUCTOR_*",),
         "Configures TorchInductor, the code generator behind torch.compile (e.g. TORCHINDUCTOR_CACHE_DIR).",
-        "This extension's 'Compile UNet blocks' uses torch.compile, so these apply whenever it is on (torch "
-        "itself also sets TORCHINDUCTOR_CACHE_DIR in the process once it compiles).",
-        "torch/_inductor/config.py; lib_optim/compile/regional.py",
+        "This extension's 'Compile UNet blocks' uses torch.compile, so these apply whenever it is on. At start-up "
+        "the extension sets TORCHINDUCTOR_CACHE_DIR to its compile cache (and TORCHINDUCTOR_FX_GRAPH_CACHE=1 on "
+        "torch 2.3-2.4), never over a value you set.",
+        "torch/_inductor/config.py; lib_optim/compile/regional.py, persist.py",
+    ),
+    QuietNote(
+        ("OPTIM_COMPILE_CACHE", "TRITON_CACHE_DIR"),
+        "The folder of this extension's compile cache; where triton keeps its compiled GPU kernels.",
+        "Default <data dir>/cache/optim-compile, triton's kernels inside it; python -m lib_optim compile-cache "
+        "show says where they are.",
+        "lib_optim/compile/persist.py; torch 2.1.2 _inductor/triton_heuristics.py:148-153",
     ),
     QuietNote(
         ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_LAUNCH_BLOCKING", "CUDA_MODULE_LOADING"),
