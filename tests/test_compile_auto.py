@@ -204,9 +204,32 @@ def test_malformed_figures_are_left_unmeasured() -> None:
     assert record == AutoRecord(compiled_step_s=0.5)
 
 
-def test_the_default_file_is_in_the_users_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_file_is_beside_the_compile_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The figures describe the kernels in the compile cache: they live in its root (``OPTIM_COMPILE_CACHE``, the
+    WebUI's data folder, else the user's cache folder), never in the temp folder."""
+    from lib_optim.compile import persist
+
     monkeypatch.undo()  # the conftest points it at a temporary file
-    assert auto_module.default_auto_memory_path() == Path.home() / ".cache" / "sd-webui-optim" / "compile-auto.json"
+    monkeypatch.setenv("OPTIM_COMPILE_CACHE", str(tmp_path / "kept"))
+    monkeypatch.setattr(persist, "_DONE", {})
+    assert auto_module.default_auto_memory_path() == tmp_path / "kept" / "compile-auto.json"
+
+
+def test_warm_means_an_earlier_process_compiled_into_the_kept_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A key compiled by an earlier process is "warm" only when inductor's folder is the one kept across restarts
+    (set up at start-up); with torch's temp folder, or never compiled, it is cold."""
+    from lib_optim.compile import persist
+
+    key = job().key
+    compiled_before = AutoRecord(cold_compile_s=90.0, cold_compile_n=1)
+    monkeypatch.setattr(persist, "_DONE", {})
+    assert not auto_module._inductor_cache_has(key, compiled_before)  # nothing set up: the temp folder
+    setup = persist._setup({"OPTIM_COMPILE_CACHE": str(tmp_path)}, None, "2.1.2+cu121", (3, 10))
+    monkeypatch.setattr(persist, "_DONE", {"setup": setup})
+    assert auto_module._inductor_cache_has(key, compiled_before)
+    assert not auto_module._inductor_cache_has(key, AutoRecord())
 
 
 # --- one generation, end to end -----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_optim.compile.blocks import torch_version
+from lib_optim.compile.persist import current_root, kept_cache
 from lib_optim.log import get_logger
 
 log = get_logger(__name__)
@@ -80,8 +81,9 @@ MEMORY_VERSION = 1
 
 
 def default_auto_memory_path() -> Path:
-    """Where the measured figures are remembered."""
-    return Path.home() / ".cache" / "sd-webui-optim" / "compile-auto.json"
+    """Where the measured figures are remembered: beside the compile cache they describe
+    (:func:`lib_optim.compile.persist.current_root`; ``compile-cache clear`` keeps it)."""
+    return current_root() / "compile-auto.json"
 
 
 def estimated_speedup(device_type: str, torch: str) -> float:
@@ -580,16 +582,13 @@ def _weak(root: Any) -> Any:
 
 
 def _inductor_cache_has(key: AutoKey, record: AutoRecord) -> bool:
-    """Whether inductor's on-disk FX graph cache should hold ``key``'s kernels: an earlier process compiled it on
-    this machine, and the cache is on in this torch (its default from 2.5)."""
+    """Whether the on-disk compile cache should hold ``key``'s kernels: an earlier process compiled it on this
+    machine and inductor's folder is the one kept across restarts (:mod:`lib_optim.compile.persist`: inductor's
+    compiled kernels before torch 2.3, and its FX graph cache too from 2.3), not the temp folder."""
     if record.cold_compile_s is None and record.warm_compile_s is None:
         return False
-    try:
-        from torch._inductor import config
-    except ImportError:
-        log.debug("torch._inductor not importable: no on-disk compile cache", exc_info=True)
-        return False
-    return bool(getattr(config, "fx_graph_cache", False))
+    setup = kept_cache()
+    return setup is not None and setup.inductor_owner in ("ours", "yours")
 
 
 @functools.cache

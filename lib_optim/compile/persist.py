@@ -233,6 +233,17 @@ def setup_compile_cache(
     return setup
 
 
+def kept_cache() -> CacheSetup | None:
+    """What :func:`setup_compile_cache` set up in this process (None: not called, e.g. outside a WebUI)."""
+    return _DONE.get("setup")
+
+
+def current_root(environ: Mapping[str, str] | None = None) -> Path:
+    """The extension's compile-cache root for this process: the one set up at start-up, else where it would be."""
+    setup = kept_cache()
+    return setup.root.path if setup is not None else cache_root(os.environ if environ is None else environ, None).path
+
+
 def _reset_for_tests() -> None:
     with _LOCK:
         _DONE.clear()
