@@ -222,6 +222,9 @@ def _add_bench(sub: Any) -> None:
         help="instead: every attention backend, whether it runs here (CUDA when torch sees a GPU), and if not why "
         "and the fix (with --json: as JSON)",
     )
+    from lib_optim.bench import add_gpu_report_arguments
+
+    add_gpu_report_arguments(bench)
 
 
 # --------------------------------------------------------------------------------------------------- hosts
@@ -614,6 +617,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except (ImportError, OSError) as exc:  # torch is there but does not load (a DLL, a half-installed wheel)
         raise UsageError(f"bench cannot load torch in this Python ({sys.executable}): {exc}") from None
 
+    if args.gpu_report:
+        from lib_optim.bench import gpu_report_command
+
+        return gpu_report_command(args, _out, _err)
     if args.compile:
         return _bench_compile(args)
     if args.vae:

@@ -1,4 +1,5 @@
-"""Benchmarks: attention kernels, whole generations, regional compile and the VAE, side by side in one run."""
+"""Benchmarks: attention kernels, whole generations, regional compile and the VAE, side by side in one run; the
+GPU report (all of them within a time budget, as JSON and markdown)."""
 
 from __future__ import annotations
 
@@ -25,11 +26,21 @@ if TYPE_CHECKING:  # the torch-heavy modules load on first use, so importing the
     from lib_optim.bench.attention import to_json as attention_bench_json
     from lib_optim.bench.attention import write_plot as write_attention_plot
     from lib_optim.bench.compile import format_compile_table, run_compile_bench
+    from lib_optim.bench.gpu_report import add_arguments as add_gpu_report_arguments
+    from lib_optim.bench.gpu_report import command as gpu_report_command
+    from lib_optim.bench.gpu_report import make_plan as make_gpu_report_plan
+    from lib_optim.bench.gpu_report import run_gpu_report
+    from lib_optim.bench.gpu_report import write_report as write_gpu_report
     from lib_optim.bench.vae import format_vae_table as vae_bench_table
     from lib_optim.bench.vae import run_vae_bench
     from lib_optim.bench.vae import to_json as vae_bench_json
 
 _LAZY: dict[str, tuple[str, str | None]] = {
+    "add_gpu_report_arguments": ("lib_optim.bench.gpu_report", "add_arguments"),
+    "gpu_report_command": ("lib_optim.bench.gpu_report", "command"),
+    "make_gpu_report_plan": ("lib_optim.bench.gpu_report", "make_plan"),
+    "run_gpu_report": ("lib_optim.bench.gpu_report", "run_gpu_report"),
+    "write_gpu_report": ("lib_optim.bench.gpu_report", "write_report"),
     "attention_bench_json": ("lib_optim.bench.attention", "to_json"),
     "attention_bench_table": ("lib_optim.bench.attention", "format_table"),
     "format_compile_table": ("lib_optim.bench.compile", "format_compile_table"),
@@ -55,14 +66,19 @@ __all__ = [
     "STEPS_MIN",
     "BenchCandidate",
     "CandidateResult",
+    "add_gpu_report_arguments",
     "attention_bench_json",
     "attention_bench_table",
     "format_compile_table",
     "generation",
+    "gpu_report_command",
+    "make_gpu_report_plan",
     "run_attention_bench",
     "run_compile_bench",
+    "run_gpu_report",
     "run_vae_bench",
     "vae_bench_json",
     "vae_bench_table",
     "write_attention_plot",
+    "write_gpu_report",
 ]

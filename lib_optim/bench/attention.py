@@ -265,6 +265,14 @@ def _targets(
     return out
 
 
+def target_labels(device: str = "cpu", dtype: str | None = None) -> list[str]:
+    """Every row label :func:`run_bench` can time here (``backends=``): each available backend and each SDPA
+    kernel that runs on ``device`` in ``dtype`` (a :data:`DTYPES` name; ``None`` = the device's default)."""
+    dev = torch.device(device)
+    compute = DTYPES[dtype] if dtype is not None else (torch.float16 if dev.type == "cuda" else torch.float32)
+    return [t.label for t in _targets(dev, compute, 0, None, False)]
+
+
 def run_bench(
     specs: Sequence[str] = DEFAULT_SPECS,
     *,

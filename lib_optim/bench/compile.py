@@ -292,6 +292,23 @@ def sd15_like_unet(model_channels: int = 32, context_dim: int = 64, heads: int =
     )
 
 
+def one_level_unet(model_channels: int = 8, context_dim: int = 16, heads: int = 2) -> TinyUNet:
+    """The smallest UNet of the same structure (one level: ResBlocks and SpatialTransformers), for quick runs."""
+    return TinyUNet(
+        model_channels=model_channels,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        attention_levels=(0,),
+        heads=heads,
+        context_dim=context_dim,
+        groups=min(4, model_channels),
+    )
+
+
+# ``unet=`` of run_compile_bench: the block layouts it can time.
+UNETS: dict[str, Callable[[int, int, int], TinyUNet]] = {"sd15": sd15_like_unet, "one-level": one_level_unet}
+
+
 @dataclass
 class CompileBenchResult:
     """Median seconds per UNet call, eager and compiled, and what compiling cost."""
@@ -316,6 +333,11 @@ class CompileBenchResult:
     fell_back: bool = False
     fallback_reason: str = ""
     max_abs_diff: float = 0.0
+    unet: str = "sd15"
+    context_dim: int = 64
+    # CUDA only (None elsewhere): torch.cuda.max_memory_allocated over one steady call, weights included
+    eager_peak_bytes: int | None = None
+    compiled_peak_bytes: int | None = None
 
     @property
     def speedup(self) -> float:
@@ -325,7 +347,15 @@ class CompileBenchResult:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["speedup"] = self.speedup
+        data["extra_bytes"] = self.extra_bytes
         return data
+
+    @property
+    def extra_bytes(self) -> int | None:
+        """What the compiled steady call's peak adds to the eager one's (CUDA only)."""
+        if self.eager_peak_bytes is None or self.compiled_peak_bytes is None:
+            return None
+        return self.compiled_peak_bytes - self.eager_peak_bytes
 
 
 def run_compile_bench(
@@ -333,6 +363,9 @@ def run_compile_bench(
     latent: tuple[int, int] = (32, 32),
     batch: int = 2,
     model_channels: int = 32,
+    context_dim: int = 64,
+    heads: int = 4,
+    unet: str = "sd15",
     rounds: int = 5,
     mode: str = "on",
     backend: str | Callable[..., Any] = "inductor",
@@ -346,15 +379,19 @@ def run_compile_bench(
 
     The first compiled calls (eager warm-up, then the compile) are not timed as steady state; their cost
     is the stats' ``compile_seconds``. Then ``rounds`` interleaved eager/compiled calls (medians), so a
-    machine that speeds up or slows down during the run affects both sides alike.
+    machine that speeds up or slows down during the run affects both sides alike. On CUDA, then one more
+    eager and one more compiled call each under ``torch.cuda.max_memory_allocated`` (the peaks).
+    ``unet``: a :data:`UNETS` layout (``sd15``, or ``one-level`` for quick runs).
     """
     _check_compile_bench(rounds, batch, latent)
+    if unet not in UNETS:
+        raise ValueError(f"[Optim] compile bench: unet={unet!r} is unknown; allowed: {', '.join(UNETS)}")
     torch.manual_seed(seed)
     dev = torch.device(device)
-    model = sd15_like_unet(model_channels).to(dev, dtype).eval()
+    model = UNETS[unet](model_channels, context_dim, heads).to(dev, dtype).eval()
     x = torch.randn(batch, 4, *latent, device=dev, dtype=dtype)
     timesteps = torch.full((batch,), 500.0, device=dev)
-    context = torch.randn(batch, 77, 64, device=dev, dtype=dtype)
+    context = torch.randn(batch, 77, context_dim, device=dev, dtype=dtype)
     compiler = compiler or RegionalCompiler(backend=backend, clock=clock)
 
     def call() -> torch.Tensor:
@@ -364,6 +401,7 @@ def run_compile_bench(
         return out
 
     timing = _time_eager_and_compiled(call, model, compiler, mode=mode, rounds=rounds, clock=clock)
+    eager_peak, compiled_peak = _steady_peaks(call, model, compiler, mode=mode, device=dev)
     setup = timing.setup
     return CompileBenchResult(
         latent=(int(latent[0]), int(latent[1])),
@@ -386,6 +424,10 @@ def run_compile_bench(
         fell_back=setup.fell_back,
         fallback_reason=setup.fallback_reason,
         max_abs_diff=timing.max_abs_diff,
+        unet=unet,
+        context_dim=context_dim,
+        eager_peak_bytes=eager_peak,
+        compiled_peak_bytes=compiled_peak,
     )
 
 
@@ -444,6 +486,33 @@ def _time_eager_and_compiled(
             compiled_samples.append(seconds)
             recompiles += app.stats.compiles
     return _Timing(setup, diff, eager_samples, compiled_samples, recompiles)
+
+
+def _steady_peaks(
+    call: Callable[[], torch.Tensor],
+    model: torch.nn.Module,
+    compiler: RegionalCompiler,
+    *,
+    mode: str,
+    device: torch.device,
+) -> tuple[int | None, int | None]:
+    """``torch.cuda.max_memory_allocated`` over one steady eager call and one steady compiled call (the compiled
+    code is already built: this is what each generation's steps cost, not the compile's own peak); CPU: None."""
+    if device.type != "cuda":
+        return None, None
+    names = default_block_names("sd")
+    with torch.inference_mode():
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        call()
+        eager = int(torch.cuda.max_memory_allocated(device))
+        with compiler.apply(model, names, key="bench", mode=mode):
+            call()  # the per-generation eager first call, not measured
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            call()
+            compiled = int(torch.cuda.max_memory_allocated(device))
+    return eager, compiled
 
 
 def format_compile_table(result: CompileBenchResult | Sequence[CompileBenchResult]) -> str:
