@@ -6,6 +6,8 @@ name a WebUI checkout that starts on this machine (its Python: ``OPTIM_A1111_PYT
 The extension is copied into ``<checkout>/extensions/sd-webui-optim-under-test`` for the session and
 removed afterwards; the checkpoint is generated once into ``OPTIM_TEST_CACHE`` (default
 ``~/.cache/sd-webui-optim-tests``), outside the repository.
+A test module that sets ``CHECKPOINT = "sdxl"`` gets a WebUI with a random-weight SDXL base checkpoint instead
+(``sdxl_checkpoint.py``, about 7 GB, generated once into ``OPTIM_TEST_CACHE/models-sdxl``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ HOSTS = {
 }
 NO_HOST_REASON = "set OPTIM_A1111_DIR, OPTIM_FORGE_DIR, OPTIM_FORGE_PREVIOUS_DIR or OPTIM_REFORGE_DIR to a checkout"
 REFINER = "sd15-random-refiner"
+SDXL = "sdxl-random"  # the checkpoint of a module that sets CHECKPOINT = "sdxl"
+CHECKPOINTS = ("sd15", "sdxl")
 LORA = "optim-test-random"  # a random LoRA, installed into <checkout>/models/Lora for the session
 START_TIMEOUT = float(os.environ.get("OPTIM_START_TIMEOUT", "600"))
 
@@ -53,13 +57,14 @@ class WebUI:
     url: str
     log_path: Path
     process: subprocess.Popen[bytes]
+    request_timeout: float = 900  # seconds; an SDXL model on CPU gets more (see start_webui)
 
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 900) -> tuple[int, Any]:
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
+            with urllib.request.urlopen(req, timeout=timeout or self.request_timeout) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as err:
             raw = err.read()
@@ -89,8 +94,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _cache() -> Path:
+    return Path(os.environ.get("OPTIM_TEST_CACHE", Path.home() / ".cache" / "sd-webui-optim-tests"))
+
+
 def _checkpoint(python: str) -> Path:
-    cache = Path(os.environ.get("OPTIM_TEST_CACHE", Path.home() / ".cache" / "sd-webui-optim-tests"))
+    cache = _cache()
     models = cache / "models"
     # a second checkpoint serves as the refiner (a model switch in the middle of sampling)
     for name, seed in (("sd15-random.safetensors", "0"), (REFINER + ".safetensors", "2")):
@@ -108,6 +117,30 @@ def _checkpoint(python: str) -> Path:
         script = REPO / "tests" / "integration" / "sd15_lora.py"
         subprocess.run([python, str(script), str(lora)], check=True, timeout=300)
     return models
+
+
+def _sdxl_checkpoint(python: str) -> Path:
+    """The SDXL checkpoint, in a folder of its own: the SD1.5 modules' ``--ckpt-dir`` never lists it, so a host that
+    saved it as its last model (Forge f2 writes ``sd_model_checkpoint`` to config.json on a model change,
+    modules_forge/main_entry.py:249-252) falls back to an SD1.5 one there instead of loading 7 GB."""
+    target = _cache() / "models-sdxl" / f"{SDXL}.safetensors"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        script = REPO / "tests" / "integration" / "sdxl_checkpoint.py"
+        subprocess.run([python, str(script), str(target)], check=True, timeout=3600)  # ~4 min on 2 busy cores
+    return target
+
+
+def checkpoint_args(checkpoint: str, python: str, sd15_models: Path) -> list[str]:
+    """The host's model folder and model: the SD1.5 folder and whichever model the host picks there, or the SDXL
+    file alone (``--ckpt`` makes every host select it, over what config.json says: modules/sd_models.py:167-171 in
+    A1111, :173-177 in Forge f2, :163-167 in Forge previous, :284-288 in reForge)."""
+    if checkpoint == "sd15":
+        return ["--ckpt-dir", str(sd15_models)]
+    if checkpoint == "sdxl":
+        sdxl = _sdxl_checkpoint(python)
+        return ["--ckpt-dir", str(sdxl.parent), "--ckpt", str(sdxl)]
+    raise ValueError(f"CHECKPOINT = {checkpoint!r}: use one of {', '.join(map(repr, CHECKPOINTS))}")
 
 
 def _install_lora(root: Path, models: Path) -> Path:
@@ -163,13 +196,16 @@ def start_webui(
     extra_args: list[str] | None = None,
     address_space_limit: int | None = None,
     extra_env: dict[str, str] | None = None,
+    checkpoint: str = "sd15",
 ) -> WebUI:
     """``address_space_limit``: bytes of virtual memory for the WebUI process, so a big enough tensor fails
-    to allocate — a real out-of-memory error on a machine without a GPU. ``extra_env``: more environment."""
+    to allocate — a real out-of-memory error on a machine without a GPU. ``extra_env``: more environment.
+    ``checkpoint``: "sd15" (the random SD1.5 models) or "sdxl" (the random SDXL base model)."""
     dir_var, _, cpu_flags = HOSTS[host]
     root = Path(os.environ[dir_var])
     python = host_python(host)
     models = _checkpoint(python)
+    model_args = checkpoint_args(checkpoint, python, models)
     _install_extension(root)
     _install_lora(root, models)
     port = _free_port()
@@ -194,8 +230,7 @@ def start_webui(
         "127.0.0.1",
         "--port",
         str(port),
-        "--ckpt-dir",
-        str(models),
+        *model_args,
         "--optim-log-level",
         "DEBUG",
         *(extra_args or []),
@@ -209,7 +244,8 @@ def start_webui(
             stderr=subprocess.STDOUT,
             preexec_fn=_limit_address_space(address_space_limit),  # noqa: PLW1509 - only setrlimit, no threads
         )
-    webui = WebUI(host, root, f"http://127.0.0.1:{port}", log_path, process)
+    # SDXL on CPU: loading 7 GB and a first compile of its blocks each take far longer than SD1.5's
+    webui = WebUI(host, root, f"http://127.0.0.1:{port}", log_path, process, 3600 if checkpoint == "sdxl" else 900)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -264,8 +300,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="module")
 def webui(request: pytest.FixtureRequest) -> Iterator[WebUI]:
-    # a test module may ask for more environment for its WebUI (WEBUI_ENV = {...})
-    instance = start_webui(request.param, extra_env=getattr(request.module, "WEBUI_ENV", None))
+    # a test module may ask for more environment for its WebUI (WEBUI_ENV = {...}) and for the SDXL checkpoint
+    # (CHECKPOINT = "sdxl")
+    instance = start_webui(
+        request.param,
+        extra_env=getattr(request.module, "WEBUI_ENV", None),
+        checkpoint=getattr(request.module, "CHECKPOINT", "sd15"),
+    )
     try:
         # Load the model now (A1111 loads it in a thread after start-up, Forge on the first generation),
         # so every test compares states of a loaded model.
