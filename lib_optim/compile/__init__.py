@@ -29,6 +29,7 @@ from lib_optim.compile.persist import setup_compile_cache
 from lib_optim.compile.persist_cli import add_compile_cache_parser, run_compile_cache
 from lib_optim.compile.region import RegionPatch
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
+from lib_optim.compile.rewrite import traceable_function, traceable_functions
 from lib_optim.compile.session import AUTO_DATA_KEY, VAE_DATA_KEY, CompileRegion, compile_blocks, compile_vae_blocks
 from lib_optim.compile.traceable import FrozenAvailableMemory, FrozenFreeMemory, einops_namespace, einops_stand_in
 
@@ -66,4 +67,6 @@ __all__ = [
     "make_job",
     "run_compile_cache",
     "setup_compile_cache",
+    "traceable_function",
+    "traceable_functions",
 ]

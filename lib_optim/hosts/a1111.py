@@ -544,6 +544,7 @@ class A1111Adapter(HostBase):
         patches = [
             *compile_regions.einops_patches(self._modules, "a1111"),
             *compile_regions.condfunc_patches(unet),
+            *compile_regions.rewrite_patches(self._modules, "a1111", unet),
             *compile_regions.lora_patches(self._modules),
             *free_patches,
         ]

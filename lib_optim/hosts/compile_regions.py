@@ -19,7 +19,15 @@ import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from lib_optim.compile import FrozenAvailableMemory, FrozenFreeMemory, RegionPatch, einops_namespace, einops_stand_in
+from lib_optim.compile import (
+    FrozenAvailableMemory,
+    FrozenFreeMemory,
+    RegionPatch,
+    einops_namespace,
+    einops_stand_in,
+    traceable_function,
+    traceable_functions,
+)
 from lib_optim.hosts.base import HostModules
 from lib_optim.log import get_logger
 
@@ -76,6 +84,45 @@ def einops_patches(modules: HostModules, family: str) -> list[RegionPatch]:
             continue
         replacement = einops_namespace(original) if attr == "einops" else einops_stand_in(attr, original)
         patches.append(RegionPatch(module, attr, replacement, f"{module_name}.{attr}: einops"))
+    return patches
+
+
+# modules whose functions the blocks call (attention above all) and may hold constructs torch 2.1's dynamo
+# cannot trace (lib_optim.compile.rewrite; docs/hosts.md §6.10)
+REWRITE_MODULES: dict[str, tuple[str, ...]] = {
+    "a1111": (
+        "modules.sd_hijack_optimizations",
+        "modules.sub_quadratic_attention",
+        "ldm.modules.attention",
+        "sgm.modules.attention",
+        "ldm.modules.diffusionmodules.model",
+        "sgm.modules.diffusionmodules.model",
+    ),
+    "forge": ("backend.attention", "backend.nn.unet", "backend.nn.vae"),
+    "ldm_patched": (
+        "ldm_patched.ldm.modules.attention",
+        "ldm_patched.ldm.modules.sub_quadratic_attention",
+        "ldm_patched.ldm.modules.diffusionmodules.model",
+    ),
+}
+
+
+def rewrite_patches(modules: HostModules, family: str, root: Any) -> list[RegionPatch]:
+    """Traceable copies (:func:`lib_optim.compile.traceable_function`) of the family's module functions and of the
+    ``forward`` s bound on the classes in ``root`` (A1111 binds its attention as ``CrossAttention.forward``)."""
+    patches = []
+    for module_name in REWRITE_MODULES.get(family, ()):
+        module = modules.loaded(module_name)
+        if module is None:
+            continue
+        for name, copy in traceable_functions(module).items():
+            patches.append(RegionPatch(module, name, copy, f"{module_name}.{name}: traceable copy"))
+    classes = {cls for module in root.modules() for cls in type(module).__mro__}
+    for cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        forward = vars(cls).get("forward")
+        rewritten = traceable_function(forward) if forward is not None else None
+        if rewritten is not None:
+            patches.append(RegionPatch(cls, "forward", rewritten, f"{cls.__qualname__}.forward: traceable copy"))
     return patches
 
 

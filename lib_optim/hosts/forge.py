@@ -303,9 +303,11 @@ class ForgeAdapter(ForgeFamilyAdapter):
             if name != "backend.nn.chroma"
         )
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
-        self.compile_blocks(session, model, key=key, device=device, p=p, region=self.compile_region("forge"))
+        self.compile_blocks(session, model, key=key, device=device, p=p, region=self.compile_region("forge", model))
         vae_key = getattr(self._modules.loaded("backend.nn.vae"), "attention_function_single_head_spatial", None)
-        self.compile_vae(session, self._vae_model(p), key=vae_key, region=self.compile_region("forge"))
+        vae = self._vae_model(p)
+        if vae is not None:
+            self.compile_vae(session, vae, key=vae_key, region=self.compile_region("forge", vae))
 
     # inference memory ------------------------------------------------------------------------------------
 

@@ -422,13 +422,18 @@ class ForgeFamilyAdapter(HostBase):
         """The back end's memory-management module (imported if need be)."""
         raise NotImplementedError
 
-    def compile_region(self, family: str) -> CompileRegion:
-        """What keeps the family's block code traceable (docs/hosts.md §6.10): our einops and the free-memory
-        figure measured before the region. No weights token: the Forges apply LoRA weights before sampling
-        (replaced Parameters, which the compiler's weight fingerprint sees), never lazily in a forward."""
+    def compile_region(self, family: str, root: Any) -> CompileRegion:
+        """What keeps the family's block code in ``root`` traceable (docs/hosts.md §6.10): our einops, traceable
+        copies of its attention code, the free-memory figure measured before the region. The weights token is
+        constant: the Forges apply LoRA weights before sampling (replaced Parameters, which the compiler's weight
+        fingerprint sees), never lazily in a forward."""
         free_patches, measure = compile_regions.free_memory_patch(self._modules, family)
         return CompileRegion(
-            patches=[*compile_regions.einops_patches(self._modules, family), *free_patches],
+            patches=[
+                *compile_regions.einops_patches(self._modules, family),
+                *compile_regions.rewrite_patches(self._modules, family, root),
+                *free_patches,
+            ],
             weights_token=lambda: "applied before sampling",
             interrupt=compile_regions.interrupt_check(self._modules),
             prepare=measure,

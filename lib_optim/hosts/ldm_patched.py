@@ -453,9 +453,11 @@ class LdmPatchedAdapter(ForgeFamilyAdapter):
         attn = self._modules.loaded(ATTENTION)
         key = (getattr(attn, "optimized_attention", None), getattr(attn, "optimized_attention_masked", None))
         device = getattr(self._modules.loaded("modules.devices"), "device", "cpu")
-        self.compile_blocks(session, unet, key=key, device=device, p=p, region=self.compile_region("ldm_patched"))
+        self.compile_blocks(session, unet, key=key, device=device, p=p, region=self.compile_region("ldm_patched", unet))
         # the VAE's AttnBlock chose its attention function at construction (an instance attribute): no key
-        self.compile_vae(session, self._vae_model(p), key=None, region=self.compile_region("ldm_patched"))
+        vae = self._vae_model(p)
+        if vae is not None:
+            self.compile_vae(session, vae, key=None, region=self.compile_region("ldm_patched", vae))
 
     # inference memory ------------------------------------------------------------------------------------
 

@@ -1,0 +1,131 @@
+"""Traceable copies of a host's Python functions: the same source, with the few constructs that dynamo on the
+torch the hosts pin (2.1.2) cannot trace written the way it can. The host's code is read from its own file at
+run time and recompiled in memory with the host module's globals; nothing of it is stored in this project.
+
+What changes (each a graph break on torch 2.1, docs/hosts.md §6.10):
+
+- a generator expression unpacked into names, ``q, k, v = (f(t) for t in (q, k, v))``, and the same with
+  ``map(lambda t: ..., (q, k, v))``: a list comprehension (``UNPACK_SEQUENCE`` of a generator);
+- ``t.element_size()``: ``torch.finfo(t.dtype).bits // 8`` for floating tensors (a ``torch.*`` op returning an
+  int).
+
+A function without such constructs, without source, with a closure or decorators is not copied (None): the
+original runs, and dynamo breaks the graph there as before.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+import types
+from collections.abc import Callable
+from typing import Any
+
+from lib_optim.log import get_logger
+
+log = get_logger(__name__)
+
+
+class _Rewriter(ast.NodeTransformer):
+    def __init__(self, torch_name: str | None):
+        self.torch_name = torch_name
+        self.changed = 0
+
+    def visit_Assign(self, node: ast.Assign) -> Any:
+        self.generic_visit(node)
+        if len(node.targets) == 1 and isinstance(node.targets[0], (ast.Tuple, ast.List)):
+            listed = _as_list(node.value)
+            if listed is not None:
+                node.value = listed
+                self.changed += 1
+        return node
+
+    def visit_Call(self, node: ast.Call) -> Any:
+        self.generic_visit(node)
+        func = node.func
+        if (
+            self.torch_name is not None
+            and isinstance(func, ast.Attribute)
+            and func.attr == "element_size"
+            and not node.args
+            and not node.keywords
+        ):
+            self.changed += 1
+            finfo = ast.Call(
+                func=ast.Attribute(value=ast.Name(id=self.torch_name, ctx=ast.Load()), attr="finfo", ctx=ast.Load()),
+                args=[ast.Attribute(value=func.value, attr="dtype", ctx=ast.Load())],
+                keywords=[],
+            )
+            bits = ast.Attribute(value=finfo, attr="bits", ctx=ast.Load())
+            return ast.BinOp(left=bits, op=ast.FloorDiv(), right=ast.Constant(value=8))
+        return node
+
+
+def _as_list(value: ast.expr) -> ast.expr | None:
+    """``(e for t in xs)`` → ``[e for t in xs]``; ``map(f, xs)`` → ``[f(_optim_item) for _optim_item in xs]``."""
+    if isinstance(value, ast.GeneratorExp):
+        return ast.ListComp(elt=value.elt, generators=value.generators)
+    if (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and value.func.id == "map"
+        and len(value.args) == 2
+        and not value.keywords
+    ):
+        item = ast.Name(id="_optim_item", ctx=ast.Load())
+        call = ast.Call(func=value.args[0], args=[item], keywords=[])
+        loop = ast.comprehension(
+            target=ast.Name(id="_optim_item", ctx=ast.Store()), iter=value.args[1], ifs=[], is_async=0
+        )
+        return ast.ListComp(elt=call, generators=[loop])
+    return None
+
+
+@functools.cache
+def traceable_function(fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    """A copy of ``fn`` dynamo can trace on torch 2.1, or None when ``fn`` needs none or cannot be copied. One copy
+    per function for the process: dynamo guards on the identity of what it calls."""
+    if not isinstance(fn, types.FunctionType) or fn.__closure__:
+        return None
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        log.debug("no source for %r: not rewritten", fn, exc_info=True)
+        return None
+    definition = tree.body[0] if tree.body else None
+    if not isinstance(definition, ast.FunctionDef) or definition.decorator_list or definition.name != fn.__name__:
+        return None
+    torch_name = next((name for name, value in fn.__globals__.items() if _is_torch(value)), None)
+    rewriter = _Rewriter(torch_name)
+    tree = ast.fix_missing_locations(rewriter.visit(tree))
+    if not rewriter.changed:
+        return None
+    first_line = fn.__code__.co_firstlineno
+    ast.increment_lineno(tree, first_line - 1)  # tracebacks and dynamo's logs point at the host's own lines
+    namespace: dict[str, Any] = {}
+    exec(compile(tree, fn.__code__.co_filename, "exec"), fn.__globals__, namespace)
+    copy = namespace[fn.__name__]
+    copy.__defaults__ = fn.__defaults__
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    log.debug("traceable copy of %s.%s (%d constructs rewritten)", fn.__module__, fn.__qualname__, rewriter.changed)
+    return copy
+
+
+def _is_torch(value: Any) -> bool:
+    return isinstance(value, types.ModuleType) and value.__name__ == "torch"
+
+
+def traceable_functions(module: Any) -> dict[str, Callable[..., Any]]:
+    """``name → traceable copy`` for the functions defined in ``module`` that need one."""
+    copies = {}
+    for name, value in list(vars(module).items()):
+        if isinstance(value, types.FunctionType) and value.__module__ == module.__name__:
+            copy = traceable_function(value)
+            if copy is not None:
+                copies[name] = copy
+    return copies

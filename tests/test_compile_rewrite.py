@@ -1,0 +1,109 @@
+"""Traceable copies of host functions (lib_optim.compile.rewrite): the constructs torch 2.1's dynamo cannot trace
+inside A1111's and Forge's attention code (docs/hosts.md §6.10) — an unpacked generator expression or ``map``, and
+``tensor.element_size()`` — are rewritten from the function's own source; the copy computes the same, keeps the
+module's globals (so a region patch of ``rearrange`` reaches it) and is one object per function."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib_optim.compile import traceable_function, traceable_functions
+
+HOST_LIKE = """
+import torch
+
+
+def scale(t):
+    return t * 2
+
+
+def split_heads(q_in, k_in, v_in, h):
+    # A1111 modules/sd_hijack_optimizations.py:240 unpacks a generator expression like this
+    q, k, v = (t.reshape(t.shape[0], -1, h, t.shape[-1] // h) for t in (q_in, k_in, v_in))
+    return q + k + v
+
+
+def with_map(q, k, v):
+    # stablediffusion ldm/modules/attention.py:171
+    q, k, v = map(lambda t: scale(t), (q, k, v))
+    return q - k + v
+
+
+def tensor_bytes(q, k):
+    # A1111 sd_hijack_optimizations.py:328, Forge f2 backend/attention.py:349
+    return q.shape[0] * q.shape[1] * k.shape[1] * q.element_size()
+
+
+def plain(x):
+    return x + 1
+
+
+def with_closure():
+    y = 1
+
+    def inner(x):
+        return x + y
+
+    return inner
+"""
+
+
+@pytest.fixture
+def host_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "optim_host_like.py").write_text(HOST_LIKE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("optim_host_like")
+    yield module
+    sys.modules.pop("optim_host_like", None)
+
+
+def _has_generator(fn) -> bool:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    return any(isinstance(node, ast.GeneratorExp) for node in ast.walk(tree))
+
+
+def test_only_the_functions_that_need_it_are_copied(host_module) -> None:
+    copies = traceable_functions(host_module)
+    assert sorted(copies) == ["split_heads", "tensor_bytes", "with_map"]
+    assert traceable_function(host_module.plain) is None
+    assert traceable_function(host_module.with_closure()) is None  # a closure cannot be recompiled alone
+
+
+def test_the_copies_compute_the_same_without_the_untraceable_constructs(host_module) -> None:
+    copies = traceable_functions(host_module)
+    q, k, v = (torch.randn(2, 6, 8) for _ in range(3))
+    assert torch.equal(copies["split_heads"](q, k, v, 2), host_module.split_heads(q, k, v, 2))
+    assert torch.equal(copies["with_map"](q, k, v), host_module.with_map(q, k, v))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        half = q.to(dtype)
+        assert copies["tensor_bytes"](half, k) == host_module.tensor_bytes(half, k)
+    code = copies["split_heads"].__code__
+    assert code.co_filename == host_module.split_heads.__code__.co_filename  # tracebacks name the host's file
+    assert "element_size" not in copies["tensor_bytes"].__code__.co_names
+    assert _has_generator(host_module.split_heads)
+
+
+def test_a_copy_reads_the_module_globals_at_call_time_and_is_one_object(host_module, monkeypatch) -> None:
+    copies = traceable_functions(host_module)
+    assert traceable_function(host_module.with_map) is copies["with_map"]  # dynamo guards on its identity
+    monkeypatch.setattr(host_module, "scale", lambda t: t * 3)  # a region patch of a module global reaches it
+    q = torch.ones(1, 2, 2)
+    assert torch.equal(copies["with_map"](q, q, q), q * 3)
+
+
+def test_the_copies_trace_as_one_graph(host_module) -> None:
+    import torch._dynamo
+
+    copies = traceable_functions(host_module)
+    torch._dynamo.reset()
+    compiled = torch.compile(copies["split_heads"], backend="eager", fullgraph=True)
+    q = torch.randn(2, 6, 8)
+    assert torch.equal(compiled(q, q, q, 2), host_module.split_heads(q, q, q, 2))
