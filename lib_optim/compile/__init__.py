@@ -1,5 +1,5 @@
 """Regional torch.compile: each UNet/DiT block compiled on its own, reused, restored exactly; ``compile=auto``
-compiles only when the job pays for it."""
+compiles only when the job pays for it; the warm-up compiles a loaded model's blocks in the background."""
 
 from __future__ import annotations
 
@@ -22,9 +22,19 @@ from lib_optim.compile.region import RegionPatch
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
 from lib_optim.compile.session import AUTO_DATA_KEY, CompileRegion, compile_blocks
 from lib_optim.compile.traceable import FrozenFreeMemory, einops_namespace, einops_stand_in
+from lib_optim.compile.warmup import (
+    WARMUP_MODES,
+    WARMUP_STATES,
+    CompileWarmup,
+    WarmupState,
+    WarmupStopped,
+    WarmupTarget,
+)
 
 __all__ = [
     "AUTO_DATA_KEY",
+    "WARMUP_MODES",
+    "WARMUP_STATES",
     "AutoDecision",
     "AutoJob",
     "AutoKey",
@@ -33,9 +43,13 @@ __all__ = [
     "AutoRecord",
     "AutoRun",
     "CompileRegion",
+    "CompileWarmup",
     "FrozenFreeMemory",
     "RegionPatch",
     "RegionalCompiler",
+    "WarmupState",
+    "WarmupStopped",
+    "WarmupTarget",
     "compile_availability",
     "compile_blocks",
     "decide",
