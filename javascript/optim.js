@@ -9,7 +9,7 @@
     // into the status line as <span class="optim-tips" data-tips="{...}">. Only the non-field controls are here.
     const OWN_TIPS = {
         profile: "Fill the controls with a launch profile's per-generation defaults.",
-        refresh: "Refresh the status line (effective attention, checker findings).",
+        refresh: "Refresh the status line (effective attention, checker findings, compile warm-up).",
     };
 
     function element(tab, key) {
@@ -82,10 +82,26 @@
         }).observe(info, {childList: true, subtree: true, characterData: true});
     }
 
+    // While the compile warm-up runs (lib_optim/ui.py marks the status line data-warmup="running"), refresh the
+    // line every few seconds so its "running 12/38 blocks" moves; nothing is polled otherwise.
+    function refreshDuringWarmup(tab) {
+        setInterval(function () {
+            const status = element(tab, "status");
+            const line = status && status.querySelector(".optim-status");
+            if (line && line.dataset.warmup === "running") {
+                const button = element(tab, "refresh");
+                if (button) {
+                    button.click();
+                }
+            }
+        }, 5000);
+    }
+
     onUiLoaded(function () {
         for (const tab of ["txt2img", "img2img"]) {
             decorate(tab);
             refreshAfterGenerations(tab);
+            refreshDuringWarmup(tab);
         }
     });
 })();

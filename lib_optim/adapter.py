@@ -225,6 +225,18 @@ class HostAdapter(abc.ABC):
     def before_sampling(self, p: Any, session: Session) -> None:  # noqa: B027 - optional hook
         """Re-apply per-sampling changes; default: nothing to do."""
 
+    # --- the compile warm-up (lib_optim.hosts.warmup) -------------------------------------------------------------
+
+    def model_family(self, sd_model: Any) -> str | None:
+        """``sd`` (SD1.x/SD2.x) or ``sdxl`` for a loaded model the compile warm-up can run; None: no warm-up for it."""
+        return None
+
+    def warmup_forward(self, sd_model: Any, width: int, height: int, batch: int) -> Callable[[], None]:
+        """One UNet call of ``sd_model`` as a sampling step of a ``width``×``height`` generation of ``batch`` images
+        makes it (cond and uncond batched as this host batches them, the host's grad and autocast modes), with
+        dummy latents and empty prompts; :class:`NotSupportedHere` where this host or model has none."""
+        raise NotSupportedHere(f"[Optim] compile warm-up: not supported on {self.kind.display_name}")
+
 
 Applier = Callable[[Any, GenerationSettings, Session], None]
 

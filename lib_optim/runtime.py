@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lib_optim import __version__
 from lib_optim.adapter import HostAdapter, Session
+from lib_optim.compile import WARMUP_MODES, CompileWarmup, WarmupState
 from lib_optim.host_specs import HostKind
 from lib_optim.launch import Finding, Severity
 from lib_optim.log import get_logger
@@ -30,6 +31,9 @@ if TYPE_CHECKING:  # only a type here: the benchmark's module is not needed to r
 log = get_logger(__name__)
 
 HISTORY_LENGTH = 20
+# the compile warm-up's size before any generation of the model's family: its native size, one image
+DEFAULT_WARMUP_SIZES = {"sdxl": (1024, 1024, 1)}
+DEFAULT_WARMUP_SIZE = (512, 512, 1)  # SD1.x/SD2.x
 # session.data key of a generation's compile plan (lib_optim.compile.AUTO_DATA_KEY; named here, as ``compile`` is,
 # so that the core need not import the compile wing)
 AUTO_PLAN = "compile_auto"
@@ -81,9 +85,40 @@ class Runtime:
     history: deque[GenerationRecord] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
     # the in-WebUI benchmark's latest winner, for "make the winner my default" without arguments
     last_bench_winner: CandidateResult | None = None
+    # the compile warm-up (lib_optim.compile.warmup) and the last generation's size per model family, its size
+    warmup: CompileWarmup = field(default_factory=CompileWarmup)
+    last_sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- generations --------------------------------------------------------------------------------
+
+    def generation_starts(
+        self,
+        p: Any,
+        settings: GenerationSettings | None,
+        *,
+        family: str | None = None,
+        report: Callable[[WarmupState], None] | None = None,
+    ) -> str:
+        """A generation begins (the script's ``process``, for every generation, Optim on or off): remember its size
+        for the compile warm-up of its model ``family``, and keep the warm-up off the model until :meth:`end` — one
+        running now is waited for when this generation compiles (``on``/``max-autotune``), else stopped between
+        blocks (:meth:`lib_optim.compile.CompileWarmup.generation_starts`)."""
+        if family:
+            size = (int(getattr(p, "width", 0) or 0), int(getattr(p, "height", 0) or 0))
+            batch = int(getattr(p, "batch_size", 1) or 1)
+            if size[0] > 0 and size[1] > 0:
+                with self._lock:
+                    self.last_sizes[family] = (*size, batch)
+        compiles = settings is not None and settings.enabled and settings.compile.value in WARMUP_MODES
+        return self.warmup.generation_starts(id(p), wait=compiles, report=report)
+
+    def warmup_size(self, family: str) -> tuple[int, int, int]:
+        """Width, height and batch size the warm-up compiles ``family`` for: its last generation's, else its
+        native size (1024² for SDXL, 512² for SD1.x/SD2.x) with one image."""
+        with self._lock:
+            last = self.last_sizes.get(family)
+        return last if last is not None else DEFAULT_WARMUP_SIZES.get(family, DEFAULT_WARMUP_SIZE)
 
     def begin(
         self, p: Any, settings: GenerationSettings, *, device: str | None = None, measure: bool = True
@@ -190,7 +225,9 @@ class Runtime:
             self.adapter.before_sampling(p, session)
 
     def end(self, p: Any, error: BaseException | None = None) -> bool:
-        """Restore everything ``begin`` changed for ``p``; safe to call any number of times."""
+        """Restore everything ``begin`` changed for ``p``; safe to call any number of times. The model is free for
+        the compile warm-up again."""
+        self.warmup.generation_ends(id(p))
         with self._lock:
             present = id(p) in self._sessions
             record = self._records.get(id(p))
@@ -213,6 +250,7 @@ class Runtime:
         with self._lock:
             keys = list(self._sessions)
         for key in keys:
+            self.warmup.generation_ends(key)
             self._end_key(key)
         return len(keys)
 
@@ -298,7 +336,7 @@ class Runtime:
             "findings": [f.to_dict() for f in self.startup_findings],
             "findings_summary": self.findings_summary(),
             "last_generations": [r.to_dict() for r in self.history],
-            "compile": compiler_totals(),
+            "compile": {**(compiler_totals() or ZERO_TOTALS), "warmup": self.warmup.snapshot().to_dict()},
             "system": system() if system else None,
         }
 
@@ -354,6 +392,9 @@ def compiled_text(summary: dict[str, Any]) -> str:
     else:
         text = "compiled (reused)"
     return f"{auto.get('text')} · {text}" if auto is not None else text
+
+
+ZERO_TOTALS = {"total_compiles": 0, "total_compile_seconds": 0.0}
 
 
 def compiler_totals() -> dict[str, Any] | None:

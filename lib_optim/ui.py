@@ -52,8 +52,12 @@ def unavailable_note(backends: Sequence[BackendInfo]) -> str:
     return ("Not available here — " + "; ".join(missing)) if missing else ""
 
 
-def status_html(text: str, findings_summary: str, problems: Sequence[str] = (), unavailable: str = "") -> str:
-    """The status line; findings and what is unavailable fold away (``<details>``), so they take one line."""
+def status_html(
+    text: str, findings_summary: str, problems: Sequence[str] = (), unavailable: str = "", *, warmup_state: str = ""
+) -> str:
+    """The status line; findings and what is unavailable fold away (``<details>``), so they take one line.
+    ``warmup_state``: the compile warm-up's state, as ``data-warmup`` (javascript/optim.js refreshes the line while
+    it is ``running``)."""
     items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
     details = f"<details><summary>{html.escape(findings_summary)}</summary><ul>{items}</ul></details>" if items else ""
     missing = (
@@ -62,7 +66,8 @@ def status_html(text: str, findings_summary: str, problems: Sequence[str] = (), 
         else ""
     )
     return (
-        f'<div class="optim-status"><span class="optim-status-text">{html.escape(text)}</span>'
+        f'<div class="optim-status" data-warmup="{html.escape(warmup_state, quote=True)}">'
+        f'<span class="optim-status-text">{html.escape(text)}</span>'
         f'<span class="optim-status-findings">{html.escape(findings_summary)}</span>{details}{missing}</div>'
     )
 

@@ -173,3 +173,24 @@ def test_validation_error_function_directly():
     )
     with pytest.raises(SettingsError):
         raise SettingsError("attention", "x", "y")
+
+
+def test_status_route_serves_the_compile_warm_up_as_the_runtime_has_it():
+    from lib_optim.compile import CompileWarmup, WarmupState
+    from lib_optim.runtime import Runtime
+
+    rt = Runtime(host=HostKind.A1111, warmup=CompileWarmup())
+    app = FastAPI()
+    register_routes(app, host=HostKind.A1111, status=rt.status, api_auth=None)
+    client = TestClient(app)
+    for state in (
+        WarmupState(),
+        WarmupState("running", 12, 38, seconds=20.0, family="sd", width=512, height=512, batch=1),
+        WarmupState("done", 38, 38, seconds=74.04, family="sd", width=512, height=512, batch=1),
+        WarmupState("failed", 3, 38, seconds=5.0, reason="install triton"),
+    ):
+        rt.warmup._state = state
+        warmup = client.get("/optim/v1/status").json()["compile"]["warmup"]
+        assert warmup == state.to_dict()
+    assert warmup["state"] == "failed" and warmup["reason"] == "install triton"
+    assert {"total_compiles", "total_compile_seconds"} <= set(client.get("/optim/v1/status").json()["compile"])

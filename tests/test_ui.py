@@ -137,6 +137,27 @@ def test_status_html():
     assert "attention: sdp" in html and "<details>" not in html
     escaped = ui.status_html("<b>", "x", ["a<script>"])
     assert "<script>" not in escaped
+    # javascript/optim.js refreshes the line while the compile warm-up runs
+    assert 'data-warmup="running"' in ui.status_html("x", "y", warmup_state="running")
+
+
+def test_the_status_line_shows_the_compile_warm_up():
+    from fake_adapter import FakeAdapter
+
+    from lib_optim.compile import CompileWarmup, WarmupState
+    from lib_optim.hosts import webui
+    from lib_optim.runtime import Runtime
+
+    rt = Runtime(host=HostKind.A1111, adapter=FakeAdapter(), warmup=CompileWarmup())
+    rt.warmup._state = WarmupState("running", 12, 38)
+    html = webui.status_text(rt)
+    assert "compile warm-up: running 12/38 blocks" in html and 'data-warmup="running"' in html
+    rt.warmup._state = WarmupState("done", 38, 38, seconds=74.0)
+    assert "compile warm-up: done in 74 s" in webui.status_text(rt)
+    rt.warmup._state = WarmupState("failed", reason="install triton")
+    assert "compile warm-up: failed: install triton" in webui.status_text(rt)
+    rt.warmup._state = WarmupState()
+    assert "warm-up" not in webui.status_text(rt)
 
 
 def test_build_has_no_side_effects_when_called_again():

@@ -1,5 +1,5 @@
 """Regional torch.compile: each UNet/DiT block compiled on its own, reused, restored exactly; ``compile=auto``
-compiles only when the job pays for it."""
+compiles only when the job pays for it; the warm-up compiles a loaded model's blocks in the background."""
 
 from __future__ import annotations
 
@@ -32,10 +32,20 @@ from lib_optim.compile.regional import RegionalCompiler, get_compiler
 from lib_optim.compile.rewrite import traceable_function, traceable_functions
 from lib_optim.compile.session import AUTO_DATA_KEY, VAE_DATA_KEY, CompileRegion, compile_blocks, compile_vae_blocks
 from lib_optim.compile.traceable import FrozenAvailableMemory, FrozenFreeMemory, einops_namespace, einops_stand_in
+from lib_optim.compile.warmup import (
+    WARMUP_MODES,
+    WARMUP_STATES,
+    CompileWarmup,
+    WarmupState,
+    WarmupStopped,
+    WarmupTarget,
+)
 
 __all__ = [
     "AUTO_DATA_KEY",
     "VAE_DATA_KEY",
+    "WARMUP_MODES",
+    "WARMUP_STATES",
     "AutoDecision",
     "AutoJob",
     "AutoKey",
@@ -46,10 +56,14 @@ __all__ = [
     "CompileAdvice",
     "CompileProbe",
     "CompileRegion",
+    "CompileWarmup",
     "FrozenAvailableMemory",
     "FrozenFreeMemory",
     "RegionPatch",
     "RegionalCompiler",
+    "WarmupState",
+    "WarmupStopped",
+    "WarmupTarget",
     "add_compile_cache_parser",
     "compile_advice",
     "compile_availability",

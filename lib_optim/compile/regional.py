@@ -268,6 +268,12 @@ class Application:
         """Whether compiled forwards are in place right now."""
         return self.installed and not self.failed and not self.closed
 
+    @property
+    def compiled_blocks(self) -> int:
+        """How many of the blocks have run their compiled code in this application so far (the warm-up's
+        progress, :mod:`lib_optim.compile.warmup`)."""
+        return sum(1 for slot in self._slots if slot.compiled_calls > 0)
+
     def close(self) -> None:
         """Restore every block's forward exactly and the dynamo limits (idempotent)."""
         if self.closed:

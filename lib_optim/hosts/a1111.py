@@ -555,6 +555,48 @@ class A1111Adapter(HostBase):
             prepare=measure,
         )
 
+    # compile warm-up ---------------------------------------------------------------------------------------
+
+    def model_family(self, sd_model: Any) -> str | None:
+        return base.unet_family(sd_model) if _diffusion_model(sd_model) is not None else None
+
+    def warmup_forward(self, sd_model: Any, width: int, height: int, batch: int) -> Callable[[], None]:
+        """One UNet call as a k-diffusion sampling step makes it (docs/hosts.md §6.11): empty prompts' conditioning
+        from the model's own text encoder under autocast, cond and uncond in one batch when ``batch_cond_uncond``
+        (else each alone: the same shapes), float32 latents with txt2img's image conditioning, a float timestep,
+        and ``sd_model.apply_model`` under ``no_grad`` and the sampling's autocast."""
+        import torch
+
+        devices = self._modules.get("modules.devices")
+        processing = self._modules.get("modules.processing")
+        shared = self._modules.get("modules.shared")
+        if devices is None or processing is None or not hasattr(sd_model, "apply_model"):
+            raise NotSupportedHere("[Optim] compile warm-up: modules.devices/processing or the model is missing")
+        together = bool(getattr(getattr(shared, "opts", None), "batch_cond_uncond", True))
+        rows = batch * 2 if together else batch
+        conditioning = getattr(self._modules.get("modules.prompt_parser"), "SdConditioning", None)
+
+        def run() -> None:
+            device = devices.device
+            prompts = [""] * rows
+            texts = conditioning(prompts, width=width, height=height) if conditioning is not None else prompts
+            channels = int(getattr(sd_model, "latent_channels", 4) or 4)
+            with torch.no_grad():
+                with devices.autocast():
+                    cond = sd_model.get_learned_conditioning(texts)
+                x = torch.zeros((rows, channels, height // 8, width // 8), device=device, dtype=torch.float32)
+                image_cond = processing.txt2img_image_conditioning(sd_model, x, width, height)
+                if isinstance(cond, dict):
+                    c = {**cond, "c_concat": [image_cond]}
+                else:
+                    c = {"c_crossattn": [cond], "c_concat": [image_cond]}
+                t = torch.full((rows,), 500.0, device=device, dtype=torch.float32)
+                upcast = getattr(devices, "unet_needs_upcast", False)
+                with devices.without_autocast() if upcast else devices.autocast():
+                    sd_model.apply_model(x, t, cond=c)
+
+        return run
+
     # VAE on CPU --------------------------------------------------------------------------------------------
 
     def apply_vae_on_cpu(self, p: Any, settings: GenerationSettings, session: Session) -> None:

@@ -7,6 +7,7 @@ inherit (:mod:`lib_optim.hosts.a1111`, :mod:`~lib_optim.hosts.forge`, :mod:`~lib
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from collections.abc import Mapping
@@ -18,6 +19,21 @@ from lib_optim.adapter import HostAdapter, Session
 from lib_optim.log import get_logger
 
 log = get_logger(__name__)
+
+# The attribute of the compile warm-up's stand-in for a generation (lib_optim.hosts.warmup.WarmupProcessing): its
+# between-blocks check, which replaces the host's Interrupt/Skip check in the compile application it gets.
+WARMUP_INTERRUPT = "optim_warmup_interrupt"
+
+
+def unet_family(sd_model: Any) -> str | None:
+    """``sdxl`` or ``sd`` (SD1.x/SD2.x) for the UNet models the compile warm-up runs, from the flags every host sets on
+    its model (A1111 ``modules/sd_models.py`` ``set_model_type``, Forge f2's diffusion engines; docs/hosts.md §6.11);
+    None for any other (Flux, SD3…)."""
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd1", False) or getattr(sd_model, "is_sd2", False):
+        return "sd"
+    return None
 
 
 class HostModules:
@@ -69,9 +85,14 @@ class HostBase(HostAdapter):
     ) -> None:
         """:func:`lib_optim.compile.compile_blocks` for this adapter's ``apply_compile``, with the compiler and the
         ``auto`` planner the wing's face gives now, and the job of the generation ``p`` (:func:`compile_job`).
-        ``region``: the host's :class:`lib_optim.compile.CompileRegion`."""
+        ``region``: the host's :class:`lib_optim.compile.CompileRegion`. For the compile warm-up's stand-in ``p``
+        (:data:`WARMUP_INTERRUPT`) its check replaces the host's Interrupt/Skip check and nothing is measured for
+        ``auto`` (no job: the warm-up is no generation)."""
         job = None
-        if p is not None:
+        warmup_check = getattr(p, WARMUP_INTERRUPT, None)
+        if warmup_check is not None:
+            region = dataclasses.replace(region or regional_compile.CompileRegion(), interrupt=warmup_check)
+        elif p is not None:
             job = compile_job(
                 p, session, self._modules.loaded("modules.devices"), self._modules.loaded("modules.shared")
             )

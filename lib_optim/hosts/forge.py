@@ -41,6 +41,7 @@ from lib_optim.hosts.forge_shared import (
     ForgeFamilyAdapter,
     MemoryFormat,
     Rebinding,
+    WarmupCalls,
     channels_last_state,
     diffusion_model,
     dtype_name,
@@ -97,6 +98,12 @@ class ForgeAdapter(ForgeFamilyAdapter):
     kind = HostKind.FORGE
     args_module = "backend.args"
     own_vae_choice = "Forge's own choice at load"  # docs/hosts.md §5.3
+    warmup_calls = WarmupCalls(  # docs/hosts.md §6.11
+        prepare=("backend.sampling.sampling_function", "sampling_prepare"),
+        sample=("backend.sampling.sampling_function", "sampling_function_inner"),
+        cleanup=("backend.sampling.sampling_function", "sampling_cleanup"),
+        conditions=("backend.sampling.condition", "compile_conditions"),
+    )
 
     def memory_management(self) -> Any:
         return self._modules.get("backend.memory_management")

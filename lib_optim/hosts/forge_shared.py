@@ -14,13 +14,14 @@ import contextlib
 import sys
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from lib_optim.adapter import BackendInfo, Session
+from lib_optim.adapter import BackendInfo, NotSupportedHere, Session
 from lib_optim.attention import Attention, directml_reason
 from lib_optim.compile import CompileRegion
 from lib_optim.hosts import compile_regions
-from lib_optim.hosts.base import HostBase, HostModules
+from lib_optim.hosts.base import HostBase, HostModules, unet_family
 from lib_optim.log import get_logger
 from lib_optim.patching import Restorer, patched_attr, weight_edit_mode
 from lib_optim.settings import GenerationSettings, Tri, VaeTiling
@@ -29,6 +30,29 @@ from lib_optim.vae import tile_vae
 log = get_logger(__name__)
 
 MB = 1024 * 1024
+# the CFG scale of the compile warm-up's sampling step: anything but 1 (at 1 the hosts skip the uncond batch)
+WARMUP_CFG = 7.0
+
+
+@dataclass(frozen=True)
+class WarmupCalls:
+    """Where a Forge-lineage host keeps what one sampling step goes through (docs/hosts.md §6.11), each as (module,
+    function): loading the UNet for sampling, the CFG step that batches cond and uncond as memory allows, the
+    clean-up, and the conversion of a text encoder's output into the back end's condition list."""
+
+    prepare: tuple[str, str]
+    sample: tuple[str, str]
+    cleanup: tuple[str, str]
+    conditions: tuple[str, str]
+
+    def resolve(self, modules: HostModules) -> tuple[Callable[..., Any], ...] | None:
+        found = []
+        for module, name in (self.prepare, self.sample, self.cleanup, self.conditions):
+            function = getattr(modules.get(module), name, None)
+            if not callable(function):
+                return None
+            found.append(function)
+        return tuple(found)
 
 
 def dtype_name(dtype: Any) -> str | None:
@@ -409,6 +433,7 @@ class ForgeFamilyAdapter(HostBase):
 
     args_module = ""  # the module whose ``args`` holds the back end's launch flags
     own_vae_choice = "the WebUI's own choice at load"  # what put the VAE on the CPU when no flag did
+    warmup_calls: WarmupCalls | None = None  # the compile warm-up's sampling step
 
     def __init__(
         self,
@@ -438,6 +463,46 @@ class ForgeFamilyAdapter(HostBase):
             interrupt=compile_regions.interrupt_check(self._modules),
             prepare=measure,
         )
+
+    # compile warm-up ---------------------------------------------------------------------------------------
+
+    def model_family(self, sd_model: Any) -> str | None:
+        return unet_family(sd_model) if diffusion_model(sd_model) is not None else None
+
+    def warmup_forward(self, sd_model: Any, width: int, height: int, batch: int) -> Callable[[], None]:
+        """One sampling step through the host's own functions (docs/hosts.md §6.11): empty prompts' conditioning
+        from the model's text encoder, the UNet loaded as sampling loads it, the CFG step (cond and uncond in one
+        UNet batch when the host finds the memory for it, with its ``transformer_options``), under
+        ``inference_mode`` like the host's sampling. Inpainting models (more UNet input channels than latent ones)
+        have none: their image conditioning is not an empty prompt's."""
+        functions = self.warmup_calls.resolve(self._modules) if self.warmup_calls is not None else None
+        devices = self._modules.get("modules.devices")
+        unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+        if functions is None or devices is None or unet is None:
+            raise NotSupportedHere("[Optim] compile warm-up: the sampling functions or the model are missing")
+        prepare, sample, cleanup, conditions = functions
+        channels = int(getattr(getattr(sd_model.forge_objects, "vae", None), "latent_channels", 4) or 4)
+        if getattr(diffusion_model(sd_model), "in_channels", channels) != channels:
+            raise NotSupportedHere("[Optim] compile warm-up: not for inpainting models")
+        conditioning = getattr(self._modules.get("modules.prompt_parser"), "SdConditioning", None)
+
+        def run() -> None:
+            import torch
+
+            device = devices.device
+            prompts = [""] * batch
+            texts = conditioning(prompts, width=width, height=height) if conditioning is not None else prompts
+            with torch.inference_mode():
+                cond = sd_model.get_learned_conditioning(texts)
+                x = torch.zeros((batch, channels, height // 8, width // 8), device=device, dtype=torch.float32)
+                sigma = torch.full((batch,), 1.0, device=device, dtype=torch.float32)
+                prepare(unet, x)
+                try:
+                    sample(unet.model, x, sigma, conditions(cond), conditions(cond), WARMUP_CFG, unet.model_options, 0)
+                finally:
+                    cleanup(unet)
+
+        return run
 
     def version(self) -> str:
         module = self._modules.get("modules_forge.forge_version")

@@ -59,6 +59,7 @@ from lib_optim.hosts.forge_shared import (
     ForgeFamilyAdapter,
     MemoryFormat,
     Rebinding,
+    WarmupCalls,
     bindings_by_scan,
     channels_last_state,
     diffusion_model,
@@ -182,6 +183,12 @@ class LdmPatchedAdapter(ForgeFamilyAdapter):
     """Forge previous (tag ``previous``) and reForge: ``kind`` says which (see the module doc)."""
 
     args_module = ARGS
+    warmup_calls = WarmupCalls(  # docs/hosts.md §6.11
+        prepare=("modules_forge.forge_sampler", "sampling_prepare"),
+        sample=("ldm_patched.modules.samplers", "sampling_function"),
+        cleanup=("modules_forge.forge_sampler", "sampling_cleanup"),
+        conditions=("modules_forge.forge_sampler", "cond_from_a1111_to_patched_ldm"),
+    )
 
     def __init__(
         self,

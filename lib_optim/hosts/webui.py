@@ -13,7 +13,7 @@ from typing import Any
 
 from lib_optim.adapter import NotSupportedHere
 from lib_optim.host_specs import HostKind, host_spec
-from lib_optim.hosts import common, optim_tab
+from lib_optim.hosts import common, optim_tab, warmup
 from lib_optim.hosts.common import SECTION, SETTINGS_CATEGORY, defaults_from_options, ensure_runtime, optim_script
 from lib_optim.log import get_logger, setup_console_logging
 from lib_optim.oom import infotext_note
@@ -65,7 +65,8 @@ def register_settings() -> None:
 
 
 def status_text(rt: Runtime) -> str:
-    """The accordion's status line: the host, the attention it runs, the last Optim generation."""
+    """The accordion's status line: the host, the attention it runs, the last Optim generation, the compile
+    warm-up."""
     from lib_optim import ui
 
     summary = rt.findings_summary()
@@ -87,8 +88,11 @@ def status_text(rt: Runtime) -> str:
             text += f" · {last.telemetry_text}"
         if last.fallback:
             text += f" · out-of-memory retry: {last.fallback}"
+    warm = rt.warmup.snapshot()
+    if warm.text():
+        text += f" · {warm.text()}"
     unavailable = ui.unavailable_note(adapter.attention_backends()) if adapter is not None else ""
-    return ui.status_html(text, summary, problems, unavailable)
+    return ui.status_html(text, summary, problems, unavailable, warmup_state=warm.state)
 
 
 def build_ui(script: Any, is_img2img: bool) -> list[Any]:
@@ -126,12 +130,15 @@ def process(p: Any, args: Sequence[Any]) -> None:
     # A generation that ended without postprocess and without p.close() (an X/Y/Z cell that raised)
     # is restored here at the latest; generations are serialised by the queue lock (docs/hosts.md §1.8).
     rt.end_others(p)
+    settings: GenerationSettings | None = None
     try:
         settings = settings_for(args)
     except SettingsError as exc:
         log.error("%s — this generation runs without Optim changes", exc)
-        return
-    if not settings.enabled:
+    # every generation, Optim on or off: the compile warm-up keeps off the model until it ends
+    warmup.before_generation(rt, p, settings)
+    _wrap_close(p, rt)
+    if settings is None or not settings.enabled:
         return  # off: nothing changed, nothing measured
     try:
         session = rt.begin(p, settings, device=common.generation_device())  # validates once, in the adapter
@@ -140,7 +147,6 @@ def process(p: Any, args: Sequence[Any]) -> None:
         return
     if session is None:
         return
-    _wrap_close(p, rt)
     text = format_infotext(settings)
     if text:
         p.extra_generation_params[INFOTEXT_KEY] = text
@@ -218,6 +224,11 @@ def install_compile_announcer() -> None:
 
 def on_step() -> None:
     get_runtime().step()
+
+
+def on_model_loaded(sd_model: Any) -> None:
+    """``script_callbacks.on_model_loaded``: the compile warm-up (:mod:`lib_optim.hosts.warmup`)."""
+    warmup.on_model_loaded(sd_model)
 
 
 def _wrap_close(p: Any, rt: Runtime) -> None:
