@@ -528,7 +528,7 @@ class A1111Adapter(HostBase):
 
     def _compile_region(self, unet: Any) -> CompileRegion:
         """What keeps A1111's block code traceable (docs/hosts.md §6.10): our einops, its ``CondFunc`` s resolved,
-        the layers' own forwards once the LoRA weights are applied; the LoRA selection as the weights token."""
+        the layers' own forwards once the LoRA weights are applied; the LoRA state as the weights token."""
         patches = [
             *compile_regions.einops_patches(self._modules, "a1111"),
             *compile_regions.condfunc_patches(unet),
@@ -536,7 +536,7 @@ class A1111Adapter(HostBase):
         ]
         return CompileRegion(
             patches=patches,
-            weights_token=compile_regions.lora_token(self._modules),
+            weights_token=compile_regions.lora_token(self._modules, unet),
             interrupt=compile_regions.interrupt_check(self._modules),
         )
 
