@@ -21,7 +21,8 @@ make_venv() {
 }
 
 echo "== installing test requirements"
-make_venv main "torch==2.13.0" "pytest>=8" "ruff>=0.5" "mypy>=1.8" "vermin>=1.6" nvidia-ml-py jsonschema fastapi httpx
+make_venv main "torch==2.13.0" "pytest>=8" "ruff>=0.5" "mypy>=1.8" "vermin>=1.6" nvidia-ml-py jsonschema fastapi httpx \
+    einops  # einops: the compile tests compare our traceable stand-ins with it
 make_venv gradio-3.41.2 "gradio==3.41.2" "fastapi==0.94.0" "pydantic==1.10.15" "httpx==0.24.1" "numpy==1.26.2" \
     "huggingface-hub==0.26.2" "pytest>=8"
 make_venv gradio-4.40.0 "gradio==4.40.0" "fastapi==0.104.1" "pydantic==2.8.2" "httpx==0.24.1" "numpy==1.26.2" \

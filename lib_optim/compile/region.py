@@ -58,12 +58,17 @@ def patched(patches: Sequence[RegionPatch]) -> Iterator[None]:
 
 
 def _own_value(owner: Any, attr: str) -> Any:
-    """The attribute as stored on ``owner`` itself (a class's own ``__dict__`` entry, not an inherited one)."""
-    namespace = getattr(owner, "__dict__", None)
-    if namespace is not None and not isinstance(owner, type):
-        return namespace.get(attr, _MISSING)
+    """The attribute as stored on ``owner`` itself: a class's own ``__dict__`` entry (not an inherited one); an
+    instance's ``__dict__`` entry, or what its ``__getattr__`` answers (an ``nn.Module`` keeps its submodules and
+    parameters outside ``__dict__``), but not its class's attribute (removing ours shows that one again)."""
     if isinstance(owner, type):
         return vars(owner).get(attr, _MISSING)
+    namespace = getattr(owner, "__dict__", None)
+    if namespace is not None:
+        if attr in namespace:
+            return namespace[attr]
+        if hasattr(type(owner), attr):
+            return _MISSING
     return getattr(owner, attr, _MISSING)
 
 

@@ -83,10 +83,12 @@ First call of a block is eager when its weights may have changed
     forward after the selection changed, and may make a new bias Parameter). Running that first call
     eagerly lets such one-time edits finish outside the compiled code (so a trace never captures the edit
     itself); it is also where the weight fingerprint is checked. The host passes a ``weights_token`` (A1111:
-    the LoRA selection as ``network_apply_weights`` compares it); a block whose token is unchanged since
-    its last eager call runs compiled from its first call, so a repeated generation pays no eager step.
-    Without a token every application's first call of each block is eager; ``eager_first_call=False``
-    turns it off altogether.
+    the LoRA selection as ``network_apply_weights`` compares it, and how many layers do not hold it, which a
+    checkpoint loaded into the same model changes); a block whose token is unchanged since its last eager
+    call runs compiled from its first call, so a repeated generation pays no eager step. The token is read
+    once per application: a weight load in the middle of one (A1111's refiner loaded into the same model) is
+    not seen. Without a token every application's first call of each block is eager;
+    ``eager_first_call=False`` turns it off altogether.
 
 What runs inside the compiled code (:mod:`lib_optim.compile.region`)
     While a block's compiled code runs (and is traced) our wrapper leaves the block's ``__dict__`` (before

@@ -58,8 +58,9 @@ class SharedGraphBackend:
                 return rebound
         compiled = self.inner(gm, example_inputs)
         self.compiles += 1
-        if key is not None and _aot_forward(compiled) is not None:
-            self.compiled[key] = compiled
+        template = _template(compiled) if key is not None else None
+        if template is not None:
+            self.compiled[key] = template
         return compiled
 
 
@@ -102,6 +103,19 @@ def _aot_forward(compiled: Any) -> types.FunctionType | None:
         if current is None:
             return None
     return None
+
+
+def _template(compiled: Any) -> types.FunctionType | None:
+    """``compiled``'s AOT forward without its parameters (placeholders of the same count), for :func:`rebind`: the
+    cache must not keep the first block's weights alive after its model is gone (nor ``forward.named_parameters``,
+    AOTAutograd's handle on the graph module, which the copy leaves out)."""
+    forward = _aot_forward(compiled)
+    if forward is None or forward.__closure__ is None:
+        return None
+    cells = dict(zip(forward.__code__.co_freevars, forward.__closure__, strict=True))
+    cells["params_flat"] = types.CellType([None] * len(cells["params_flat"].cell_contents))
+    closure = tuple(cells[name] for name in forward.__code__.co_freevars)
+    return types.FunctionType(forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__, closure)
 
 
 def rebind(compiled: Any, gm: Any) -> Any:

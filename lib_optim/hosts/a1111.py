@@ -539,7 +539,7 @@ class A1111Adapter(HostBase):
     def _compile_region(self, unet: Any) -> CompileRegion:
         """What keeps A1111's block code traceable (docs/hosts.md §6.10): our einops, its ``CondFunc`` s resolved,
         the layers' own forwards once the LoRA weights are applied, ``get_available_vram`` measured before the
-        region; the LoRA selection as the weights token."""
+        region; the LoRA state as the weights token."""
         free_patches, measure = compile_regions.free_memory_patch(self._modules, "a1111")
         patches = [
             *compile_regions.einops_patches(self._modules, "a1111"),
@@ -550,7 +550,7 @@ class A1111Adapter(HostBase):
         ]
         return CompileRegion(
             patches=patches,
-            weights_token=compile_regions.lora_token(self._modules),
+            weights_token=compile_regions.lora_token(self._modules, unet),
             interrupt=compile_regions.interrupt_check(self._modules),
             prepare=measure,
         )

@@ -230,14 +230,21 @@ def interrupt_check(modules: HostModules) -> Callable[[], None] | None:
     return check
 
 
-def lora_token(modules: HostModules) -> Callable[[], Any]:
-    """A1111's LoRA selection as ``network_apply_weights`` compares it (``extensions-builtin/Lora/networks.py``):
-    while it is unchanged, the weights the blocks hold are the ones a previous eager call left."""
+def lora_token(modules: HostModules, root: Any = None) -> Callable[[], Any]:
+    """A1111's LoRA state as ``network_apply_weights`` compares it (``extensions-builtin/Lora/networks.py:422-423``,
+    ``:453``): the selection, and how many of ``root``'s LoRA layers have neither it nor a weights backup. While the
+    token is unchanged, the weights the blocks hold are the ones a previous eager call left.
+
+    The count catches a checkpoint loaded into the same model (A1111 loads weights in place when the architecture
+    matches, and its ``_load_from_state_dict`` patch drops what was applied and the backup, ``:587-590``, ``:572-575``):
+    the selection is the same, the layers no longer hold it. A selection change alone keeps the backups
+    (``:425-435``), so the count does not move from one generation to the next without a load; it moves once after a
+    model's first LoRA (no backups before), which costs one more eager first call per block."""
 
     def token() -> Any:
         networks = modules.loaded("networks")
         loaded: Iterable[Any] = getattr(networks, "loaded_networks", None) or ()
-        return tuple(
+        wanted = tuple(
             (
                 getattr(n, "name", None),
                 getattr(n, "te_multiplier", None),
@@ -246,8 +253,26 @@ def lora_token(modules: HostModules) -> Callable[[], Any]:
             )
             for n in loaded
         )
+        return wanted, _layers_without(root, wanted)
 
     return token
+
+
+def _layers_without(root: Any, wanted: tuple[Any, ...]) -> int:
+    """How many of ``root``'s named LoRA layers (``network_layer_name``) hold neither ``wanted`` nor a weights backup
+    (read from the instance dicts, no ``nn.Module.__getattr__``: about a millisecond for an SDXL UNet)."""
+    if root is None or not wanted:
+        return 0  # no LoRA selected: nothing a load could have undone
+    count = 0
+    for module in root.modules():
+        state = vars(module)
+        if (
+            state.get("network_layer_name") is not None
+            and state.get("network_weights_backup") is None
+            and state.get("network_current_names", ()) != wanted
+        ):
+            count += 1
+    return count
 
 
 def all_patches(groups: Sequence[Sequence[RegionPatch]]) -> list[RegionPatch]:
