@@ -31,7 +31,13 @@ from lib_optim.compile.region import RegionPatch
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
 from lib_optim.compile.rewrite import traceable_function, traceable_functions
 from lib_optim.compile.session import AUTO_DATA_KEY, VAE_DATA_KEY, CompileRegion, compile_blocks, compile_vae_blocks
-from lib_optim.compile.traceable import FrozenAvailableMemory, FrozenFreeMemory, einops_namespace, einops_stand_in
+from lib_optim.compile.traceable import (
+    FrozenAvailableMemory,
+    FrozenFreeMemory,
+    einops_namespace,
+    einops_stand_in,
+    is_function,
+)
 from lib_optim.compile.warmup import (
     WARMUP_MODES,
     WARMUP_STATES,
@@ -78,6 +84,7 @@ __all__ = [
     "einops_stand_in",
     "get_auto_planner",
     "get_compiler",
+    "is_function",
     "make_job",
     "run_compile_cache",
     "setup_compile_cache",

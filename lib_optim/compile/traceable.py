@@ -13,6 +13,7 @@ measured before the compiled region: the real one reads ``psutil``/CUDA statisti
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -190,6 +191,12 @@ def einops_namespace(module: Any) -> EinopsNamespace:
     if id(module) not in _NAMESPACES:
         _NAMESPACES[id(module)] = EinopsNamespace(module)
     return _NAMESPACES[id(module)]
+
+
+def is_function(obj: Any) -> bool:
+    """``inspect.isfunction`` (what ldm's and sgm's ``default`` call), which dynamo on torch 2.1 does not trace:
+    ``inspect`` is in its skip files."""
+    return isinstance(obj, types.FunctionType)
 
 
 class FrozenFreeMemory:

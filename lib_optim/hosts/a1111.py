@@ -545,6 +545,7 @@ class A1111Adapter(HostBase):
             *compile_regions.einops_patches(self._modules, "a1111"),
             *compile_regions.condfunc_patches(unet),
             *compile_regions.rewrite_patches(self._modules, "a1111", unet),
+            *compile_regions.isfunction_patches(self._modules, "a1111"),
             *compile_regions.lora_patches(self._modules),
             *free_patches,
         ]

@@ -28,6 +28,7 @@ from lib_optim.compile import (
     traceable_function,
     traceable_functions,
 )
+from lib_optim.compile import is_function as traceable_isfunction
 from lib_optim.hosts.base import HostModules
 from lib_optim.log import get_logger
 
@@ -123,6 +124,28 @@ def rewrite_patches(modules: HostModules, family: str, root: Any) -> list[Region
         rewritten = traceable_function(forward) if forward is not None else None
         if rewritten is not None:
             patches.append(RegionPatch(cls, "forward", rewritten, f"{cls.__qualname__}.forward: traceable copy"))
+    return patches
+
+
+# (module, global) bound to inspect.isfunction in the block code (docs/hosts.md §6.10): ldm's and sgm's default()
+ISFUNCTION_GLOBALS: dict[str, tuple[tuple[str, str], ...]] = {
+    "a1111": (
+        ("ldm.util", "isfunction"),
+        ("ldm.modules.attention", "isfunction"),
+        ("sgm.util", "isfunction"),
+        ("sgm.modules.attention", "isfunction"),
+    ),
+    "ldm_patched": (("ldm_patched.ldm.util", "isfunction"),),
+}
+
+
+def isfunction_patches(modules: HostModules, family: str) -> list[RegionPatch]:
+    """``inspect.isfunction`` (in dynamo's skip files on torch 2.1) as a plain ``isinstance`` inside the region."""
+    patches = []
+    for module_name, attr in ISFUNCTION_GLOBALS.get(family, ()):
+        module = modules.loaded(module_name)
+        if module is not None and getattr(module, attr, None) is not None:
+            patches.append(RegionPatch(module, attr, traceable_isfunction, f"{module_name}.{attr}: inspect"))
     return patches
 
 
