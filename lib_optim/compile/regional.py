@@ -234,9 +234,11 @@ class Application:
         weights_token: Callable[[], Hashable] | None = None,
         interrupt: Callable[[], None] | None = None,
         prepare: Callable[[], None] | None = None,
+        lazy_weights: bool = True,
     ):
         self.compiler = compiler
         self.prepare = prepare
+        self.lazy_weights = lazy_weights
         self.patches = tuple(patches)
         self.weights_token = weights_token
         self.interrupt = interrupt
@@ -397,7 +399,7 @@ class Application:
         """Whether this block's first call runs eagerly: only when its weights may have changed since its last
         compiled run (a host that applies weight edits lazily in the first forward, like A1111's LoRA, does so
         then, outside the compiled code). Without a token from the host: always."""
-        if not self.compiler.eager_first_call:
+        if not self.compiler.eager_first_call or not self.lazy_weights:
             return False
         token = self._current_token()
         if token is _MISSING:
@@ -521,6 +523,7 @@ class RegionalCompiler:
         weights_token: Callable[[], Hashable] | None = None,
         interrupt: Callable[[], None] | None = None,
         prepare: Callable[[], None] | None = None,
+        lazy_weights: bool = True,
     ) -> Application:
         """An :class:`Application` (context manager) compiling ``blocks`` of ``root`` for one generation.
 
@@ -534,6 +537,8 @@ class RegionalCompiler:
         first call (see the module docstring). ``interrupt``: called before a block's first compiled call of the
         application; the host's Interrupt/Skip exception it raises propagates, and what compiled stays cached.
         ``prepare``: called once, before the application's first compiled call, outside the region.
+        ``lazy_weights=False``: the host never edits these blocks' weights in a forward (the VAE): no eager first
+        call at all.
         """
         _check_mode(mode)
         if dynamic not in (None, True, False):
@@ -553,6 +558,7 @@ class RegionalCompiler:
             weights_token=weights_token,
             interrupt=interrupt,
             prepare=prepare,
+            lazy_weights=lazy_weights,
         )
 
     def availability(self, device: Any, mode: str = "on") -> tuple[bool, str]:

@@ -128,9 +128,9 @@ def compile_vae_blocks(
             key=("vae", key),
             mode=unet.mode,
             patches=region.patches,
-            weights_token=region.weights_token,
             interrupt=region.interrupt,
             prepare=region.prepare,
+            lazy_weights=False,  # no host edits VAE weights in a forward (A1111 LoRA names UNet/CLIP layers)
         )
     )
     session.data[VAE_DATA_KEY] = application
