@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import torch
+from test_compile_region import Stack  # the same UNet level (one place for it)
 from torch import nn
 
-from lib_optim.bench import compile as cb
 from lib_optim.compile.blocks import torch_version
 from lib_optim.compile.regional import RegionalCompiler
 from lib_optim.compile.sharing import SharedGraphBackend, graph_key
@@ -162,20 +162,6 @@ def test_dynamo_in_front_shares_graphs_between_instances():
         out_b = torch.compile(b, backend=backend)(x)
         assert torch.allclose(out_a, a(x)) and torch.allclose(out_b, b(x))
     assert backend.compiles == 1 and backend.reused == 1
-
-
-class Stack(nn.Module):
-    def __init__(self, pairs: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList()
-        for _ in range(pairs):
-            self.blocks.append(cb.ResBlock(8, 16, 8, groups=4))
-            self.blocks.append(cb.SpatialTransformer(8, 16, heads=2, groups=4))
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, emb) if isinstance(block, cb.ResBlock) else block(x, context, {})
-        return x
 
 
 def stack_generation(compiler: RegionalCompiler, model: nn.Module, args: tuple[torch.Tensor, ...]) -> Any:
