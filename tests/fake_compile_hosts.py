@@ -361,3 +361,58 @@ def make_unet(seed: int = 0) -> UNet:
 def unet_inputs(size: int = 8, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + size * 10 + batch)
     return torch.randn(batch, 8, size, size, generator=gen), torch.randn(batch, 16, generator=gen)
+
+
+# ------------------------------------------------------------------------ A1111 sdp-no-mem attention
+
+
+class CrossAttention(nn.Module):
+    """ldm/modules/attention.py CrossAttention's layers; A1111's optimizers replace its class ``forward``
+    (modules/sd_hijack_optimizations.py:75-79, ``SdOptimizationSdpNoMem.apply``)."""
+
+    def __init__(self, channels: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_k = nn.Linear(channels, channels, bias=False)
+        self.to_v = nn.Linear(channels, channels, bias=False)
+        self.to_out = nn.Linear(channels, channels)
+
+
+def scaled_dot_product_attention_forward(
+    self: CrossAttention, x: torch.Tensor, context: Any = None, mask: Any = None, **kwargs: Any
+) -> torch.Tensor:
+    """modules/sd_hijack_optimizations.py:508-546 in miniature (views, SDPA, the output projection)."""
+    batch, _, inner = x.shape
+    context = x if context is None else context
+    head = inner // self.heads
+    projected = (self.to_q(x), self.to_k(context), self.to_v(context))
+    q, k, v = (t.view(batch, -1, self.heads, head).transpose(1, 2) for t in projected)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return self.to_out(out.transpose(1, 2).reshape(batch, -1, inner))
+
+
+def scaled_dot_product_no_mem_attention_forward(
+    self: CrossAttention, x: torch.Tensor, context: Any = None, mask: Any = None, **kwargs: Any
+) -> torch.Tensor:
+    """modules/sd_hijack_optimizations.py:549-551, verbatim."""
+    with torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=True, enable_mem_efficient=False):
+        return scaled_dot_product_attention_forward(self, x, context, mask)
+
+
+def sdp_attnblock_forward(self: Any, x: torch.Tensor) -> torch.Tensor:  # :636-656, not used by the fakes' blocks
+    raise AssertionError("not called")
+
+
+def sdp_no_mem_attnblock_forward(self: Any, x: torch.Tensor) -> torch.Tensor:  # :658-660
+    with torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=True, enable_mem_efficient=False):
+        return sdp_attnblock_forward(self, x)
+
+
+sd_hijack_optimizations = types.SimpleNamespace(  # the module's functions compile_regions looks up by name
+    scaled_dot_product_attention_forward=scaled_dot_product_attention_forward,
+    scaled_dot_product_no_mem_attention_forward=scaled_dot_product_no_mem_attention_forward,
+    sdp_attnblock_forward=sdp_attnblock_forward,
+    sdp_no_mem_attnblock_forward=sdp_no_mem_attnblock_forward,
+)
+CrossAttention.forward = scaled_dot_product_no_mem_attention_forward  # type: ignore[method-assign]

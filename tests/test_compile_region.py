@@ -12,6 +12,7 @@ from tests/fake_compile_hosts.py, each piece citing the A1111/Forge source it im
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,7 +24,14 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from lib_optim.bench import compile as cb
-from lib_optim.compile import FrozenFreeMemory, RegionPatch, einops_namespace, einops_stand_in
+from lib_optim.compile import (
+    FrozenFreeMemory,
+    RegionContext,
+    RegionPatch,
+    einops_namespace,
+    einops_stand_in,
+    traceable_function,
+)
 from lib_optim.compile.region import patched, specialisable
 from lib_optim.compile.regional import CompileStats, RegionalCompiler
 from lib_optim.hosts import compile_regions
@@ -553,3 +561,52 @@ def test_free_memory_patch_is_one_frozen_figure_per_host_function(monkeypatch):
     assert again[0].replacement is frozen and frozen.real is real
     assert compile_regions.free_memory_patch(HostModules({}), "forge") == ([], None)
     assert compile_regions.free_memory_patch(mods, "a1111") == ([], None)
+
+
+def test_sdp_no_mem_runs_the_plain_forward_inside_its_kernel_choice():
+    """A1111's sdp-no-mem forward enters ``torch.backends.cuda.sdp_kernel`` inside the block (a graph break on torch
+    2.1): the compiled call runs the plain forward with the same kernel flags entered around it, and leaves the
+    flags as they were."""
+    torch.manual_seed(0)
+    root = nn.Sequential(hosts.CrossAttention()).eval()
+    mods = HostModules({"modules.sd_hijack_optimizations": hosts.sd_hijack_optimizations})
+    changes = compile_regions.sdp_no_mem_patches(mods, root)
+    patch, context = changes
+    assert isinstance(patch, RegionPatch) and isinstance(context, RegionContext)
+    assert (patch.owner, patch.attr) == (hosts.CrossAttention, "forward")
+    assert patch.replacement is (
+        traceable_function(hosts.scaled_dot_product_attention_forward) or hosts.scaled_dot_product_attention_forward
+    )
+    assert compile_regions.sdp_no_mem_patches(mods, make_stack()) == []  # no such forward: nothing entered
+
+    mem_efficient: list[bool] = []  # as each compiled call sees it
+    backends = torch.backends.cuda
+    compiler = RegionalCompiler(backend=spy_backend(mem_efficient, backends.mem_efficient_sdp_enabled))
+    before = (backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.math_sdp_enabled())
+    x = torch.randn(2, 6, 8)
+    breaks0 = graph_breaks()
+    with warnings.catch_warnings():  # torch >= 2.3 calls sdp_kernel deprecated; A1111 calls it anyway
+        warnings.simplefilter("ignore", FutureWarning)
+        expected = eager(root, (x,))
+        with torch.no_grad(), compiler.apply(root, ("CrossAttention",), key="k", patches=changes) as app:
+            root(x)
+            out = root(x)
+    assert graph_breaks() == breaks0, dict(counters["graph_break"])
+    assert app.stats.graphs == 1 and not app.stats.fell_back
+    assert mem_efficient and not any(mem_efficient)  # off in every compiled call
+    assert (backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.math_sdp_enabled()) == before
+    assert vars(hosts.CrossAttention)["forward"] is hosts.scaled_dot_product_no_mem_attention_forward
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_partial_patches_cover_the_loaded_sub_quadratic_modules():
+    import functools
+
+    from lib_optim.compile import traceable_partial
+
+    subquad = types.SimpleNamespace(partial=functools.partial)
+    mods = HostModules({"modules.sub_quadratic_attention": subquad})
+    patches = compile_regions.partial_patches(mods, "a1111")
+    assert [(p.owner, p.attr, p.replacement) for p in patches] == [(subquad, "partial", traceable_partial)]
+    assert compile_regions.partial_patches(mods, "forge") == []  # Forge f2's torch 2.3 traces functools.partial
+    assert compile_regions.partial_patches(HostModules({}), "a1111") == []

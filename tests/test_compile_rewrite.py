@@ -18,6 +18,8 @@ import torch
 from lib_optim.compile import traceable_function, traceable_functions
 
 HOST_LIKE = """
+from functools import partial
+
 import torch
 
 
@@ -40,6 +42,34 @@ def with_map(q, k, v):
 def tensor_bytes(q, k):
     # A1111 sd_hijack_optimizations.py:328, Forge f2 backend/attention.py:349
     return q.shape[0] * q.shape[1] * k.shape[1] * q.element_size()
+
+
+def narrow_trunc(input, dim, start, length):
+    # A1111 modules/sub_quadratic_attention.py:22-28, verbatim
+    return torch.narrow(input, dim, start, length if input.shape[dim] >= start + length else input.shape[dim] - start)
+
+
+def chunk_sums(x, chunk):
+    # modules/sub_quadratic_attention.py:100-102: a comprehension over torch.arange feeding narrow_trunc
+    parts = [narrow_trunc(x, 1, i, chunk).sum(dim=1) for i in torch.arange(0, x.shape[1], chunk)]
+    return torch.stack(parts)
+
+
+def loop_total(x, chunk):
+    total = x.new_zeros(())
+    for i in torch.arange(0, x.shape[1], chunk):
+        total = total + narrow_trunc(x, 1, i, chunk).sum()
+    return total
+
+
+def scaled_scores(q, k, scale):
+    return q @ k.transpose(1, 2) * scale
+
+
+def with_partial(q, k):
+    # modules/sub_quadratic_attention.py:183-193 builds partials on every call
+    scores = partial(scaled_scores, scale=0.5)
+    return scores(q, k)
 
 
 def plain(x):
@@ -72,7 +102,7 @@ def _has_generator(fn) -> bool:
 
 def test_only_the_functions_that_need_it_are_copied(host_module) -> None:
     copies = traceable_functions(host_module)
-    assert sorted(copies) == ["split_heads", "tensor_bytes", "with_map"]
+    assert sorted(copies) == ["chunk_sums", "loop_total", "split_heads", "tensor_bytes", "with_map"]
     assert traceable_function(host_module.plain) is None
     assert traceable_function(host_module.with_closure()) is None  # a closure cannot be recompiled alone
 
@@ -88,6 +118,9 @@ def test_the_copies_compute_the_same_without_the_untraceable_constructs(host_mod
     code = copies["split_heads"].__code__
     assert code.co_filename == host_module.split_heads.__code__.co_filename  # tracebacks name the host's file
     assert "element_size" not in copies["tensor_bytes"].__code__.co_names
+    x = torch.randn(2, 7, 3)  # 7 columns in chunks of 3: the last chunk truncated
+    assert torch.equal(copies["chunk_sums"](x, 3), host_module.chunk_sums(x, 3))
+    assert torch.equal(copies["loop_total"](x, 3), host_module.loop_total(x, 3))
     assert _has_generator(host_module.split_heads)
 
 
@@ -107,3 +140,39 @@ def test_the_copies_trace_as_one_graph(host_module) -> None:
     compiled = torch.compile(copies["split_heads"], backend="eager", fullgraph=True)
     q = torch.randn(2, 6, 8)
     assert torch.equal(compiled(q, q, q, 2), host_module.split_heads(q, q, q, 2))
+
+
+def test_the_arange_loops_trace_as_one_graph_only_as_copies(host_module) -> None:
+    """Over ``torch.arange`` the index is a tensor and ``narrow_trunc``'s comparison decides control flow: a graph
+    break on every torch; over ``range`` it is an int."""
+    import torch._dynamo
+
+    copies = traceable_functions(host_module)
+    x = torch.randn(2, 7, 3)
+    for name in ("chunk_sums", "loop_total"):
+        torch._dynamo.reset()
+        compiled = torch.compile(copies[name], backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x, 3), getattr(host_module, name)(x, 3))
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=r"(?i)data.dependent|tensor|unsupported"):
+            torch.compile(getattr(host_module, name), backend="eager", fullgraph=True)(x, 3)
+
+
+def test_traceable_partial_calls_like_functools_partial_and_traces(host_module, monkeypatch) -> None:
+    import functools
+
+    import torch._dynamo
+
+    from lib_optim.compile import traceable_partial
+
+    def f(*args, **kwargs):
+        return args, kwargs
+
+    ours, theirs = traceable_partial(f, 1, a=2), functools.partial(f, 1, a=2)
+    for args, kwargs in (((), {}), ((3,), {"b": 4}), ((), {"a": 5})):  # later keywords win
+        assert ours(*args, **kwargs) == theirs(*args, **kwargs)
+    monkeypatch.setattr(host_module, "partial", traceable_partial)  # the region patch (compile_regions)
+    torch._dynamo.reset()
+    q = torch.randn(2, 3, 4)
+    compiled = torch.compile(host_module.with_partial, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(q, q), q @ q.transpose(1, 2) * 0.5)

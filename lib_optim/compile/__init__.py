@@ -27,7 +27,7 @@ from lib_optim.compile.availability import compile_availability
 from lib_optim.compile.blocks import default_block_names
 from lib_optim.compile.persist import setup_compile_cache
 from lib_optim.compile.persist_cli import add_compile_cache_parser, run_compile_cache
-from lib_optim.compile.region import RegionPatch
+from lib_optim.compile.region import RegionChange, RegionContext, RegionPatch
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
 from lib_optim.compile.rewrite import traceable_function, traceable_functions
 from lib_optim.compile.session import AUTO_DATA_KEY, VAE_DATA_KEY, CompileRegion, compile_blocks, compile_vae_blocks
@@ -37,6 +37,7 @@ from lib_optim.compile.traceable import (
     einops_namespace,
     einops_stand_in,
     is_function,
+    traceable_partial,
 )
 from lib_optim.compile.warmup import (
     WARMUP_MODES,
@@ -65,6 +66,8 @@ __all__ = [
     "CompileWarmup",
     "FrozenAvailableMemory",
     "FrozenFreeMemory",
+    "RegionChange",
+    "RegionContext",
     "RegionPatch",
     "RegionalCompiler",
     "WarmupState",
@@ -90,4 +93,5 @@ __all__ = [
     "setup_compile_cache",
     "traceable_function",
     "traceable_functions",
+    "traceable_partial",
 ]

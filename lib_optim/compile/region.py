@@ -17,7 +17,8 @@ every block each time. Build replacements once (module level or cached), never p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,23 +39,44 @@ class RegionPatch:
     why: str = ""
 
 
+@dataclass(frozen=True)
+class RegionContext:
+    """A context manager entered around the compiled call, outside the traced code: what a host's block enters
+    with a ``with`` statement dynamo cannot trace (A1111's ``torch.backends.cuda.sdp_kernel`` choice), entered
+    once around the whole call instead, so tracing and running see the same state. ``why`` cites the host's site."""
+
+    enter: Callable[[], AbstractContextManager[Any]]
+    why: str = ""
+
+
+RegionChange = RegionPatch | RegionContext
+
+
 @contextlib.contextmanager
-def patched(patches: Sequence[RegionPatch]) -> Iterator[None]:
-    """Apply ``patches`` in order, restore them in reverse order (exact values; attributes that were absent are
-    removed again), whatever happens inside."""
+def patched(patches: Sequence[RegionChange]) -> Iterator[None]:
+    """Apply ``patches`` in order (enter the contexts), restore them in reverse order (exact values; attributes
+    that were absent are removed again; contexts exited), whatever happens inside."""
     saved: list[tuple[RegionPatch, Any]] = []
-    try:
-        for patch in patches:
-            saved.append((patch, _own_value(patch.owner, patch.attr)))
-            setattr(patch.owner, patch.attr, patch.replacement)
-        yield
-    finally:
-        for patch, old in reversed(saved):
-            if old is _MISSING:
-                with contextlib.suppress(AttributeError):
-                    delattr(patch.owner, patch.attr)
-            else:
-                setattr(patch.owner, patch.attr, old)
+    with contextlib.ExitStack() as contexts:
+        try:
+            for patch in patches:
+                if isinstance(patch, RegionContext):
+                    contexts.enter_context(patch.enter())
+                    continue
+                saved.append((patch, _own_value(patch.owner, patch.attr)))
+                setattr(patch.owner, patch.attr, patch.replacement)
+            yield
+        finally:
+            _restore(saved)
+
+
+def _restore(saved: list[tuple[RegionPatch, Any]]) -> None:
+    for patch, old in reversed(saved):
+        if old is _MISSING:
+            with contextlib.suppress(AttributeError):
+                delattr(patch.owner, patch.attr)
+        else:
+            setattr(patch.owner, patch.attr, old)
 
 
 def _own_value(owner: Any, attr: str) -> Any:

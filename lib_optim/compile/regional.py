@@ -163,7 +163,7 @@ from lib_optim.compile.dynamo import (
     _quiet_backend_change_warning,
     _shares_across_instances,
 )
-from lib_optim.compile.region import RegionPatch, patched, specialisable
+from lib_optim.compile.region import RegionChange, patched, specialisable
 from lib_optim.compile.sharing import SharedGraphBackend
 from lib_optim.log import get_logger
 from lib_optim.telemetry import is_out_of_memory
@@ -230,7 +230,7 @@ class Application:
         key: Hashable,
         mode: str,
         dynamic: bool | None,
-        patches: Sequence[RegionPatch] = (),
+        patches: Sequence[RegionChange] = (),
         weights_token: Callable[[], Hashable] | None = None,
         interrupt: Callable[[], None] | None = None,
         prepare: Callable[[], None] | None = None,
@@ -519,7 +519,7 @@ class RegionalCompiler:
         key: Hashable = None,
         mode: str = "on",
         dynamic: bool | None = None,
-        patches: Sequence[RegionPatch] = (),
+        patches: Sequence[RegionChange] = (),
         weights_token: Callable[[], Hashable] | None = None,
         interrupt: Callable[[], None] | None = None,
         prepare: Callable[[], None] | None = None,

@@ -8,6 +8,9 @@ What changes (each a graph break on torch 2.1, docs/hosts.md §6.10):
   ``map(lambda t: ..., (q, k, v))``: a list comprehension (``UNPACK_SEQUENCE`` of a generator);
 - ``t.element_size()``: ``torch.finfo(t.dtype).bits // 8`` for floating tensors (a ``torch.*`` op returning an
   int).
+- a loop over ``torch.arange(a, b, step)`` (``for i in ...`` or a comprehension): ``range(a, b, step)``, the
+  same indices as ints; as 0-dim tensors they reach comparisons that decide control flow (A1111's sub-quadratic
+  attention ``chunk_scanner``/``narrow_trunc``), a graph break.
 
 A function without such constructs, without source, with a closure or decorators is not copied (None): the
 original runs, and dynamo breaks the graph there as before.
@@ -41,6 +44,32 @@ class _Rewriter(ast.NodeTransformer):
                 node.value = listed
                 self.changed += 1
         return node
+
+    def visit_For(self, node: ast.For) -> Any:
+        self.generic_visit(node)
+        node.iter = self._as_range(node.iter)
+        return node
+
+    def visit_comprehension(self, node: ast.comprehension) -> Any:
+        self.generic_visit(node)
+        node.iter = self._as_range(node.iter)
+        return node
+
+    def _as_range(self, iterable: ast.expr) -> ast.expr:
+        """``torch.arange(args)`` → ``range(args)`` (positional arguments only, as ``range`` takes them)."""
+        if (
+            self.torch_name is not None
+            and isinstance(iterable, ast.Call)
+            and isinstance(iterable.func, ast.Attribute)
+            and iterable.func.attr == "arange"
+            and isinstance(iterable.func.value, ast.Name)
+            and iterable.func.value.id == self.torch_name
+            and 1 <= len(iterable.args) <= 3
+            and not iterable.keywords
+        ):
+            self.changed += 1
+            return ast.Call(func=ast.Name(id="range", ctx=ast.Load()), args=iterable.args, keywords=[])
+        return iterable
 
     def visit_Call(self, node: ast.Call) -> Any:
         self.generic_visit(node)

@@ -9,7 +9,7 @@ from typing import Any
 from lib_optim.adapter import Session
 from lib_optim.compile.auto import AutoJob, AutoPlanner, AutoRun, get_auto_planner, unavailable_run
 from lib_optim.compile.blocks import default_block_names
-from lib_optim.compile.region import RegionPatch
+from lib_optim.compile.region import RegionChange
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
 from lib_optim.log import get_logger
 
@@ -24,7 +24,7 @@ class CompileRegion:
     """What a host adds to a regional compile (:meth:`RegionalCompiler.apply`): the patches that keep its block code
     traceable, its weights token, its Interrupt/Skip check and what to measure before the first compiled call."""
 
-    patches: Sequence[RegionPatch] = field(default_factory=tuple)
+    patches: Sequence[RegionChange] = field(default_factory=tuple)
     weights_token: Callable[[], Hashable] | None = None
     interrupt: Callable[[], None] | None = None
     prepare: Callable[[], None] | None = None

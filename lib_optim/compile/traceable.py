@@ -193,6 +193,17 @@ def einops_namespace(module: Any) -> EinopsNamespace:
     return _NAMESPACES[id(module)]
 
 
+def traceable_partial(func: Callable[..., Any], /, *args: Any, **keywords: Any) -> Callable[..., Any]:
+    """``functools.partial`` as a closure: dynamo on torch 2.1 neither creates nor calls a ``functools.partial``
+    (its ``skip_files``; A1111's and ldm_patched's sub-quadratic attention build them per call). Called the same way,
+    it returns the same result; it is not a ``functools.partial`` object (no ``.func``/``.args``)."""
+
+    def call(*more: Any, **more_keywords: Any) -> Any:
+        return func(*args, *more, **{**keywords, **more_keywords})  # later keywords win, as in functools
+
+    return call
+
+
 def is_function(obj: Any) -> bool:
     """``inspect.isfunction`` (what ldm's and sgm's ``default`` call), which dynamo on torch 2.1 does not trace:
     ``inspect`` is in its skip files."""

@@ -538,15 +538,17 @@ class A1111Adapter(HostBase):
 
     def _compile_region(self, unet: Any) -> CompileRegion:
         """What keeps A1111's block code traceable (docs/hosts.md §6.10): our einops, its ``CondFunc`` s resolved,
-        the layers' own forwards once the LoRA weights are applied, ``get_available_vram`` measured before the
-        region; the LoRA state as the weights token."""
+        the layers' own forwards once the LoRA weights are applied, the sdp-no-mem kernel choice entered around the
+        region, ``get_available_vram`` measured before the region; the LoRA state as the weights token."""
         free_patches, measure = compile_regions.free_memory_patch(self._modules, "a1111")
-        patches = [
+        patches: list[compile_regions.RegionChange] = [
             *compile_regions.einops_patches(self._modules, "a1111"),
             *compile_regions.condfunc_patches(unet),
             *compile_regions.rewrite_patches(self._modules, "a1111", unet),
             *compile_regions.isfunction_patches(self._modules, "a1111"),
+            *compile_regions.partial_patches(self._modules, "a1111"),
             *compile_regions.lora_patches(self._modules),
+            *compile_regions.sdp_no_mem_patches(self._modules, unet),  # after the rewrites: its forward wins
             *free_patches,
         ]
         return CompileRegion(

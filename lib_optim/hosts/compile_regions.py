@@ -8,7 +8,11 @@ compiled code runs (lib_optim.compile.region; the host sites are in docs/hosts.m
   bookkeeping per layer; once the eager first call has applied the LoRA weights in place, the layers' own
   torch forwards compute the same;
 - the Forges' ``get_free_memory`` inside the attention functions (``psutil``/CUDA statistics): measured once,
-  before the region.
+  before the region;
+- ``functools.partial`` in the sub-quadratic attention: a closure; A1111's sdp-no-mem ``sdp_kernel`` context:
+  the plain SDPA forward inside, the same kernel choice entered around the compiled call;
+- constructs in the hosts' functions (a generator unpacked into names, ``element_size()``, a loop over
+  ``torch.arange``): traceable copies of the functions (lib_optim.compile.rewrite).
 
 Every replacement is built once per process and reused: dynamo guards on the identity of what it read.
 """
@@ -22,11 +26,14 @@ from typing import Any
 from lib_optim.compile import (
     FrozenAvailableMemory,
     FrozenFreeMemory,
+    RegionChange,
+    RegionContext,
     RegionPatch,
     einops_namespace,
     einops_stand_in,
     traceable_function,
     traceable_functions,
+    traceable_partial,
 )
 from lib_optim.compile import is_function as traceable_isfunction
 from lib_optim.hosts.base import HostModules
@@ -99,7 +106,7 @@ REWRITE_MODULES: dict[str, tuple[str, ...]] = {
         "ldm.modules.diffusionmodules.model",
         "sgm.modules.diffusionmodules.model",
     ),
-    "forge": ("backend.attention", "backend.nn.unet", "backend.nn.vae"),
+    "forge": ("backend.attention", "backend.misc.sub_quadratic_attention", "backend.nn.unet", "backend.nn.vae"),
     "ldm_patched": (
         "ldm_patched.ldm.modules.attention",
         "ldm_patched.ldm.modules.sub_quadratic_attention",
@@ -118,8 +125,7 @@ def rewrite_patches(modules: HostModules, family: str, root: Any) -> list[Region
             continue
         for name, copy in traceable_functions(module).items():
             patches.append(RegionPatch(module, name, copy, f"{module_name}.{name}: traceable copy"))
-    classes = {cls for module in root.modules() for cls in type(module).__mro__}
-    for cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+    for cls in _classes(root):
         forward = vars(cls).get("forward")
         rewritten = traceable_function(forward) if forward is not None else None
         if rewritten is not None:
@@ -138,23 +144,87 @@ ISFUNCTION_GLOBALS: dict[str, tuple[tuple[str, str], ...]] = {
     "ldm_patched": (("ldm_patched.ldm.util", "isfunction"),),
 }
 
+# (module, global) bound to functools.partial in the sub-quadratic attention (docs/hosts.md §6.10): built and called
+# per attention call; torch 2.1's dynamo traces neither (Forge f2's torch 2.3 traces both)
+PARTIAL_GLOBALS: dict[str, tuple[tuple[str, str], ...]] = {
+    "a1111": (("modules.sub_quadratic_attention", "partial"),),
+    "ldm_patched": (("ldm_patched.ldm.modules.sub_quadratic_attention", "partial"),),
+}
+
 
 def isfunction_patches(modules: HostModules, family: str) -> list[RegionPatch]:
     """``inspect.isfunction`` (in dynamo's skip files on torch 2.1) as a plain ``isinstance`` inside the region."""
+    return _global_patches(modules, ISFUNCTION_GLOBALS.get(family, ()), traceable_isfunction, "inspect")
+
+
+def partial_patches(modules: HostModules, family: str) -> list[RegionPatch]:
+    """``functools.partial`` as a closure inside the region (:func:`lib_optim.compile.traceable_partial`)."""
+    return _global_patches(modules, PARTIAL_GLOBALS.get(family, ()), traceable_partial, "functools.partial")
+
+
+def _global_patches(
+    modules: HostModules, globals_: Iterable[tuple[str, str]], replacement: Any, what: str
+) -> list[RegionPatch]:
+    """``replacement`` for each (module, global) of a loaded module that has the global."""
     patches = []
-    for module_name, attr in ISFUNCTION_GLOBALS.get(family, ()):
+    for module_name, attr in globals_:
         module = modules.loaded(module_name)
         if module is not None and getattr(module, attr, None) is not None:
-            patches.append(RegionPatch(module, attr, traceable_isfunction, f"{module_name}.{attr}: inspect"))
+            patches.append(RegionPatch(module, attr, replacement, f"{module_name}.{attr}: {what}"))
     return patches
+
+
+# A1111's "no memory-efficient" SDPA forwards and the plain ones they call inside
+# ``with torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=True, enable_mem_efficient=False)``
+# (modules/sd_hijack_optimizations.py:549-551 and :658-660, bound by SdOptimizationSdpNoMem.apply, :75-79): a
+# context manager dynamo cannot trace on torch 2.1
+SDP_NO_MEM_FORWARDS = {
+    "scaled_dot_product_no_mem_attention_forward": "scaled_dot_product_attention_forward",
+    "sdp_no_mem_attnblock_forward": "sdp_attnblock_forward",
+}
+
+
+def sdp_no_mem_patches(modules: HostModules, root: Any) -> list[RegionChange]:
+    """The plain SDPA forward in place of A1111's "no mem" one on the classes in ``root``, with the kernel choice
+    it makes entered around the compiled call instead of inside it (the same flags when tracing and running)."""
+    module = modules.loaded("modules.sd_hijack_optimizations")
+    if module is None:
+        return []
+    swaps = {
+        getattr(module, name, None): _traceable_or_same(getattr(module, plain, None))
+        for name, plain in SDP_NO_MEM_FORWARDS.items()
+    }
+    changes: list[RegionChange] = []
+    for cls in _classes(root):
+        plain = swaps.get(vars(cls).get("forward"))
+        if plain is not None:
+            changes.append(RegionPatch(cls, "forward", plain, f"{cls.__qualname__}.forward: sdp-no-mem"))
+    if changes:
+        changes.append(RegionContext(_no_mem_kernels, "sdp-no-mem: torch.backends.cuda.sdp_kernel"))
+    return changes
+
+
+def _traceable_or_same(function: Any) -> Any:
+    """The plain forward as the rewrites would make it (A1111's ``sdp_attnblock_forward`` unpacks a generator)."""
+    return traceable_function(function) or function if function is not None else None
+
+
+def _no_mem_kernels() -> Any:
+    import torch
+
+    return torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=True, enable_mem_efficient=False)
+
+
+def _classes(root: Any) -> list[type]:
+    classes = {cls for module in root.modules() for cls in type(module).__mro__}
+    return sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}")
 
 
 def condfunc_patches(root: Any) -> list[RegionPatch]:
     """A1111's ``CondFunc`` class attributes on the classes in ``root`` (``SpatialTransformer.forward`` always;
     ``GroupNorm32.forward``/``GEGLU.forward`` when the UNet is upcast), as functions dynamo can trace."""
     patches = []
-    classes = {cls for module in root.modules() for cls in type(module).__mro__}
-    for cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+    for cls in _classes(root):
         forward = vars(cls).get("forward")
         condfunc = _condfunc_of(forward)
         if condfunc is not None:
@@ -298,5 +368,5 @@ def _layers_without(root: Any, wanted: tuple[Any, ...]) -> int:
     return count
 
 
-def all_patches(groups: Sequence[Sequence[RegionPatch]]) -> list[RegionPatch]:
+def all_patches(groups: Sequence[Sequence[RegionChange]]) -> list[RegionChange]:
     return [patch for group in groups for patch in group]

@@ -458,6 +458,7 @@ class ForgeFamilyAdapter(HostBase):
                 *compile_regions.einops_patches(self._modules, family),
                 *compile_regions.rewrite_patches(self._modules, family, root),
                 *compile_regions.isfunction_patches(self._modules, family),
+                *compile_regions.partial_patches(self._modules, family),
                 *free_patches,
             ],
             weights_token=lambda: "applied before sampling",
