@@ -132,11 +132,13 @@ def _sdxl_checkpoint(python: str) -> Path:
 
 
 def checkpoint_args(checkpoint: str, python: str, sd15_models: Path) -> list[str]:
-    """The host's model folder and model: the SD1.5 folder and whichever model the host picks there, or the SDXL
-    file alone (``--ckpt`` makes every host select it, over what config.json says: modules/sd_models.py:167-171 in
-    A1111, :173-177 in Forge f2, :163-167 in Forge previous, :284-288 in reForge)."""
+    """The host's model folder and model: the SD1.5 folder with its main model selected, or the SDXL file alone
+    (``--ckpt`` makes every host select it, over what config.json says: modules/sd_models.py:167-171 in A1111,
+    :173-177 in Forge f2, :163-167 in Forge previous, :284-288 in reForge). Without it a host with no saved choice
+    takes the first file by name, the refiner ("sd15-random-refiner" sorts before "sd15-random."), whose random
+    weights Forge f2 turns into a black (NaN) image, so a LoRA could not change it."""
     if checkpoint == "sd15":
-        return ["--ckpt-dir", str(sd15_models)]
+        return ["--ckpt-dir", str(sd15_models), "--ckpt", str(sd15_models / "sd15-random.safetensors")]
     if checkpoint == "sdxl":
         sdxl = _sdxl_checkpoint(python)
         return ["--ckpt-dir", str(sdxl.parent), "--ckpt", str(sdxl)]
