@@ -317,6 +317,26 @@ def test_weights_changed_in_place_or_replaced_are_used(monkeypatch):
     assert stats.rebuilt_for_weights == 0
 
 
+def test_a_plain_value_a_block_holds_is_never_stale():
+    """Before torch 2.5 dynamo guards no attribute of a module (plain ``torch.compile`` keeps the old value too):
+    the fingerprint sees the change and that block compiles again; from 2.5 dynamo's own guards do."""
+    model = make_stack()
+    args = inputs()
+    compiler = RegionalCompiler(backend="aot_eager")
+    generation(compiler, model, args)
+    attn = model.blocks[1].transformer_blocks[0].attn1
+    before = eager(model, args)
+    attn.heads = 4  # what an extension changing a block's setting between generations does
+    expected = eager(model, args)
+    assert not torch.allclose(expected, before, atol=1e-4)  # the change matters, or this test proves nothing
+    out, stats = generation(compiler, model, args)
+    assert torch.allclose(out, expected, atol=1e-5)
+    if not stats.shared:
+        assert stats.rebuilt_for_weights == 1
+    out, stats = generation(compiler, model, args)
+    assert stats.compiles == 0 and stats.rebuilt_for_weights == 0  # unchanged since: reused
+
+
 class LazyLoraLinear(nn.Linear):
     """A1111's LoRA applies the selected networks in place on the first forward after the selection changed
     (extensions-builtin/Lora/networks.py:578-590 → network_apply_weights, 411-498)."""
@@ -666,3 +686,16 @@ def test_inductor_on_cpu_matches_eager_and_compiles_once(monkeypatch):
     out, second = generation(compiler, model, args)
     assert second.compiles == 0 and second.graphs == 0
     assert torch.allclose(out, eager(model, args), atol=1e-4, rtol=1e-4)
+
+
+def test_a_recompile_says_which_guard_failed():
+    model = make_stack()
+    compiler = RegionalCompiler(backend="eager")
+    _, stats = generation(compiler, model, inputs(size=8))
+    assert stats.recompile_reasons == []  # a first compile is not a recompile
+    _, stats = generation(compiler, model, inputs(size=12))
+    assert stats.compiles > 0 and stats.recompile_reasons, stats
+    assert all("size" in reason or "stride" in reason for reason in stats.recompile_reasons), stats.recompile_reasons
+    assert len(stats.recompile_reasons) <= rc.MAX_RECOMPILE_REASONS
+    _, stats = generation(compiler, model, inputs(size=12))
+    assert stats.compiles == 0 and stats.recompile_reasons == []

@@ -1,5 +1,6 @@
 """What the regional compiler keeps: compiled functions per key and owner, the blocks of one application, and
-the weight fingerprint that tells, before torch 2.5, when a host replaced a block's parameters (LoRA, a patcher).
+the fingerprint that tells, before torch 2.5, when a host replaced a block's parameters (LoRA, a patcher) or
+changed a plain value a submodule holds.
 See :mod:`lib_optim.compile.regional` ("Sharing, weights and the cache-size limit")."""
 
 from __future__ import annotations
@@ -18,11 +19,19 @@ DEFAULT_ENTRIES_PER_BLOCK = 4
 _MISSING = object()
 
 
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
 def _fingerprint(block: Any) -> tuple[Any, ...]:
-    """Identity, device and dtype of a block's submodules, parameters and buffers."""
-    modules = tuple(id(m) for m in block.modules())
+    """Identity, device and dtype of a block's submodules, parameters and buffers, and the plain values its
+    submodules hold (``self.scale``, ``self.heads``): before torch 2.5 dynamo assumes a module's attributes never
+    change and guards none of them, so compiled code would keep a value the host or an extension changed since."""
+    modules = tuple(block.modules())
+    settings = tuple(
+        (id(m), name, value) for m in modules for name, value in vars(m).items() if type(value) in _SETTING_TYPES
+    )
     tensors = tuple((id(t), t.device, t.dtype) for t in itertools.chain(block.parameters(), block.buffers()))
-    return (modules, tensors)
+    return (tuple(id(m) for m in modules), tensors, settings)
 
 
 class _Compiled:

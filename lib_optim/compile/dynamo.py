@@ -3,6 +3,7 @@ code object), its counters, its recompile limits and its log lines about our fun
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import types
@@ -56,6 +57,25 @@ def _dynamo_counts() -> tuple[int, int, int, int]:
         int(counters["stats"]["unique_graphs"]),
         breaks,
     )
+
+
+def _guard_failures(code: types.CodeType) -> list[str]:
+    """Why dynamo recompiled ``code`` so far: the first failing guard of each recompile, as dynamo records it
+    (``torch._dynamo.utils.guard_failures``, keyed by the original code; 2.1 to 2.13)."""
+    from torch._dynamo import utils
+
+    return [str(reason) for reason in getattr(utils, "guard_failures", {}).get(code, ())]
+
+
+def _reporting_guard_failures() -> Any:
+    """While our compiled calls run: dynamo records why it recompiled (:func:`_guard_failures`) only while guard
+    failure reporting is on on torch < 2.3 (``config.report_guard_failures``, or ``TORCH_LOGS=recompiles``); our
+    blocks hold a few cache entries each, so the cost dynamo warns about (many entries per code) does not apply."""
+    from torch._dynamo import config
+
+    if getattr(config, "report_guard_failures", True):
+        return contextlib.nullcontext()  # on already, or no such option (torch records them anyway)
+    return config.patch(report_guard_failures=True)
 
 
 def _shares_across_instances() -> bool:

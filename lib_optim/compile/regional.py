@@ -127,7 +127,6 @@ import time
 import types
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from lib_optim.compile.availability import compile_availability, describe_compile_error
@@ -158,61 +157,22 @@ from lib_optim.compile.dynamo import (
     _call_unbound,
     _dynamo_counts,
     _fresh_function,
+    _guard_failures,
     _limit_names,
     _LimitWatcher,
     _quiet_backend_change_warning,
+    _reporting_guard_failures,
     _shares_across_instances,
 )
 from lib_optim.compile.region import RegionChange, patched, specialisable
 from lib_optim.compile.sharing import SharedGraphBackend
+from lib_optim.compile.stats import MAX_RECOMPILE_REASONS, CompileStats
 from lib_optim.log import get_logger
 from lib_optim.telemetry import is_out_of_memory
 
 log = get_logger(__name__)
 
 _name_counter = itertools.count(1)
-
-
-# ------------------------------------------------------------------------------------------- stats
-
-
-@dataclass
-class CompileStats:
-    """What one application did. Seconds are from the compiler's clock.
-
-    ``compiles``: dynamo frames compiled during this application (a graph break adds frames);
-    ``graphs``: graphs dynamo produced (``shared_graphs`` of them reused another block's compiled code,
-    torch < 2.5); ``graph_breaks``: dynamo's graph breaks (0 when every block is one graph);
-    ``process_compiles``: frames compiled by this compiler in this process, this application included.
-    ``compile_seconds``: wall time of the calls that triggered a compile (compile plus that run);
-    ``run_seconds``: the other compiled calls.
-    """
-
-    mode: str = "off"
-    key: str = ""
-    blocks: int = 0
-    shared: bool = False
-    calls: int = 0
-    eager_calls: int = 0
-    compiles: int = 0
-    graphs: int = 0
-    process_compiles: int = 0
-    compile_seconds: float = 0.0
-    run_seconds: float = 0.0
-    eager_frames: int = 0
-    graph_breaks: int = 0
-    shared_graphs: int = 0
-    interrupted: bool = False
-    limit_hits: int = 0
-    rebuilt_for_weights: int = 0
-    fell_back: bool = False
-    fallback_reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["compile_seconds"] = round(self.compile_seconds, 3)
-        data["run_seconds"] = round(self.run_seconds, 3)
-        return data
 
 
 # ------------------------------------------------------------------------------------------ internals
@@ -368,10 +328,11 @@ class Application:
             self.compiler._announce(self)
         clock = self.compiler.clock
         hits_before = self._watcher.hits if self._watcher else 0
+        failures_before = len(_guard_failures(compiled.code))
         before = (*_dynamo_counts(), self.compiler._shared_reuses())
         start = clock()
         try:
-            with specialisable(slot.block), patched(self.patches):
+            with _reporting_guard_failures(), specialisable(slot.block), patched(self.patches):
                 if slot.bound:
                     out = compiled.fn(slot.eager, *args, **kwargs)
                 else:
@@ -382,11 +343,22 @@ class Application:
                 raise  # not a compile problem: the extension's OOM retry handles it
             return self._fall_back(slot, exc, args, kwargs)
         self._account(start, before)
+        self._note_recompiles(compiled.code, failures_before)
         self.stats.calls += 1
         slot.compiled_calls += 1
         if self._watcher is not None and self._watcher.hits > hits_before:
             self._limit_hit(slot, state)
         return out
+
+    def _note_recompiles(self, code: types.CodeType, known: int) -> None:
+        """Keep why a block recompiled (the first few distinct reasons of the application): a recompile of an
+        identical generation is a bug to explain, and dynamo's reason names the guard that changed."""
+        reasons = self.stats.recompile_reasons
+        for reason in _guard_failures(code)[known:]:
+            line = reason.splitlines()[0][:300] if reason else "?"
+            if line not in reasons and len(reasons) < MAX_RECOMPILE_REASONS:
+                reasons.append(line)
+                log.info("[Optim] compile: a block recompiled because %s", line)
 
     def _current_token(self) -> Any:
         """The host's weights token, read once per application (at the first block call: during sampling, after
@@ -725,7 +697,8 @@ class RegionalCompiler:
         return self._sharing[key]
 
     def _check_weights(self, app: Application, slot: _Slot) -> None:
-        """Per-instance mode: rebuild a block's compiled function if its weights were replaced."""
+        """Per-instance mode: rebuild a block's compiled function if its weights were replaced or a plain value
+        it holds changed (:func:`lib_optim.compile.cache._fingerprint`)."""
         if app.stats.shared or slot.compiled is None or slot.state is None:
             return
         fingerprint = _fingerprint(slot.block)
@@ -735,7 +708,9 @@ class RegionalCompiler:
             return
         if compiled.fingerprint == fingerprint:
             return
-        log.debug("%s: parameters were replaced since it was compiled; compiling it again", type(slot.block).__name__)
+        log.debug(
+            "%s: parameters or settings changed since it was compiled; compiling it again", type(slot.block).__name__
+        )
         function_key = slot.bound
         compiled.discard()
         fresh = self._compile(app, type(slot.block), slot.bound)
