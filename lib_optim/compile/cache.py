@@ -19,7 +19,7 @@ DEFAULT_ENTRIES_PER_BLOCK = 4
 _MISSING = object()
 
 
-_SETTING_TYPES = (bool, int, float, str, type(None))
+_SETTING_TYPES = (bool, int, float, str)  # not None: A1111's LoRA sets network_bias_backup = None on layers
 
 
 def _fingerprint(block: Any) -> tuple[Any, ...]:
