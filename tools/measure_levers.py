@@ -52,18 +52,32 @@ def main(argv: list[str] | None = None) -> int:
         default="steps,alternating,lora",
         help="comma-separated: steps (1: step time, compile, pixel diff), alternating (2), lora (3)",
     )
+    parser.add_argument("--mode", default="on", choices=("on", "max-autotune"), help="the compile mode to measure")
+    parser.add_argument("--size", type=int, default=512, help="image side for part 1")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     webui = start_webui(args.host)
-    out: dict[str, Any] = {"host": args.host, "steps": args.steps, "rounds": args.rounds, "alt_steps": args.alt_steps}
+    out: dict[str, Any] = {
+        "host": args.host,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "alt_steps": args.alt_steps,
+        "mode": args.mode,
+        "size": args.size,
+    }
     try:
 
         def generate(
-            settings: dict[str, Any], size: int = 512, prompt: str = "a cat", steps: int | None = None
+            settings: dict[str, Any], size: int | None = None, prompt: str = "a cat", steps: int | None = None
         ) -> tuple[Any, dict[str, Any]]:
             started = time.monotonic()
             code, body = webui.txt2img(
-                [settings], prompt=prompt, seed=7, steps=steps or args.steps, width=size, height=size
+                [settings],
+                prompt=prompt,
+                seed=7,
+                steps=steps or args.steps,
+                width=size or args.size,
+                height=size or args.size,
             )
             if code != 200:
                 raise SystemExit(f"{args.host}: {code} {body}")
@@ -78,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = {p.strip() for p in args.parts.split(",") if p.strip()}
         eager_body, _ = generate({"enabled": True})  # loads the model; warm
         if "steps" in parts:
-            first_body, first = generate({"compile": "on"})
+            first_body, first = generate({"compile": args.mode})
             compiled_first = first["telemetry"]["compile"]
             out["first_compile"] = {
                 "compiles": compiled_first.get("compiles"),
@@ -86,13 +100,15 @@ def main(argv: list[str] | None = None) -> int:
                 "compile_seconds": compiled_first.get("compile_seconds"),
                 "blocks": compiled_first.get("blocks"),
                 "fell_back": compiled_first.get("fell_back", False),
+                "wall_seconds": first["wall_seconds"],
             }
-            eager_steps, compiled_steps = [], []
+            eager_steps, compiled_steps, compiled_walls = [], [], []
             for _ in range(args.rounds):
                 _, record = generate({"enabled": True})
                 eager_steps.append(step_seconds(record))
-                _, record = generate({"compile": "on"})
+                _, record = generate({"compile": args.mode})
                 compiled_steps.append(step_seconds(record))
+                compiled_walls.append(record["wall_seconds"])
                 assert record["telemetry"]["compile"].get("compiles") == 0, record["telemetry"]["compile"]
             out["step_seconds"] = {
                 "eager": eager_steps,
@@ -100,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 "eager_median": statistics.median(eager_steps),
                 "compiled_median": statistics.median(compiled_steps),
                 "speedup": statistics.median(eager_steps) / statistics.median(compiled_steps),
+                "compiled_wall_median": statistics.median(compiled_walls),
             }
             out["max_pixel_diff"] = _max_diff(_image(first_body), _image(eager_body))
 
