@@ -72,6 +72,12 @@ def with_partial(q, k):
     return scores(q, k)
 
 
+def project_out(self, x):
+    # A1111 modules/sd_hijack_optimizations.py:420 unpacks the to_out Sequential
+    out_proj, dropout = self.to_out
+    return dropout(out_proj(x))
+
+
 def plain(x):
     return x + 1
 
@@ -102,7 +108,7 @@ def _has_generator(fn) -> bool:
 
 def test_only_the_functions_that_need_it_are_copied(host_module) -> None:
     copies = traceable_functions(host_module)
-    assert sorted(copies) == ["chunk_sums", "loop_total", "split_heads", "tensor_bytes", "with_map"]
+    assert sorted(copies) == ["chunk_sums", "loop_total", "project_out", "split_heads", "tensor_bytes", "with_map"]
     assert traceable_function(host_module.plain) is None
     assert traceable_function(host_module.with_closure()) is None  # a closure cannot be recompiled alone
 
@@ -176,3 +182,16 @@ def test_traceable_partial_calls_like_functools_partial_and_traces(host_module, 
     q = torch.randn(2, 3, 4)
     compiled = torch.compile(host_module.with_partial, backend="eager", fullgraph=True)
     assert torch.equal(compiled(q, q), q @ q.transpose(1, 2) * 0.5)
+
+
+def test_an_unpacked_submodule_container_traces_as_one_graph(host_module) -> None:
+    import torch._dynamo
+
+    layer = torch.nn.Module()
+    layer.to_out = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.0))
+    copy = traceable_functions(host_module)["project_out"]
+    x = torch.randn(2, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(layer, x), host_module.project_out(layer, x))

@@ -173,3 +173,28 @@ def test_frozen_free_memory_unmeasured_asks_the_real_function():
     frozen = FrozenFreeMemory(real)
     assert frozen() == 1000 and frozen("cpu", True) == (1000, 10)
     assert real.calls == [(None, False), ("cpu", True)]
+
+
+def test_the_figures_hold_while_free_memory_wavers_and_never_exceed_it():
+    """Free memory that wavers across a power of two (another program, a cache) would recompile every attention
+    block at each crossing: the figure drops when memory drops below it, rises only on a fourfold gain."""
+    from lib_optim.compile.traceable import FrozenAvailableMemory
+
+    gib = 1 << 30
+    free = [int(8.1 * gib)]
+    available = FrozenAvailableMemory(lambda: free[0])
+    seen = []
+    for measured in (8.1, 7.9, 8.1, 7.9, 8.1, 3.5, 12.0, 16.5, 16.2):
+        free[0] = int(measured * gib)
+        available.measure()
+        seen.append(available() / gib)
+        assert available() <= free[0]  # never more than is free
+    assert seen == [8, 4, 4, 4, 4, 2, 8, 8, 8]  # 12 GiB: 8 is four times 2; 16.5 GiB: 16 is not four times 8
+    real = RealFreeMemory(total=int(8.1 * gib), torch_free=int(1.5 * gib))
+    frozen = FrozenFreeMemory(real)
+    frozen.measure("cpu")
+    real.total, real.torch_free = int(7.9 * gib), int(1.2 * gib)
+    frozen.measure("cpu")
+    real.total = int(8.1 * gib)
+    frozen.measure("cpu")
+    assert frozen("cpu", True) == (4 * gib, 1 * gib)  # each figure on its own

@@ -8,6 +8,7 @@ What changes (each a graph break on torch 2.1, docs/hosts.md §6.10):
   ``map(lambda t: ..., (q, k, v))``: a list comprehension (``UNPACK_SEQUENCE`` of a generator);
 - ``t.element_size()``: ``torch.finfo(t.dtype).bits // 8`` for floating tensors (a ``torch.*`` op returning an
   int).
+- a submodule container unpacked into names, ``out_proj, dropout = self.to_out``: indexed item by item;
 - a loop over ``torch.arange(a, b, step)`` (``for i in ...`` or a comprehension): ``range(a, b, step)``, the
   same indices as ints; as 0-dim tensors they reach comparisons that decide control flow (A1111's sub-quadratic
   attention ``chunk_scanner``/``narrow_trunc``), a graph break.
@@ -39,7 +40,7 @@ class _Rewriter(ast.NodeTransformer):
     def visit_Assign(self, node: ast.Assign) -> Any:
         self.generic_visit(node)
         if len(node.targets) == 1 and isinstance(node.targets[0], (ast.Tuple, ast.List)):
-            listed = _as_list(node.value)
+            listed = _as_list(node.value) or _as_items(node.targets[0], node.value)
             if listed is not None:
                 node.value = listed
                 self.changed += 1
@@ -110,6 +111,23 @@ def _as_list(value: ast.expr) -> ast.expr | None:
         )
         return ast.ListComp(elt=call, generators=[loop])
     return None
+
+
+def _as_items(target: ast.Tuple | ast.List, value: ast.expr) -> ast.expr | None:
+    """``a, b = self.layers`` → ``a, b = self.layers[0], self.layers[1]``: a submodule container unpacked into
+    names (A1111's ``out_proj, dropout = self.to_out``) is ``UNPACK_SEQUENCE NNModuleVariable`` on torch 2.1."""
+    names = target.elts
+    if (
+        not isinstance(value, ast.Attribute)
+        or not isinstance(value.value, ast.Name)
+        or value.value.id != "self"
+        or any(isinstance(name, ast.Starred) for name in names)
+    ):
+        return None
+    items: list[ast.expr] = [
+        ast.Subscript(value=value, slice=ast.Constant(value=index), ctx=ast.Load()) for index in range(len(names))
+    ]
+    return ast.Tuple(elts=items, ctx=ast.Load())
 
 
 @functools.cache

@@ -214,18 +214,20 @@ class FrozenFreeMemory:
     """A host's ``get_free_memory(dev=None, torch_free_too=False)`` answered from :meth:`measure`'s figure.
 
     One instance per host function, kept for the process: dynamo guards on the identity of what it inlined,
-    so it must not change between generations. The figures are rounded down to a power of two: dynamo
-    specialises on them, and a figure that moved by a few megabytes would recompile every block (the host
-    only uses it to choose chunk sizes). Measured for the device the generation runs on."""
+    so it must not change between generations. The figures are rounded down to a power of two and kept while
+    the memory measured still holds them (:func:`_sticky`): dynamo specialises on them, and a figure that moved
+    by a few megabytes would recompile every block (the host only uses it to choose chunk sizes). Measured for
+    the device the generation runs on."""
 
     def __init__(self, real: Callable[..., Any]):
         self.real = real
         self.figures: tuple[int, int] | None = None
 
     def measure(self, device: Any) -> None:
-        """Ask the real function now, outside the region."""
+        """Ask the real function now, outside the region (the figures move as :func:`_sticky` says)."""
         total, torch_free = self.real(device, True)
-        self.figures = (_floor_pow2(int(total)), _floor_pow2(int(torch_free)))
+        old = self.figures or (None, None)
+        self.figures = (_sticky(old[0], int(total)), _sticky(old[1], int(torch_free)))
 
     def __call__(self, dev: Any = None, torch_free_too: bool = False) -> Any:
         figures = self.figures
@@ -244,11 +246,25 @@ class FrozenAvailableMemory:
 
     def measure(self, device: Any = None) -> None:
         """Ask the real function now, outside the region (``device``: unused, the host's own choice)."""
-        self.figure = _floor_pow2(int(self.real()))
+        self.figure = _sticky(self.figure, int(self.real()))
 
     def __call__(self) -> Any:
         figure = self.figure
         return self.real() if figure is None else figure
+
+
+STICKY_GAIN = 4  # how many times the figure free memory must grow to before the answered figure rises
+
+
+def _sticky(figure: int | None, measured: int) -> int:
+    """The figure to answer with after measuring ``measured`` bytes free: rounded down to a power of two; kept
+    while the memory measured still holds it and has not grown ``STICKY_GAIN``-fold. Each figure is a constant in
+    the compiled code, so free memory that wavers across a power of two (another program, a cache) would
+    otherwise recompile every attention block at the next generation; the answer never exceeds what is free."""
+    rounded = _floor_pow2(measured)
+    if figure is None or rounded < figure or rounded >= STICKY_GAIN * figure:
+        return rounded
+    return figure
 
 
 def _floor_pow2(value: int) -> int:
