@@ -45,6 +45,19 @@ class Options:
 shared = types.SimpleNamespace(opts=Options(lora_functional=False))  # modules/shared.py: opts
 
 
+class UpcastAttention(nn.Module):
+    """An attention block reading a setting through ``shared.opts`` as A1111's attention functions do
+    (modules/sd_hijack_optimizations.py:195, ``if shared.opts.upcast_attn:``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return h * 2 if shared.opts.upcast_attn else h
+
+
 # --------------------------------------------------------------------------------------- A1111 CondFunc
 
 

@@ -611,3 +611,60 @@ def test_partial_patches_cover_the_loaded_sub_quadratic_modules():
     assert [(p.owner, p.attr, p.replacement) for p in patches] == [(subquad, "partial", traceable_partial)]
     assert compile_regions.partial_patches(mods, "forge") == []  # Forge f2's torch 2.3 traces functools.partial
     assert compile_regions.partial_patches(HostModules({}), "a1111") == []
+
+
+def test_the_settings_snapshot_ignores_new_settings_and_follows_changed_ones(monkeypatch):
+    """A1111's ``Options.__getattr__`` looks names up in ``opts.data``: torch 2.1 guards the dict's key set, so a
+    setting saved for the first time between two generations recompiled every attention block."""
+    monkeypatch.setattr(hosts.shared.opts, "data", {"lora_functional": False, "upcast_attn": False})
+    real_shared = hosts.shared
+    mods = HostModules({"modules.sd_hijack_optimizations": hosts})
+    patches, refresh = compile_regions.shared_patches(mods, "a1111")
+    assert [(p.owner, p.attr) for p in patches] == [(hosts, "shared")] and refresh is not None
+    torch.manual_seed(0)
+    root = nn.Sequential(hosts.UpcastAttention()).eval()
+    compiler = RegionalCompiler(backend="eager")
+    x = torch.randn(2, 8)
+
+    def generation_() -> tuple[torch.Tensor, CompileStats]:
+        with (
+            torch.no_grad(),
+            compiler.apply(
+                root, ("UpcastAttention",), key="k", patches=patches, prepare=refresh, weights_token=lambda: 1
+            ) as app,
+        ):
+            root(x)
+            out = root(x)
+        return out, app.stats
+
+    generation_()
+    hosts.shared.opts.data["some_extension_setting"] = 1  # saved for the first time between two generations
+    out, stats = generation_()
+    assert stats.compiles == 0, stats.recompile_reasons
+    assert torch.equal(out, eager(root, (x,)))
+    hosts.shared.opts.data["upcast_attn"] = True  # a setting the blocks read changed: compiled again, followed
+    out, stats = generation_()
+    assert stats.compiles == 1
+    assert torch.equal(out, eager(root, (x,))) and hosts.shared is real_shared
+    again, _ = compile_regions.shared_patches(mods, "a1111")
+    assert again[0].replacement is patches[0].replacement  # one snapshot per process: nothing to recompile
+
+
+def test_without_the_snapshot_a_new_setting_recompiles_before_torch_2_5(monkeypatch):
+    """Proof that the test above can fail: the guard it avoids (2.1: the key set; 2.3: the dict's length)."""
+    from lib_optim.compile.blocks import torch_version
+
+    monkeypatch.setattr(hosts.shared.opts, "data", {"lora_functional": False, "upcast_attn": False})
+    root = nn.Sequential(hosts.UpcastAttention()).eval()
+    compiler = RegionalCompiler(backend="eager")
+    x = torch.randn(2, 8)
+    counts = []
+    for new_setting in (None, "some_extension_setting"):
+        if new_setting:
+            hosts.shared.opts.data[new_setting] = 1
+        with torch.no_grad(), compiler.apply(root, ("UpcastAttention",), key="k", weights_token=lambda: 1) as app:
+            root(x)
+            root(x)
+        counts.append(app.stats.compiles)
+    if torch_version(torch.__version__) < (2, 5):
+        assert counts == [1, 1] and app.stats.recompile_reasons, counts

@@ -539,8 +539,10 @@ class A1111Adapter(HostBase):
     def _compile_region(self, unet: Any) -> CompileRegion:
         """What keeps A1111's block code traceable (docs/hosts.md §6.10): our einops, its ``CondFunc`` s resolved,
         the layers' own forwards once the LoRA weights are applied, the sdp-no-mem kernel choice entered around the
-        region, ``get_available_vram`` measured before the region; the LoRA state as the weights token."""
+        region, ``get_available_vram`` measured and ``shared`` (its settings) snapshot before the region; the LoRA
+        state as the weights token."""
         free_patches, measure = compile_regions.free_memory_patch(self._modules, "a1111")
+        shared_patches, refresh = compile_regions.shared_patches(self._modules, "a1111")
         patches: list[compile_regions.RegionChange] = [
             *compile_regions.einops_patches(self._modules, "a1111"),
             *compile_regions.condfunc_patches(unet),
@@ -550,12 +552,13 @@ class A1111Adapter(HostBase):
             *compile_regions.lora_patches(self._modules),
             *compile_regions.sdp_no_mem_patches(self._modules, unet),  # after the rewrites: its forward wins
             *free_patches,
+            *shared_patches,
         ]
         return CompileRegion(
             patches=patches,
             weights_token=compile_regions.lora_token(self._modules, unet),
             interrupt=compile_regions.interrupt_check(self._modules),
-            prepare=measure,
+            prepare=compile_regions.prepare_all(measure, refresh),
         )
 
     # compile warm-up ---------------------------------------------------------------------------------------

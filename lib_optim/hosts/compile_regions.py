@@ -20,6 +20,7 @@ Every replacement is built once per process and reused: dynamo guards on the ide
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -303,6 +304,61 @@ def free_memory_patch(modules: HostModules, family: str) -> tuple[list[RegionPat
         frozen.measure(device)
 
     return [RegionPatch(module, attr, frozen, f"{module_name}.{attr}")], measure
+
+
+# A1111's attention functions read their settings through the module global ``shared``
+# (modules/sd_hijack_optimizations.py: ``shared.opts.upcast_attn`` :195-646, ``shared.cmd_opts.sub_quad_*`` :414,
+# ``shared.loaded_hypernetworks`` :186-519); ``Options.__getattr__`` looks each name up in ``opts.data``
+# (modules/options.py:131-142), so dynamo guards the dict's whole key set, and a setting saved for the first time
+# between two generations (any extension's) recompiled every attention block
+SHARED_GLOBALS: dict[str, tuple[tuple[str, str], ...]] = {"a1111": (("modules.sd_hijack_optimizations", "shared"),)}
+
+
+class SharedSnapshot(types.SimpleNamespace):
+    """What the attention functions read of A1111's ``shared``: its attributes, with ``opts`` as plain attributes
+    holding each setting's current value (refreshed before each generation's region; one object per process, so
+    dynamo guards only the values the blocks read)."""
+
+    def refresh(self, real: Any) -> None:
+        opts = real.opts
+        names = set(getattr(opts, "data", None) or {}) | set(getattr(opts, "data_labels", None) or {})
+        settings = vars(self).setdefault("opts", types.SimpleNamespace())
+        vars(settings).update({name: getattr(opts, name) for name in names})
+        for name, value in vars(real).items():
+            if name != "opts" and not name.startswith("__"):
+                setattr(self, name, value)
+
+
+@functools.cache
+def _snapshot(module_name: str, attr: str) -> SharedSnapshot:
+    return SharedSnapshot()  # one per patched global for the process
+
+
+def shared_patches(modules: HostModules, family: str) -> tuple[list[RegionPatch], Callable[[], None] | None]:
+    """The family's ``shared`` module global as a :class:`SharedSnapshot`, and the function that refreshes it
+    (called before the generation's first compiled call, outside the region)."""
+    patches: list[RegionPatch] = []
+    refreshes: list[Callable[[], None]] = []
+    for module_name, attr in SHARED_GLOBALS.get(family, ()):
+        module = modules.loaded(module_name)
+        real = getattr(module, attr, None) if module is not None else None
+        if isinstance(real, SharedSnapshot) or getattr(real, "opts", None) is None:
+            continue  # not loaded, or left by an interrupted restore (the next generation patches again)
+        snapshot = _snapshot(module_name, attr)
+        patches.append(RegionPatch(module, attr, snapshot, f"{module_name}.{attr}: settings snapshot"))
+        refreshes.append(functools.partial(snapshot.refresh, real))
+    return patches, (lambda: _each(refreshes)) if refreshes else None
+
+
+def _each(calls: Iterable[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
+
+
+def prepare_all(*prepares: Callable[[], None] | None) -> Callable[[], None] | None:
+    """One ``prepare`` (CompileRegion) calling each of ``prepares`` that is not None, in order."""
+    present = [prepare for prepare in prepares if prepare is not None]
+    return (lambda: _each(present)) if present else None
 
 
 def interrupt_check(modules: HostModules) -> Callable[[], None] | None:
