@@ -227,7 +227,8 @@ class FrozenFreeMemory:
         """Ask the real function now, outside the region (the figures move as :func:`_sticky` says)."""
         total, torch_free = self.real(device, True)
         old = self.figures or (None, None)
-        self.figures = (_sticky(old[0], int(total)), _sticky(old[1], int(torch_free)))
+        slack = _slack(device)
+        self.figures = (_sticky(old[0], int(total), slack), _sticky(old[1], int(torch_free), slack))
 
     def __call__(self, dev: Any = None, torch_free_too: bool = False) -> Any:
         figures = self.figures
@@ -245,8 +246,9 @@ class FrozenAvailableMemory:
         self.figure: int | None = None
 
     def measure(self, device: Any = None) -> None:
-        """Ask the real function now, outside the region (``device``: unused, the host's own choice)."""
-        self.figure = _sticky(self.figure, int(self.real()))
+        """Ask the real function now, outside the region (``device``: the one the figure is for; the host's
+        function chooses it itself)."""
+        self.figure = _sticky(self.figure, int(self.real()), _slack(device))
 
     def __call__(self) -> Any:
         figure = self.figure
@@ -254,15 +256,22 @@ class FrozenAvailableMemory:
 
 
 STICKY_GAIN = 4  # how many times the figure free memory must grow to before the answered figure rises
+CPU_SLACK = 2  # on the CPU (RAM, which can page) the figure may stay up to twice what is free
 
 
-def _sticky(figure: int | None, measured: int) -> int:
+def _slack(device: Any) -> int:
+    return CPU_SLACK if device is not None and str(device).startswith("cpu") else 1
+
+
+def _sticky(figure: int | None, measured: int, slack: int = 1) -> int:
     """The figure to answer with after measuring ``measured`` bytes free: rounded down to a power of two; kept
-    while the memory measured still holds it and has not grown ``STICKY_GAIN``-fold. Each figure is a constant in
-    the compiled code, so free memory that wavers across a power of two (another program, a cache) would
-    otherwise recompile every attention block at the next generation; the answer never exceeds what is free."""
+    while it is at most ``slack`` times what is free and free memory has not grown ``STICKY_GAIN``-fold. Each
+    figure is a constant in the compiled code, so free memory that wavers across a power of two (another program,
+    the OS cache) would otherwise recompile every attention block at the next generation. On a GPU (slack 1) the
+    answer never exceeds what is free; on the CPU it may be up to twice that: RAM pages rather than failing, and
+    the attention functions only choose their slice sizes from it."""
     rounded = _floor_pow2(measured)
-    if figure is None or rounded < figure or rounded >= STICKY_GAIN * figure:
+    if figure is None or rounded * slack < figure or rounded >= STICKY_GAIN * figure:
         return rounded
     return figure
 
