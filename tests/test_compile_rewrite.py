@@ -78,6 +78,15 @@ def project_out(self, x):
     return dropout(out_proj(x))
 
 
+def tensor_mem_scale(q, k):
+    # A1111 modules/sd_hijack_optimizations.py:328-331 (einsum_op_tensor_mem) decides its slices this way
+    size_mb = q.shape[0] * q.shape[1] * k.shape[1] // 64
+    if size_mb <= 1:
+        return q
+    div = 1 << int((size_mb - 1) / 1).bit_length()
+    return q * div
+
+
 def plain(x):
     return x + 1
 
@@ -108,7 +117,15 @@ def _has_generator(fn) -> bool:
 
 def test_only_the_functions_that_need_it_are_copied(host_module) -> None:
     copies = traceable_functions(host_module)
-    assert sorted(copies) == ["chunk_sums", "loop_total", "project_out", "split_heads", "tensor_bytes", "with_map"]
+    assert sorted(copies) == [
+        "chunk_sums",
+        "loop_total",
+        "project_out",
+        "split_heads",
+        "tensor_bytes",
+        "tensor_mem_scale",
+        "with_map",
+    ]
     assert traceable_function(host_module.plain) is None
     assert traceable_function(host_module.with_closure()) is None  # a closure cannot be recompiled alone
 
@@ -160,7 +177,7 @@ def test_the_arange_loops_trace_as_one_graph_only_as_copies(host_module) -> None
         compiled = torch.compile(copies[name], backend="eager", fullgraph=True)
         assert torch.equal(compiled(x, 3), getattr(host_module, name)(x, 3))
         torch._dynamo.reset()
-        with pytest.raises(Exception, match=r"(?i)data.dependent|tensor|unsupported"):
+        with pytest.raises(Exception, match=r"(?i)data.dependent|tensor|unsupported|control flow"):
             torch.compile(getattr(host_module, name), backend="eager", fullgraph=True)(x, 3)
 
 
@@ -195,3 +212,25 @@ def test_an_unpacked_submodule_container_traces_as_one_graph(host_module) -> Non
     compiled = torch.compile(copy, backend="eager", fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(layer, x), host_module.project_out(layer, x))
+
+
+def test_bit_length_of_a_symbolic_size_through_the_helper(host_module, monkeypatch) -> None:
+    """After a size change sizes are symbolic and ``SymInt`` has no ``bit_length`` (A1111's InvokeAI attention failed
+    at 512² this way): the copy calls :func:`lib_optim.compile.rewrite.bit_length` through a module global that the
+    region patches in (``helpers_of``)."""
+    import torch._dynamo
+
+    from lib_optim.compile import helpers_of
+    from lib_optim.compile.rewrite import bit_length
+
+    assert [bit_length(v) for v in (0, 1, 2, 255, 256, -5)] == [v.bit_length() for v in (0, 1, 2, 255, 256, -5)]
+    copy = traceable_functions(host_module)["tensor_mem_scale"]
+    helpers = helpers_of(copy)
+    assert list(helpers.values()) == [bit_length]
+    for name, helper in helpers.items():
+        monkeypatch.setattr(host_module, name, helper, raising=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(copy, backend="eager", dynamic=True)
+    for rows in (4, 9, 16):
+        q, k = torch.ones(rows, 8), torch.ones(rows, 32)
+        assert torch.equal(compiled(q, k), host_module.tensor_mem_scale(q, k))

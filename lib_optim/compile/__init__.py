@@ -29,7 +29,7 @@ from lib_optim.compile.persist import setup_compile_cache
 from lib_optim.compile.persist_cli import add_compile_cache_parser, run_compile_cache
 from lib_optim.compile.region import RegionChange, RegionContext, RegionPatch
 from lib_optim.compile.regional import RegionalCompiler, get_compiler
-from lib_optim.compile.rewrite import traceable_function, traceable_functions
+from lib_optim.compile.rewrite import helpers_of, traceable_function, traceable_functions
 from lib_optim.compile.session import AUTO_DATA_KEY, VAE_DATA_KEY, CompileRegion, compile_blocks, compile_vae_blocks
 from lib_optim.compile.traceable import (
     FrozenAvailableMemory,
@@ -87,6 +87,7 @@ __all__ = [
     "einops_stand_in",
     "get_auto_planner",
     "get_compiler",
+    "helpers_of",
     "is_function",
     "make_job",
     "run_compile_cache",

@@ -9,6 +9,8 @@ What changes (each a graph break on torch 2.1, docs/hosts.md §6.10):
 - ``t.element_size()``: ``torch.finfo(t.dtype).bits // 8`` for floating tensors (a ``torch.*`` op returning an
   int).
 - a submodule container unpacked into names, ``out_proj, dropout = self.to_out``: indexed item by item;
+- ``x.bit_length()``: :func:`bit_length` (a ``SymInt`` has no ``bit_length``), called through a module global
+  that exists only while compiled code runs (:func:`helpers_of`);
 - a loop over ``torch.arange(a, b, step)`` (``for i in ...`` or a comprehension): ``range(a, b, step)``, the
   same indices as ints; as 0-dim tensors they reach comparisons that decide control flow (A1111's sub-quadratic
   attention ``chunk_scanner``/``narrow_trunc``), a graph break.
@@ -32,10 +34,33 @@ from lib_optim.log import get_logger
 log = get_logger(__name__)
 
 
+def bit_length(value: int) -> int:
+    """``int.bit_length`` as a loop: with a symbolic size (after a size change) ``SymInt`` has no ``bit_length``
+    (A1111's InvokeAI attention, ``einsum_op_tensor_mem``); dynamo traces the loop and guards on the value."""
+    if value < 0:
+        value = -value
+    count = 0
+    while value:
+        value >>= 1
+        count += 1
+    return count
+
+
+# Helpers the copies call by these names: module globals only while compiled code runs (helper_patches).
+BIT_LENGTH = "_optim_bit_length"
+HELPERS: dict[str, Callable[..., Any]] = {BIT_LENGTH: bit_length}
+
+
+def helpers_of(copy: Callable[..., Any]) -> dict[str, Callable[..., Any]]:
+    """The helpers a traceable copy calls as globals of its module (name → function)."""
+    return dict(getattr(copy, "__optim_helpers__", {}))
+
+
 class _Rewriter(ast.NodeTransformer):
     def __init__(self, torch_name: str | None):
         self.torch_name = torch_name
         self.changed = 0
+        self.helpers: set[str] = set()
 
     def visit_Assign(self, node: ast.Assign) -> Any:
         self.generic_visit(node)
@@ -75,6 +100,10 @@ class _Rewriter(ast.NodeTransformer):
     def visit_Call(self, node: ast.Call) -> Any:
         self.generic_visit(node)
         func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "bit_length" and not node.args and not node.keywords:
+            self.changed += 1
+            self.helpers.add(BIT_LENGTH)
+            return ast.Call(func=ast.Name(id=BIT_LENGTH, ctx=ast.Load()), args=[func.value], keywords=[])
         if (
             self.torch_name is not None
             and isinstance(func, ast.Attribute)
@@ -159,6 +188,7 @@ def traceable_function(fn: Callable[..., Any]) -> Callable[..., Any] | None:
     copy.__kwdefaults__ = fn.__kwdefaults__
     copy.__qualname__ = fn.__qualname__
     copy.__module__ = fn.__module__
+    copy.__optim_helpers__ = {name: HELPERS[name] for name in sorted(rewriter.helpers)}
     log.debug("traceable copy of %s.%s (%d constructs rewritten)", fn.__module__, fn.__qualname__, rewriter.changed)
     return copy
 

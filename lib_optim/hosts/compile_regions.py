@@ -20,6 +20,7 @@ Every replacement is built once per process and reused: dynamo guards on the ide
 from __future__ import annotations
 
 import functools
+import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from lib_optim.compile import (
     RegionPatch,
     einops_namespace,
     einops_stand_in,
+    helpers_of,
     traceable_function,
     traceable_functions,
     traceable_partial,
@@ -118,20 +120,31 @@ REWRITE_MODULES: dict[str, tuple[str, ...]] = {
 
 def rewrite_patches(modules: HostModules, family: str, root: Any) -> list[RegionPatch]:
     """Traceable copies (:func:`lib_optim.compile.traceable_function`) of the family's module functions and of the
-    ``forward`` s bound on the classes in ``root`` (A1111 binds its attention as ``CrossAttention.forward``)."""
+    ``forward`` s bound on the classes in ``root`` (A1111 binds its attention as ``CrossAttention.forward``), and
+    the helpers the copies call as globals of their modules."""
     patches = []
+    helpers: dict[tuple[int, str], RegionPatch] = {}
     for module_name in REWRITE_MODULES.get(family, ()):
         module = modules.loaded(module_name)
         if module is None:
             continue
         for name, copy in traceable_functions(module).items():
             patches.append(RegionPatch(module, name, copy, f"{module_name}.{name}: traceable copy"))
+            _add_helpers(helpers, module, copy)
     for cls in _classes(root):
         forward = vars(cls).get("forward")
         rewritten = traceable_function(forward) if forward is not None else None
         if rewritten is not None:
             patches.append(RegionPatch(cls, "forward", rewritten, f"{cls.__qualname__}.forward: traceable copy"))
-    return patches
+            _add_helpers(helpers, sys.modules.get(forward.__module__), rewritten)
+    return patches + list(helpers.values())
+
+
+def _add_helpers(helpers: dict[tuple[int, str], RegionPatch], module: Any, copy: Any) -> None:
+    if module is None:
+        return
+    for name, helper in helpers_of(copy).items():
+        helpers.setdefault((id(module), name), RegionPatch(module, name, helper, f"{module.__name__}.{name}: helper"))
 
 
 # (module, global) bound to inspect.isfunction in the block code (docs/hosts.md §6.10): ldm's and sgm's default()
