@@ -261,7 +261,12 @@ def region(unet: nn.Module, mods: HostModules) -> dict[str, Any]:
         *compile_regions.lora_patches(mods),
         *free,
     ]
-    return {"patches": patches, "weights_token": compile_regions.lora_token(mods, unet), "prepare": measure}
+    return {
+        "patches": patches,
+        "weights_token": compile_regions.lora_token(mods, unet),
+        "weights_dirty": compile_regions.lora_dirty(mods),
+        "prepare": measure,
+    }
 
 
 def lora_generation(
@@ -304,6 +309,27 @@ def test_lora_applied_lazily_is_never_stale_across_selection_changes(lora):
     # an eager first call per block where the selection changed (the host applies it there), none where it did not;
     # once more after the model's first LoRA (its layers had no weights backup yet: see lora_token)
     assert eager_calls == [2, 2, 2, 0, 2, 2, 2, 0]
+
+
+def test_a_lora_left_by_an_eager_generation_is_undone_before_a_compiled_one(lora):
+    """A LoRA used with compile off, between two compiled generations without it: A1111's forwards applied it in
+    place and undo it only in their next forward. The selection (the token) looks unchanged to the compiled
+    generation; the layers' applied selection does not (``weights_dirty``), so its blocks run their first call
+    eagerly, where the host restores the weights (seen in A1111: a compiled image 163/255 off after a LoRA)."""
+    unet = hosts.make_unet()
+    mods = host_modules()
+    args = hosts.unet_inputs()
+    compiler = RegionalCompiler(backend="aot_eager")
+    without = eager(unet, args)
+    lora_generation(compiler, unet, mods, args)
+    hosts.loaded_networks[:] = [networks(unet)["style"]]
+    assert not torch.allclose(eager(unet, args), without, atol=1e-4)  # compile off: the host applies it in place
+    hosts.loaded_networks[:] = []
+    out, stats = lora_generation(compiler, unet, mods, args)
+    assert torch.allclose(out, without, atol=1e-5)
+    assert stats.eager_calls == 2  # both blocks: the host undid the LoRA there
+    out, stats = lora_generation(compiler, unet, mods, args)
+    assert torch.allclose(out, without, atol=1e-5) and stats.eager_calls == 0  # clean again: compiled throughout
 
 
 def test_a_checkpoint_loaded_into_the_same_model_gets_its_lora_applied(lora):

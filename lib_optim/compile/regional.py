@@ -192,11 +192,13 @@ class Application:
         dynamic: bool | None,
         patches: Sequence[RegionChange] = (),
         weights_token: Callable[[], Hashable] | None = None,
+        weights_dirty: Callable[[Any], bool] | None = None,
         interrupt: Callable[[], None] | None = None,
         prepare: Callable[[], None] | None = None,
         lazy_weights: bool = True,
     ):
         self.compiler = compiler
+        self.weights_dirty = weights_dirty
         self.prepare = prepare
         self.lazy_weights = lazy_weights
         self.patches = tuple(patches)
@@ -374,8 +376,8 @@ class Application:
         if not self.compiler.eager_first_call or not self.lazy_weights:
             return False
         token = self._current_token()
-        if token is _MISSING:
-            return True
+        if token is _MISSING or (self.weights_dirty is not None and self.weights_dirty(slot.block)):
+            return True  # (dirty: the host edits this block's weights in its next forward, whatever the token)
         return self.compiler._weights_seen.get(slot.block, _MISSING) != token
 
     def _account(self, start: float, before: tuple[int, ...]) -> None:
@@ -493,6 +495,7 @@ class RegionalCompiler:
         dynamic: bool | None = None,
         patches: Sequence[RegionChange] = (),
         weights_token: Callable[[], Hashable] | None = None,
+        weights_dirty: Callable[[Any], bool] | None = None,
         interrupt: Callable[[], None] | None = None,
         prepare: Callable[[], None] | None = None,
         lazy_weights: bool = True,
@@ -506,7 +509,9 @@ class RegionalCompiler:
         one of these blocks. ``patches``: what the host's code in the blocks would break dynamo's graph with,
         swapped while compiled code runs (:mod:`lib_optim.compile.region`). ``weights_token``: called once per
         application, at the first block call; a block whose token is unchanged since its last run skips the eager
-        first call (see the module docstring). ``interrupt``: called before a block's first compiled call of the
+        first call (see the module docstring); ``weights_dirty(block)``: True when the host will edit that block's
+        weights in its next forward whatever the token says (A1111: LoRA weights an eager generation left applied):
+        its first call runs eagerly. ``interrupt``: called before a block's first compiled call of the
         application; the host's Interrupt/Skip exception it raises propagates, and what compiled stays cached.
         ``prepare``: called once, before the application's first compiled call, outside the region.
         ``lazy_weights=False``: the host never edits these blocks' weights in a forward (the VAE): no eager first
@@ -528,6 +533,7 @@ class RegionalCompiler:
             dynamic=dynamic,
             patches=patches,
             weights_token=weights_token,
+            weights_dirty=weights_dirty,
             interrupt=interrupt,
             prepare=prepare,
             lazy_weights=lazy_weights,

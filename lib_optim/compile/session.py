@@ -26,6 +26,7 @@ class CompileRegion:
 
     patches: Sequence[RegionChange] = field(default_factory=tuple)
     weights_token: Callable[[], Hashable] | None = None
+    weights_dirty: Callable[[Any], bool] | None = None
     interrupt: Callable[[], None] | None = None
     prepare: Callable[[], None] | None = None
 
@@ -91,6 +92,7 @@ def compile_blocks(
             mode=mode,
             patches=region.patches,
             weights_token=region.weights_token,
+            weights_dirty=region.weights_dirty,
             interrupt=region.interrupt,
             prepare=region.prepare,
         )

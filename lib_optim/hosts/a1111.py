@@ -557,6 +557,7 @@ class A1111Adapter(HostBase):
         return CompileRegion(
             patches=patches,
             weights_token=compile_regions.lora_token(self._modules, unet),
+            weights_dirty=compile_regions.lora_dirty(self._modules),
             interrupt=compile_regions.interrupt_check(self._modules),
             prepare=compile_regions.prepare_all(measure, refresh),
         )

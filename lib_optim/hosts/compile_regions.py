@@ -406,18 +406,39 @@ def lora_token(modules: HostModules, root: Any = None) -> Callable[[], Any]:
     def token() -> Any:
         networks = modules.loaded("networks")
         loaded: Iterable[Any] = getattr(networks, "loaded_networks", None) or ()
-        wanted = tuple(
-            (
-                getattr(n, "name", None),
-                getattr(n, "te_multiplier", None),
-                getattr(n, "unet_multiplier", None),
-                getattr(n, "dyn_dim", None),
-            )
-            for n in loaded
-        )
+        wanted = tuple(_network_key(n) for n in loaded)
         return wanted, _layers_without(root, wanted)
 
     return token
+
+
+def lora_dirty(modules: HostModules) -> Callable[[Any], bool]:
+    """Whether A1111 will edit a block's weights in its next forward: a LoRA layer in it whose applied selection
+    (``network_current_names``) is not the wanted one (``networks.py:422-423``: then ``network_apply_weights``
+    restores and applies in place). An eager generation between two compiled ones (a LoRA used with compile off)
+    leaves such layers behind while the token, read from the selection, looks unchanged."""
+
+    def dirty(block: Any) -> bool:
+        networks = modules.loaded("networks")
+        loaded: Iterable[Any] = getattr(networks, "loaded_networks", None) or ()
+        wanted = tuple(_network_key(n) for n in loaded)
+        for module in block.modules():
+            state = vars(module)
+            if state.get("network_layer_name") is not None and state.get("network_current_names", ()) != wanted:
+                return True
+        return False
+
+    return dirty
+
+
+def _network_key(network: Any) -> tuple[Any, ...]:
+    """One selected network as A1111 records it in ``network_current_names`` (``networks.py:422``)."""
+    return (
+        getattr(network, "name", None),
+        getattr(network, "te_multiplier", None),
+        getattr(network, "unet_multiplier", None),
+        getattr(network, "dyn_dim", None),
+    )
 
 
 def _layers_without(root: Any, wanted: tuple[Any, ...]) -> int:
