@@ -694,3 +694,13 @@ def test_without_the_snapshot_a_new_setting_recompiles_before_torch_2_5(monkeypa
         counts.append(app.stats.compiles)
     if torch_version(torch.__version__) < (2, 5):
         assert counts == [1, 1] and app.stats.recompile_reasons, counts
+
+
+def test_sdp_no_mem_patches_swap_nothing_when_the_host_lacks_those_forwards():
+    """A host module without the no-mem forwards (an older or patched A1111) must not map classes that have no
+    ``forward`` of their own onto the plain one."""
+    partial_module = types.SimpleNamespace(
+        scaled_dot_product_attention_forward=hosts.scaled_dot_product_attention_forward
+    )
+    mods = HostModules({"modules.sd_hijack_optimizations": partial_module})
+    assert compile_regions.sdp_no_mem_patches(mods, nn.Sequential(hosts.CrossAttention(), nn.ReLU())) == []

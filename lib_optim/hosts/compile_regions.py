@@ -205,8 +205,9 @@ def sdp_no_mem_patches(modules: HostModules, root: Any) -> list[RegionChange]:
     if module is None:
         return []
     swaps = {
-        getattr(module, name, None): _traceable_or_same(getattr(module, plain, None))
+        getattr(module, name): _traceable_or_same(getattr(module, plain, None))
         for name, plain in SDP_NO_MEM_FORWARDS.items()
+        if getattr(module, name, None) is not None  # else a class without a forward of its own would match
     }
     changes: list[RegionChange] = []
     for cls in _classes(root):
