@@ -237,6 +237,12 @@ class HostAdapter(abc.ABC):
         dummy latents and empty prompts; :class:`NotSupportedHere` where this host or model has none."""
         raise NotSupportedHere(f"[Optim] compile warm-up: not supported on {self.kind.display_name}")
 
+    def warmup_decode(self, sd_model: Any, width: int, height: int, batch: int) -> Callable[[], None]:
+        """The host's decode of a sampled ``batch`` of ``width``×``height`` latents (zeros), as its txt2img decodes
+        them after sampling (its grad mode, its batching of the decode); :class:`NotSupportedHere` where it has
+        none."""
+        raise NotSupportedHere(f"[Optim] compile warm-up: no VAE decode on {self.kind.display_name}")
+
 
 Applier = Callable[[Any, GenerationSettings, Session], None]
 

@@ -24,8 +24,10 @@ from lib_optim.compile.regional import RegionalCompiler
 from lib_optim.hosts import warmup as host_warmup
 from lib_optim.runtime import Runtime
 from lib_optim.settings import Attention, Compile, GenerationSettings, Tri
+from lib_optim.vae import model as vae_model
 
 SD_BLOCKS = blocks.default_block_names("sd")
+VAE_BLOCKS = blocks.default_block_names("vae")
 TOKEN = "weights as loaded"  # the host's weights token (A1111: the LoRA selection), unchanged between the calls
 DEADLINE = 60.0  # seconds a test waits for an event before it fails: never reached when the code is right
 
@@ -64,9 +66,10 @@ def target_for(
     forward: Callable[[], None] | None = None,
     busy: Callable[[], bool] = lambda: False,
     hold: Callable[[], Any] = contextlib.nullcontext,
+    vae: torch.nn.Module | None = None,
 ) -> WarmupTarget:
-    """What a host hands the warm-up: the generation's compile application (same compiler, key, blocks, mode,
-    weights token) with the warm-up's check as its interrupt, and one UNet call."""
+    """What a host hands the warm-up: the generation's compile applications (same compiler, key, blocks, mode,
+    weights token) with the warm-up's check as their interrupt, one UNet call, and with ``vae`` its decode."""
     args = unet_inputs()
 
     def run() -> None:
@@ -76,9 +79,47 @@ def target_for(
     @contextlib.contextmanager
     def enter(interrupt: Callable[[], None]) -> Iterator[Any]:
         with compiler.apply(model, SD_BLOCKS, key="sdpa", weights_token=lambda: TOKEN, interrupt=interrupt) as app:
-            yield app
+            if vae is None:
+                yield [app]
+                return
+            with compiler.apply(vae, VAE_BLOCKS, key="vae", interrupt=interrupt, lazy_weights=False) as vae_app:
+                yield [app, vae_app]
 
-    return WarmupTarget(enter=enter, forward=forward or run, family="sd", width=64, height=64, busy=busy, hold=hold)
+    def decode() -> None:
+        assert vae is not None
+        with torch.no_grad():
+            vae(vae_input())
+
+    return WarmupTarget(
+        enter=enter,
+        forward=forward or run,
+        decode=decode if vae is not None else None,
+        family="sd",
+        width=64,
+        height=64,
+        busy=busy,
+        hold=hold,
+    )
+
+
+def tiny_vae() -> torch.nn.Sequential:
+    """The VAE's block kinds as the hosts name them (``ResnetBlock``, ``AttnBlock``; lib_optim.vae.model re-creates
+    ldm's): two distinct shapes."""
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        vae_model.ResnetBlock(32, 64), vae_model.ResnetBlock(64, 64), vae_model.AttnBlock(64)
+    ).eval()
+
+
+def vae_input() -> torch.Tensor:
+    return torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3))
+
+
+def decoded(compiler: RegionalCompiler, vae: torch.nn.Module) -> Any:
+    """A generation's decode with the VAE's blocks compiled (lib_optim.compile.compile_vae_blocks): its stats."""
+    with torch.no_grad(), compiler.apply(vae, VAE_BLOCKS, key="vae", lazy_weights=False) as app:
+        vae(vae_input())
+    return app.stats
 
 
 def generation(compiler: RegionalCompiler, model: torch.nn.Module, steps: int = 2) -> Any:
@@ -116,6 +157,48 @@ def test_after_the_warm_up_a_generation_compiles_nothing_and_runs_no_eager_step(
     # without the warm-up the same generation compiles, and its first call of each block runs eagerly
     cold = generation(RegionalCompiler(backend="eager"), unet())
     assert cold.compiles > 0 and cold.eager_calls == total
+
+
+def test_the_warm_up_decodes_once_so_the_first_generation_compiles_no_vae_block_either(
+    compiler: RegionalCompiler,
+) -> None:
+    model, vae = unet(), tiny_vae()
+    end = warmup().run(target_for(compiler, model, vae=vae))
+    unet_total = len(blocks.select_blocks(model, SD_BLOCKS))
+    vae_total = len(blocks.select_blocks(vae, VAE_BLOCKS))
+    assert end.state == "done" and end.blocks_done == end.blocks_total == unet_total + vae_total
+    assert generation(compiler, model).compiles == 0
+    warmed = decoded(compiler, vae)
+    assert warmed.compiles == 0 and warmed.calls == vae_total, warmed
+    assert decoded(RegionalCompiler(backend="eager"), tiny_vae()).compiles > 0  # without it, the decode compiles
+
+
+def test_a_stop_between_the_vae_blocks_keeps_the_unet_and_the_vae_blocks_compiled_so_far(
+    compiler: RegionalCompiler,
+) -> None:
+    model, vae = unet(), tiny_vae()
+    unet_total = len(blocks.select_blocks(model, SD_BLOCKS))
+    decoding = {"on": False, "checks": 0}
+
+    def busy() -> bool:  # a WebUI job asks for the lock after the decode's first block compiled
+        if decoding["on"]:
+            decoding["checks"] += 1
+        return decoding["checks"] > 2
+
+    real = target_for(compiler, model, vae=vae, busy=busy)
+    assert real.decode is not None
+
+    def decode() -> None:
+        decoding["on"] = True
+        assert real.decode is not None
+        real.decode()
+
+    end = warmup().run(replace(real, decode=decode))
+    assert end.state == "idle" and unet_total < end.blocks_done < end.blocks_total, end
+    assert "a WebUI job is waiting" in end.reason
+    assert all("forward" not in vars(b) for b in blocks.select_blocks(vae, VAE_BLOCKS))  # nothing left installed
+    assert generation(compiler, model).compiles == 0
+    assert 0 < decoded(compiler, vae).compiles < decoded(RegionalCompiler(backend="eager"), tiny_vae()).compiles
 
 
 def test_progress_is_reported_between_blocks(compiler: RegionalCompiler) -> None:
@@ -429,12 +512,14 @@ class WarmingAdapter(FakeAdapter):
     """The fake adapter with a UNet: ``begin`` compiles it as the real adapters' ``apply_compile`` does (through
     :meth:`lib_optim.hosts.base.HostBase.compile_blocks`'s rule: the stand-in's check replaces Interrupt/Skip)."""
 
-    def __init__(self, compiler: RegionalCompiler, model: torch.nn.Module) -> None:
+    def __init__(self, compiler: RegionalCompiler, model: torch.nn.Module, vae: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.compiler = compiler
         self.model = model
+        self.vae = vae
         self.stand_ins: list[Any] = []
         self.forwards: list[tuple[int, int, int]] = []
+        self.decodes: list[tuple[int, int, int]] = []
 
     def model_family(self, sd_model: Any) -> str | None:
         return "sd"
@@ -449,6 +534,18 @@ class WarmingAdapter(FakeAdapter):
 
         return run
 
+    def warmup_decode(self, sd_model: Any, width: int, height: int, batch: int) -> Callable[[], None]:
+        if self.vae is None:
+            return super().warmup_decode(sd_model, width, height, batch)  # type: ignore[no-any-return]
+        self.decodes.append((width, height, batch))
+        vae = self.vae
+
+        def run() -> None:
+            with torch.no_grad():
+                vae(vae_input())
+
+        return run
+
     def begin(self, p: Any, settings: GenerationSettings) -> Any:
         session = super().begin(p, settings)
         self.stand_ins.append(p)
@@ -459,6 +556,10 @@ class WarmingAdapter(FakeAdapter):
             )
         )
         session.data["compile"] = app
+        if self.vae is not None:
+            session.data["compile_vae"] = session.restorer.enter(
+                self.compiler.apply(self.vae, VAE_BLOCKS, key="vae", interrupt=interrupt, lazy_weights=False)
+            )
         return session
 
 
@@ -530,6 +631,28 @@ def test_the_adapter_gets_a_generation_with_the_defaults_at_the_last_size(
     session.restorer.close()
 
 
+def test_the_adapter_decodes_the_size_when_it_can_and_the_vae_compiles_then(
+    compiler: RegionalCompiler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(host_warmup, "get_compiler", lambda: compiler)
+    model, vae = unet(), tiny_vae()
+    adapter = WarmingAdapter(compiler, model, vae)
+    rt = Runtime(adapter=adapter, warmup=warmup(spawn=lambda run: run()))
+    assert host_warmup.start(rt, object(), defaults(compile=Compile.ON), device="cpu")
+    end = rt.warmup.snapshot()
+    assert end.state == "done" and adapter.decodes == [(512, 512, 1)]
+    assert end.blocks_total == len(blocks.select_blocks(model, SD_BLOCKS)) + len(blocks.select_blocks(vae, VAE_BLOCKS))
+    assert decoded(compiler, vae).compiles == 0
+    # a host without a decode (the fake adapter's default) warms the UNet up alone: the VAE compiles later
+    bare_vae = tiny_vae()
+    bare = WarmingAdapter(compiler, unet(), bare_vae)
+    bare.warmup_decode = FakeAdapter.warmup_decode.__get__(bare)  # type: ignore[method-assign]
+    rt = Runtime(adapter=bare, warmup=warmup(spawn=lambda run: run()))
+    assert host_warmup.start(rt, object(), defaults(compile=Compile.ON), device="cpu")
+    assert rt.warmup.snapshot().state == "done"
+    assert decoded(compiler, bare_vae).compiles > 0
+
+
 def test_the_warm_up_check_replaces_interrupt_in_the_hosts_compile_blocks(
     compiler: RegionalCompiler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -557,4 +680,13 @@ def test_the_warm_up_check_replaces_interrupt_in_the_hosts_compile_blocks(
     application = session.data["compile"]
     assert application.interrupt is ours
     assert "compile_auto" not in session.data  # no job measured for compile=auto's figures
+    HostBase.compile_vae(
+        SimpleNamespace(_modules=None),  # type: ignore[arg-type]
+        session,
+        tiny_vae(),
+        key="k",
+        p=stand_in,
+        region=face.CompileRegion(interrupt=host_check),
+    )
+    assert session.data["compile_vae"].interrupt is ours  # the VAE's blocks stop for the warm-up's reasons too
     session.restorer.close()

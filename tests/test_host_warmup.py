@@ -243,6 +243,67 @@ def test_the_forges_clean_up_after_a_failed_step_and_refuse_inpainting_models() 
         forge_adapter(HostKind.FORGE, missing).warmup_forward(missing.sd_model, 512, 512, 1)
 
 
+# --- the decode: the host's own decode_latent_batch ---------------------------------------------------------------
+
+
+def decode_world(devices: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``processing.decode_latent_batch(model, batch, target_device=None, check_for_nans=False)``: its txt2img's
+    decode after sampling, with ``target_device=devices.cpu`` (A1111 ``modules/processing.py:625``, ``:1002``;
+    Forge f2 ``:628``, ``:1010``; Forge previous ``:634``, ``:938``; reForge ``:744``, ``:1110``)."""
+    calls: list[dict[str, Any]] = []
+    processing = types.ModuleType("modules.processing")
+
+    def decode_latent_batch(
+        model: Any, batch: torch.Tensor, target_device: Any = None, check_for_nans: bool = False
+    ) -> list[Any]:
+        calls.append(
+            {
+                "model": model,
+                "batch": batch,
+                "target": target_device,
+                "nans": check_for_nans,
+                "grad": torch.is_grad_enabled(),
+                "inference": torch.is_inference_mode_enabled(),
+            }
+        )
+        return list(batch)
+
+    processing.decode_latent_batch = decode_latent_batch
+    devices.cpu = torch.device("cpu")
+    return {"modules.processing": processing, "modules.devices": devices}, calls
+
+
+def test_a1111_decodes_the_sampled_batch_through_its_own_decode_under_no_grad() -> None:
+    world = A1111World(sdxl=True)
+    modules, calls = decode_world(world.devices)
+    world.sd_model.latent_channels = 4
+    run = A1111Adapter(modules=modules).warmup_decode(world.sd_model, 768, 512, 3)
+    assert calls == []  # nothing runs until the warm-up calls it
+    run()
+    [call] = calls
+    assert call["model"] is world.sd_model and call["batch"].shape == (3, 4, 64, 96)
+    assert call["batch"].dtype == torch.float32  # sampled latents; the host's decode casts to its VAE dtype
+    assert call["target"] == torch.device("cpu") and not call["nans"]
+    assert not call["grad"] and not call["inference"]  # A1111 decodes under no_grad (processing.py:919)
+
+
+@pytest.mark.parametrize("kind", [HostKind.FORGE, HostKind.FORGE_PREVIOUS, HostKind.REFORGE])
+def test_the_forges_decode_the_sampled_batch_under_inference_mode(kind: HostKind) -> None:
+    world = ForgeWorld(FORGE_NAMES if kind is HostKind.FORGE else LDM_PATCHED_NAMES)
+    modules, calls = decode_world(world.module_objects["modules.devices"])
+    world.module_objects.update(modules)
+    forge_adapter(kind, world).warmup_decode(world.sd_model, 640, 512, 2)()
+    [call] = calls
+    assert call["model"] is world.sd_model and call["batch"].shape == (2, 4, 64, 80)
+    assert call["inference"]  # Forge f2 processing.py:911, Forge previous :818, reForge :997
+
+
+def test_a_host_without_its_decode_has_no_vae_warm_up() -> None:
+    world = A1111World()
+    with pytest.raises(NotSupportedHere, match="decode_latent_batch"):
+        A1111Adapter(modules={"modules.devices": world.devices}).warmup_decode(world.sd_model, 512, 512, 1)
+
+
 # --- the glue: the host's queue lock, the script's hook, the status line ------------------------------------------
 
 

@@ -6,11 +6,13 @@ When Settings → Optim → compile is ``on`` (or ``max-autotune``) the host glu
 1. takes the host's job lock (``hold``: the WebUI's queue lock, which its generations and model loads take), so it
    runs only between the host's jobs, and waits until no generation of ours is in flight (:meth:`~CompileWarmup.
    generation_starts`);
-2. enters the generation's own compile application (``enter``: the host adapter's ``begin`` with the default
+2. enters the generation's own compile applications (``enter``: the host adapter's ``begin`` with the default
    attention, channels-last and compile — the same compiler, key, region patches, block set and mode a generation
-   uses) and runs the UNet ``calls`` times (``forward``: one call at the last used size, cond and uncond batched as
-   the host batches them). The first call of a block may run eagerly (the weights check,
-   :mod:`lib_optim.compile.regional`), the second compiles it;
+   uses: the UNet's, and the VAE's where the host compiles its blocks too) and runs the UNet ``calls`` times
+   (``forward``: one call at the last used size, cond and uncond batched as the host batches them; the first call
+   of a block may run eagerly — the weights check, :mod:`lib_optim.compile.regional` — the second compiles it),
+   then the host's decode of that size once (``decode``: the VAE's blocks compile on their first call). Without
+   the decode the first generation would still compile the VAE: a third of its time at 64×64;
 3. between blocks (the application's ``interrupt``) it stops when a host job waits for the lock (``busy``) or a
    generation starts: the blocks compiled so far stay cached, and what remains compiles in the next compiled
    generation as it would have without a warm-up.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -88,13 +90,16 @@ class WarmupTarget:
     """What a host hands the warm-up for one loaded model (:mod:`lib_optim.hosts.warmup` builds it).
 
     ``enter(interrupt)``: a context manager that applies what a generation with the default settings applies and
-    yields its compile :class:`~lib_optim.compile.regional.Application` (``interrupt`` must reach the application:
-    it is called between blocks); it raises with the reason when nothing compiles. ``forward()``: one UNet call at
-    the size, as the host's sampling makes it. ``hold()``: the host's job lock (entered before anything runs).
+    yields its compile :class:`~lib_optim.compile.regional.Application` s, the UNet's first, then the VAE's where
+    it compiles (``interrupt`` must reach each: it is called between blocks); it raises with the reason when
+    nothing compiles. ``forward()``: one UNet call at the size, as the host's sampling makes it. ``decode()``: the
+    host's decode of a sampled batch of that size (None: the host has none, the VAE compiles in the first
+    generation). ``hold()``: the host's job lock (entered before anything runs).
     ``busy()``: whether a host job waits for that lock. ``current()``: whether the model is still the loaded one."""
 
-    enter: Callable[[Callable[[], None]], AbstractContextManager[Any]]
+    enter: Callable[[Callable[[], None]], AbstractContextManager[Sequence[Any]]]
     forward: Callable[[], None]
+    decode: Callable[[], None] | None = None
     family: str = ""
     width: int = 512
     height: int = 512
@@ -210,30 +215,23 @@ class CompileWarmup:
 
     def _warm(self, target: WarmupTarget) -> WarmupState:
         started = self.clock()
-        app: Any = None
+        apps: Sequence[Any] = ()
 
         def interrupt() -> None:
-            if app is not None:
-                self._progress(app, started)
+            self._progress(apps, started)
             why = self._stop or ("a WebUI job is waiting" if target.busy() else "")
             if why:
                 raise WarmupStopped(why)
 
         try:
             with target.enter(interrupt) as entered:
-                app = entered
-                self._progress(app, started)
-                for _ in range(target.calls):
-                    interrupt()
-                    target.forward()
-                    if app.stats.fell_back:
-                        break
-                self._progress(app, started)
-                stats = app.stats
+                apps = tuple(entered)
+                fell_back = self._compile(target, apps, interrupt)
+                self._progress(apps, started)
             end = self._finish(
-                "failed" if stats.fell_back else "done",
+                "failed" if fell_back is not None else "done",
                 started,
-                reason=stats.fallback_reason if stats.fell_back else "",
+                reason=fell_back.stats.fallback_reason if fell_back is not None else "",
             )
             if end.state == "done":
                 log.info("[Optim] compile warm-up done: %d blocks in %.0f s", end.blocks_done, end.seconds or 0.0)
@@ -253,8 +251,26 @@ class CompileWarmup:
             log.debug("compile warm-up failure", exc_info=True)
             return self._finish("failed", started, reason=_first_line(exc))
 
-    def _progress(self, app: Any, started: float) -> None:
-        done, total = app.compiled_blocks, app.stats.blocks
+    @staticmethod
+    def _compile(target: WarmupTarget, apps: Sequence[Any], interrupt: Callable[[], None]) -> Any:
+        """The UNet calls, then the decode (when the host has one and its VAE compiles); returns the application
+        that fell back (the warm-up failed), or None."""
+        if not apps:
+            raise RuntimeError("nothing to compile")
+        unet = apps[0]
+        for _ in range(target.calls):
+            interrupt()
+            target.forward()
+            if unet.stats.fell_back:
+                return unet
+        if target.decode is not None and len(apps) > 1:
+            interrupt()
+            target.decode()
+        return next((app for app in apps if app.stats.fell_back), None)
+
+    def _progress(self, apps: Sequence[Any], started: float) -> None:
+        done = sum(app.compiled_blocks for app in apps)
+        total = sum(app.stats.blocks for app in apps)
         with self._cond:
             self._state = replace(self._state, blocks_done=done, blocks_total=total, seconds=self.clock() - started)
             self._cond.notify_all()

@@ -534,7 +534,7 @@ class A1111Adapter(HostBase):
             )
         )
         if vae is not None:
-            self.compile_vae(session, vae, key=vae_key, region=self._compile_region(vae))
+            self.compile_vae(session, vae, key=vae_key, region=self._compile_region(vae), p=p)
 
     def _compile_region(self, unet: Any) -> CompileRegion:
         """What keeps A1111's block code traceable (docs/hosts.md §6.10): our einops, its ``CondFunc`` s resolved,
@@ -603,6 +603,12 @@ class A1111Adapter(HostBase):
                     sd_model.apply_model(x, t, cond=c)
 
         return run
+
+    def warmup_decode(self, sd_model: Any, width: int, height: int, batch: int) -> Callable[[], None]:
+        import torch
+
+        channels = int(getattr(sd_model, "latent_channels", 4) or 4)
+        return self.decode_latents(sd_model, width, height, batch, channels=channels, grad_mode=torch.no_grad)
 
     # VAE on CPU --------------------------------------------------------------------------------------------
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lib_optim import compile as regional_compile
 from lib_optim import vae
-from lib_optim.adapter import HostAdapter, Session
+from lib_optim.adapter import HostAdapter, NotSupportedHere, Session
 from lib_optim.log import get_logger
 
 log = get_logger(__name__)
@@ -109,11 +109,38 @@ class HostBase(HostAdapter):
             region=region,
         )
 
-    def compile_vae(self, session: Session, vae: Any, *, key: Any, region: Any = None) -> None:
-        """:func:`lib_optim.compile.compile_vae_blocks` for this adapter's ``apply_compile`` (after the UNet's)."""
+    def compile_vae(self, session: Session, vae: Any, *, key: Any, region: Any = None, p: Any = None) -> None:
+        """:func:`lib_optim.compile.compile_vae_blocks` for this adapter's ``apply_compile`` (after the UNet's); for
+        the compile warm-up's stand-in ``p`` its check replaces the host's Interrupt/Skip check, as for the UNet."""
+        warmup_check = getattr(p, WARMUP_INTERRUPT, None)
+        if warmup_check is not None:
+            region = dataclasses.replace(region or regional_compile.CompileRegion(), interrupt=warmup_check)
         regional_compile.compile_vae_blocks(
             session, vae, key=key, compiler=regional_compile.get_compiler(), region=region
         )
+
+    def decode_latents(
+        self, sd_model: Any, width: int, height: int, batch: int, *, channels: int, grad_mode: Any
+    ) -> Callable[[], None]:
+        """The compile warm-up's decode (:meth:`lib_optim.adapter.HostAdapter.warmup_decode`): the host's own
+        ``processing.decode_latent_batch`` — what its txt2img calls after sampling, which decodes one image at a time
+        (A1111 ``modules/processing.py:625-632``) or the batch at once (Forge f2 ``:628-630``, Forge previous
+        ``:634-636``, reForge ``:744-746``; docs/hosts.md §6.11) — on float32 zeros of the sampled batch's shape,
+        under ``grad_mode()`` (the host's: A1111 ``torch.no_grad``, the Forges ``torch.inference_mode``)."""
+        processing = self._modules.get("modules.processing")
+        devices = self._modules.get("modules.devices")
+        decode = getattr(processing, "decode_latent_batch", None)
+        if decode is None or devices is None:
+            raise NotSupportedHere("[Optim] compile warm-up: modules.processing.decode_latent_batch is missing")
+
+        def run() -> None:
+            import torch
+
+            with grad_mode():
+                x = torch.zeros((batch, channels, height // 8, width // 8), device=devices.device, dtype=torch.float32)
+                decode(sd_model, x, target_device=getattr(devices, "cpu", torch.device("cpu")), check_for_nans=False)
+
+        return run
 
     def tiled_vae_fits(self, p: Any) -> bool | None:
         """Whether the decode of ``p``'s largest image, in the smallest tiles, is predicted to fit in the free memory

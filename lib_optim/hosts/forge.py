@@ -314,7 +314,7 @@ class ForgeAdapter(ForgeFamilyAdapter):
         vae_key = getattr(self._modules.loaded("backend.nn.vae"), "attention_function_single_head_spatial", None)
         vae = self._vae_model(p)
         if vae is not None:
-            self.compile_vae(session, vae, key=vae_key, region=self.compile_region("forge", vae))
+            self.compile_vae(session, vae, key=vae_key, region=self.compile_region("forge", vae), p=p)
 
     # inference memory ------------------------------------------------------------------------------------
 

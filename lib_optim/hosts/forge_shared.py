@@ -506,6 +506,12 @@ class ForgeFamilyAdapter(HostBase):
 
         return run
 
+    def warmup_decode(self, sd_model: Any, width: int, height: int, batch: int) -> Callable[[], None]:
+        import torch
+
+        channels = int(getattr(getattr(sd_model.forge_objects, "vae", None), "latent_channels", 4) or 4)
+        return self.decode_latents(sd_model, width, height, batch, channels=channels, grad_mode=torch.inference_mode)
+
     def version(self) -> str:
         module = self._modules.get("modules_forge.forge_version")
         return str(getattr(module, "version", "unknown"))

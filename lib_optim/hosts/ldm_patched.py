@@ -464,7 +464,7 @@ class LdmPatchedAdapter(ForgeFamilyAdapter):
         # the VAE's AttnBlock chose its attention function at construction (an instance attribute): no key
         vae = self._vae_model(p)
         if vae is not None:
-            self.compile_vae(session, vae, key=None, region=self.compile_region("ldm_patched", vae))
+            self.compile_vae(session, vae, key=None, region=self.compile_region("ldm_patched", vae), p=p)
 
     # inference memory ------------------------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ When the WebUI has loaded a model (``script_callbacks.on_model_loaded``, docs/ho
   attention, channels-last and compile — so the key, the region patches, the blocks and the mode are the ones a
   generation with the defaults gets, by construction;
 - ``forward``: the adapter's UNet call of one sampling step (:meth:`lib_optim.adapter.HostAdapter.warmup_forward`)
-  at the size of the family's last generation (:meth:`lib_optim.runtime.Runtime.warmup_size`);
+  at the size of the family's last generation (:meth:`lib_optim.runtime.Runtime.warmup_size`), and ``decode``: the
+  host's decode of the sampled batch (:meth:`~lib_optim.adapter.HostAdapter.warmup_decode`), which compiles the
+  VAE's blocks (img2img's encoder still compiles in the first img2img);
 - ``hold``/``busy``: the WebUI's queue lock, which its generations, model loads and VAE changes take (§1.8), and
   whether a job waits for it — so the warm-up runs between the WebUI's jobs and yields to the next one.
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lib_optim.adapter import NotSupportedHere
-from lib_optim.compile import WARMUP_MODES, WarmupState, WarmupTarget, get_compiler
+from lib_optim.compile import VAE_DATA_KEY, WARMUP_MODES, WarmupState, WarmupTarget, get_compiler
 from lib_optim.hosts import common
 from lib_optim.log import get_logger
 from lib_optim.runtime import Runtime
@@ -125,6 +127,7 @@ def start(rt: Runtime, sd_model: Any, defaults: GenerationSettings, device: str 
     except NotSupportedHere as exc:
         rt.warmup.note(f"not run: {str(exc).removeprefix('[Optim] compile warm-up: ')}")
         return False
+    decode = _decode_or_none(adapter, sd_model, width, height, batch)
 
     @contextlib.contextmanager
     def enter(interrupt: Callable[[], None]) -> Iterator[Any]:
@@ -136,7 +139,8 @@ def start(rt: Runtime, sd_model: Any, defaults: GenerationSettings, device: str 
             application = session.data.get("compile")
             if application is None:
                 raise RuntimeError(str(session.data.get("compile_unavailable") or "nothing to compile"))
-            yield application
+            vae = session.data.get(VAE_DATA_KEY)
+            yield [application] if vae is None else [application, vae]
         finally:
             session.restorer.close()
 
@@ -145,6 +149,7 @@ def start(rt: Runtime, sd_model: Any, defaults: GenerationSettings, device: str 
         WarmupTarget(
             enter=enter,
             forward=forward,
+            decode=decode,
             family=family,
             width=width,
             height=height,
@@ -155,6 +160,16 @@ def start(rt: Runtime, sd_model: Any, defaults: GenerationSettings, device: str 
         )
     )
     return True
+
+
+def _decode_or_none(adapter: Any, sd_model: Any, width: int, height: int, batch: int) -> Callable[[], None] | None:
+    """The adapter's decode for the warm-up, or None where it has none (the VAE then compiles in the first
+    generation, as without a warm-up)."""
+    try:
+        return adapter.warmup_decode(sd_model, width, height, batch)
+    except NotSupportedHere as exc:
+        log.info("[Optim] compile warm-up: the VAE is not warmed up (%s)", exc)
+        return None
 
 
 def before_generation(rt: Runtime, p: Any, settings: GenerationSettings | None) -> None:
