@@ -333,6 +333,7 @@ def test_auto_decides_runs_measures_and_remembers(world: World) -> None:
     assert "compile" not in first.data and not first.data[AUTO_DATA_KEY].decision.compile
     summary = compile_summary(first)
     assert summary is not None and summary["auto"]["compile"] is False
+    assert summary["auto"]["key"] == world.adapter.job.key.text()  # the entry of compile-auto.json it read
     assert compiled_text(summary).startswith("auto→eager (compile ≈ 120 s cold, estimated; saves ≈ 0.36 s/step")
     assert compiled_text(summary) in rt.history[-1].telemetry_text  # the status line
     memory = world.planner.memory

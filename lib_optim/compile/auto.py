@@ -533,7 +533,12 @@ class AutoRun:
             log.debug("compile auto: remembered %s for %s", measured, self.job.key.text())
 
     def summary(self) -> dict[str, Any]:
-        return self.decision.to_dict()
+        """The decision with its figures, and the key they are filed under in ``compile-auto.json`` (``key``; absent
+        where compile could not run)."""
+        data = self.decision.to_dict()
+        if self.job is not None:
+            data["key"] = self.job.key.text()
+        return data
 
 
 class AutoPlanner:
