@@ -19,7 +19,7 @@ import torch
 from fake_adapter import FakeAdapter
 
 from lib_optim.bench import compile as cb
-from lib_optim.compile import CompileWarmup, WarmupState, WarmupTarget, blocks
+from lib_optim.compile import CompileWarmup, WarmupPart, WarmupState, WarmupTarget, blocks
 from lib_optim.compile.regional import RegionalCompiler
 from lib_optim.hosts import warmup as host_warmup
 from lib_optim.runtime import Runtime
@@ -66,7 +66,7 @@ def target_for(
     forward: Callable[[], None] | None = None,
     busy: Callable[[], bool] = lambda: False,
     hold: Callable[[], Any] = contextlib.nullcontext,
-    vae: torch.nn.Module | None = None,
+    vae: TinyVae | None = None,
 ) -> WarmupTarget:
     """What a host hands the warm-up: the generation's compile applications (same compiler, key, blocks, mode,
     weights token) with the warm-up's check as their interrupt, one UNet call, and with ``vae`` its decode."""
@@ -80,10 +80,10 @@ def target_for(
     def enter(interrupt: Callable[[], None]) -> Iterator[Any]:
         with compiler.apply(model, SD_BLOCKS, key="sdpa", weights_token=lambda: TOKEN, interrupt=interrupt) as app:
             if vae is None:
-                yield [app]
+                yield [WarmupPart(app)]
                 return
             with compiler.apply(vae, VAE_BLOCKS, key="vae", interrupt=interrupt, lazy_weights=False) as vae_app:
-                yield [app, vae_app]
+                yield [WarmupPart(app), WarmupPart(vae_app, within=vae.decoder)]
 
     def decode() -> None:
         assert vae is not None
@@ -102,13 +102,24 @@ def target_for(
     )
 
 
-def tiny_vae() -> torch.nn.Sequential:
+class TinyVae(torch.nn.Module):
     """The VAE's block kinds as the hosts name them (``ResnetBlock``, ``AttnBlock``; lib_optim.vae.model re-creates
-    ldm's): two distinct shapes."""
+    ldm's) in an encoder and a decoder, as ldm's ``AutoencoderKL`` holds them; the decode runs the decoder only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(vae_model.ResnetBlock(32, 32))
+        self.decoder = torch.nn.Sequential(
+            vae_model.ResnetBlock(32, 64), vae_model.ResnetBlock(64, 64), vae_model.AttnBlock(64)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)  # type: ignore[no-any-return]
+
+
+def tiny_vae() -> TinyVae:
     torch.manual_seed(1)
-    return torch.nn.Sequential(
-        vae_model.ResnetBlock(32, 64), vae_model.ResnetBlock(64, 64), vae_model.AttnBlock(64)
-    ).eval()
+    return TinyVae().eval()
 
 
 def vae_input() -> torch.Tensor:
@@ -165,7 +176,7 @@ def test_the_warm_up_decodes_once_so_the_first_generation_compiles_no_vae_block_
     model, vae = unet(), tiny_vae()
     end = warmup().run(target_for(compiler, model, vae=vae))
     unet_total = len(blocks.select_blocks(model, SD_BLOCKS))
-    vae_total = len(blocks.select_blocks(vae, VAE_BLOCKS))
+    vae_total = len(blocks.select_blocks(vae.decoder, VAE_BLOCKS))  # the encoder is not counted: no decode runs it
     assert end.state == "done" and end.blocks_done == end.blocks_total == unet_total + vae_total
     assert generation(compiler, model).compiles == 0
     warmed = decoded(compiler, vae)
@@ -512,7 +523,7 @@ class WarmingAdapter(FakeAdapter):
     """The fake adapter with a UNet: ``begin`` compiles it as the real adapters' ``apply_compile`` does (through
     :meth:`lib_optim.hosts.base.HostBase.compile_blocks`'s rule: the stand-in's check replaces Interrupt/Skip)."""
 
-    def __init__(self, compiler: RegionalCompiler, model: torch.nn.Module, vae: torch.nn.Module | None = None) -> None:
+    def __init__(self, compiler: RegionalCompiler, model: torch.nn.Module, vae: TinyVae | None = None) -> None:
         super().__init__()
         self.compiler = compiler
         self.model = model
@@ -641,7 +652,9 @@ def test_the_adapter_decodes_the_size_when_it_can_and_the_vae_compiles_then(
     assert host_warmup.start(rt, object(), defaults(compile=Compile.ON), device="cpu")
     end = rt.warmup.snapshot()
     assert end.state == "done" and adapter.decodes == [(512, 512, 1)]
-    assert end.blocks_total == len(blocks.select_blocks(model, SD_BLOCKS)) + len(blocks.select_blocks(vae, VAE_BLOCKS))
+    assert end.blocks_total == len(blocks.select_blocks(model, SD_BLOCKS)) + len(
+        blocks.select_blocks(vae.decoder, VAE_BLOCKS)
+    )
     assert decoded(compiler, vae).compiles == 0
     # a host without a decode (the fake adapter's default) warms the UNet up alone: the VAE compiles later
     bare_vae = tiny_vae()

@@ -236,9 +236,17 @@ class Application:
 
     @property
     def compiled_blocks(self) -> int:
-        """How many of the blocks have run their compiled code in this application so far (the warm-up's
-        progress, :mod:`lib_optim.compile.warmup`)."""
-        return sum(1 for slot in self._slots if slot.compiled_calls > 0)
+        """How many of the blocks have run their compiled code in this application so far."""
+        return self.progress()[0]
+
+    def progress(self, within: Any = None) -> tuple[int, int]:
+        """(blocks that ran their compiled code so far, blocks) — all of them, or those inside the module
+        ``within`` (the compile warm-up's progress, :mod:`lib_optim.compile.warmup`)."""
+        if within is None:
+            return sum(1 for slot in self._slots if slot.compiled_calls > 0), self.stats.blocks
+        inside = {id(module) for module in within.modules()}
+        slots = [slot for slot in self._slots if id(slot.block) in inside]
+        return sum(1 for slot in slots if slot.compiled_calls > 0), len(slots)
 
     def close(self) -> None:
         """Restore every block's forward exactly and the dynamo limits (idempotent)."""

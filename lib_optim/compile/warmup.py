@@ -81,6 +81,23 @@ class WarmupState:
         return f"compile warm-up: {self.reason}" if self.reason else ""
 
 
+@dataclass(frozen=True)
+class WarmupPart:
+    """A compile application as the warm-up runs and counts it: all its blocks, or only those inside the module
+    ``within`` — the VAE's decoder, which the warm-up's decode runs (its encoder compiles in the first img2img)."""
+
+    application: Any
+    within: Any = None
+
+    def progress(self) -> tuple[int, int]:
+        """(blocks compiled, blocks counted)."""
+        return self.application.progress(self.within)  # type: ignore[no-any-return]
+
+    @property
+    def stats(self) -> Any:
+        return self.application.stats
+
+
 class WarmupStopped(Exception):
     """Raised between blocks when the model is wanted: the warm-up ends there, what compiled stays cached."""
 
@@ -90,14 +107,14 @@ class WarmupTarget:
     """What a host hands the warm-up for one loaded model (:mod:`lib_optim.hosts.warmup` builds it).
 
     ``enter(interrupt)``: a context manager that applies what a generation with the default settings applies and
-    yields its compile :class:`~lib_optim.compile.regional.Application` s, the UNet's first, then the VAE's where
-    it compiles (``interrupt`` must reach each: it is called between blocks); it raises with the reason when
-    nothing compiles. ``forward()``: one UNet call at the size, as the host's sampling makes it. ``decode()``: the
-    host's decode of a sampled batch of that size (None: the host has none, the VAE compiles in the first
-    generation). ``hold()``: the host's job lock (entered before anything runs).
-    ``busy()``: whether a host job waits for that lock. ``current()``: whether the model is still the loaded one."""
+    yields its compile :class:`~lib_optim.compile.regional.Application` s as :class:`WarmupPart` s, the UNet's
+    first, then the VAE's where it compiles (``interrupt`` must reach each: it is called between blocks); it raises
+    with the reason when nothing compiles. ``forward()``: one UNet call at the size, as the host's sampling makes
+    it. ``decode()``: the host's decode of a sampled batch of that size (None: the host has none, the VAE compiles
+    in the first generation). ``hold()``: the host's job lock (entered before anything runs). ``busy()``: whether
+    a host job waits for that lock. ``current()``: whether the model is still the loaded one."""
 
-    enter: Callable[[Callable[[], None]], AbstractContextManager[Sequence[Any]]]
+    enter: Callable[[Callable[[], None]], AbstractContextManager[Sequence[WarmupPart]]]
     forward: Callable[[], None]
     decode: Callable[[], None] | None = None
     family: str = ""
@@ -215,7 +232,7 @@ class CompileWarmup:
 
     def _warm(self, target: WarmupTarget) -> WarmupState:
         started = self.clock()
-        apps: Sequence[Any] = ()
+        apps: Sequence[WarmupPart] = ()
 
         def interrupt() -> None:
             self._progress(apps, started)
@@ -252,7 +269,7 @@ class CompileWarmup:
             return self._finish("failed", started, reason=_first_line(exc))
 
     @staticmethod
-    def _compile(target: WarmupTarget, apps: Sequence[Any], interrupt: Callable[[], None]) -> Any:
+    def _compile(target: WarmupTarget, apps: Sequence[WarmupPart], interrupt: Callable[[], None]) -> Any:
         """The UNet calls, then the decode (when the host has one and its VAE compiles); returns the application
         that fell back (the warm-up failed), or None."""
         if not apps:
@@ -268,9 +285,9 @@ class CompileWarmup:
             target.decode()
         return next((app for app in apps if app.stats.fell_back), None)
 
-    def _progress(self, apps: Sequence[Any], started: float) -> None:
-        done = sum(app.compiled_blocks for app in apps)
-        total = sum(app.stats.blocks for app in apps)
+    def _progress(self, apps: Sequence[WarmupPart], started: float) -> None:
+        counts = [app.progress() for app in apps]
+        done, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
         with self._cond:
             self._state = replace(self._state, blocks_done=done, blocks_total=total, seconds=self.clock() - started)
             self._cond.notify_all()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lib_optim.adapter import NotSupportedHere
-from lib_optim.compile import VAE_DATA_KEY, WARMUP_MODES, WarmupState, WarmupTarget, get_compiler
+from lib_optim.compile import VAE_DATA_KEY, WARMUP_MODES, WarmupPart, WarmupState, WarmupTarget, get_compiler
 from lib_optim.hosts import common
 from lib_optim.log import get_logger
 from lib_optim.runtime import Runtime
@@ -139,8 +139,11 @@ def start(rt: Runtime, sd_model: Any, defaults: GenerationSettings, device: str 
             application = session.data.get("compile")
             if application is None:
                 raise RuntimeError(str(session.data.get("compile_unavailable") or "nothing to compile"))
+            parts = [WarmupPart(application)]
             vae = session.data.get(VAE_DATA_KEY)
-            yield [application] if vae is None else [application, vae]
+            if vae is not None and decode is not None:  # the decode runs the decoder's blocks, not the encoder's
+                parts.append(WarmupPart(vae, within=getattr(vae.root, "decoder", None)))
+            yield parts
         finally:
             session.restorer.close()
 

@@ -32,7 +32,8 @@ def auto_generation(webui: Any, **job: Any) -> tuple[dict[str, Any], str, int]:
     """A ``compile=auto`` generation: its compile telemetry, its first infotext and how many images came back."""
     code, body = webui.txt2img([{"compile": "auto"}], seed=SEED, **job)
     assert code == 200, body
-    infotext = str(json.loads(body["info"])["infotexts"][0])
+    # a value with commas is quoted in the infotext (A1111 modules/infotext_utils.py:56-60, processing.py:812)
+    infotext = str(json.loads(body["info"])["infotexts"][0]).replace('"', "")
     compiled = webui.get("/optim/v1/status")["last_generations"][-1]["telemetry"]["compile"]
     assert "auto" in compiled, compiled
     return compiled, infotext, len(body["images"])
