@@ -314,13 +314,27 @@ def test_a_real_compile_writes_into_our_folder(tmp_path: Path) -> None:
     code = (
         "import sys, torch\n"
         "from lib_optim.compile import setup_compile_cache\n"
+        "from lib_optim.compile.regional import RegionalCompiler\n"
         f"setup = setup_compile_cache({str(tmp_path / 'webui')!r})\n"
-        "f = torch.compile(lambda x: torch.nn.functional.silu(x) * 2 + 1, backend='inductor')\n"
-        "x = torch.linspace(-2, 2, 64)\n"
-        "assert torch.allclose(f(x), torch.nn.functional.silu(x) * 2 + 1)\n"
+        "class ResBlock(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(8, 8)\n"
+        "    def forward(self, x):\n"
+        "        return torch.nn.functional.silu(self.lin(x)) * 2 + 1\n"
+        "root = torch.nn.Sequential(ResBlock())\n"
+        "x = torch.linspace(-2, 2, 64).reshape(8, 8)\n"
+        "with torch.no_grad():\n"
+        "    want = root(x)\n"
+        "    with RegionalCompiler(eager_first_call=False).apply(root, ('ResBlock',), key='k') as app:\n"
+        "        got = root(x)\n"
+        "assert app.stats.compiles >= 1 and not app.stats.fell_back, app.stats\n"
+        "assert torch.allclose(got, want, atol=1e-6)\n"
         "print(setup.folder)\n"
     )
-    env = _base_env(PYTHONPATH=str(ROOT))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = _base_env(PYTHONPATH=str(ROOT), TMPDIR=str(temp))
     for name in [k for k in env if k.startswith(("OPTIM_COMPILE", "TRITON_", "SD_WEBUI_CACHE"))]:
         env.pop(name)
     proc = subprocess.run(
@@ -331,9 +345,43 @@ def test_a_real_compile_writes_into_our_folder(tmp_path: Path) -> None:
     assert folder.parent == tmp_path / "webui" / "cache" / "optim-compile"
     _size, counts = count_entries(folder)
     assert counts["kernels"] >= 1, counts
-    if persist.torch_version(parse_folder_name(folder.name)[0]) >= (2, 6):  # type: ignore[index]
+    # torch 2.9+ precompiles headers for its C++ kernels into the temp folder unless we point it at ours
+    assert not list(temp.rglob(persist.HEADERS_FOLDER)), sorted(str(p) for p in temp.rglob("*"))[:10]
+    torch_folder = persist.torch_version(parse_folder_name(folder.name)[0])  # type: ignore[index]
+    if torch_folder >= (2, 9):
+        assert (folder / persist.HEADERS_FOLDER).is_dir()
+    if torch_folder >= (2, 6):
         assert counts["fx_graphs"] >= 1 and counts["aot_autograd"] >= 1, counts  # on by default: ours too
     status = json.loads(
         json.dumps(cache_status({}, tmp_path / "webui", torch=parse_folder_name(folder.name)[0]).to_dict())
     )  # type: ignore[index]
     assert status["folders"][0]["current"] is True and status["folders"][0]["entries"]["kernels"] >= 1
+
+
+def test_precompiled_headers_move_into_our_folder_only_from_torchs_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch 2.9+ ``_inductor/codecache.py``: ``_HEADER_DIR = os.path.join(default_cache_dir(), "precompiled_headers")``
+    and ``_HEADER_LOCK_DIR`` beside it, set at import, read at each use."""
+    default = tmp_path / "temp" / "torchinductor_me"
+    codecache = types.SimpleNamespace(
+        default_cache_dir=lambda: str(default),
+        _HEADER_DIR=str(default / "precompiled_headers"),
+        _HEADER_LOCK_DIR=str(default / "precompiled_headers" / "locks"),
+    )
+    monkeypatch.setitem(sys.modules, "torch._inductor.codecache", codecache)
+    assert persist.keep_precompiled_headers() is None  # no compile cache of ours set up: nothing moves
+    setup = setup_compile_cache(tmp_path / "webui", environ={}, torch="2.9.0+cu128", python=(3, 10))
+    ours = str(setup.folder / persist.HEADERS_FOLDER)  # type: ignore[operator]
+    assert persist.keep_precompiled_headers() == ours == codecache._HEADER_DIR
+    assert str(Path(ours) / "locks") == codecache._HEADER_LOCK_DIR
+    assert persist.keep_precompiled_headers() == ours  # idempotent
+    codecache._HEADER_DIR = str(tmp_path / "someone-elses")
+    assert persist.keep_precompiled_headers() is None and str(tmp_path / "someone-elses") == codecache._HEADER_DIR
+    persist._reset_for_tests()
+    codecache._HEADER_DIR = str(default / "precompiled_headers")
+    setup_compile_cache(
+        tmp_path / "webui", environ={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")}, torch="2.9.0", python=(3, 10)
+    )
+    assert persist.keep_precompiled_headers() is None  # the user's own inductor folder: torch's defaults stay
+    assert str(default / "precompiled_headers") == codecache._HEADER_DIR

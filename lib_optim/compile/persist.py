@@ -30,8 +30,12 @@ and triton's version, and small constants *by value* (2.3.1 ``_inductor/codecach
 Freezing (``TORCHINDUCTOR_FREEZING``, which would bake weights into the code) is off by default and bypasses
 the FX graph cache when on (2.3.1 ``_inductor/codecache.py:795-797``).
 
-Not moved: torch 2.13 keeps precompiled headers and a small key-value cache under the temp folder whatever
-``TORCHINDUCTOR_CACHE_DIR`` says (``_inductor/codecache.py:3542``, ``_inductor/cache.py:419``).
+* the C++ headers inductor precompiles for its CPU kernels (torch 2.9+, about 120 MB, rebuilt when missing): torch
+  keeps them under the temp folder whatever ``TORCHINDUCTOR_CACHE_DIR`` says (``_HEADER_DIR``, set at import: 2.9
+  ``_inductor/codecache.py:2560-2561``, 2.13 ``:3542-3543``; read at each use, ``:2610``), so a restart rebuilt
+  them there; :func:`keep_precompiled_headers` points them into our folder before the first compile.
+
+Not moved: torch 2.13's small key-value cache under the temp folder (``_inductor/cache.py:419``).
 
 Where: ``OPTIM_COMPILE_CACHE`` if set; else, in a WebUI, ``<data dir>/cache/optim-compile`` — next to the
 WebUI's own caches (``SD_WEBUI_CACHE_DIR``, default ``<data dir>/cache``: A1111 ``modules/cache.py:12``, see
@@ -280,6 +284,33 @@ def _setup(
         if config is not None:  # imported already: it read the variable at import
             config.fx_graph_cache = True  # type: ignore[attr-defined]
     return CacheSetup(root, folder, current, owner, triton, fx_state, tuple(notes))
+
+
+HEADERS_FOLDER = "precompiled_headers"
+
+
+def keep_precompiled_headers() -> str | None:
+    """Point torch's precompiled-header folder (2.9+: ``torch._inductor.codecache._HEADER_DIR`` and its lock folder)
+    into our compile-cache folder, where the kernels built with them are kept: only when that folder is in use
+    (:func:`setup_compile_cache` chose it) and torch still has its default (the temp folder). Imports inductor's
+    codecache (the compile about to run imports it anyway); returns the folder now used, or None; idempotent."""
+    setup = kept_cache()
+    if setup is None or setup.inductor_owner != "ours" or setup.folder is None:
+        return None
+    import importlib
+
+    codecache = importlib.import_module("torch._inductor.codecache")
+    current = getattr(codecache, "_HEADER_DIR", None)
+    default_dir = getattr(codecache, "default_cache_dir", None)
+    ours = str(setup.folder / HEADERS_FOLDER)
+    if current is None or default_dir is None or current == ours:
+        return current if current == ours else None
+    if current != os.path.join(default_dir(), HEADERS_FOLDER):
+        return None  # set by someone else: theirs to keep
+    setattr(codecache, "_HEADER_DIR", ours)  # noqa: B010 - private to torch, absent from its stubs
+    setattr(codecache, "_HEADER_LOCK_DIR", os.path.join(ours, "locks"))  # noqa: B010
+    log.debug("compile cache: precompiled headers in %s (was %s)", ours, current)
+    return ours
 
 
 def make_folder(root: Path, folder: Path) -> None:

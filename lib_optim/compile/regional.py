@@ -164,6 +164,7 @@ from lib_optim.compile.dynamo import (
     _reporting_guard_failures,
     _shares_across_instances,
 )
+from lib_optim.compile.persist import keep_precompiled_headers
 from lib_optim.compile.region import RegionChange, patched, specialisable
 from lib_optim.compile.sharing import SharedGraphBackend
 from lib_optim.compile.stats import MAX_RECOMPILE_REASONS, CompileStats
@@ -697,6 +698,8 @@ class RegionalCompiler:
         elif self.backend == "inductor" and _INDUCTOR_MODES[app.mode] is not None:
             kwargs["mode"] = _INDUCTOR_MODES[app.mode]
         _quiet_backend_change_warning()
+        if self.backend == "inductor":
+            keep_precompiled_headers()  # torch 2.9+ would build them in the temp folder again after each restart
         compiled = torch.compile(fn, **kwargs)
         return _Compiled(compiled, fn.__code__, name)
 

@@ -91,7 +91,7 @@ class WarmupPart:
 
     def progress(self) -> tuple[int, int]:
         """(blocks compiled, blocks counted)."""
-        return self.application.progress(self.within)  # type: ignore[no-any-return]
+        return self.application.progress(self.within)
 
     @property
     def stats(self) -> Any:
