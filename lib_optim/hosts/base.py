@@ -36,6 +36,16 @@ def unet_family(sd_model: Any) -> str | None:
     return None
 
 
+def warmup_region(p: Any, region: Any) -> Any:
+    """``region`` (a :class:`lib_optim.compile.CompileRegion` or None) with the compile warm-up's between-blocks
+    check in place of the host's Interrupt/Skip check when ``p`` is the warm-up's stand-in (:data:`WARMUP_INTERRUPT`);
+    else ``region`` as it is."""
+    check = getattr(p, WARMUP_INTERRUPT, None)
+    if check is None:
+        return region
+    return dataclasses.replace(region or regional_compile.CompileRegion(), interrupt=check)
+
+
 class HostModules:
     """Host modules by name: injected ones first (tests), then ``sys.modules``, then an import.
 
@@ -89,9 +99,8 @@ class HostBase(HostAdapter):
         (:data:`WARMUP_INTERRUPT`) its check replaces the host's Interrupt/Skip check and nothing is measured for
         ``auto`` (no job: the warm-up is no generation)."""
         job = None
-        warmup_check = getattr(p, WARMUP_INTERRUPT, None)
-        if warmup_check is not None:
-            region = dataclasses.replace(region or regional_compile.CompileRegion(), interrupt=warmup_check)
+        if getattr(p, WARMUP_INTERRUPT, None) is not None:
+            region = warmup_region(p, region)
         elif p is not None:
             job = compile_job(
                 p, session, self._modules.loaded("modules.devices"), self._modules.loaded("modules.shared")
@@ -112,11 +121,8 @@ class HostBase(HostAdapter):
     def compile_vae(self, session: Session, vae: Any, *, key: Any, region: Any = None, p: Any = None) -> None:
         """:func:`lib_optim.compile.compile_vae_blocks` for this adapter's ``apply_compile`` (after the UNet's); for
         the compile warm-up's stand-in ``p`` its check replaces the host's Interrupt/Skip check, as for the UNet."""
-        warmup_check = getattr(p, WARMUP_INTERRUPT, None)
-        if warmup_check is not None:
-            region = dataclasses.replace(region or regional_compile.CompileRegion(), interrupt=warmup_check)
         regional_compile.compile_vae_blocks(
-            session, vae, key=key, compiler=regional_compile.get_compiler(), region=region
+            session, vae, key=key, compiler=regional_compile.get_compiler(), region=warmup_region(p, region)
         )
 
     def decode_latents(
